@@ -1,0 +1,1 @@
+"""Integrations of the fused loss with other trainers."""

@@ -1,0 +1,405 @@
+"""The drop-in GRPO loss: `grpo_loss`, `token_logprobs`, `GRPOLossConfig`, `GRPOLoss`.
+
+`grpo_loss(hidden, weight, completion_ids, completion_mask, ...)` computes TRL GRPOTrainer's
+loss from the last hidden states and the lm_head weight, i.e. the value and gradients of
+
+    logp  = log_softmax((hidden @ weight.T + bias).float() / temperature).gather(completion_ids)
+    ratio = exp(logp - old_logps)            (token level; sequence level: masked mean per row)
+    loss  = aggregate_{loss_type}( -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
+                                    + beta * (exp(ref - logp) - (ref - logp) - 1) )
+
+without materialising the [tokens, vocab] logits (backends "torch" and "triton"). Checks live
+here; the maths lives in grpo_fast.kernels (fused) and grpo_fast.reference (eager oracle).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import LossSpec, TokenInputs, default_kernel_config, forward_logprobs, fused_grpo_loss, triton_usable_on
+from .kernels.config import triton_available
+
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+BACKENDS = ("auto", "triton", "torch", "reference")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class GRPOLossConfig:
+    """Options of the GRPO loss (TRL GRPOConfig names and defaults)."""
+
+    loss_type: str = "dapo"  # "dapo" | "grpo" | "bnpo" | "dr_grpo": how token losses are averaged
+    beta: float = 0.0  # weight of the k3 KL to the reference policy (needs ref_logps when != 0)
+    epsilon_low: float = 0.2  # lower clip: ratio >= 1 - epsilon_low
+    epsilon_high: Optional[float] = None  # upper clip: ratio <= 1 + epsilon_high (None: = epsilon_low)
+    delta: Optional[float] = None  # if set, the unclipped ratio is also capped at delta (two-sided clip)
+    temperature: float = 1.0  # logits are divided by it (use the sampling temperature)
+    importance_sampling_level: str = "token"  # "token" (GRPO) | "sequence" (GSPO)
+    scale_rewards: str = "group"  # advantages from rewards: divide by "group" | "batch" std, or "none"
+    max_completion_length: Optional[int] = None  # dr_grpo normaliser (None: the T of the call)
+    num_items_in_batch: Optional[float] = None  # dapo normaliser (None: active tokens in this call)
+    chunk_size: Optional[int] = None  # tokens per logits chunk (None: from a 512 MiB budget)
+
+    def __post_init__(self):
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_LEVELS)
+        _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _finite("beta", self.beta, minimum=0.0)
+        _finite("epsilon_low", self.epsilon_low, minimum=0.0)
+        if self.epsilon_low >= 1.0:
+            raise ValueError(f"epsilon_low: expected a value in [0, 1), got {self.epsilon_low!r}")
+        if self.epsilon_high is not None:
+            _finite("epsilon_high", self.epsilon_high, minimum=0.0)
+        if self.delta is not None:
+            _finite("delta", self.delta, minimum=0.0)
+            if self.delta <= 1.0:
+                raise ValueError(f"delta: expected a value > 1 (a cap on the ratio), got {self.delta!r}")
+        _finite("temperature", self.temperature, minimum=0.0)
+        if self.temperature == 0.0:
+            raise ValueError("temperature: expected a value > 0, got 0.0")
+        for name in ("max_completion_length", "chunk_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
+        if self.num_items_in_batch is not None:
+            _finite("num_items_in_batch", self.num_items_in_batch, minimum=0.0)
+            if self.num_items_in_batch == 0:
+                raise ValueError("num_items_in_batch: expected a value > 0, got 0")
+
+    @property
+    def resolved_epsilon_high(self) -> float:
+        return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
+    def spec(self) -> LossSpec:
+        return LossSpec(
+            beta=float(self.beta),
+            epsilon_low=float(self.epsilon_low),
+            epsilon_high=float(self.resolved_epsilon_high),
+            delta=None if self.delta is None else float(self.delta),
+            temperature=float(self.temperature),
+            sequence_level=self.importance_sampling_level == "sequence",
+        )
+
+
+@dataclass
+class GRPOLossOutput:
+    loss: Tensor  # scalar, differentiable w.r.t. hidden (and weight / bias when they require grad)
+    logps: Tensor  # [B, T] fp32 detached log-probs of the current policy (0 where the mask is 0)
+    advantages: Tensor  # [B] fp32 advantages used
+    metrics: dict = field(default_factory=dict)  # 0-dim detached tensors (see METRIC_NAMES)
+
+
+METRIC_NAMES = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _finite(name, value, minimum=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected a value >= {minimum}, got {value!r}")
+
+
+def _tensor(name, value, ndim=None, shape=None, device=None, float_dtype=False, int_dtype=False):
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(value.shape)}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(value.shape)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (where hidden is), got one on {value.device}")
+    if float_dtype and not value.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+    if int_dtype and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise ValueError(f"{name}: expected an integer tensor of token ids, got dtype {value.dtype}")
+
+
+def _check_head(hidden, weight, bias):
+    _tensor("hidden", hidden)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden: expected shape [B, T, H], got {tuple(hidden.shape)}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"hidden: expected dtype float32, bfloat16 or float16, got {hidden.dtype}")
+    H = hidden.shape[-1]
+    _tensor("weight", weight, ndim=2, device=hidden.device)
+    if weight.shape[1] != H:
+        raise ValueError(f"weight: expected shape [V, {H}] (H from hidden), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight: expected at least one vocabulary row, got V = 0")
+    if bias is not None:
+        _tensor("bias", bias, shape=(weight.shape[0],), device=hidden.device, float_dtype=True)
+
+
+def _check_ids(completion_ids, completion_mask, B, T, V, device):
+    _tensor("completion_ids", completion_ids, shape=(B, T), device=device, int_dtype=True)
+    if completion_mask is not None:
+        _tensor("completion_mask", completion_mask, shape=(B, T), device=device)
+        active_ids = completion_ids[completion_mask.bool()]
+    else:
+        active_ids = completion_ids
+    if active_ids.numel():
+        lo, hi = int(active_ids.min()), int(active_ids.max())
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"completion_ids: expected ids in [0, {V}) (V from weight), got {bad}")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    _choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not triton_usable_on(device):
+        why = "triton is not installed" if not triton_available() else f"tensors are on {device}"
+        raise ValueError(
+            f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), but {why}; "
+            "use backend='torch' or 'auto'"
+        )
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------
+# advantages and loss normalisation (shared by every backend)
+# ----------------------------------------------------------------------------------------------
+
+
+def compute_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group") -> Tensor:
+    """Group-relative advantages: (r - group mean) / (std + 1e-4), rows grouped contiguously.
+
+    std is Bessel-corrected, over the group ("group") or the whole batch ("batch"); "none" keeps
+    the centred rewards.
+    """
+    _tensor("rewards", rewards, ndim=1, float_dtype=True)
+    _choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
+    B = rewards.shape[0]
+    if B % group_size != 0:
+        raise ValueError(f"group_size: expected a divisor of the batch size {B}, got {group_size}")
+    if scale_rewards == "group" and group_size < 2:
+        raise ValueError("group_size: scale_rewards='group' needs groups of at least 2 completions, got 1")
+    r = rewards.float()
+    grouped = r.view(-1, group_size)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale_rewards == "group":
+        std = grouped.std(dim=1).repeat_interleave(group_size)
+        return centred / (std + 1e-4)
+    if scale_rewards == "batch":
+        std = r.std() if B > 1 else torch.zeros((), device=r.device)
+        return centred / (std + 1e-4)
+    return centred
+
+
+def token_weights(mask: Tensor, config: GRPOLossConfig) -> Tensor:
+    """[B, T] fp32 weight of each token in the loss: loss = sum(weight * per_token_loss)."""
+    mask = mask.float()
+    B, T = mask.shape
+    if config.loss_type == "grpo":
+        per_row = mask.sum(-1, keepdim=True).clamp(min=1.0)
+        return mask / (per_row * B)
+    if config.loss_type == "bnpo":
+        return mask / mask.sum().clamp(min=1.0)
+    if config.loss_type == "dr_grpo":
+        length = config.max_completion_length if config.max_completion_length is not None else T
+        return mask / (B * length)
+    normaliser = config.num_items_in_batch
+    if normaliser is None:
+        return mask / mask.sum().clamp(min=1.0)
+    return mask / float(normaliser)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+
+def grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    advantages: Optional[Tensor] = None,
+    rewards: Optional[Tensor] = None,
+    group_size: Optional[int] = None,
+    old_logps: Optional[Tensor] = None,
+    ref_logps: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    config: Optional[GRPOLossConfig] = None,
+    backend: str = "auto",
+) -> GRPOLossOutput:
+    """GRPO loss of TRL's GRPOTrainer, computed from hidden states and the lm_head weight.
+
+    Args:
+        hidden: [B, T, H] hidden state at the position that predicts completion token t.
+        weight: [V, H] lm_head weight, same dtype as hidden; may require grad.
+        completion_ids: [B, T] int targets. completion_mask: [B, T], 1 where the token counts.
+        advantages: [B] per-completion advantages, or
+        rewards: [B] raw rewards with `group_size` contiguous rows per prompt.
+        old_logps: [B, T] sampling-policy log-probs; None = on-policy (ratio 1, detached).
+        ref_logps: [B, T] reference log-probs; required when config.beta != 0.
+        bias: [V] optional lm_head bias.
+        backend: "auto" (triton on CUDA, torch elsewhere) | "triton" | "torch" | "reference".
+
+    Returns a GRPOLossOutput; `logps` is 0 where the mask is 0 (padding is never computed).
+    """
+    config = GRPOLossConfig() if config is None else config
+    if not isinstance(config, GRPOLossConfig):
+        raise ValueError(f"config: expected a GRPOLossConfig, got {type(config).__name__}")
+    _check_head(hidden, weight, bias)
+    B, T, _ = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    _check_ids(completion_ids, completion_mask, B, T, V, device)
+    for name, value in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if value is not None:
+            _tensor(name, value, shape=(B, T), device=device, float_dtype=True)
+    if config.beta != 0.0 and ref_logps is None:
+        raise ValueError(f"ref_logps: required when config.beta != 0 (beta={config.beta}), got None")
+    if (advantages is None) == (rewards is None):
+        raise ValueError("advantages / rewards: expected exactly one of them, got "
+                         + ("both" if advantages is not None else "neither"))
+    if rewards is not None:
+        _tensor("rewards", rewards, shape=(B,), device=device, float_dtype=True)
+        if group_size is None:
+            raise ValueError("group_size: required with rewards, got None")
+        advantages = compute_advantages(rewards, group_size, config.scale_rewards)
+    else:
+        _tensor("advantages", advantages, shape=(B,), device=device, float_dtype=True)
+        advantages = advantages.float()
+    backend = _resolve_backend(backend, device)
+
+    mask = completion_mask.bool()
+    if backend == "reference":
+        from .reference import reference_grpo_loss
+
+        return reference_grpo_loss(
+            hidden, weight, completion_ids, mask, advantages, old_logps, ref_logps, bias, config
+        )
+
+    flat_mask = mask.reshape(-1)
+    active = flat_mask.nonzero().squeeze(1)
+    seq_index = torch.div(active, T, rounding_mode="floor")
+    weights = token_weights(mask, config).reshape(-1)
+
+    def pick(t):
+        return None if t is None else t.reshape(-1).index_select(0, active).float()
+
+    inputs = TokenInputs(
+        targets=completion_ids.reshape(-1).index_select(0, active).long(),
+        token_weight=weights.index_select(0, active),
+        advantages=advantages.detach().index_select(0, seq_index),
+        seq_index=seq_index,
+        num_sequences=B,
+        old_logps=pick(old_logps),
+        ref_logps=pick(ref_logps.detach() if ref_logps is not None else None),
+    )
+    if inputs.old_logps is not None:
+        inputs.old_logps = inputs.old_logps.detach()
+    hidden_active = hidden.reshape(B * T, -1).index_select(0, active)
+    result = fused_grpo_loss(
+        hidden_active, weight, bias, inputs, config.spec(), backend,
+        default_kernel_config(device), config.chunk_size,
+    )
+
+    logps = torch.zeros(B * T, device=device, dtype=torch.float32)
+    logps.index_copy_(0, active, result.logp)
+    n_active = max(int(active.numel()), 1)  # masked means over zero tokens are 0
+    metrics = {
+        "entropy": result.entropy.sum() / n_active,
+    }
+    if result.kl is not None:
+        metrics["kl"] = result.kl.sum() / n_active
+    if config.importance_sampling_level == "sequence":
+        low, high = result.clip_low.mean(), result.clip_high.mean()
+        region = torch.maximum(result.clip_low, result.clip_high).mean()
+    else:
+        low, high = result.clip_low.sum() / n_active, result.clip_high.sum() / n_active
+        region = torch.maximum(result.clip_low, result.clip_high).sum() / n_active
+    metrics.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": region})
+    metrics = {k: v.detach() for k, v in metrics.items()}
+    return GRPOLossOutput(loss=result.loss, logps=logps.view(B, T), advantages=advantages.detach(), metrics=metrics)
+
+
+def token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    completion_ids: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    completion_mask: Optional[Tensor] = None,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """Per-token log-probs `log_softmax((hidden @ weight.T + bias) / temperature)[completion_ids]`
+    as a detached [B, T] fp32 tensor, without materialising the logits (old / reference policy
+    passes, evaluation). With `completion_mask`, only masked-in tokens are computed (others are 0).
+    With `return_entropy=True`, returns (logps, entropy)."""
+    _check_head(hidden, weight, bias)
+    B, T, H = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    _check_ids(completion_ids, completion_mask, B, T, V, device)
+    _finite("temperature", temperature, minimum=0.0)
+    if temperature == 0.0:
+        raise ValueError("temperature: expected a value > 0, got 0.0")
+    backend = _resolve_backend(backend, device)
+    with torch.no_grad():
+        if backend == "reference":
+            from .reference import reference_logprobs
+
+            logps, entropy = reference_logprobs(hidden, weight, completion_ids, bias, temperature)
+            if completion_mask is not None:
+                keep = completion_mask.bool()
+                logps, entropy = logps * keep, entropy * keep
+        else:
+            flat = hidden.reshape(B * T, H)
+            ids = completion_ids.reshape(-1).long()
+            if completion_mask is not None:
+                active = completion_mask.reshape(-1).bool().nonzero().squeeze(1)
+                flat, ids = flat.index_select(0, active), ids.index_select(0, active)
+            lp, ent = forward_logprobs(flat, weight, ids, bias, float(temperature), backend,
+                                       default_kernel_config(device), chunk_size)
+            if completion_mask is not None:
+                logps = torch.zeros(B * T, device=device).index_copy_(0, active, lp).view(B, T)
+                entropy = torch.zeros(B * T, device=device).index_copy_(0, active, ent).view(B, T)
+            else:
+                logps, entropy = lp.view(B, T), ent.view(B, T)
+    return (logps, entropy) if return_entropy else logps
+
+
+class GRPOLoss(nn.Module):
+    """nn.Module form of `grpo_loss` with a fixed config and backend."""
+
+    def __init__(self, config: Optional[GRPOLossConfig] = None, backend: str = "auto"):
+        super().__init__()
+        self.config = GRPOLossConfig() if config is None else config
+        _choice("backend", backend, BACKENDS)
+        self.backend = backend
+
+    def forward(self, hidden, weight, completion_ids, completion_mask, **kwargs) -> GRPOLossOutput:
+        return grpo_loss(hidden, weight, completion_ids, completion_mask, config=self.config,
+                         backend=self.backend, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, backend={self.backend!r}"

@@ -1,0 +1,77 @@
+"""Eager reference: the GRPO loss as TRL's GRPOTrainer computes it, logits materialised.
+
+This is today's baseline and the test oracle for the fused backends: plain PyTorch, autograd for
+the gradients, every intermediate of size [B, T, V] kept (logits in the input dtype, then fp32).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def reference_logprobs(hidden: Tensor, weight: Tensor, completion_ids: Tensor, bias: Optional[Tensor],
+                       temperature: float) -> tuple[Tensor, Tensor]:
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.float() / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logps = log_probs.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logps, entropy
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    if x.shape[1] == 1:  # sequence level: one value per sequence
+        return x.float().mean()
+    return (x.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def reference_grpo_loss(hidden, weight, completion_ids, mask, advantages, old_logps, ref_logps, bias, config):
+    from .loss import GRPOLossOutput
+
+    mask = mask.float()
+    B, T = mask.shape
+    logps, entropy = reference_logprobs(hidden, weight, completion_ids, bias, config.temperature)
+    old = logps.detach() if old_logps is None else old_logps.float()
+    log_ratio = logps - old
+    if config.importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    eps_high = config.epsilon_low if config.epsilon_high is None else config.epsilon_high
+    coef_1 = torch.exp(log_ratio)
+    coef_2 = torch.clamp(coef_1, 1 - config.epsilon_low, 1 + eps_high)
+    if config.delta is not None:
+        coef_1 = torch.clamp(coef_1, max=config.delta)
+    adv = advantages.float().unsqueeze(1)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    metrics = {}
+    if ref_logps is not None:
+        diff = ref_logps.float() - logps
+        per_token_kl = torch.exp(diff) - diff - 1
+        if config.beta != 0.0:
+            per_token_loss = per_token_loss + config.beta * per_token_kl
+        metrics["kl"] = _masked_mean(per_token_kl.detach(), mask)
+    per_token_loss = per_token_loss.expand(B, T) if per_token_loss.shape[1] == 1 else per_token_loss
+
+    if config.loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif config.loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    elif config.loss_type == "dr_grpo":
+        length = config.max_completion_length if config.max_completion_length is not None else T
+        loss = (per_token_loss * mask).sum() / (B * length)
+    else:  # dapo
+        normaliser = config.num_items_in_batch if config.num_items_in_batch is not None else mask.sum().clamp(min=1.0)
+        loss = (per_token_loss * mask).sum() / normaliser
+
+    low = (coef_1 < 1 - config.epsilon_low) & (adv < 0)
+    high = (coef_1 > 1 + eps_high) & (adv > 0)
+    metrics["entropy"] = _masked_mean(entropy.detach(), mask)
+    metrics["clip_ratio/low_mean"] = _masked_mean(low.detach(), mask)
+    metrics["clip_ratio/high_mean"] = _masked_mean(high.detach(), mask)
+    metrics["clip_ratio/region_mean"] = _masked_mean((low | high).detach(), mask)
+    return GRPOLossOutput(loss=loss, logps=(logps.detach() * mask), advantages=advantages.detach(),
+                          metrics=metrics)

@@ -1,0 +1,73 @@
+"""Fixed, reasoned launch configurations (no autotuning by default) and Triton availability.
+
+The GPU defaults target Hopper/Ampere with bf16 inputs:
+- forward-only log-prob kernel: 128 x 128 logit tiles, 64-wide K steps, 3 pipeline stages. The
+  tile is an accumulator of 64 KiB in registers per program, the usual sweet spot for a
+  flash-attention-like loop; the vocabulary is split so that there are at least 2 programs per SM.
+- row kernel (one token per program, two streaming passes over the vocabulary): 4096-wide tiles,
+  so a 152k-vocab row takes 38 steps; the kernel is bandwidth bound.
+Under TRITON_INTERPRET=1 (CPU tests) blocks are tiny so that odd V and H span several tiles.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton ships Linux wheels only; everything works without it through the torch backend.
+    import triton  # noqa: F401
+
+    _TRITON_IMPORTED = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    _TRITON_IMPORTED = False
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return _TRITON_IMPORTED
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    """Triton kernels can run on this device: CUDA, or any device under the interpreter."""
+    if not _TRITON_IMPORTED:
+        return False
+    return device.type == "cuda" or (interpreting() and device.type == "cpu")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    # forward-only log-prob kernel (tl.dot tiles)
+    fwd_block_n: int = 128
+    fwd_block_v: int = 128
+    fwd_block_h: int = 64
+    fwd_num_warps: int = 8
+    fwd_num_stages: int = 3
+    # fused row kernel (streaming over the vocabulary)
+    row_block_v: int = 4096
+    row_num_warps: int = 8
+    # budget for one chunk of logits in the training pass, in bytes of the logits dtype
+    chunk_bytes: int = 512 * 1024 * 1024
+
+
+_INTERPRETER_CONFIG = KernelConfig(
+    fwd_block_n=16,
+    fwd_block_v=32,
+    fwd_block_h=16,
+    fwd_num_warps=1,
+    fwd_num_stages=1,
+    row_block_v=32,
+    row_num_warps=1,
+    chunk_bytes=512 * 1024 * 1024,
+)
+
+
+def default_kernel_config(device: torch.device) -> KernelConfig:
+    if device.type != "cuda" and interpreting():
+        return _INTERPRETER_CONFIG
+    return KernelConfig()
