@@ -317,7 +317,7 @@ def grpo_loss(
     hidden_active = hidden.reshape(B * T, -1).index_select(0, active)
     result = fused_grpo_loss(
         hidden_active, weight, bias, inputs, config.spec(), backend,
-        default_kernel_config(device), config.chunk_size,
+        default_kernel_config(device, hidden.dtype), config.chunk_size,
     )
 
     logps = torch.zeros(B * T, device=device, dtype=torch.float32)
@@ -379,7 +379,7 @@ def token_logprobs(
                 active = completion_mask.reshape(-1).bool().nonzero().squeeze(1)
                 flat, ids = flat.index_select(0, active), ids.index_select(0, active)
             lp, ent = forward_logprobs(flat, weight, ids, bias, float(temperature), backend,
-                                       default_kernel_config(device), chunk_size)
+                                       default_kernel_config(device, hidden.dtype), chunk_size)
             if completion_mask is not None:
                 logps = torch.zeros(B * T, device=device).index_copy_(0, active, lp).view(B, T)
                 entropy = torch.zeros(B * T, device=device).index_copy_(0, active, ent).view(B, T)

@@ -17,7 +17,8 @@ def reference_logprobs(hidden: Tensor, weight: Tensor, completion_ids: Tensor, b
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    logits = logits.float() / temperature
+    # fp32 at least (fp64 stays fp64: the tests' oracle runs this function in double precision)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
     logps = log_probs.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -25,18 +26,19 @@ def reference_logprobs(hidden: Tensor, weight: Tensor, completion_ids: Tensor, b
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    x = x.to(mask.dtype)
     if x.shape[1] == 1:  # sequence level: one value per sequence
-        return x.float().mean()
-    return (x.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        return x.mean()
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def reference_grpo_loss(hidden, weight, completion_ids, mask, advantages, old_logps, ref_logps, bias, config):
     from .loss import GRPOLossOutput
 
-    mask = mask.float()
     B, T = mask.shape
     logps, entropy = reference_logprobs(hidden, weight, completion_ids, bias, config.temperature)
-    old = logps.detach() if old_logps is None else old_logps.float()
+    mask = mask.to(logps.dtype)
+    old = logps.detach() if old_logps is None else old_logps.to(logps.dtype)
     log_ratio = logps - old
     if config.importance_sampling_level == "sequence":
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
@@ -45,11 +47,11 @@ def reference_grpo_loss(hidden, weight, completion_ids, mask, advantages, old_lo
     coef_2 = torch.clamp(coef_1, 1 - config.epsilon_low, 1 + eps_high)
     if config.delta is not None:
         coef_1 = torch.clamp(coef_1, max=config.delta)
-    adv = advantages.float().unsqueeze(1)
+    adv = advantages.to(logps.dtype).unsqueeze(1)
     per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
     metrics = {}
     if ref_logps is not None:
-        diff = ref_logps.float() - logps
+        diff = ref_logps.to(logps.dtype) - logps
         per_token_kl = torch.exp(diff) - diff - 1
         if config.beta != 0.0:
             per_token_loss = per_token_loss + config.beta * per_token_kl

@@ -67,7 +67,9 @@ _INTERPRETER_CONFIG = KernelConfig(
 )
 
 
-def default_kernel_config(device: torch.device) -> KernelConfig:
+def default_kernel_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
     if device.type != "cuda" and interpreting():
         return _INTERPRETER_CONFIG
+    if dtype == torch.float32:  # fp32 tiles take twice the shared memory: one stage fewer
+        return KernelConfig(fwd_num_stages=2)
     return KernelConfig()

@@ -71,7 +71,7 @@ def _grpo_row_kernel(
         rescale = tl.exp(m - m_new)
         e = tl.where(col_mask, tl.exp(z - m_new), 0.0)
         s = s * rescale + tl.sum(e, 0)
-        a = a * rescale + tl.sum(tl.where(col_mask, e * z, 0.0), 0)
+        a = a * rescale + tl.sum(e * tl.where(col_mask, z, 0.0), 0)  # no 0 * -inf
         m = m_new
     lse = m + tl.log(s)
     z_target = tl.load(base + target).to(tl.float32) * inv_temperature

@@ -96,12 +96,13 @@ def _logprob_fwd_kernel(
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             acc = acc + b[None, :]
-        z = tl.where(col_mask[None, :], acc * inv_temperature, float("-inf"))
+        z_finite = acc * inv_temperature
+        z = tl.where(col_mask[None, :], z_finite, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
         rescale = tl.exp(m - m_new)
         e = tl.where(col_mask[None, :], tl.exp(z - m_new[:, None]), 0.0)
         s = s * rescale + tl.sum(e, 1)
-        a = a * rescale + tl.sum(tl.where(col_mask[None, :], e * z, 0.0), 1)
+        a = a * rescale + tl.sum(e * z_finite, 1)  # e is 0 outside the vocabulary
         t = t + tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), 1)
         m = m_new
 
