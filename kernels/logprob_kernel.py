@@ -7,13 +7,16 @@ leaves registers. An online log-sum-exp keeps, per token,
     m = running max,   s = sum exp(z - m),   a = sum exp(z - m) * z,   t = z[target]
 
 rescaling s and a by exp(m_old - m_new) when the max grows. The vocabulary is split across
-programs (grid axis 1) so that short batches still fill the GPU; the partial (m, s, a, t) of the
-splits are merged in PyTorch (O(tokens) memory):
+programs so that short batches still fill the GPU; the partial (m, s, a, t) of the splits are
+merged in PyTorch (O(tokens) memory):
 
     lse = M + log(sum_k s_k exp(m_k - M)),  logp = t - lse,  entropy = lse - sum_k a_k exp(m_k - M) / S
 
-Programs along grid axis 0 share one vocabulary slice, so the weight tiles they stream are reused
-from L2 while they run together.
+H is large (3584 for a 7B model), so neither operand stays on chip across vocabulary tiles: each
+program re-streams its hidden block for every tile. Programs are therefore launched in groups of
+GROUP_N token blocks x all vocabulary splits (the grouped ordering of Triton's matmul tutorial):
+the programs running together share GROUP_N hidden blocks and num_splits weight tiles, both small
+enough to be served from L2 instead of HBM.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def _logprob_fwd_kernel(
     V,
     H,
     v_per_split,
+    num_splits,
     inv_temperature,
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter: bf16 dots are wrong)
@@ -53,9 +57,16 @@ def _logprob_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_N * num_splits
+    first_n = (pid // per_group) * GROUP_N
+    group_n = tl.minimum(n_blocks - first_n, GROUP_N)
+    within = pid % per_group
+    pid_n = first_n + within % group_n
+    pid_s = within // group_n
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
@@ -136,14 +147,15 @@ def logprobs_triton(
     if N == 0:
         return logp, entropy
     n_blocks = triton.cdiv(N, cfg.fwd_block_n)
-    # Split the vocabulary so that there are >= 2 programs per SM, each slice a whole number of tiles.
-    want_splits = max(1, triton.cdiv(2 * _num_sms(device), n_blocks))
+    # Split the vocabulary into cfg.fwd_splits slices (more when needed for >= 2 programs per SM),
+    # each slice a whole number of tiles.
+    want_splits = max(cfg.fwd_splits, triton.cdiv(2 * _num_sms(device), n_blocks))
     v_tiles = triton.cdiv(V, cfg.fwd_block_v)
     tiles_per_split = triton.cdiv(v_tiles, min(want_splits, v_tiles))
     v_per_split = tiles_per_split * cfg.fwd_block_v
     num_splits = triton.cdiv(V, v_per_split)
     parts = torch.empty(4, num_splits, N, device=device, dtype=torch.float32)
-    grid = (n_blocks, num_splits)
+    grid = (n_blocks * num_splits,)
     _logprob_fwd_kernel[grid](
         hidden,
         hidden.stride(0),
@@ -161,6 +173,7 @@ def logprobs_triton(
         V,
         H,
         v_per_split,
+        num_splits,
         1.0 / temperature,
         HAS_BIAS=bias is not None,
         UPCAST=interpreting() or hidden.dtype == torch.float32,
@@ -168,6 +181,7 @@ def logprobs_triton(
         BLOCK_N=cfg.fwd_block_n,
         BLOCK_V=cfg.fwd_block_v,
         BLOCK_H=cfg.fwd_block_h,
+        GROUP_N=cfg.fwd_group_n,
         num_warps=cfg.fwd_num_warps,
         num_stages=cfg.fwd_num_stages,
     )
