@@ -1,0 +1,65 @@
+"""A tiny causal LM and byte-level tokenizer built in code (no downloads), for end-to-end tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """Byte-level BPE with no merges: 256 byte tokens plus <pad> and <eos>, and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.add_special_tokens({"pad_token": "<pad>", "eos_token": "<eos>"})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model(tokenizer, *, hidden_size: int = 32, num_layers: int = 2, seed: int = 0, bias: bool = False):
+    """A 2-layer Qwen2 with random weights sized to ``tokenizer`` (an untied lm_head)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    if bias:  # an lm_head with a bias, which grpo_loss takes as `bias`
+        head = torch.nn.Linear(hidden_size, len(tokenizer), bias=True)
+        torch.nn.init.normal_(head.bias, std=0.5)
+        model.lm_head = head
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def save_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """Save a tiny model and its tokenizer to ``directory`` (loadable by from_pretrained)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, seed=seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
