@@ -119,6 +119,25 @@ def test_same_loss_and_gradients_as_trl(trainers, loss_type, level, beta, epsilo
     assert trl_metrics["clip_ratio/region_mean"] > 0  # the batch does exercise the clip
 
 
+def test_same_no_grad_logprobs_as_trl(trainers):
+    """The old/reference-policy passes (no grad) run grpo-fast's forward-only path; TRL's values."""
+    inputs = make_batch(trainers[0], torch.Generator().manual_seed(2))
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].size(1)
+    results = []
+    for trainer in trainers:
+        with torch.no_grad():
+            logps, entropy, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, input_ids, attention_mask, T, batch_size=3, compute_entropy=True
+            )
+        results.append((logps, entropy))
+    (trl_logps, trl_entropy), (logps, entropy) = results
+    torch.testing.assert_close(logps, trl_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, trl_entropy, rtol=1e-5, atol=1e-5)
+    assert (logps[inputs["completion_mask"] == 0] == 0).all()
+
+
 @pytest.mark.parametrize(
     "option, value",
     [

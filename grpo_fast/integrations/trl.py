@@ -1,10 +1,12 @@
 """grpo-fast's fused loss inside TRL's ``GRPOTrainer`` (TRL 1.16).
 
-``FusedGRPOTrainer`` is a subclass of ``trl.GRPOTrainer`` that overrides one method,
+``FusedGRPOTrainer`` is a subclass of ``trl.GRPOTrainer`` that overrides two methods.
 ``_compute_loss``: the policy forward stops at the final hidden states, and the loss, its
 gradient, the entropy and clip metrics come from ``grpo_fast.grpo_loss`` on those hidden states
-and the lm_head weight, never holding the ``[tokens, vocab]`` logits for the backward. Sampling,
-rewards, advantages, the old and reference log-probs, logging and checkpoints are TRL's own.
+and the lm_head weight, never holding the ``[tokens, vocab]`` logits for the backward.
+``_get_per_token_logps_and_entropies``, in its no-grad calls (the old and reference policy
+log-probs), runs ``grpo_fast.token_logprobs``, whose kernel never writes the logits. Sampling,
+rewards, advantages, logging and checkpoints are TRL's own.
 The numbers are TRL's: for each supported option the loss and the gradients match
 ``trl.GRPOTrainer`` on the same batch (``tests/test_trl_integration.py``).
 
@@ -48,7 +50,7 @@ except ImportError as error:  # the optional extra is missing: say how to get it
         "grpo_fast.integrations.trl needs TRL: pip install 'grpo-fast[trl]' (trl==1.16.0)"
     ) from error
 
-from ..loss import GRPOLossConfig, grpo_loss
+from ..loss import GRPOLossConfig, grpo_loss, token_logprobs
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -149,12 +151,11 @@ class FusedGRPOTrainer(GRPOTrainer):
                 f"received shape {tuple(advantages.shape)}"
             )
 
-        hidden = self._completion_hidden_states(model, inputs)
-        lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        weight, bias = lm_head.weight, lm_head.bias
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        hidden = self._completion_hidden_states(model, input_ids, attention_mask, completion_ids.size(1))
+        weight, bias = self._lm_head(model)
         hidden = hidden.to(weight.dtype)  # autocast or cast_lm_head_to_fp32 can leave them apart
-        if bias is not None:
-            bias = bias.to(weight.dtype)
 
         mode = "train" if self.model.training else "eval"
         output = grpo_loss(
@@ -176,11 +177,8 @@ class FusedGRPOTrainer(GRPOTrainer):
         self._log_loss_metrics(output.metrics, mode)
         return loss
 
-    def _completion_hidden_states(self, model, inputs) -> torch.Tensor:
+    def _completion_hidden_states(self, model, input_ids, attention_mask, completion_length: int) -> torch.Tensor:
         """[B, T, H] final (normed) hidden states at the positions that predict the completion."""
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        completion_length = inputs["completion_ids"].size(1)
         with self.accelerator.autocast():
             # Through the (possibly wrapped) model so DDP hooks, PEFT adapters and gradient
             # checkpointing all apply; logits_to_keep=1 keeps the model's own head to one position.
@@ -193,6 +191,42 @@ class FusedGRPOTrainer(GRPOTrainer):
             )
         # transformers ties hidden_states[-1] to the final-norm output (last_hidden_state).
         return outputs.hidden_states[-1][:, -completion_length - 1 : -1]
+
+    def _lm_head(self, model) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        bias = None if lm_head.bias is None else lm_head.bias.to(lm_head.weight.dtype)
+        return lm_head.weight, bias
+
+    # ------------------------------------------------------------------------------------------
+    # The no-grad passes (old and reference policy log-probs)
+    # ------------------------------------------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+        compute_aux_loss=False, **multimodal_inputs,
+    ):
+        """TRL's no-grad log-prob passes through grpo-fast's forward-only kernel (no logits written);
+        anything else (a pass with gradients, images, MoE auxiliary losses) is TRL's own."""
+        if torch.is_grad_enabled() or compute_aux_loss or any(v is not None for v in multimodal_inputs.values()):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal_inputs,
+            )
+        weight, bias = self._lm_head(model)
+        batch_size = batch_size or input_ids.size(0)
+        all_logps, all_entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            hidden = self._completion_hidden_states(model, ids, mask, logits_to_keep).to(weight.dtype)
+            logps, entropy = token_logprobs(
+                hidden, weight, ids[:, -logits_to_keep:], bias=bias, temperature=self.temperature,
+                backend=self.loss_backend, completion_mask=mask[:, -logits_to_keep:], return_entropy=True,
+                chunk_size=self.loss_chunk_size,
+            )
+            all_logps.append(logps)
+            all_entropies.append(entropy)
+        entropies = torch.cat(all_entropies) if compute_entropy else None
+        return torch.cat(all_logps), entropies, None
 
     def _loss_config(self, inputs, mode: str) -> GRPOLossConfig:
         num_items_in_batch = None
