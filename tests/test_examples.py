@@ -1,5 +1,6 @@
 """The examples run and do what they say."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,3 +15,27 @@ def test_plain_pytorch_loop_learns():
     )
     rewards = [float(line.split("reward")[1].split()[0]) for line in result.stdout.splitlines() if "reward" in line]
     assert len(rewards) == 4 and rewards[0] < 0.2 and rewards[-1] > 0.6, result.stdout
+
+
+def test_gsm8k_trl_example_smoke(tmp_path):
+    """The TRL GSM8K example end to end on a tiny saved model and local GSM8K-format rows."""
+    import json
+
+    from tiny_lm import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i}+{i}=<<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
+            for i in range(4)]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "run"
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "gsm8k_trl.py"), "--model", str(model_dir), "--dataset", str(data),
+         "--output-dir", str(output), "--max-steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
+         "--max-completion-length", "4", "--lora-rank", "2", "--eval-examples", "2"],
+        check=True, timeout=300, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert (output / "final" / "adapter_config.json").exists()
+    assert len((output / "eval.jsonl").read_text().splitlines()) == 2
