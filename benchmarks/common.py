@@ -98,6 +98,7 @@ def env_info(device: torch.device, argv: Optional[Sequence[str]] = None) -> dict
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": "python -m " + _module_name(argv[0]) + " " + shlex.join(argv[1:]) if argv else "",
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,  # fp32 matmuls of peers (e.g. Liger's backward)
     }
 
 
@@ -266,7 +267,8 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int, *, warmup
 
 
 def results_dir(env: dict, out_dir: Optional[str | Path] = None) -> Path:
-    path = Path(out_dir) if out_dir else RESULTS_DIR / env["device_slug"]
+    """benchmarks/results/<device-slug>/, or `out_dir` with "{device}" replaced by the slug."""
+    path = Path(str(out_dir).replace("{device}", env["device_slug"])) if out_dir else RESULTS_DIR / env["device_slug"]
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -355,8 +355,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="least timed calls per measurement where do_bench does not choose (default 3; quick 2)")
     p.add_argument("--matmul-size", type=int, default=None, help="reference matmul size (8192 on GPU, 512 on CPU)")
     p.add_argument("--device", default=None)
-    p.add_argument("--out-dir", default=None, help="default benchmarks/results/<device>/")
+    p.add_argument("--out-dir", default=None, help='default benchmarks/results/<device>/; "{device}" in it becomes the device slug')
     p.add_argument("--name", default=None, help="file stem (default loss-<date>-<time>)")
+    p.add_argument("--commit", default=None,
+                   help="commit to record where the checkout has no .git (e.g. a copied working tree)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
     args = p.parse_args(argv)
     q = args.quick
@@ -396,6 +398,8 @@ def main(argv=None) -> dict:
                          epsilon_high=args.epsilon_high, temperature=args.temperature,
                          importance_sampling_level=args.importance_sampling_level)
     env = common.env_info(device, None if argv is None else [__file__, *argv])
+    if env["git_commit"] is None and args.commit:
+        env["git_commit"] = args.commit
     timing = {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "min_reps": args.min_reps}
     size = args.matmul_size or (8192 if device.type == "cuda" else (256 if args.quick else 512))
     matmul = common.matmul_tflops(device, dtype, size, **timing)
