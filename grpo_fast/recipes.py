@@ -135,4 +135,40 @@ def gsm8k_reward_functions(*, strict_format: bool = True, symbolic: bool = False
     return [accuracy, strict_format_reward if strict_format else lenient_format_reward]
 
 
-__all__ = ["GSM8K_HUB_ID", "GSM8K_SYSTEM_PROMPT", "gsm8k_example", "gsm8k_reward_functions", "load_gsm8k"]
+def prepare_gsm8k(
+    output_dir: str | Path, source: str | Path = GSM8K_HUB_ID, splits: tuple[str, ...] = ("train", "test")
+) -> list[Path]:
+    """Write ``<split>.jsonl`` files of ``gsm8k_example`` rows (``prompt`` as chat messages,
+    ``question``, ``answer``) to ``output_dir``: the recipe's dataset for any trainer that reads
+    local jsonl with a prompt column (``grpo-fast train``). Returns the paths written.
+
+        python -m grpo_fast.recipes --output-dir data/gsm8k        # from the Hub, once, online
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split in splits:
+        path = output_dir / f"{split}.jsonl"
+        load_gsm8k(source, split).to_json(str(path), lines=True, force_ascii=False)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m grpo_fast.recipes", description="Write the GSM8K recipe's jsonl")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--source", default=GSM8K_HUB_ID, help="Hub id, or a local file/folder with question/answer")
+    parser.add_argument("--splits", nargs="+", default=["train", "test"])
+    options = parser.parse_args(argv)
+    for path in prepare_gsm8k(options.output_dir, options.source, tuple(options.splits)):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["GSM8K_HUB_ID", "GSM8K_SYSTEM_PROMPT", "gsm8k_example", "gsm8k_reward_functions", "load_gsm8k", "prepare_gsm8k"]

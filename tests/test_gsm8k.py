@@ -154,3 +154,16 @@ def test_eval_cli_end_to_end(tmp_path, gsm8k_jsonl, capsys):
     assert summary["num_examples"] == 2
     with pytest.raises(ValueError, match="adapter"):
         eval_main(argv + ["--adapter", str(tmp_path / "nowhere")])
+
+
+def test_prepare_writes_prompt_jsonl(tmp_path, gsm8k_jsonl):
+    from grpo_fast.recipes import main as recipes_main
+
+    source = tmp_path / "raw"
+    source.mkdir()
+    (source / "train.jsonl").write_text(gsm8k_jsonl.read_text())
+    assert recipes_main(["--output-dir", str(tmp_path / "prepared"), "--source", str(source), "--splits", "train"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "prepared" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and rows[0]["prompt"][1]["role"] == "user" and rows[2]["answer"] == "3,600"
+    again = load_gsm8k(tmp_path / "prepared", split="train")  # prepared files load as GSM8K too
+    assert again["answer"] == [row["answer"] for row in rows] and again[0]["prompt"] == rows[0]["prompt"]
