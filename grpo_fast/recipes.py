@@ -135,6 +135,17 @@ def gsm8k_reward_functions(*, strict_format: bool = True, symbolic: bool = False
     return [accuracy, strict_format_reward if strict_format else lenient_format_reward]
 
 
+def gsm8k_train():
+    """GSM8K's train split from the Hub as recipe rows: ``dataset: grpo_fast.recipes:gsm8k_train``
+    in a ``grpo-fast train`` config (offline: ``prepare_gsm8k`` once, then the jsonl path)."""
+    return load_gsm8k(GSM8K_HUB_ID, "train")
+
+
+def gsm8k_test():
+    """GSM8K's test split from the Hub as recipe rows (evaluation)."""
+    return load_gsm8k(GSM8K_HUB_ID, "test")
+
+
 def prepare_gsm8k(
     output_dir: str | Path, source: str | Path = GSM8K_HUB_ID, splits: tuple[str, ...] = ("train", "test")
 ) -> list[Path]:
@@ -171,4 +182,13 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["GSM8K_HUB_ID", "GSM8K_SYSTEM_PROMPT", "gsm8k_example", "gsm8k_reward_functions", "load_gsm8k", "prepare_gsm8k"]
+__all__ = [
+    "GSM8K_HUB_ID",
+    "GSM8K_SYSTEM_PROMPT",
+    "gsm8k_example",
+    "gsm8k_reward_functions",
+    "gsm8k_test",
+    "gsm8k_train",
+    "load_gsm8k",
+    "prepare_gsm8k",
+]

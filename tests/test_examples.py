@@ -1,9 +1,12 @@
 """The examples run and do what they say."""
 
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +42,15 @@ def test_gsm8k_trl_example_smoke(tmp_path):
     )
     assert (output / "final" / "adapter_config.json").exists()
     assert len((output / "eval.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("name, four_bit", [("gsm8k_qwen2.5_0.5b.yaml", False), ("gsm8k_qwen2.5_7b.yaml", True)])
+def test_gsm8k_recipe_configs_load(name, four_bit):
+    """The recipe YAMLs are valid trainer configs whose import paths resolve (nothing is downloaded)."""
+    config_module = pytest.importorskip("grpo_fast.config")
+    config = config_module.load_config(ROOT / "examples" / name)
+    assert config.model.startswith("Qwen/Qwen2.5-") and config.load_in_4bit is four_bit and config.use_lora
+    for path in [config.dataset, *config.reward_functions]:
+        module_name, attribute = path.split(":")
+        assert callable(getattr(importlib.import_module(module_name), attribute)), path
+    assert config.generation_batch_size % config.num_generations == 0 and config.max_completion_length >= 512
