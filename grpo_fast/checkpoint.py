@@ -1,0 +1,140 @@
+"""Checkpoints that a crash cannot damage: written to a temporary folder, then renamed into place.
+
+``<run>/checkpoints/step_000040/`` holds
+
+- ``trainable.safetensors``: the trained parameters by name (the LoRA adapter, or every weight
+  in full fine-tuning): what ``--resume`` loads;
+- ``model/``: the same weights in Hugging Face layout (``adapter_model.safetensors`` +
+  ``adapter_config.json`` for LoRA, ``model.safetensors`` + config otherwise) and the tokenizer,
+  loadable by ``peft`` / ``from_pretrained`` / ``grpo_fast.evaluation``;
+- ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` (Python, NumPy, torch CPU and CUDA states);
+- ``trainer_state.json``: ``step``, ``data_position`` (prompts consumed) and the config.
+
+A checkpoint folder appears only by ``os.replace`` of a finished temporary folder, so any folder
+named ``step_*`` is complete; an interrupted save leaves a ``.tmp-*`` folder that the next save
+removes, and never touches the previous checkpoints. Older checkpoints beyond ``keep_last`` are
+deleted only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import GRPOConfig, config_to_dict
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    folder = checkpoints_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in folder.iterdir()
+             if (match := CHECKPOINT_PATTERN.match(path.name)) and (path / "trainer_state.json").is_file()]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().cpu().contiguous()
+            for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def write_checkpoint(folder: Path, model, optimizer, scheduler, tokenizer, state: dict[str, Any]) -> None:
+    """Every file of a checkpoint into ``folder`` (which may be left half-written by a crash)."""
+    save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+    model.save_pretrained(str(folder / "model"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder / "model"))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    torch.save(rng_state(), folder / "rng.pt")
+    (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, tokenizer=None, *,
+                    data_position: int, config: GRPOConfig | None = None, keep_last: int = 2) -> Path:
+    """Write ``step``'s checkpoint atomically, then keep the last ``keep_last``; returns its folder."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last: expected >= 1, received {keep_last}")
+    parent = checkpoints_dir(run_dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f"{TEMPORARY_PREFIX}*"):  # left by an interrupted save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = parent / f"step_{step:06d}"
+    temporary = parent / f"{TEMPORARY_PREFIX}{final.name}-{os.getpid()}"
+    temporary.mkdir()
+    state = {"step": step, "data_position": data_position,
+             "config": config_to_dict(config) if config is not None else None}
+    try:
+        write_checkpoint(temporary, model, optimizer, scheduler, tokenizer, state)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if final.exists():  # saving the same step again (a resumed run re-reaching it): replace it whole
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path, model, optimizer=None, scheduler=None, *, restore_rng: bool = True) -> dict[str, Any]:
+    """Load weights (and optimizer, scheduler, RNG) from ``folder``; returns the trainer state."""
+    folder = Path(folder)
+    if not (folder / "trainer_state.json").is_file():
+        raise ValueError(f"checkpoint: expected a complete checkpoint folder, received {str(folder)!r}")
+    saved = load_file(str(folder / "trainable.safetensors"))
+    parameters = dict(model.named_parameters())
+    expected = {name for name, parameter in parameters.items() if parameter.requires_grad}
+    if set(saved) != expected:
+        missing, extra = sorted(expected - set(saved))[:3], sorted(set(saved) - expected)[:3]
+        raise ValueError(f"checkpoint: expected the model's trainable parameters in {str(folder)!r}, "
+                         f"received a different set (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            parameters[name].copy_(tensor.to(parameters[name].device))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    if restore_rng:
+        set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+    return json.loads((folder / "trainer_state.json").read_text())

@@ -1,0 +1,73 @@
+"""The ``grpo-fast`` command.
+
+    grpo-fast train                                   # the embedded demo: tiny model, built-in task, CPU ok
+    grpo-fast train --config run.yaml --learning_rate 5e-6 --max_steps 200
+    grpo-fast train --config run.yaml --resume        # continue the latest run from its last checkpoint
+
+Any ``GRPOConfig`` field is an option ``--key value`` (or ``--key=value``); it overrides the YAML.
+Subcommands register in ``SUBCOMMANDS``; each adds its arguments and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML file of GRPOConfig fields")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    parser.set_defaults(takes_overrides=True)  # any other --key value pairs override config fields
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("--resume")
+    config = load_config(args.config, overrides)
+    result = train(config)
+    print(f"run directory: {result.run_dir}", flush=True)
+    if result.history:
+        first, last = result.history[0], result.history[-1]
+        print(f"mean reward: step {first['step']} {first['reward/mean']:.3f} -> step {last['step']} "
+              f"{last['reward/mean']:.3f}", flush=True)
+    return 0
+
+
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "train": ("train a policy with GRPO", add_train_arguments, run_train),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grpo-fast", description="GRPO training on one GPU (or CPU for the demo)")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, handler) in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, allow_abbrev=False)
+        add_arguments(subparser)
+        subparser.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code (2 for bad arguments or inputs)."""
+    parser = build_parser()
+    # Config overrides are open-ended (every GRPOConfig field), so they are the arguments the
+    # subcommand's parser does not know; the config loader checks each key.
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    args.overrides = overrides
+    try:
+        return args.handler(args)
+    except ValueError as error:
+        print(f"grpo-fast {args.command}: error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

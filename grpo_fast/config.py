@@ -1,0 +1,305 @@
+"""GRPOConfig: every setting of a training run, from defaults, a YAML file and ``--key value`` overrides.
+
+The defaults are the embedded demo (a tiny model built in code learning the built-in ``letters``
+task on CPU in about a minute); a real run sets ``model``, ``dataset``, ``reward_functions`` and
+the optimiser in a YAML file (see ``examples/qwen2.5_7b_qlora.yaml``)::
+
+    config = load_config("run.yaml", overrides=["--learning_rate", "5e-6", "--max_steps=200"])
+
+Unknown keys and values of the wrong type are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+SCHEDULERS = ("cosine", "constant")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class GRPOConfig:
+    # ---- run ----------------------------------------------------------------------------------
+    output_dir: str = "runs"  # parent folder of run directories
+    run_name: str | None = None  # run directory name under output_dir; None: "grpo-<UTC time>" (with resume: the latest run)
+    seed: int = 0  # seeds Python, NumPy and torch (sampling, data order, LoRA init)
+    max_steps: int = 80  # generation batches to train on (each gives num_iterations optimiser steps)
+    resume: bool = False  # continue from the run directory's latest complete checkpoint
+
+    # ---- model --------------------------------------------------------------------------------
+    model: str = "tiny"  # Hugging Face hub id or local folder; "tiny": a small model + char tokenizer built in code
+    dtype: str = "auto"  # weights dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32
+    load_in_4bit: bool = False  # NF4 base weights with double quantisation and bf16 compute (bitsandbytes); implies LoRA
+    use_lora: bool | None = None  # train LoRA adapters instead of all weights; None: True with load_in_4bit, else False
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator (scale = lora_alpha / lora_r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_target_modules: list[str] | None = None  # module names to adapt; None: every Linear in the decoder blocks
+    gradient_checkpointing: bool = False  # recompute block activations in the backward (less memory, ~30% slower)
+    attn_implementation: str = "auto"  # auto: flash_attention_2 when flash_attn is importable, else sdpa; or any HF value
+    trust_remote_code: bool = False  # passed to from_pretrained for models with custom code
+
+    # ---- data ---------------------------------------------------------------------------------
+    dataset: str = "grpo_fast.tasks:letters_dataset"  # hub id, local .jsonl/.json/.parquet file, or "module:function" returning rows
+    dataset_config: str | None = None  # hub dataset configuration name (e.g. "main" for openai/gsm8k)
+    dataset_split: str = "train"  # split to read
+    prompt_column: str = "prompt"  # column holding a prompt string or a list of chat messages
+    shuffle: bool = True  # reshuffle prompt order each epoch (seeded)
+
+    # ---- rollouts -----------------------------------------------------------------------------
+    prompts_per_step: int = 8  # distinct prompts per generation batch
+    num_generations: int = 8  # completions sampled per prompt (the group size)
+    max_completion_length: int = 12  # new tokens per completion at most; longer ones are truncated
+    temperature: float = 1.0  # sampling temperature (the loss uses the same one)
+    top_p: float = 1.0  # nucleus sampling mass; 1.0 disables
+    top_k: int = 0  # sample among the k most likely tokens; 0 disables
+    mask_truncated_completions: bool = False  # leave completions that hit max_completion_length out of the loss
+
+    # ---- rewards ------------------------------------------------------------------------------
+    reward_functions: list[str] = field(default_factory=lambda: ["grpo_fast.tasks:letters_reward"])  # "module:function" paths
+    reward_weights: list[float] | None = None  # one weight per reward function; None: all 1.0
+
+    # ---- loss ---------------------------------------------------------------------------------
+    loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo (TRL's meanings)
+    beta: float = 0.0  # KL coefficient against the reference policy (the base model with the adapter off)
+    epsilon_low: float = 0.2  # lower clip of the importance ratio: 1 - epsilon_low
+    epsilon_high: float | None = 0.28  # upper clip: 1 + epsilon_high; None: epsilon_low
+    delta: float | None = None  # two-sided clip of the unclipped ratio (None: off)
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    scale_rewards: str = "group"  # advantage scaling: group | batch | none
+    num_iterations: int = 2  # optimisation passes over each generation batch (>1 computes old log-probs)
+    micro_batch_size: int = 16  # completions per forward/backward; gradients accumulate over the batch
+    loss_backend: str = "auto"  # fused-loss backend: auto | triton | torch | reference
+    loss_chunk_size: int | None = None  # tokens per loss chunk (None: the loss's default memory budget)
+
+    # ---- optimiser ----------------------------------------------------------------------------
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes)
+    learning_rate: float = 3e-3  # peak learning rate (the demo's; use ~1e-5 full / 1e-5..5e-5 LoRA for real models)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.99  # AdamW beta2
+    warmup_ratio: float = 0.05  # fraction of optimiser steps with a linear warm-up from 0
+    lr_scheduler: str = "cosine"  # cosine (to 0 at the last step) | constant (after warm-up)
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables clipping (the norm is still logged)
+
+    # ---- logging and checkpoints --------------------------------------------------------------
+    sample_every: int = 10  # write sample completions with their rewards every N steps (0: never)
+    num_samples: int = 3  # completions shown per sample
+    tensorboard: bool = False  # also log to TensorBoard under <run>/tensorboard
+    progress_bar: bool = True  # tqdm bar with the step's key figures
+    plot: bool = True  # write reward_length.png at the end
+    save_every: int = 20  # checkpoint every N steps (and always at the end); 0: only at the end
+    save_total_limit: int = 2  # keep the last K checkpoints
+
+    @property
+    def generation_batch_size(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}: expected one of {list(choices)}, received {value!r}")
+
+
+def _positive(config: GRPOConfig, *keys: str) -> None:
+    for key in keys:
+        if getattr(config, key) <= 0:
+            raise ValueError(f"{key}: expected a positive number, received {getattr(config, key)!r}")
+
+
+def validate(config: GRPOConfig) -> None:
+    """Range and choice checks; each error names the key, the expected and the received value."""
+    for item in dataclasses.fields(config):
+        _check_type(item.name, getattr(config, item.name), _field_types()[item.name])
+    _choice("loss_type", config.loss_type, LOSS_TYPES)
+    _choice("optimizer", config.optimizer, OPTIMIZERS)
+    _choice("lr_scheduler", config.lr_scheduler, SCHEDULERS)
+    _choice("dtype", config.dtype, DTYPES)
+    _choice("importance_sampling_level", config.importance_sampling_level, ("token", "sequence"))
+    _choice("scale_rewards", config.scale_rewards, ("group", "batch", "none"))
+    _choice("loss_backend", config.loss_backend, ("auto", "triton", "torch", "reference"))
+    _positive(config, "max_steps", "prompts_per_step", "max_completion_length", "temperature",
+              "num_iterations", "micro_batch_size", "lora_r", "save_total_limit")
+    if config.num_generations < 2:
+        raise ValueError(f"num_generations: expected at least 2 (advantages compare completions of a group), "
+                         f"received {config.num_generations}")
+    if not 0.0 < config.top_p <= 1.0:
+        raise ValueError(f"top_p: expected a value in (0, 1], received {config.top_p}")
+    if config.top_k < 0:
+        raise ValueError(f"top_k: expected >= 0 (0 disables), received {config.top_k}")
+    if not 0.0 <= config.warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio: expected a value in [0, 1), received {config.warmup_ratio}")
+    if config.beta < 0:
+        raise ValueError(f"beta: expected >= 0, received {config.beta}")
+    if not config.reward_functions:
+        raise ValueError("reward_functions: expected at least one 'module:function' path, received []")
+    if config.reward_weights is not None and len(config.reward_weights) != len(config.reward_functions):
+        raise ValueError(
+            f"reward_weights: expected one weight per reward function ({len(config.reward_functions)}), "
+            f"received {len(config.reward_weights)}"
+        )
+    if config.load_in_4bit and config.use_lora is False:
+        raise ValueError("use_lora: expected True or None with load_in_4bit=True (4-bit weights cannot be "
+                         "trained directly), received False")
+
+
+def lora_enabled(config: GRPOConfig) -> bool:
+    return config.load_in_4bit if config.use_lora is None else config.use_lora
+
+
+# --------------------------------------------------------------------------------------------
+# Types: YAML values are checked, command-line strings are parsed, against the field annotations
+# --------------------------------------------------------------------------------------------
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(GRPOConfig)
+
+
+def _split_optional(annotation: Any) -> tuple[Any, bool]:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [member for member in typing.get_args(annotation) if member is not type(None)]
+        return members[0], len(members) < len(typing.get_args(annotation))
+    return annotation, False
+
+
+def _type_name(annotation: Any) -> str:
+    base, optional = _split_optional(annotation)
+    name = getattr(base, "__name__", str(base)) if typing.get_origin(base) is None else str(base)
+    return f"{name} or null" if optional else name
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> None:
+    base, optional = _split_optional(annotation)
+    if value is None:
+        if optional:
+            return
+        raise ValueError(f"{key}: expected {_type_name(annotation)}, received None")
+    if typing.get_origin(base) is list:
+        (item_type,) = typing.get_args(base)
+        if not isinstance(value, list) or not all(_is_instance(item, item_type) for item in value):
+            raise ValueError(f"{key}: expected a list of {item_type.__name__}, received {value!r}")
+        return
+    if not _is_instance(value, base):
+        raise ValueError(f"{key}: expected {_type_name(annotation)}, received {value!r} ({type(value).__name__})")
+
+
+def _is_instance(value: Any, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def parse_value(key: str, text: str, annotation: Any) -> Any:
+    """A command-line string as the field's type: ``"1e-5"`` -> 1e-05, ``"true"`` -> True,
+    ``"null"`` -> None (optional fields), ``"a,b"`` or ``"[a, b]"`` -> a list."""
+    base, optional = _split_optional(annotation)
+    if optional and text.lower() in ("none", "null", "~"):
+        return None
+    try:
+        if base is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        if typing.get_origin(base) is list:
+            (item_type,) = typing.get_args(base)
+            items = yaml.safe_load(text) if text.startswith("[") else [part.strip() for part in text.split(",") if part.strip()]
+            return [parse_value(key, str(item), item_type) for item in items]
+        return text
+    except (ValueError, yaml.YAMLError):
+        raise ValueError(f"{key}: expected {_type_name(annotation)}, received {text!r}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _unknown_key_error(key: str, source: str) -> ValueError:
+    import difflib
+
+    names = [item.name for item in dataclasses.fields(GRPOConfig)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"{key}: unknown config key in {source}{hint}; expected one of the GRPOConfig fields")
+
+
+def parse_overrides(arguments: Sequence[str]) -> dict[str, Any]:
+    """``["--lr", "1e-5", "--seed=3", "--resume"]`` -> typed values; a flag with no value means true."""
+    types_by_key = _field_types()
+    values: dict[str, Any] = {}
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        if not argument.startswith("--"):
+            raise ValueError(f"{argument}: expected an option --key value, received a bare value {argument!r}")
+        key, has_value, text = argument[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in types_by_key:
+            raise _unknown_key_error(key, "the command line")
+        if not has_value:
+            following = arguments[index + 1] if index + 1 < len(arguments) else None
+            if following is None or following.startswith("--"):
+                if _split_optional(types_by_key[key])[0] is not bool:
+                    raise ValueError(f"{key}: expected a value after --{key}, received none")
+                text = "true"
+            else:
+                text = following
+                index += 1
+        values[key] = parse_value(key, text, types_by_key[key])
+        index += 1
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | dict[str, Any] = ()) -> GRPOConfig:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (command-line strings or a dict)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config: expected an existing YAML file, received {str(path)!r} (not found)")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config: expected a YAML mapping of key: value in {str(path)!r}, received {type(loaded).__name__}")
+        names = {item.name for item in dataclasses.fields(GRPOConfig)}
+        for key in loaded:
+            if key not in names:
+                raise _unknown_key_error(str(key), str(path))
+        values.update(loaded)
+    if isinstance(overrides, dict):
+        names = {item.name for item in dataclasses.fields(GRPOConfig)}
+        for key in overrides:
+            if key not in names:
+                raise _unknown_key_error(str(key), "overrides")
+        values.update(overrides)
+    else:
+        values.update(parse_overrides(overrides))
+    return GRPOConfig(**values)
+
+
+def config_to_dict(config: GRPOConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

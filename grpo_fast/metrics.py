@@ -1,0 +1,163 @@
+"""What a run reports: per-step figures (JSONL, optional TensorBoard), a progress bar, samples, a plot.
+
+Files under the run directory:
+
+- ``log.jsonl``: one JSON object per step (keys below);
+- ``samples.jsonl``: every ``sample_every`` steps, a few completions with their rewards;
+- ``reward_length.png``: mean reward and mean completion length over steps (at the end);
+- ``tensorboard/``: the same scalars, with ``tensorboard: true``.
+
+Per-step keys: ``reward/mean``, ``reward/std``, ``reward/<function>/mean|std``,
+``frac_reward_zero_std`` (groups whose completions all scored the same: no signal),
+``completions/mean_length|min_length|max_length``, ``completions/clipped_ratio`` (hit
+max_completion_length), ``kl`` (beta > 0), ``entropy``, ``clip_ratio/low_mean|high_mean|region_mean``,
+``loss``, ``grad_norm``, ``lr``, ``time/generation|scoring|training|step``, ``tokens_per_second``,
+``peak_memory_gb`` (CUDA; null on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import GRPOConfig, config_to_dict
+from .rollout import Rollout
+from .scoring import Scores
+
+BAR_KEYS = {"reward/mean": "reward", "completions/mean_length": "len", "kl": "kl", "loss": "loss"}
+
+
+def _mean_std(values: torch.Tensor) -> tuple[float, float]:
+    finite = values[~torch.isnan(values)]
+    if finite.numel() == 0:
+        return math.nan, math.nan
+    return float(finite.mean()), float(finite.std()) if finite.numel() > 1 else 0.0
+
+
+def step_figures(rollout: Rollout, scores: Scores, loss_figures: dict[str, float], timings: dict[str, float],
+                 *, lr: float, device: torch.device) -> dict[str, Any]:
+    """The JSONL record of one step (everything but the step number)."""
+    record: dict[str, Any] = {}
+    record["reward/mean"], record["reward/std"] = _mean_std(scores.total)
+    for name, values in scores.per_function.items():
+        record[f"reward/{name}/mean"], record[f"reward/{name}/std"] = _mean_std(values)
+    grouped = scores.total.view(-1, rollout.group_size)
+    record["frac_reward_zero_std"] = float((grouped.std(dim=1) < 1e-6).float().mean())
+    lengths = rollout.completion_lengths.float()
+    record["completions/mean_length"] = float(lengths.mean())
+    record["completions/min_length"] = int(lengths.min())
+    record["completions/max_length"] = int(lengths.max())
+    record["completions/clipped_ratio"] = float(rollout.truncated.float().mean())
+    record.update(loss_figures)
+    record["lr"] = lr
+    step_time = sum(timings.values())
+    for name, seconds in timings.items():
+        record[f"time/{name}"] = seconds
+    record["time/step"] = step_time
+    tokens = int(rollout.prompt_mask.sum() + rollout.completion_lengths.sum())
+    record["tokens_per_second"] = tokens / step_time if step_time > 0 else math.nan
+    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return record
+
+
+def _json_safe(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsLogger:
+    """Appends records to ``log.jsonl`` (kept across a resume), drives the bar and TensorBoard."""
+
+    def __init__(self, run_dir: Path, config: GRPOConfig, start_step: int = 0):
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.log_path = self.run_dir / "log.jsonl"
+        self.samples_path = self.run_dir / "samples.jsonl"
+        if start_step == 0:  # a fresh run starts fresh files; a resumed one drops steps after its checkpoint
+            for path in (self.log_path, self.samples_path):
+                path.unlink(missing_ok=True)
+        else:
+            self._truncate_after(start_step)
+        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+        self.writer = None
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.bar = None
+        if config.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=config.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        for path in (self.log_path, self.samples_path):
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.log_path.open("a") as handle:
+            handle.write(json.dumps({key: _json_safe(value) for key, value in record.items()}) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and value is not None and math.isfinite(value):
+                    self.writer.add_scalar(key, value, record["step"])
+        if self.bar is not None:
+            self.bar.set_postfix({short: f"{record[key]:.3g}" for key, short in BAR_KEYS.items() if key in record})
+            self.bar.update(1)
+
+    def samples(self, step: int, rollout: Rollout, scores: Scores, count: int) -> None:
+        """The first completion of each of the first ``count`` groups, with its rewards."""
+        rows = []
+        for row in range(0, min(len(rollout), count * rollout.group_size), rollout.group_size):
+            rows.append({
+                "step": step,
+                "prompt": rollout.prompts[row],
+                "completion": rollout.completions[row],
+                "reward": float(scores.total[row]),
+                **{name: _json_safe(float(values[row])) for name, values in scores.per_function.items()},
+            })
+        with self.samples_path.open("a") as handle:
+            for sample in rows:
+                handle.write(json.dumps(sample) + "\n")
+        if self.bar is not None:
+            for sample in rows:
+                self.bar.write(f"[step {step}] reward {sample['reward']:.3f} | {str(sample['prompt'])[-60:]!r} -> "
+                               f"{str(sample['completion'])[:80]!r}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.config.plot and self.log_path.exists():
+            plot_history(read_log(self.log_path), self.run_dir / "reward_length.png")
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Mean reward and mean completion length against step, one PNG (matplotlib, Agg)."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps = [record["step"] for record in history]
+    figure, (reward_axis, length_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    reward_axis.plot(steps, [record["reward/mean"] for record in history])
+    reward_axis.set(xlabel="step", ylabel="mean reward", title="reward")
+    length_axis.plot(steps, [record["completions/mean_length"] for record in history], color="tab:orange")
+    length_axis.set(xlabel="step", ylabel="tokens", title="completion length")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)

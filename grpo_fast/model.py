@@ -1,0 +1,217 @@
+"""The policy: a Hugging Face causal LM (4-bit NF4 + LoRA, or full fine-tuning), and its hidden states.
+
+The trainer never asks the model for logits: ``completion_hidden_states`` runs the decoder (the
+model without its head) and returns the final, normed hidden state at every position that
+predicts a completion token; ``grpo_fast.grpo_loss`` multiplies them by ``output_weight(model)``
+chunk by chunk. With peft the LoRA layers sit inside the decoder's Linear modules, so the same
+call runs the adapted policy, and ``reference_policy(model)`` (the adapter switched off) runs the
+reference without a second copy of the weights.
+
+``build_tiny_model`` and ``tiny_tokenizer`` make the embedded demo's model in code (no download).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import tempfile
+from typing import Any, Iterator
+
+import torch
+
+from .config import GRPOConfig, lora_enabled
+
+TINY_MODEL = "tiny"
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded demo's model and tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer(characters: str):
+    """A character-level tokenizer over ``characters`` plus <pad>, <eos> and <unk> (ids 0, 1, 2)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    vocab = {token: index for index, token in enumerate(specials + sorted(set(characters)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
+    """A small Llama with random weights sized to ``tokenizer`` (fp32, untied head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+            attn_implementation="sdpa",
+        )
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def attention_implementation(requested: str = "auto") -> str:
+    """flash_attention_2 when the flash_attn package is importable (and CUDA is there), else sdpa."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def weights_dtype(config: GRPOConfig, device: torch.device) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and config.model != TINY_MODEL else torch.float32
+    return getattr(torch, config.dtype)
+
+
+def quantization_config():
+    """NF4 with double quantisation and bf16 compute: ~0.5 byte per base weight."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def _from_pretrained(source: str, config: GRPOConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": weights_dtype(config, device),
+        "attn_implementation": attention_implementation(config.attn_implementation),
+        "trust_remote_code": config.trust_remote_code,
+    }
+    if config.load_in_4bit:
+        kwargs["quantization_config"] = quantization_config()
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    return model if config.load_in_4bit else model.to(device)
+
+
+def load_model(config: GRPOConfig, device: torch.device | None = None):
+    """(policy, tokenizer) for ``config``: LoRA-wrapped when ``lora_enabled(config)``."""
+    from transformers import AutoTokenizer
+
+    from .tasks import ALPHABET, SEPARATOR
+
+    device = device or default_device()
+    if config.model == TINY_MODEL:
+        tokenizer = tiny_tokenizer(ALPHABET + SEPARATOR)
+        model = build_tiny_model(tokenizer, seed=config.seed)
+        if config.load_in_4bit:  # quantisation goes through from_pretrained: round-trip through a folder
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                model = _from_pretrained(folder, config, device)
+        else:
+            model = model.to(device=device, dtype=weights_dtype(config, device))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+        model = _from_pretrained(config.model, config, device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"model: expected a tokenizer with an EOS token, received {config.model!r} without one")
+    model = prepare_for_training(model, config)
+    return model, tokenizer
+
+
+def prepare_for_training(model, config: GRPOConfig):
+    """Gradient checkpointing and LoRA (or all weights trainable)."""
+    if config.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings are fine).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not lora_enabled(config):
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        # "all-linear": every Linear (4-bit ones included) in the blocks, never the output head.
+        target_modules=config.lora_target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+# --------------------------------------------------------------------------------------------
+# Hidden states for the loss
+# --------------------------------------------------------------------------------------------
+
+
+def output_weight(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The lm_head weight [V, H] and bias [V] (or None)."""
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def completion_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """[B, C, H] final hidden states at the positions that predict completion tokens.
+
+    ``input_ids`` is ``[left-padded prompt (prompt_length) | right-padded completion (C)]``;
+    positions count from each row's first real token, as ``generate`` numbers them.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    # Position t predicts token t + 1: the completion's C tokens are predicted by P-1 .. P+C-2.
+    return hidden[:, prompt_length - 1 : -1]
+
+
+@contextlib.contextmanager
+def reference_policy(model) -> Iterator[None]:
+    """Inside: ``model`` computes the reference policy (LoRA adapter switched off)."""
+    if not is_peft_model(model):
+        raise ValueError("model: expected a peft model for an in-place reference policy, received a plain model")
+    with model.disable_adapter():
+        yield

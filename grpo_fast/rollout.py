@@ -1,0 +1,170 @@
+"""Rollouts: ``num_generations`` sampled completions per prompt, as typed, padded tensors.
+
+The sampler is any callable with the ``Generate`` signature; ``hf_generate`` (Hugging Face
+``generate``) is the default and a faster engine can replace it::
+
+    completions = generate(model, prompt_ids, SamplingParams(...))  # list of token-id lists
+
+It returns ``len(prompt_ids) * num_generations`` completions, the ``num_generations`` of one
+prompt contiguous, each ending with its EOS token (kept: the policy is trained to stop) or cut at
+``max_completion_length`` (truncated). ``build_rollout`` pads them into a ``Rollout``: prompts
+padded on the left, completions on the right, so every row's completion starts at the same
+column ``P`` and position ``P - 1`` predicts its first token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    num_generations: int  # completions per prompt
+    max_completion_length: int  # new tokens at most
+    eos_token_ids: tuple[int, ...]  # sampling stops after any of these
+    pad_token_id: int  # fills prompts on the left and finished completions on the right
+    temperature: float = 1.0
+    top_p: float = 1.0  # 1.0: off
+    top_k: int = 0  # 0: off
+    min_completion_length: int = 0  # EOS is suppressed before this many tokens (benchmarks force lengths)
+
+
+class Generate(Protocol):
+    def __call__(self, model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]: ...
+
+
+@dataclass
+class Rollout:
+    """One generation batch: B = prompts x group_size rows, a group's rows contiguous."""
+
+    prompt_ids: torch.Tensor  # [B, P] int64, left-padded
+    prompt_mask: torch.Tensor  # [B, P] 1 on prompt tokens
+    completion_ids: torch.Tensor  # [B, C] int64, right-padded
+    completion_mask: torch.Tensor  # [B, C] 1 on tokens the loss counts (truncated rows zeroed when masked)
+    completion_lengths: torch.Tensor  # [B] tokens generated (EOS included)
+    truncated: torch.Tensor  # [B] bool: hit max_completion_length without EOS
+    prompts: list[Any]  # [B] the dataset's prompt (string or chat messages), repeated per completion
+    completions: list[Any]  # [B] completion text (as chat messages when the prompt is chat messages)
+    completion_token_ids: list[list[int]]  # [B] unpadded completion ids
+    columns: dict[str, list]  # the dataset's other columns, repeated per completion
+    group_size: int
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """Every real token, truncated completions included (masking them only removes them from the loss)."""
+        positions = torch.arange(self.completion_ids.shape[1], device=self.completion_ids.device)
+        present = positions[None, :] < self.completion_lengths[:, None]
+        return torch.cat([self.prompt_mask, present.to(self.prompt_mask.dtype)], dim=1)
+
+
+def pad(sequences: Sequence[Sequence[int]], pad_value: int, *, left: bool, min_length: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [N, L], mask [N, L]) with ``sequences`` padded on the left or the right."""
+    length = max(min_length, max((len(sequence) for sequence in sequences), default=0))
+    ids = torch.full((len(sequences), length), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if not sequence:
+            continue
+        span = slice(length - len(sequence), length) if left else slice(0, len(sequence))
+        ids[row, span] = torch.as_tensor(list(sequence), dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def cut_at_eos(tokens: Sequence[int], eos_token_ids: Sequence[int], max_length: int) -> list[int]:
+    """Tokens up to and including the first EOS, at most ``max_length``."""
+    tokens = list(tokens)[:max_length]
+    for index, token in enumerate(tokens):
+        if token in eos_token_ids:
+            return tokens[: index + 1]
+    return tokens
+
+
+@torch.no_grad()
+def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+    """Sample with ``model.generate`` (KV cache, left-padded prompts); the model is put in eval mode meanwhile."""
+    device = next(model.parameters()).device
+    ids, mask = pad(prompt_ids, params.pad_token_id, left=True)
+    ids = ids.repeat_interleave(params.num_generations, dim=0).to(device)
+    mask = mask.repeat_interleave(params.num_generations, dim=0).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            max_new_tokens=params.max_completion_length,
+            min_new_tokens=params.min_completion_length,
+            eos_token_id=list(params.eos_token_ids),
+            pad_token_id=params.pad_token_id,
+            use_cache=True,
+        )
+    finally:
+        model.train(was_training)
+    generated = output[:, ids.shape[1]:].tolist()
+    return [cut_at_eos(row, params.eos_token_ids, params.max_completion_length) for row in generated]
+
+
+def build_rollout(
+    rows: Sequence[dict[str, Any]],
+    prompt_column: str,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_token_ids: Sequence[Sequence[int]],
+    tokenizer,
+    params: SamplingParams,
+    *,
+    mask_truncated: bool = False,
+) -> Rollout:
+    """Pad and label one batch; ``completion_token_ids`` holds ``num_generations`` rows per prompt."""
+    group_size = params.num_generations
+    if len(completion_token_ids) != len(rows) * group_size:
+        raise ValueError(
+            f"completion_token_ids: expected {len(rows)} prompts x {group_size} generations = "
+            f"{len(rows) * group_size} completions, received {len(completion_token_ids)}"
+        )
+    repeated_ids = [ids for ids in prompt_ids for _ in range(group_size)]
+    prompt_tensor, prompt_mask = pad(repeated_ids, params.pad_token_id, left=True)
+    completion_tensor, present = pad(completion_token_ids, params.pad_token_id, left=False)
+    lengths = present.sum(dim=1)
+    truncated = torch.tensor(
+        [not ids or ids[-1] not in params.eos_token_ids for ids in completion_token_ids], dtype=torch.bool
+    )
+    completion_mask = present.clone()
+    if mask_truncated:
+        completion_mask[truncated] = 0
+    texts = tokenizer.batch_decode([list(ids) for ids in completion_token_ids], skip_special_tokens=True)
+    prompts = [row[prompt_column] for row in rows for _ in range(group_size)]
+    completions = [
+        [{"role": "assistant", "content": text}] if not isinstance(prompt, str) else text
+        for prompt, text in zip(prompts, texts)
+    ]
+    columns = {
+        name: [row[name] for row in rows for _ in range(group_size)] for name in rows[0] if name != prompt_column
+    }
+    return Rollout(
+        prompt_ids=prompt_tensor,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_tensor,
+        completion_mask=completion_mask,
+        completion_lengths=lengths,
+        truncated=truncated,
+        prompts=prompts,
+        completions=completions,
+        completion_token_ids=[list(ids) for ids in completion_token_ids],
+        columns=columns,
+        group_size=group_size,
+    )

@@ -1,0 +1,61 @@
+"""The built-in ``letters`` task: a procedurally generated prompt set with a verifiable, dense reward.
+
+A prompt is a few distinct letters of a small alphabet followed by a colon, ``"bfg:"``; a good
+completion writes only those letters, ``"gbbfgfbg"``. The reward is the fraction of the first
+``TARGET_LENGTH`` completion characters that belong to the prompt's letters, so stopping early or
+writing any other character costs reward, and every character gives signal (a dense reward a tiny,
+randomly initialised model can climb by RL in a few dozen steps: it must learn to copy from the
+prompt, which a 2-layer transformer's attention can do). A random policy scores about
+``len(letters) / vocabulary`` x (the share of characters before it stops); a perfect one scores 1.
+
+    rows = letters_dataset(num_prompts=4)
+    letters_reward([r["prompt"] for r in rows], ["bbbb", ...], None, letters=[r["letters"] for r in rows])
+
+The embedded default run (``grpo-fast train``) uses this with ``grpo_fast.model.build_tiny_model``,
+whose character tokenizer covers ``ALPHABET`` and the colon.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+ALPHABET = "abcdefgh"  # the letters prompts draw from; the tiny tokenizer's vocabulary is these + ":" + specials
+SEPARATOR = ":"  # ends every prompt
+LETTERS_PER_PROMPT = 3  # distinct letters a prompt allows
+TARGET_LENGTH = 8  # completion characters the reward counts
+
+
+def letters_prompt(letters: str) -> str:
+    return f"{letters}{SEPARATOR}"
+
+
+def letters_dataset(num_prompts: int = 512, seed: int = 1234) -> list[dict[str, Any]]:
+    """``num_prompts`` rows ``{"prompt": "bfg:", "letters": "bfg"}``, the same for the same seed."""
+    if num_prompts <= 0:
+        raise ValueError(f"num_prompts: expected a positive number, received {num_prompts}")
+    generator = random.Random(seed)
+    rows = []
+    for _ in range(num_prompts):
+        letters = "".join(sorted(generator.sample(ALPHABET, LETTERS_PER_PROMPT)))
+        rows.append({"prompt": letters_prompt(letters), "letters": letters})
+    return rows
+
+
+def letters_score(completion: str, letters: str) -> float:
+    """Fraction of the first TARGET_LENGTH characters of ``completion`` that are among ``letters``."""
+    allowed = set(letters)
+    return sum(character in allowed for character in completion[:TARGET_LENGTH]) / TARGET_LENGTH
+
+
+def letters_reward(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    completion_ids: Sequence[Sequence[int]] | None = None,
+    letters: Sequence[str] | None = None,
+    **columns: Any,
+) -> list[float]:
+    """TRL-signature reward for the letters task; reads the ``letters`` column, or the prompt when absent."""
+    if letters is None:
+        letters = [prompt.rsplit(SEPARATOR, 1)[0] for prompt in prompts]
+    return [letters_score(completion, allowed) for completion, allowed in zip(completions, letters)]

@@ -1,0 +1,324 @@
+"""The GRPO training loop on one device.
+
+Every step, for a batch of ``prompts_per_step`` prompts:
+
+1. **rollout**: sample ``num_generations`` completions per prompt (``rollout.hf_generate`` or any
+   ``Generate``), stopping at EOS or ``max_completion_length``;
+2. **rewards**: score each completion with the reward functions, weighted and summed;
+3. **advantages**: ``(r - group mean) / (group std + 1e-4)`` per group of ``num_generations``;
+4. **old / reference log-probs** under no_grad through the fused forward-only path
+   (``token_logprobs``): the sampling policy's when ``num_iterations > 1`` (the ratio then moves
+   off 1 and the clip bites), the reference's (adapter off) when ``beta > 0``;
+5. **optimise**: ``num_iterations`` passes over the batch in micro-batches of
+   ``micro_batch_size``, each pass accumulating gradients of ``grpo_loss`` (computed from the
+   decoder's hidden states and the lm_head weight, never from logits) into one AdamW step with
+   gradient clipping and a warm-up + cosine schedule.
+
+Then log the step, show samples, and checkpoint every ``save_every`` steps and at the end.
+
+    from grpo_fast.trainer import train
+    from grpo_fast.config import GRPOConfig
+    result = train(GRPOConfig(max_steps=40))      # the embedded demo; result.run_dir holds the log
+
+or ``grpo-fast train --config run.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import GRPOConfig, lora_enabled
+from .data import check_prompt_column, load_prompts, prompt_indices, render_prompts, take_rows, tokenize_prompts
+from .loss import GRPOLossConfig, compute_advantages, grpo_loss, token_logprobs
+from .metrics import MetricsLogger, step_figures
+from .model import completion_hidden_states, is_peft_model, load_model, output_weight, reference_policy, trainable_parameters
+from .rollout import Generate, Rollout, SamplingParams, build_rollout, hf_generate
+from .scoring import RewardFunction, Scores, load_reward_functions, score
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict[str, Any]]  # one record per step trained in this call
+    model: Any
+    tokenizer: Any
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_run_dir(config: GRPOConfig) -> Path:
+    """<output_dir>/<run_name>; without a run_name: a new timestamped one, or (resume) the latest run."""
+    output_dir = Path(config.output_dir)
+    if config.run_name is not None:
+        return output_dir / config.run_name
+    if config.resume:
+        runs = sorted(
+            (path for path in output_dir.glob("*") if latest_checkpoint(path) is not None),
+            key=lambda path: latest_checkpoint(path).stat().st_mtime,
+        )
+        if not runs:
+            raise ValueError(f"resume: expected a run with a checkpoint under {str(output_dir)!r}, received none")
+        return runs[-1]
+    return output_dir / f"grpo-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+def build_optimizer(config: GRPOConfig, model) -> torch.optim.Optimizer:
+    parameters = list(trainable_parameters(model).values())
+    if not parameters:
+        raise ValueError("model: expected trainable parameters, received a model with none")
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, **kwargs)
+    import bitsandbytes as bnb
+
+    optimizer_class = bnb.optim.AdamW8bit if config.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return optimizer_class(parameters, **kwargs)
+
+
+def build_scheduler(config: GRPOConfig, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    total = config.max_steps * config.num_iterations
+    warmup = math.ceil(config.warmup_ratio * total)
+    if config.lr_scheduler == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def loss_config(config: GRPOConfig, num_items_in_batch: float | None) -> GRPOLossConfig:
+    return GRPOLossConfig(
+        loss_type=config.loss_type,
+        beta=config.beta,
+        epsilon_low=config.epsilon_low,
+        epsilon_high=config.epsilon_high,
+        delta=config.delta,
+        temperature=config.temperature,
+        importance_sampling_level=config.importance_sampling_level,
+        scale_rewards=config.scale_rewards,
+        max_completion_length=config.max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+        chunk_size=config.loss_chunk_size,
+    )
+
+
+def sampling_params(config: GRPOConfig, tokenizer) -> SamplingParams:
+    return SamplingParams(
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One step, stage by stage
+# --------------------------------------------------------------------------------------------
+
+
+def generate_rollout(model, tokenizer, rows: list[dict], config: GRPOConfig, generate: Generate) -> Rollout:
+    params = sampling_params(config, tokenizer)
+    texts = render_prompts([row[config.prompt_column] for row in rows], tokenizer)
+    prompt_ids = tokenize_prompts(texts, tokenizer)
+    completions = generate(model, prompt_ids, params)
+    return build_rollout(rows, config.prompt_column, prompt_ids, completions, tokenizer, params,
+                         mask_truncated=config.mask_truncated_completions)
+
+
+def score_rollout(functions: Sequence[RewardFunction], config: GRPOConfig, rollout: Rollout) -> Scores:
+    return score(functions, config.reward_weights, rollout.prompts, rollout.completions,
+                 rollout.completion_token_ids, rollout.columns)
+
+
+def micro_batches(rollout: Rollout, size: int, device: torch.device):
+    """Slices of the rollout, trimmed to the micro-batch's own prompt padding and completion length."""
+    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+    prompt_width = rollout.prompt_ids.shape[1]
+    for start in range(0, len(rollout), size):
+        rows = slice(start, start + size)
+        first = int((rollout.prompt_mask[rows].sum(0) > 0).nonzero().min()) if rollout.prompt_mask[rows].any() else prompt_width - 1
+        width = max(1, int(rollout.completion_lengths[rows].max()))
+        columns = slice(min(first, prompt_width - 1), prompt_width + width)
+        yield rows, {
+            "input_ids": input_ids[rows, columns].to(device),
+            "attention_mask": attention_mask[rows, columns].to(device),
+            "prompt_length": prompt_width - columns.start,
+            "completion_ids": rollout.completion_ids[rows, :width].to(device),
+            "completion_mask": rollout.completion_mask[rows, :width].to(device),
+        }
+
+
+@torch.no_grad()
+def batch_logprobs(model, rollout: Rollout, config: GRPOConfig, device: torch.device) -> torch.Tensor:
+    """[B, C] per-token log-probs of ``model`` as it is now (fused forward-only pass, no logits)."""
+    weight, bias = output_weight(model)
+    logps = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32)
+    for rows, batch in micro_batches(rollout, config.micro_batch_size, device):
+        hidden = completion_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["prompt_length"])
+        values = token_logprobs(hidden, weight, batch["completion_ids"], bias=bias, temperature=config.temperature,
+                                backend=config.loss_backend, completion_mask=batch["completion_mask"],
+                                chunk_size=config.loss_chunk_size)
+        logps[rows, : values.shape[1]] = values.float().cpu()
+    return logps
+
+
+def reference_logprobs(model, reference_model, rollout: Rollout, config: GRPOConfig, device: torch.device) -> torch.Tensor:
+    if reference_model is None:  # LoRA: the same weights with the adapter off
+        with reference_policy(model):
+            return batch_logprobs(model, rollout, config, device)
+    return batch_logprobs(reference_model, rollout, config, device)
+
+
+def optimise(model, optimizer, scheduler, rollout: Rollout, advantages: torch.Tensor, old_logps: torch.Tensor | None,
+             ref_logps: torch.Tensor | None, config: GRPOConfig, device: torch.device) -> dict[str, float]:
+    """``num_iterations`` optimiser steps on one rollout; returns the averaged loss figures."""
+    active_tokens = float(rollout.completion_mask.sum())
+    if active_tokens == 0:  # every completion masked out (all truncated): nothing to learn from
+        return {"loss": 0.0, "grad_norm": 0.0}
+    # dapo: normalise by the whole batch's tokens so that micro-batches add up to TRL's loss;
+    # the other types normalise per call, so each micro-batch is weighted by its share of rows.
+    settings = loss_config(config, active_tokens if config.loss_type == "dapo" else None)
+    weight, bias = output_weight(model)
+    parameters = list(trainable_parameters(model).values())
+    model.train()
+    sums: dict[str, float] = {}
+    grad_norms = []
+    for _ in range(config.num_iterations):
+        for rows, batch in micro_batches(rollout, config.micro_batch_size, device):
+            tokens = float(batch["completion_mask"].sum())
+            if tokens == 0:
+                continue
+            width = batch["completion_ids"].shape[1]
+            hidden = completion_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["prompt_length"])
+            out = grpo_loss(
+                hidden, weight.to(hidden.dtype),
+                batch["completion_ids"], batch["completion_mask"],
+                advantages=advantages[rows].to(device),
+                old_logps=None if old_logps is None else old_logps[rows, :width].to(device),
+                ref_logps=None if ref_logps is None else ref_logps[rows, :width].to(device),
+                bias=bias, config=settings, backend=config.loss_backend,
+            )
+            share = 1.0 if config.loss_type == "dapo" else batch["completion_ids"].shape[0] / len(rollout)
+            (out.loss * share).backward()
+            sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * share
+            for name, value in out.metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * tokens
+            sums["_tokens"] = sums.get("_tokens", 0.0) + tokens
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(parameters, max_norm)))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    tokens = sums.pop("_tokens", 1.0)
+    figures = {name: value / tokens for name, value in sums.items() if name != "loss"}
+    figures["loss"] = sums.get("loss", 0.0) / config.num_iterations
+    figures["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    return figures
+
+
+def train_step(model, reference_model, tokenizer, optimizer, scheduler, functions, rows: list[dict],
+               config: GRPOConfig, generate: Generate, device: torch.device) -> tuple[dict[str, Any], Rollout, Scores]:
+    """One generation batch: rollout -> rewards -> advantages -> old/ref log-probs -> optimise."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    rollout = generate_rollout(model, tokenizer, rows, config, generate)
+    generated = time.perf_counter()
+    scores = score_rollout(functions, config, rollout)
+    scored = time.perf_counter()
+    advantages = compute_advantages(scores.total, config.num_generations, config.scale_rewards)
+    old_logps = batch_logprobs(model, rollout, config, device) if config.num_iterations > 1 else None
+    ref_logps = reference_logprobs(model, reference_model, rollout, config, device) if config.beta > 0 else None
+    figures = optimise(model, optimizer, scheduler, rollout, advantages, old_logps, ref_logps, config, device)
+    finished = time.perf_counter()
+    timings = {"generation": generated - started, "scoring": scored - generated, "training": finished - scored}
+    record = step_figures(rollout, scores, figures, timings, lr=scheduler.get_last_lr()[0], device=device)
+    return record, rollout, scores
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def train(
+    config: GRPOConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    dataset=None,
+    reward_functions: Sequence[RewardFunction | str] | None = None,
+    generate: Generate = hf_generate,
+) -> TrainResult:
+    """Train with ``config``. ``model``/``tokenizer``, ``dataset`` (rows with ``prompt_column``) and
+    ``reward_functions`` (callables or import paths) override the config's when given."""
+    seed_everything(config.seed)
+    run_dir = resolve_run_dir(config)
+    if (model is None) != (tokenizer is None):
+        raise ValueError("model / tokenizer: expected both or neither, received only one")
+    if model is None:
+        model, tokenizer = load_model(config)
+    device = next(model.parameters()).device
+    if dataset is None:
+        dataset = load_prompts(config)
+    else:
+        check_prompt_column(dataset, config.prompt_column, "dataset argument")
+    functions = load_reward_functions(reward_functions if reward_functions is not None else config.reward_functions)
+    if reward_functions is not None and config.reward_weights is not None and len(config.reward_weights) != len(functions):
+        raise ValueError(f"reward_weights: expected {len(functions)} weights, received {len(config.reward_weights)}")
+    reference_model = None
+    if config.beta > 0 and not is_peft_model(model):  # full fine-tuning: a frozen copy is the reference
+        reference_model = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer)
+
+    start_step, position = 0, 0
+    if config.resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise ValueError(f"resume: expected a complete checkpoint under {str(run_dir)!r}, received none")
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        start_step, position = state["step"], state["data_position"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = MetricsLogger(run_dir, config, start_step=start_step)
+    history = []
+    try:
+        for step in range(start_step + 1, config.max_steps + 1):
+            indices = prompt_indices(position, config.prompts_per_step, len(dataset), config.seed, config.shuffle)
+            rows = take_rows(dataset, indices)
+            record, rollout, scores = train_step(model, reference_model, tokenizer, optimizer, scheduler,
+                                                 functions, rows, config, generate, device)
+            position += config.prompts_per_step
+            record = {"step": step, "data_position": position, **record}
+            history.append(record)
+            logger.log(record)
+            if config.sample_every and step % config.sample_every == 0:
+                logger.samples(step, rollout, scores, config.num_samples)
+            if step == config.max_steps or (config.save_every and step % config.save_every == 0):
+                save_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer,
+                                data_position=position, config=config, keep_last=config.save_total_limit)
+    finally:
+        logger.close()
+    return TrainResult(run_dir=run_dir, history=history, model=model, tokenizer=tokenizer)
