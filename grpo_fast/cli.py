@@ -3,6 +3,7 @@
     grpo-fast train                                   # the embedded demo: tiny model, built-in task, CPU ok
     grpo-fast train --config run.yaml --learning_rate 5e-6 --max_steps 200
     grpo-fast train --config run.yaml --resume        # continue the latest run from its last checkpoint
+    grpo-fast eval --model Qwen/Qwen2.5-0.5B-Instruct --adapter runs/<run>/checkpoints/step_000500/model --split test
 
 Any ``GRPOConfig`` field is an option ``--key value`` (or ``--key=value``); it overrides the YAML.
 Subcommands register in ``SUBCOMMANDS``; each adds its arguments and returns an exit code.
@@ -38,8 +39,22 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evaluation import add_eval_arguments as add_arguments
+
+    add_arguments(parser)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluation import run_eval as evaluate_command
+
+    return evaluate_command(args)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("train a policy with GRPO", add_train_arguments, run_train),
+    "eval": ("greedy-decoding accuracy and format rate of a model (+ adapter) on a dataset split",
+             add_eval_arguments, run_eval),
 }
 
 

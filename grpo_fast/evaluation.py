@@ -259,8 +259,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def run_eval(args: argparse.Namespace) -> EvalResult:
-    """``grpo-fast eval``: load, evaluate, print the summary as one JSON line."""
+def run_eval(args: argparse.Namespace) -> int:
+    """``grpo-fast eval``: load, evaluate, print the summary as one JSON line; the exit code."""
     from .recipes import load_gsm8k
 
     dataset = load_gsm8k(args.dataset, args.split, limit=args.limit, offset=args.offset)
@@ -275,15 +275,14 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
         format_reward=lenient_format_reward if args.lenient_format else strict_format_reward,
         progress=not args.no_progress,
     )
-    print(json.dumps(asdict(result)))
-    return result
+    print(json.dumps(asdict(result)), flush=True)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m grpo_fast.evaluation --model ...`` (the same as ``grpo-fast eval``)."""
     parser = add_eval_arguments(argparse.ArgumentParser(prog="grpo-fast eval", description=__doc__.splitlines()[0]))
-    run_eval(parser.parse_args(argv))
-    return 0
+    return run_eval(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from grpo_fast.cli import main as cli_main
 from grpo_fast.evaluation import EvalResult, evaluate, main as eval_main, prompt_text
 from grpo_fast.recipes import GSM8K_SYSTEM_PROMPT, gsm8k_example, gsm8k_reward_functions, load_gsm8k
 from tiny_lm import save_tiny_model, tiny_tokenizer
@@ -132,12 +133,12 @@ def test_evaluate_scores_and_records(tmp_path, gsm8k_jsonl):
 
 
 def test_eval_cli_end_to_end(tmp_path, gsm8k_jsonl, capsys):
-    """A tiny random model saved to disk, then a LoRA adapter on it, through the CLI entry point."""
+    """A tiny random model saved to disk, then a LoRA adapter on it, through `grpo-fast eval`."""
     model_dir = save_tiny_model(tmp_path / "model")
     output = tmp_path / "eval.jsonl"
     argv = ["--model", str(model_dir), "--dataset", str(gsm8k_jsonl), "--split", "test", "--batch-size", "2",
             "--max-new-tokens", "6", "--output", str(output), "--dtype", "float32", "--device", "cpu", "--no-progress"]
-    assert eval_main(argv) == 0
+    assert cli_main(["eval", *argv]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["num_examples"] == 5 and 0.0 <= summary["accuracy"] <= 1.0 and summary["format_rate"] == 0.0
     records = [json.loads(line) for line in output.read_text().splitlines()]
@@ -152,8 +153,8 @@ def test_eval_cli_end_to_end(tmp_path, gsm8k_jsonl, capsys):
     assert eval_main(argv + ["--adapter", str(tmp_path / "adapter"), "--limit", "2"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["num_examples"] == 2
-    with pytest.raises(ValueError, match="adapter"):
-        eval_main(argv + ["--adapter", str(tmp_path / "nowhere")])
+    assert cli_main(["eval", *argv, "--adapter", str(tmp_path / "nowhere")]) == 2  # bad input: exit code 2
+    assert "adapter: expected a folder" in capsys.readouterr().err
 
 
 def test_prepare_writes_prompt_jsonl(tmp_path, gsm8k_jsonl):
