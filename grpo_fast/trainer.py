@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import GRPOConfig, lora_enabled
+from .config import GRPOConfig
 from .data import check_prompt_column, load_prompts, prompt_indices, render_prompts, take_rows, tokenize_prompts
 from .loss import GRPOLossConfig, compute_advantages, grpo_loss, token_logprobs
 from .metrics import MetricsLogger, step_figures
