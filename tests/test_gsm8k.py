@@ -2,6 +2,7 @@
 `grpo-fast eval` end to end on a tiny model (with and without a LoRA adapter) saved by the test."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from grpo_fast.cli import main as cli_main
 from grpo_fast.evaluation import EvalResult, evaluate, main as eval_main, prompt_text
 from grpo_fast.recipes import GSM8K_SYSTEM_PROMPT, gsm8k_example, gsm8k_reward_functions, load_gsm8k
 from tiny_lm import save_tiny_model, tiny_tokenizer
+
+ROOT_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 ROWS = [
     {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -168,3 +171,28 @@ def test_prepare_writes_prompt_jsonl(tmp_path, gsm8k_jsonl):
     assert len(rows) == 5 and rows[0]["prompt"][1]["role"] == "user" and rows[2]["answer"] == "3,600"
     again = load_gsm8k(tmp_path / "prepared", split="train")  # prepared files load as GSM8K too
     assert again["answer"] == [row["answer"] for row in rows] and again[0]["prompt"] == rows[0]["prompt"]
+
+
+def test_recipe_config_trains_then_evaluates(tmp_path, gsm8k_jsonl, capsys):
+    """The 0.5B recipe YAML through `grpo-fast`'s trainer (tiny local model and data in place of
+    the Hub ones), then `grpo-fast eval` on the checkpoint's LoRA adapter."""
+    from grpo_fast.config import load_config
+    from grpo_fast.recipes import prepare_gsm8k
+    from grpo_fast.trainer import train
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    (train_file,) = prepare_gsm8k(tmp_path / "data", gsm8k_jsonl, ("test",))
+    config = load_config(ROOT_EXAMPLES / "gsm8k_qwen2.5_0.5b.yaml", {
+        "model": str(model_dir), "dataset": str(train_file), "output_dir": str(tmp_path / "runs"), "max_steps": 2,
+        "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 8, "micro_batch_size": 4,
+        "dtype": "float32", "plot": False, "progress_bar": False, "sample_every": 0,
+    })
+    result = train(config)
+    assert len(result.history) == 2 and "reward/accuracy_reward/mean" in result.history[-1]
+    adapter = result.run_dir / "checkpoints" / "step_000002" / "model"
+    assert (adapter / "adapter_config.json").exists()
+    argv = ["eval", "--model", str(model_dir), "--adapter", str(adapter), "--dataset", str(gsm8k_jsonl), "--split",
+            "test", "--max-new-tokens", "4", "--output", str(tmp_path / "eval.jsonl"), "--device", "cpu", "--no-progress"]
+    capsys.readouterr()
+    assert cli_main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_examples"] == 5
