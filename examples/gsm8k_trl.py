@@ -37,19 +37,17 @@ def main() -> None:
 
     import trl
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo_fast.evaluation import evaluate
     from grpo_fast.integrations.trl import FusedGRPOTrainer
+    from grpo_fast.model import quantization_config
     from grpo_fast.recipes import gsm8k_reward_functions, load_gsm8k
 
     cuda = torch.cuda.is_available()
     model_kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}
-    if options.load_in_4bit:
-        model_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+    if options.load_in_4bit:  # NF4, double quantisation, bf16 compute
+        model_kwargs["quantization_config"] = quantization_config()
     model = AutoModelForCausalLM.from_pretrained(options.model, **model_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(options.model)
 

@@ -212,14 +212,11 @@ def load_for_eval(
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, received {dtype!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
+    from .model import attention_implementation, quantization_config
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "attn_implementation": attention_implementation()}
+    if load_in_4bit:  # the trainer's NF4 settings, so an adapter is evaluated on the weights it trained on
+        kwargs["quantization_config"] = quantization_config()
         kwargs["device_map"] = {"": device}
     loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     if not load_in_4bit:
