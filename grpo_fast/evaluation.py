@@ -37,6 +37,7 @@ from .rewards import (
     reference_answer,
     strict_format_reward,
 )
+from .rollout import cut_at_eos, pad
 
 
 @dataclass
@@ -73,18 +74,15 @@ def prompt_text(prompt: str | Sequence[dict[str, Any]], tokenizer) -> str:
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
-    """Greedy completions (token ids, up to and excluding padding) for a batch of prompt texts."""
+    """Greedy completions (token ids, up to and including EOS) for a batch of prompt texts."""
     device = next(model.parameters()).device
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right, so pad prompts on the left
-    try:
-        # Chat templates already hold any BOS token.
-        batch = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    finally:
-        tokenizer.padding_side = padding_side
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Chat templates already hold any BOS token; generation appends on the right, so pad on the left.
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    input_ids, attention_mask = pad(prompt_ids, pad_token_id, left=True)
     output = model.generate(
-        **batch,
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         temperature=None,
@@ -93,12 +91,8 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
         pad_token_id=pad_token_id,
         use_cache=True,
     )
-    completions = []
-    stop_ids = {pad_token_id, tokenizer.eos_token_id} - {None}
-    for row in output[:, batch["input_ids"].shape[1]:].tolist():
-        end = next((index for index, token in enumerate(row) if token in stop_ids), len(row))
-        completions.append(row[:end])
-    return completions
+    eos_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [cut_at_eos(row, eos_token_ids, max_new_tokens) for row in output[:, input_ids.shape[1]:].tolist()]
 
 
 def evaluate(

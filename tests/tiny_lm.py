@@ -28,31 +28,18 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_model(tokenizer, *, hidden_size: int = 32, num_layers: int = 2, seed: int = 0, bias: bool = False):
-    """A 2-layer Qwen2 with random weights sized to ``tokenizer`` (an untied lm_head)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def tiny_model(tokenizer, *, hidden_size: int = 32, seed: int = 0, bias: bool = False):
+    """grpo-fast's tiny random Llama sized to ``tokenizer``; ``bias=True`` gives its lm_head a
+    bias (which grpo_loss takes as ``bias``)."""
+    from grpo_fast.model import build_tiny_model
 
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    model = Qwen2ForCausalLM(config)
-    if bias:  # an lm_head with a bias, which grpo_loss takes as `bias`
-        head = torch.nn.Linear(hidden_size, len(tokenizer), bias=True)
-        torch.nn.init.normal_(head.bias, std=0.5)
+    model = build_tiny_model(tokenizer, hidden_size=hidden_size, seed=seed)
+    if bias:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = torch.nn.Linear(hidden_size, len(tokenizer), bias=True)
+            torch.nn.init.normal_(head.bias, std=0.5)
         model.lm_head = head
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
