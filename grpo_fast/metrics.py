@@ -12,7 +12,7 @@ Per-step keys: ``reward/mean``, ``reward/std``, ``reward/<function>/mean|std``,
 ``completions/mean_length|min_length|max_length``, ``completions/clipped_ratio`` (hit
 max_completion_length), ``kl`` (beta > 0), ``entropy``, ``clip_ratio/low_mean|high_mean|region_mean``,
 ``loss``, ``grad_norm``, ``lr``, ``time/generation|scoring|training|step``, ``tokens_per_second``,
-``peak_memory_gb`` (CUDA; null on CPU).
+``peak_memory_gb`` and ``peak_memory_reserved_gb`` (CUDA allocator, this step; null on CPU).
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def step_figures(rollout: Rollout, scores: Scores, loss_figures: dict[str, float
     record["time/step"] = step_time
     tokens = int(rollout.prompt_mask.sum() + rollout.completion_lengths.sum())
     record["tokens_per_second"] = tokens / step_time if step_time > 0 else math.nan
-    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    record["peak_memory_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None
     return record
 
 
