@@ -80,6 +80,8 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     # Chat templates already hold any BOS token; generation appends on the right, so pad on the left.
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     input_ids, attention_mask = pad(prompt_ids, pad_token_id, left=True)
+    # Stop where training stops (the tokenizer's EOS), so eval completions look like rollouts.
+    eos_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
@@ -88,10 +90,10 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
         temperature=None,
         top_p=None,
         top_k=None,
+        eos_token_id=eos_token_ids or None,
         pad_token_id=pad_token_id,
         use_cache=True,
     )
-    eos_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return [cut_at_eos(row, eos_token_ids, max_new_tokens) for row in output[:, input_ids.shape[1]:].tolist()]
 
 
