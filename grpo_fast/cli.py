@@ -12,6 +12,7 @@ Subcommands register in ``SUBCOMMANDS``; each adds its arguments and returns an 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -26,6 +27,9 @@ def run_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trainer import train
 
+    # "module:function" paths in the config resolve from the working directory, as with python -m.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("--resume")

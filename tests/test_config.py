@@ -66,3 +66,16 @@ def test_yaml_value_of_wrong_type_names_the_key(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ValueError, match="config: expected an existing YAML file"):
         load_config("/nonexistent/run.yaml")
+
+
+def test_example_yaml_loads_and_its_reward_imports(monkeypatch):
+    from pathlib import Path
+
+    from grpo_fast.scoring import load_reward_functions
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root))
+    config = load_config(root / "examples" / "qwen2.5_7b_qlora.yaml")
+    assert config.load_in_4bit and config.model == "Qwen/Qwen2.5-7B-Instruct"
+    (reward,) = load_reward_functions(config.reward_functions)
+    assert reward(["p", "p"], ["word " * 40, ""], None) == [1.0, 0.0]
