@@ -203,3 +203,14 @@ def test_docstring_examples():
 
     failures, _ = doctest.testmod(integration, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert failures == 0
+
+
+def test_refuses_hidden_states_the_head_does_not_read(tmp_path):
+    """A model whose hidden_states[-1] is not the lm_head's input is caught on the first forward."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    model.config.tie_last_hidden_states = False  # hidden_states[-1]: the last block's raw output (before the norm)
+    trainer = FusedGRPOTrainer(model=model, reward_funcs=[length_reward], args=grpo_config(tmp_path),
+                               train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="hidden_states"):
+        make_batch(trainer, torch.Generator().manual_seed(3))  # its no-grad log-prob pass is the first forward

@@ -128,6 +128,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             )
         self.loss_backend = loss_backend
         self.loss_chunk_size = loss_chunk_size
+        self._final_hidden_state_checked = False
         super().__init__(*args, **kwargs)
         _raise_if_unsupported(self.args)  # TRL filled in the defaults when args was None
         _raise_if_logits_transformed(self.model)
@@ -190,7 +191,28 @@ class FusedGRPOTrainer(GRPOTrainer):
                 use_cache=False,
             )
         # transformers ties hidden_states[-1] to the final-norm output (last_hidden_state).
-        return outputs.hidden_states[-1][:, -completion_length - 1 : -1]
+        hidden = outputs.hidden_states[-1]
+        if not self._final_hidden_state_checked:
+            self._check_final_hidden_state(model, hidden[:, -1], outputs.logits[:, -1])
+        return hidden[:, -completion_length - 1 : -1]
+
+    @torch.no_grad()
+    def _check_final_hidden_state(self, model, last_hidden: torch.Tensor, last_logits: torch.Tensor) -> None:
+        """Once per run: the model's own logits at the last position must be ``hidden @ W.T + b``,
+        or the hidden states are not what the lm_head reads (an architecture that does not tie
+        hidden_states[-1] to the normed output, or transforms its logits) and the loss would be wrong."""
+        weight, bias = self._lm_head(model)
+        expected = torch.nn.functional.linear(last_hidden.to(weight.dtype), weight, bias).float()
+        received = last_logits.float()
+        tolerance = 1e-3 if weight.dtype == torch.float32 else 5e-2
+        error = ((expected - received).abs().max() / received.abs().max().clamp(min=1e-6)).item()
+        if error > tolerance:
+            raise ValueError(
+                f"model: expected logits = hidden_states[-1] @ lm_head.weight.T (+ bias), received logits that "
+                f"differ by {error:.3g} (relative); {type(self.accelerator.unwrap_model(model)).__name__} is not "
+                "supported by FusedGRPOTrainer, use trl.GRPOTrainer"
+            )
+        self._final_hidden_state_checked = True
 
     def _lm_head(self, model) -> tuple[torch.Tensor, torch.Tensor | None]:
         lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
