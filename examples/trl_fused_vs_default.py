@@ -15,6 +15,7 @@ reports TRL's own `step_time`. Random weights give a flat softmax; say so when q
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -168,6 +169,7 @@ def main() -> None:
                    device=torch.cuda.get_device_name() if cuda else "cpu", weights="random")
         print(json.dumps(row), flush=True)
         del trainer
+        gc.collect()  # the next trainer measures its own peak, not this one's leftovers
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
