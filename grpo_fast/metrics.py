@@ -86,7 +86,11 @@ class MetricsLogger:
         (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
         self.writer = None
         if config.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ValueError("tensorboard: expected the tensorboard package with tensorboard=true "
+                                 "(pip install 'grpo-fast[tensorboard]'), received an ImportError") from error
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self.bar = None

@@ -44,7 +44,7 @@ def test_full_precision_run_writes_log_plot_checkpoint(tmp_path):
 
 
 def test_4bit_lora_run_with_reference_kl(tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     config = GRPOConfig(output_dir=str(tmp_path), run_name="qlora", load_in_4bit=True, lora_r=4, lora_alpha=8,
                         beta=0.1, gradient_checkpointing=True, **FAST)
     result = train(config)
@@ -114,3 +114,11 @@ def test_custom_generate_with_wrong_count_is_an_error(tmp_path):
     config = GRPOConfig(output_dir=str(tmp_path), **FAST)
     with pytest.raises(ValueError, match="completion_token_ids: expected 2 prompts x 4 generations = 8 completions, received 7"):
         train(config, generate=generate)
+
+
+def test_8bit_optimizer_updates_lora(tmp_path):
+    config = GRPOConfig(output_dir=str(tmp_path), use_lora=True, lora_r=4, optimizer="paged_adamw_8bit",
+                        **dict(FAST, max_steps=2))
+    result = train(config)
+    lora_b = [parameter for name, parameter in result.model.named_parameters() if "lora_B" in name]
+    assert lora_b and all(parameter.abs().sum() > 0 for parameter in lora_b)  # initialised at 0, moved
