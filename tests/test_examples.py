@@ -54,3 +54,17 @@ def test_gsm8k_recipe_configs_load(name, four_bit):
         module_name, attribute = path.split(":")
         assert callable(getattr(importlib.import_module(module_name), attribute)), path
     assert config.generation_batch_size % config.num_generations == 0 and config.max_completion_length >= 512
+
+
+def test_trl_fused_vs_default_smoke():
+    """The TRL comparison script runs on CPU (tiny architecture) and both trainers agree on the loss."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "trl_fused_vs_default.py"), "--model", "tiny", "--device", "cpu",
+         "--batch", "4", "--prompt-length", "8", "--completion-length", "16", "--repeats", "1"],
+        capture_output=True, text=True, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [row["trainer"] for row in rows] == ["GRPOTrainer", "FusedGRPOTrainer"]
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) <= 1e-5 * abs(rows[0]["loss"]) + 1e-7
