@@ -158,7 +158,8 @@ def micro_batches(rollout: Rollout, size: int, device: torch.device):
     prompt_width = rollout.prompt_ids.shape[1]
     for start in range(0, len(rollout), size):
         rows = slice(start, start + size)
-        first = int((rollout.prompt_mask[rows].sum(0) > 0).nonzero().min()) if rollout.prompt_mask[rows].any() else prompt_width - 1
+        used = rollout.prompt_mask[rows].any(dim=0).nonzero()  # prompt columns that are not all padding
+        first = int(used.min()) if used.numel() else prompt_width - 1
         width = max(1, int(rollout.completion_lengths[rows].max()))
         columns = slice(min(first, prompt_width - 1), prompt_width + width)
         yield rows, {
@@ -175,12 +176,17 @@ def batch_logprobs(model, rollout: Rollout, config: GRPOConfig, device: torch.de
     """[B, C] per-token log-probs of ``model`` as it is now (fused forward-only pass, no logits)."""
     weight, bias = output_weight(model)
     logps = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32)
-    for rows, batch in micro_batches(rollout, config.micro_batch_size, device):
-        hidden = completion_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["prompt_length"])
-        values = token_logprobs(hidden, weight, batch["completion_ids"], bias=bias, temperature=config.temperature,
-                                backend=config.loss_backend, completion_mask=batch["completion_mask"],
-                                chunk_size=config.loss_chunk_size)
-        logps[rows, : values.shape[1]] = values.float().cpu()
+    was_training = model.training
+    model.eval()  # no dropout in the sampling / reference policy
+    try:
+        for rows, batch in micro_batches(rollout, config.micro_batch_size, device):
+            hidden = completion_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["prompt_length"])
+            values = token_logprobs(hidden, weight.to(hidden.dtype), batch["completion_ids"], bias=bias,
+                                    temperature=config.temperature, backend=config.loss_backend,
+                                    completion_mask=batch["completion_mask"], chunk_size=config.loss_chunk_size)
+            logps[rows, : values.shape[1]] = values.float().cpu()
+    finally:
+        model.train(was_training)
     return logps
 
 

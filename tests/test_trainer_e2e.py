@@ -51,6 +51,7 @@ def test_4bit_lora_run_with_reference_kl(tmp_path):
     model = result.model
     quantised = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
     assert len(quantised) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 blocks
+    assert all(layer.gradient_checkpointing for layer in model.get_decoder().layers)
     trainable = _trainable(model)
     assert trainable and all("lora_" in name for name in trainable)
     assert any(name.endswith("lora_B.default.weight") and parameter.abs().sum() > 0 for name, parameter in trainable.items())
