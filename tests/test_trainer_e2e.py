@@ -86,7 +86,8 @@ def test_builtin_task_reward_rises(tmp_path):
     result = train(GRPOConfig(output_dir=str(tmp_path), max_steps=30, progress_bar=False, save_every=0, plot=False))
     rewards = [record["reward/mean"] for record in result.history]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert first < 0.35 and last > first + 0.25, (first, last)
+    # Seeds 0-5 give first-5 means of 0.27-0.30 and last-5 means of 0.63-0.81.
+    assert rewards[0] < 0.3 and last > first + 0.25, (rewards[0], first, last)
 
 
 def test_hidden_states_align_with_the_model_logits():
