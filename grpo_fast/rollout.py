@@ -97,6 +97,17 @@ def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingPara
     ids, mask = pad(prompt_ids, params.pad_token_id, left=True)
     ids = ids.repeat_interleave(params.num_generations, dim=0).to(device)
     mask = mask.repeat_interleave(params.num_generations, dim=0).to(device)
+    # generate() takes every setting not passed here from the model's own generation config (a hub
+    # model's repetition_penalty, no_repeat_ngram_size, min_p, ...), which would sample from another
+    # distribution than the one the loss scores: sample under a neutral config instead.
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved_config = inner.generation_config
+    inner.generation_config = GenerationConfig(
+        pad_token_id=params.pad_token_id, eos_token_id=list(params.eos_token_ids),
+        bos_token_id=getattr(saved_config, "bos_token_id", None),
+    )
     was_training = model.training
     model.eval()
     try:
@@ -115,6 +126,7 @@ def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingPara
         )
     finally:
         model.train(was_training)
+        inner.generation_config = saved_config
     generated = output[:, ids.shape[1]:].tolist()
     return [cut_at_eos(row, params.eos_token_ids, params.max_completion_length) for row in generated]
 

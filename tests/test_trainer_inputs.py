@@ -171,3 +171,22 @@ def test_reward_functions_by_import_path():
         load_reward_functions(["grpo_fast.tasks:letters_reward", "no_such_module:f"])
     with pytest.raises(ValueError, match=r"reward_functions\[0\]: expected a callable"):
         load_reward_functions(["grpo_fast.tasks:ALPHABET"])
+
+
+def test_sampling_ignores_the_model_generation_defaults():
+    # A hub model's generation_config (here: no_repeat_ngram_size=1, top_k=1) must not change the
+    # sampling distribution the loss assumes.
+    from grpo_fast.model import build_tiny_model
+    from grpo_fast.rollout import hf_generate
+
+    tokenizer = tiny_tokenizer("abcdefgh:")
+    model = build_tiny_model(tokenizer)
+    model.generation_config.no_repeat_ngram_size = 1  # would forbid any token seen before in the row
+    model.generation_config.top_k = 1
+    params = SamplingParams(num_generations=8, max_completion_length=8, eos_token_ids=(tokenizer.eos_token_id,),
+                            pad_token_id=tokenizer.pad_token_id, top_k=0)
+    prompt = tokenize_prompts(["abc:"], tokenizer)[0]
+    completions = hf_generate(model, [prompt], params)
+    assert len(completions) == 8 and len({tuple(ids) for ids in completions}) > 1
+    assert any(len(set(prompt + ids)) < len(prompt + ids) for ids in completions)  # repeats happen when sampling
+    assert model.generation_config.no_repeat_ngram_size == 1  # restored afterwards
