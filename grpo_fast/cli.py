@@ -21,6 +21,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML file of GRPOConfig fields")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     parser.set_defaults(takes_overrides=True)  # any other --key value pairs override config fields
+    parser.epilog = ("Any GRPOConfig field is also an option, --key value or --key=value, overriding the "
+                     "YAML (e.g. --learning_rate 1e-5 --reward_functions mod:f,mod:g). With no options: "
+                     "the embedded demo (tiny model, built-in task, CPU). Keys: README.md, 'Training'.")
 
 
 def run_train(args: argparse.Namespace) -> int:
