@@ -158,7 +158,11 @@ def prepare_for_training(model, config: GRPOConfig):
     """Gradient checkpointing and LoRA (or all weights trainable)."""
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings are fine).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x renamed the method (the old name warns); older releases have only the old one.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not lora_enabled(config):
         model.requires_grad_(True)
         return model
