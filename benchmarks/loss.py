@@ -351,7 +351,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--warmup-ms", type=float, default=None, help="warm-up per measurement (default 25; quick 1)")
     p.add_argument("--rep-ms", type=float, default=None, help="timed time per measurement (default 100; quick 5)")
-    p.add_argument("--min-reps", type=int, default=None,
+    p.add_argument("--min-reps", "--reps", dest="min_reps", type=int, default=None,
                    help="least timed calls per measurement where do_bench does not choose (default 3; quick 2)")
     p.add_argument("--matmul-size", type=int, default=None, help="reference matmul size (8192 on GPU, 512 on CPU)")
     p.add_argument("--device", default=None)
