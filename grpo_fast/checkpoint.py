@@ -80,7 +80,14 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def write_checkpoint(folder: Path, model, optimizer, scheduler, tokenizer, state: dict[str, Any]) -> None:
     """Every file of a checkpoint into ``folder`` (which may be left half-written by a crash)."""
     save_file(trainable_state(model), str(folder / "trainable.safetensors"))
-    model.save_pretrained(str(folder / "model"))
+    if hasattr(model, "peft_config"):
+        # PEFT would build the adapter from model.state_dict(), and on CPUs with AVX512-BF16
+        # bitsandbytes' Linear4bit state_dict re-quantises weights that an eval-mode forward had
+        # repacked, changing the live model (bitsandbytes 0.50): give it the parameters instead.
+        parameters = {name: parameter.detach() for name, parameter in model.named_parameters()}
+        model.save_pretrained(str(folder / "model"), state_dict=parameters)
+    else:
+        model.save_pretrained(str(folder / "model"))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder / "model"))
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")

@@ -115,3 +115,27 @@ def test_loading_into_a_different_model_is_an_error(tmp_path):
     lora, _ = load_model(GRPOConfig(use_lora=True, lora_r=2))
     with pytest.raises(ValueError, match="checkpoint: expected the model's trainable parameters"):
         load_checkpoint(folder, lora)
+
+
+def test_saving_leaves_a_4bit_model_unchanged(tmp_path):
+    """A checkpoint must not perturb the live model: on CPUs with AVX512-BF16, bitsandbytes repacks
+    NF4 weights in an eval-mode forward and re-quantises them when the module's state_dict is taken."""
+    config = GRPOConfig(output_dir=str(tmp_path), load_in_4bit=True, lora_r=4, **FAST)
+    model, tokenizer = load_model(config)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer)
+    input_ids = torch.randint(0, len(tokenizer), (2, 7))
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids).logits
+        save_checkpoint(tmp_path, 1, model, optimizer, scheduler, tokenizer, data_position=2)
+        after = model(input_ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    # The Hugging Face adapter folder still holds every LoRA weight, by PEFT's names.
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(latest_checkpoint(tmp_path) / "model" / "adapter_model.safetensors"))
+    lora = {name.replace(".default", ""): value for name, value in _trainable(model).items()}
+    assert set(adapter) == set(lora)
+    for name, value in lora.items():
+        assert torch.equal(adapter[name], value), name
