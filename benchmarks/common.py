@@ -93,6 +93,9 @@ def env_info(device: torch.device, argv: Optional[Sequence[str]] = None) -> dict
         "python": platform.python_version(),
         "liger_kernel": _version("liger-kernel"),
         "trl": _version("trl"),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "bitsandbytes": _version("bitsandbytes"),
         "git_commit": commit,
         "git_dirty": bool(dirty) if dirty is not None else None,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -322,30 +325,43 @@ def markdown(payload: dict) -> str:
     peers = ", ".join(f"{k} {env[k]}" for k in ("liger_kernel", "trl") if env.get(k))
     if peers:
         lines.append(f"- peers installed: {peers}")
+    libraries = ", ".join(f"{k} {env[k]}" for k in ("transformers", "peft", "bitsandbytes") if env.get(k))
+    if libraries:
+        lines.append(f"- libraries: {libraries}")
     dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
     lines.append(f"- date {env['date_utc']}, commit `{(env.get('git_commit') or 'unknown')[:12]}`{dirty}")
     lines.append(f"- command: `{env['command']}`")
     for note in payload.get("notes", []):
         lines.append(f"- {note}")
     lines.append("")
-    columns = payload["columns"]
-    groups: dict[tuple, list[dict]] = {}
-    for row in payload["rows"]:
-        groups.setdefault(tuple(row.get(k) for k in payload.get("group_by", [])), []).append(row)
-    for key, rows in groups.items():
-        if key:
-            lines.append("## " + ", ".join(f"{k} {v}" for k, v in zip(payload["group_by"], key)))
-            lines.append("")
-        lines.append("| " + " | ".join(c[1] for c in columns) + " |")
-        lines.append("|" + "|".join("---" for _ in columns) + "|")
-        for row in rows:
-            lines.append("| " + " | ".join(_fmt(row.get(c[0]), c[2]) for c in columns) + " |")
-        lines.append("")
+    lines += _tables(payload["rows"], payload["columns"], payload.get("group_by", []), "##")
+    for table in payload.get("tables", []):  # further tables, each {"title", "columns", "group_by", "rows"}
+        lines += [f"## {table['title']}", ""]
+        lines += _tables(table["rows"], table["columns"], table.get("group_by", []), "###")
     return "\n".join(lines)
 
 
+def _tables(rows: list[dict], columns: list, group_by: list[str], heading: str) -> list[str]:
+    """One markdown table per group of rows (a heading naming the group when grouped)."""
+    lines: list[str] = []
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in group_by), []).append(row)
+    for key, group in groups.items():
+        if key:
+            lines.append(f"{heading} " + ", ".join(f"{k} {v}" for k, v in zip(group_by, key)))
+            lines.append("")
+        lines.append("| " + " | ".join(c[1] for c in columns) + " |")
+        lines.append("|" + "|".join("---" for _ in columns) + "|")
+        for row in group:
+            lines.append("| " + " | ".join(_fmt(row.get(c[0]), c[2]) for c in columns) + " |")
+        lines.append("")
+    return lines
+
+
 def plots(payload: dict, stem: Path) -> list[Path]:
-    """One PNG per plot group: a panel per metric against `x`, one line per `series`."""
+    """One PNG per plot group: a panel per metric against `x`, one line per `series`
+    (`"kind": "bar"`: one PNG, a panel per metric, bars grouped by the categories `x`)."""
     spec = payload.get("plot")
     if not spec:
         return []
@@ -354,6 +370,8 @@ def plots(payload: dict, stem: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if spec.get("kind") == "bar":
+        return [_bar_plot(payload, spec, stem, plt)]
     groups: dict[tuple, list[dict]] = {}
     for row in payload["rows"]:
         groups.setdefault(tuple(row.get(k) for k in spec["group_by"]), []).append(row)
@@ -386,3 +404,34 @@ def plots(payload: dict, stem: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _bar_plot(payload: dict, spec: dict, stem: Path, plt) -> Path:
+    """A panel per metric: for each category `x`, one bar per `series`; missing figures are left out."""
+    rows = payload["rows"]
+    categories = list(dict.fromkeys(row[spec["x"]] for row in rows))
+    names = list(dict.fromkeys(row[spec["series"]] for row in rows))
+    fig, axes = plt.subplots(1, len(spec["panels"]), figsize=(5.5 * len(spec["panels"]), 4), squeeze=False)
+    width = 0.8 / max(len(names), 1)
+    for ax, (metric, label) in zip(axes[0], spec["panels"]):
+        drawn = False
+        for index, name in enumerate(names):
+            points = [(categories.index(row[spec["x"]]), row[metric]) for row in rows
+                      if row[spec["series"]] == name and row.get("status") == "ok" and row.get(metric) is not None]
+            if points:
+                ax.bar([x + (index - (len(names) - 1) / 2) * width for x, _ in points], [y for _, y in points],
+                       width=width, label=name)
+                drawn = True
+        ax.set_xticks(range(len(categories)), [str(c) for c in categories])
+        ax.set_ylabel(label)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not measured here", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"{payload.get('title', payload['benchmark'])} ({payload['env']['device']})", fontsize=10)
+    fig.tight_layout()
+    path = Path(f"{stem}_{slugify(spec['x'])}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -20,129 +20,26 @@ memory under 12 GB, to fit a 16 GB consumer GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from benchmarks.common import env_info
+from benchmarks.models import (BLOCK_LINEARS, SHAPES, build_random_model, build_tokenizer, even_token_reward,
+                               forced_length_generate, random_prompts)
 from grpo_fast.config import GRPOConfig
-from grpo_fast.rollout import hf_generate
 from grpo_fast.trainer import train
 
-QWEN25_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                 intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
-                 rms_norm_eps=1e-6, tie_word_embeddings=False)
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=False)
-BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QWEN25_7B = SHAPES["qwen2.5-7b"]
+TINY = SHAPES["tiny"]
 
 
 def log(message: str) -> None:
     print(f"[trainer_gpu_7b {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def init_random_(module: nn.Module, std: float = 0.02) -> None:
-    for child in module.modules():
-        if isinstance(child, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(child.weight, std=std)
-            if getattr(child, "bias", None) is not None:
-                nn.init.zeros_(child.bias)
-
-
-def quantise_linear(linear: nn.Linear, device: torch.device) -> nn.Module:
-    """An NF4 Linear4bit (double quantisation, bf16 compute) holding ``linear``'s weights."""
-    import bitsandbytes as bnb
-
-    quantised = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                  device="meta")
-    quantised.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4")
-    if linear.bias is not None:
-        quantised.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-    quantised = quantised.to(device)  # Params4bit quantises on its first move to a device
-    if not quantised.weight.bnb_quantized:
-        raise RuntimeError(f"Linear4bit on {device}: weights were not quantised")
-    return quantised
-
-
-def build_random_model(shape: dict, device: torch.device, load_in_4bit: bool):
-    """Qwen2ForCausalLM with random weights: skeleton on the meta device, then each part built on ``device``."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    from transformers.models.qwen2 import modeling_qwen2
-
-    config = Qwen2Config(**shape, attn_implementation="sdpa", pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
-    with default_dtype(dtype), torch.device(device):
-        model.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        model.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        init_random_(model.model.embed_tokens)
-        init_random_(model.lm_head)
-        model.model.norm = modeling_qwen2.Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        model.model.rotary_emb = modeling_qwen2.Qwen2RotaryEmbedding(config=config)
-        for index in range(config.num_hidden_layers):
-            block = modeling_qwen2.Qwen2DecoderLayer(config, index)
-            init_random_(block)
-            if load_in_4bit:
-                for parent in (block.self_attn, block.mlp):
-                    for name, child in list(parent.named_children()):
-                        if isinstance(child, nn.Linear):
-                            setattr(parent, name, quantise_linear(child, device))
-            model.model.layers[index] = block
-            if index % 7 == 6 or index == config.num_hidden_layers - 1:
-                log(f"built block {index + 1}/{config.num_hidden_layers}"
-                    + (f", {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB allocated" if device.type == "cuda" else ""))
-    leftovers = [name for name, tensor in list(model.named_parameters()) + list(model.named_buffers()) if tensor.is_meta]
-    if leftovers:
-        raise RuntimeError(f"model: parameters left on the meta device: {leftovers[:5]}")
-    model.requires_grad_(False)
-    if load_in_4bit:
-        model.is_loaded_in_4bit = True  # read by peft to wrap Linear4bit with its 4-bit LoRA layer
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = 1
-    return model
-
-
-def build_tokenizer(vocab_size: int):
-    """Word-level tokenizer over "<pad>", "<eos>", "t2" .. "t{V-1}" (prompts are space-separated tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{f"t{index}": index for index in range(2, vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
-
-
-def even_token_reward(prompts, completions, completion_ids, **columns):
-    """A cheap reward that differs between completions: the share of even token ids."""
-    return [sum(token % 2 == 0 for token in ids) / max(1, len(ids)) for ids in completion_ids]
-
-
-def forced_length_generate(model, prompt_ids, params):
-    """hf_generate with EOS suppressed until max_completion_length: every completion is full length."""
-    return hf_generate(model, prompt_ids, dataclasses.replace(params, min_completion_length=params.max_completion_length))
 
 
 def summarise(history: list[dict]) -> dict:
@@ -194,7 +91,7 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     torch.manual_seed(0)
-    model = build_random_model(shape, device, load_in_4bit)
+    model = build_random_model(shape, device, load_in_4bit, log=log)
     tokenizer = build_tokenizer(shape["vocab_size"])
     config = GRPOConfig(
         model="random-qwen2.5-7b" if not args.tiny else "random-tiny-qwen2",
@@ -215,7 +112,7 @@ def main(argv=None) -> int:
         num_iterations=args.num_iterations,
         optimizer=args.optimizer,
         learning_rate=1e-5,
-        reward_functions=["benchmarks.trainer_gpu_7b:even_token_reward"],
+        reward_functions=["benchmarks.models:even_token_reward"],
         progress_bar=False,
         plot=False,
         sample_every=0,
@@ -232,9 +129,7 @@ def main(argv=None) -> int:
                            f"received {lora_layers}")
     model_memory = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
-    generator = random.Random(0)
-    rows = [{"prompt": " ".join(f"t{generator.randrange(2, shape['vocab_size'])}" for _ in range(args.prompt_length))}
-            for _ in range(16)]
+    rows = random_prompts(16, args.prompt_length, shape["vocab_size"])
     result = train(config, model=model, tokenizer=tokenizer, dataset=rows, reward_functions=[even_token_reward],
                    generate=forced_length_generate)
     for record in result.history:
