@@ -30,6 +30,28 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0: off
     top_k: int = 0  # 0: off
     min_completion_length: int = 0  # EOS is suppressed before this many tokens (benchmarks force lengths)
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0.0: off
+    stop_strings: tuple[str, ...] = ()  # completions end after the token that completes one of these (needs a tokenizer)
+
+
+def check_sampling_params(params: SamplingParams) -> None:
+    """Range checks shared by every sampler; each error names the field, the expected and the received value."""
+    checks = [
+        ("num_generations", params.num_generations >= 1, "an integer >= 1"),
+        ("max_completion_length", params.max_completion_length >= 1, "an integer >= 1"),
+        ("temperature", params.temperature > 0, "a positive number"),
+        ("top_p", 0.0 < params.top_p <= 1.0, "a value in (0, 1]"),
+        ("top_k", params.top_k >= 0, "an integer >= 0 (0 disables)"),
+        ("min_p", 0.0 <= params.min_p <= 1.0, "a value in [0, 1] (0 disables)"),
+        ("min_completion_length", 0 <= params.min_completion_length <= params.max_completion_length,
+         f"an integer in [0, max_completion_length={params.max_completion_length}]"),
+        ("eos_token_ids", len(params.eos_token_ids) > 0, "at least one token id"),
+        ("stop_strings", all(isinstance(text, str) and text for text in params.stop_strings),
+         "a tuple of non-empty strings"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{name}: expected {expected}, received {getattr(params, name)!r}")
 
 
 class Generate(Protocol):
@@ -90,9 +112,32 @@ def cut_at_eos(tokens: Sequence[int], eos_token_ids: Sequence[int], max_length: 
     return tokens
 
 
+def cut_at_stop_strings(tokens: Sequence[int], stop_strings: Sequence[str], tokenizer) -> list[int]:
+    """The shortest prefix of ``tokens`` whose decoded text contains one of ``stop_strings`` (the
+    whole list when none occurs). Only the completion's own text is searched, never the prompt."""
+    tokens = list(tokens)
+    contains = lambda count: any(text in tokenizer.decode(tokens[:count]) for text in stop_strings)  # noqa: E731
+    if not stop_strings or not contains(len(tokens)):
+        return tokens
+    low, high = 1, len(tokens)  # containment only grows with the prefix: binary search for the first
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if contains(middle) else (middle + 1, high)
+    return tokens[:low]
+
+
+def _stop_strings_tokenizer(params: SamplingParams, tokenizer):
+    if params.stop_strings and tokenizer is None:
+        raise ValueError(f"tokenizer: expected a tokenizer to match stop_strings={params.stop_strings!r}, received None")
+    return tokenizer
+
+
 @torch.no_grad()
-def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
-    """Sample with ``model.generate`` (KV cache, left-padded prompts); the model is put in eval mode meanwhile."""
+def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, tokenizer=None) -> list[list[int]]:
+    """Sample with ``model.generate`` (KV cache, left-padded prompts); the model is put in eval mode meanwhile.
+    ``tokenizer`` is needed only with ``params.stop_strings``."""
+    check_sampling_params(params)
+    _stop_strings_tokenizer(params, tokenizer)
     device = next(model.parameters()).device
     ids, mask = pad(prompt_ids, params.pad_token_id, left=True)
     ids = ids.repeat_interleave(params.num_generations, dim=0).to(device)
@@ -118,6 +163,9 @@ def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingPara
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
+            min_p=params.min_p or None,
+            stop_strings=list(params.stop_strings) or None,
+            tokenizer=tokenizer if params.stop_strings else None,
             max_new_tokens=params.max_completion_length,
             min_new_tokens=params.min_completion_length,
             eos_token_id=list(params.eos_token_ids),
@@ -128,7 +176,9 @@ def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingPara
         model.train(was_training)
         inner.generation_config = saved_config
     generated = output[:, ids.shape[1]:].tolist()
-    return [cut_at_eos(row, params.eos_token_ids, params.max_completion_length) for row in generated]
+    completions = [cut_at_eos(row, params.eos_token_ids, params.max_completion_length) for row in generated]
+    # generate() pads a row that met a stop string; the same cut as the engine's drops the padding.
+    return [cut_at_stop_strings(row, params.stop_strings, tokenizer) for row in completions] if params.stop_strings else completions
 
 
 def build_rollout(

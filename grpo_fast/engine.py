@@ -1,0 +1,424 @@
+"""The rollout engine: batched sampling from the policy being trained, with its KV cache preallocated.
+
+``RolloutEngine()`` is a ``Generate`` (``engine(model, prompt_ids, params)`` -> completion ids, as
+``rollout.hf_generate``), and ``engine.generate(...)`` also returns each sampled token's log-prob
+``log_softmax(logits / temperature)[token]`` over the full vocabulary (before EOS suppression and
+top-k / top-p / min-p filtering): the quantity the loss uses as ``old_logps``.
+
+It samples from the very model it is given (any Hugging Face causal LM; peft LoRA stays unmerged,
+NF4 bitsandbytes weights stay packed; no weight copy):
+
+1. **Prefill once per prompt.** The step's distinct prompts run as one left-padded batch; each
+   prompt's keys and values are written into the ``num_generations`` cache rows of its group (a
+   copy of the prompt's KV, so the prompt's compute is shared, not its memory).
+2. **Static KV cache.** One ``[rows, kv_heads, length, head_dim]`` buffer per layer, length the
+   prompt width plus ``max_completion_length`` rounded up to 64, allocated once and reused while
+   the shape fits (stable addresses for CUDA graphs). All rows decode in lockstep, so decode step
+   ``t`` writes column ``prompt_width + t`` for every row; the attention mask hides left padding,
+   unwritten columns and stale data.
+3. **Batched decode without per-token host syncs.** A done-mask lives on the device; the host
+   reads it only every ``sync_every`` steps. There, rows that finished drop out: when the live rows
+   fit in half the batch, they move to the front of the cache (in place) and decoding continues on
+   that prefix, whose size is a power of two so that few shapes (and CUDA graphs) exist.
+4. **Sampling on the device** (``sample_tokens``): EOS suppressed before
+   ``min_completion_length``, temperature, top-k, top-p, min-p (Hugging Face's order and
+   semantics), then an exponential-race draw (``argmax(p / Exp(1))``, a categorical sample with no
+   host sync) from a seeded ``torch.Generator``. ``top_k=1`` is greedy decoding.
+5. **Stop strings** are matched on the host, on each live row's decoded completion, at the
+   ``sync_every`` checks; a matched row stops and every completion is finally cut right after the
+   token that completes its first stop string (``rollout.cut_at_stop_strings``), so the result is
+   as if it had stopped there; the tokens sampled in between are discarded.
+6. **On CUDA**: the one-token decode step is compiled with ``torch.compile(mode="reduce-overhead")``
+   (CUDA graphs; falls back to eager with a warning when compiling fails), and the decode loop runs
+   inside ``grpo_fast.nf4.fused_nf4_decode`` (the NF4 matmul that dequantises on chip) when that
+   module is present. Both are off on CPU.
+
+Decode attention runs through the model's ``sdpa`` (or ``eager``) attention with masks built here;
+a model loaded with another implementation (e.g. flash_attention_2) is switched to sdpa for the
+call and back (``set_attn_implementation``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .rollout import SamplingParams, _stop_strings_tokenizer, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad
+
+try:  # the fused NF4 decode matmul (CUDA); absent or inapplicable means the bitsandbytes path
+    from .nf4 import fused_nf4_decode
+except ImportError:
+    fused_nf4_decode = None
+
+CACHE_LENGTH_MULTIPLE = 64  # cache lengths are rounded up to this: few distinct shapes across steps
+
+
+@dataclass
+class EngineOutput:
+    completion_ids: list[list[int]]  # [B] as a Generate returns them (EOS kept, cut at stop strings)
+    logprobs: list[list[float]]  # [B] per completion token: log_softmax(logits / temperature)[token]
+    slots_per_step: list[int] = field(default_factory=list)  # cache rows computed at each decode step
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+def filter_logits(scores: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """``scores`` [B, V] with the tokens outside top-k, then top-p, then min-p set to -inf
+    (Hugging Face's warpers: ties with the k-th score stay; the most likely token always stays)."""
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1)  # ascending: the tail comes first
+        tail_mass = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = tail_mass <= 1.0 - top_p
+        remove[..., -1] = False
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+    if min_p > 0.0:
+        probs = scores.softmax(dim=-1)
+        scores = scores.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), -math.inf)
+    return scores
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int, eos_ids: torch.Tensor,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B], log-probs [B]) for one decode step from float32 ``logits`` [B, V], on their device."""
+    scaled = logits / params.temperature
+    # The log-prob is the loss's: the full, unfiltered distribution at this temperature.
+    log_normaliser = torch.logsumexp(scaled, dim=-1)
+    if step < params.min_completion_length:
+        scaled = scaled.index_fill(-1, eos_ids, -math.inf)
+    if params.top_k == 1:
+        tokens = scaled.argmax(dim=-1)
+    else:
+        probs = filter_logits(scaled, params.top_k, params.top_p, params.min_p).softmax(dim=-1)
+        # argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with probability p_i (an exponential race).
+        race = torch.empty_like(probs).exponential_(generator=generator)
+        tokens = (probs / race).argmax(dim=-1)
+    # EOS suppression only touched EOS entries, never sampled then: `scaled` holds the sampled token's value.
+    logprobs = scaled.gather(-1, tokens[:, None])[:, 0] - log_normaliser
+    return tokens, logprobs
+
+
+# --------------------------------------------------------------------------------------------
+# The KV cache: a preallocated buffer per layer, written in lockstep
+# --------------------------------------------------------------------------------------------
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's keys and values in ``[capacity, kv_heads, length, head_dim]`` buffers.
+
+    Prefill (``cache.prefill_group`` set): the prompts' KV go to their groups' rows, columns
+    ``[0, P)``, and the prompt attends only to itself. Decode: one column (``cache.position``) is
+    written for the first ``cache.batch`` rows, and the whole length is returned for the mask to
+    select from. Views of the buffers are kept per batch size so their tensors stay the same objects.
+    """
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, cache: "SlotCache"):
+        super().__init__()
+        self.cache = cache
+        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        shape = (self.cache.capacity, key_states.shape[1], self.cache.length)
+        if self.is_initialized and self.keys.shape[:3] == shape and self.keys.dtype == key_states.dtype:
+            return
+        self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
+        self.values = value_states.new_zeros(*shape, value_states.shape[-1])
+        self.views = {}
+        self.is_initialized = True
+
+    def view(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch not in self.views:
+            self.views[batch] = (self.keys[:batch], self.values[:batch])
+            if self.keys.is_cuda:  # fixed addresses: CUDA graphs read them in place instead of copying
+                for tensor in self.views[batch]:
+                    torch._dynamo.mark_static_address(tensor)
+        return self.views[batch]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        group = self.cache.prefill_group
+        if group is not None:
+            self.lazy_initialization(key_states, value_states)
+            prompts, heads, width, _ = key_states.shape
+            for buffer, states in ((self.keys, key_states), (self.values, value_states)):
+                grouped = buffer[: prompts * group].view(prompts, group, heads, self.cache.length, -1)
+                grouped[:, :, :, :width].copy_(states[:, None])
+            return key_states, value_states
+        keys, values = self.view(self.cache.batch)
+        keys.index_copy_(2, self.cache.position, key_states)
+        values.index_copy_(2, self.cache.position, value_states)
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.length, 0
+
+    def get_seq_length(self) -> int:
+        return 0  # unused: the engine always passes position ids and 4D masks
+
+    def get_max_length(self) -> int:
+        return self.cache.length
+
+
+class SlotCache(Cache):
+    """The engine's KV cache: ``capacity`` rows of ``length`` columns in every layer."""
+
+    def __init__(self, num_layers: int, capacity: int, length: int, device: torch.device):
+        self.capacity, self.length = capacity, length
+        self.prefill_group: int | None = None  # set during prefill: rows per prompt
+        self.batch = capacity  # rows decoded now (a prefix of the buffers)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # the column decode writes
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+
+    def fits(self, num_layers: int, capacity: int, length: int, device: torch.device) -> bool:
+        return (len(self.layers), self.capacity, self.length, self.position.device) == (num_layers, capacity, length, device)
+
+    def compact(self, order: torch.Tensor) -> None:
+        """Rows ``order`` (on the device) become rows ``0 .. len(order)-1`` and the batch shrinks to them."""
+        size = len(order)
+        for layer in self.layers:
+            for buffer in (layer.keys, layer.values):
+                buffer[:size] = buffer[: self.batch].index_select(0, order)
+        self.batch = size
+
+
+# --------------------------------------------------------------------------------------------
+# The model: decoder, head, attention, masks
+# --------------------------------------------------------------------------------------------
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def _mask_friendly_attention(model):
+    """Inside: the model attends with sdpa or eager, which take the 4D masks built here."""
+    base = _base_model(model)
+    current = base.config._attn_implementation
+    if current in ("sdpa", "eager"):
+        yield current
+        return
+    base.set_attn_implementation("sdpa")
+    try:
+        yield "sdpa"
+    finally:
+        base.set_attn_implementation(current)
+
+
+def _attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """sdpa takes a boolean mask (True attends); eager adds a float mask to its scores."""
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _prefill_mask(prompt_mask: torch.Tensor) -> torch.Tensor:
+    """[N, 1, P, P]: causal and not padding; every position also sees itself, so a padding row is
+    never fully masked (sdpa would give NaN there, which would reach the cached values)."""
+    width = prompt_mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=prompt_mask.device).tril()
+    allowed = causal[None] & prompt_mask.bool()[:, None, :]
+    return (allowed | torch.eye(width, dtype=torch.bool, device=prompt_mask.device))[:, None]
+
+
+def _cache_keyword(decoder) -> str:
+    """transformers 5.x names the decoder's cache argument ``cache`` (``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+
+class RolloutEngine:
+    """A ``Generate`` that samples with a preallocated KV cache, shared prompt prefill and batched decode.
+
+    ``sync_every``: decode steps between host checks of the done-mask (finished rows leave, stop
+    strings are matched); ``compact``: move live rows to the front when they fit in half the batch;
+    ``cuda_graphs``: compile the decode step on CUDA; ``fused_nf4``: decode NF4 layers with the fused
+    matmul on CUDA; ``seed``: seeds the engine's generator (None: drawn from torch's global RNG on
+    first use, so ``torch.manual_seed`` makes runs reproducible); ``tokenizer``: needed for stop strings.
+    """
+
+    def __init__(self, *, sync_every: int = 8, compact: bool = True, cuda_graphs: bool = True,
+                 fused_nf4: bool = True, seed: int | None = None, tokenizer=None):
+        if not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every: expected an integer >= 1, received {sync_every!r}")
+        self.sync_every, self.compact = sync_every, compact
+        self.cuda_graphs, self.fused_nf4 = cuda_graphs, fused_nf4
+        self.seed, self.tokenizer = seed, tokenizer
+        self._generator: torch.Generator | None = None
+        self._cache: SlotCache | None = None
+        self._compiled_step = None
+
+    def __call__(self, model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        return self.generate(model, prompt_ids, params).completion_ids
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _generator_for(self, device: torch.device, seed: int | None) -> torch.Generator:
+        if seed is not None or self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            initial = seed if seed is not None else self.seed
+            if initial is None:
+                initial = int(torch.randint(0, 2**62, ()).item())
+            self._generator.manual_seed(initial)
+        return self._generator
+
+    def _cache_for(self, num_layers: int, capacity: int, length: int, device: torch.device) -> SlotCache:
+        if self._cache is None or not self._cache.fits(num_layers, capacity, length, device):
+            self._cache = None  # release the old buffers before allocating the new ones
+            self._cache = SlotCache(num_layers, capacity, length, device)
+        return self._cache
+
+    def _step_function(self, device: torch.device):
+        """The one-token forward: compiled with CUDA graphs on CUDA when asked, else eager."""
+        if device.type != "cuda" or not self.cuda_graphs:
+            return _decode_step
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
+
+        def step(*args):
+            if self._compiled_step is None:
+                return _decode_step(*args)
+            try:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+                return self._compiled_step(*args)
+            except Exception as error:  # noqa: BLE001 - any compile failure: eager is correct, only slower
+                warnings.warn(f"RolloutEngine: compiling the decode step failed ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:200] if str(error) else ''}); decoding eagerly")
+                self._compiled_step, self.cuda_graphs = None, False
+                return _decode_step(*args)
+
+        return step
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
+                 seed: int | None = None, tokenizer=None) -> EngineOutput:
+        """``params.num_generations`` completions per prompt (a group's rows contiguous) and their log-probs."""
+        check_sampling_params(params)
+        tokenizer = _stop_strings_tokenizer(params, tokenizer if tokenizer is not None else self.tokenizer)
+        for index, prompt in enumerate(prompt_ids):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt_ids: expected non-empty prompts, received an empty prompt at index {index}")
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            with _mask_friendly_attention(model) as implementation:
+                tokens, logprobs, slots = self._decode(decoder, head, prompt_ids, params, implementation, device,
+                                                       self._generator_for(device, seed), tokenizer)
+        finally:
+            model.train(was_training)
+        completions, completion_logprobs = [], []
+        for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
+            ids = cut_at_eos(row, params.eos_token_ids, params.max_completion_length)
+            if params.stop_strings:
+                ids = cut_at_stop_strings(ids, params.stop_strings, tokenizer)
+            completions.append(ids)
+            completion_logprobs.append(row_logprobs[: len(ids)])
+        return EngineOutput(completions, completion_logprobs, slots)
+
+    def _decode(self, decoder, head, prompt_ids, params: SamplingParams, implementation: str, device: torch.device,
+                generator: torch.Generator, tokenizer) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        group, max_new = params.num_generations, params.max_completion_length
+        ids, prompt_mask = (tensor.to(device) for tensor in pad(prompt_ids, params.pad_token_id, left=True))
+        prompts, width = ids.shape
+        rows = prompts * group
+        length = -(-(width + max_new) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+        num_layers = decoder.config.num_hidden_layers
+        cache = self._cache_for(num_layers, rows, length, device)
+        cache_keyword = _cache_keyword(decoder)
+        dtype = decoder.get_input_embeddings().weight.dtype
+        eos_ids = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
+
+        # Prefill: each distinct prompt once; its KV lands in all rows of its group.
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        cache.prefill_group, cache.batch = group, rows
+        try:
+            hidden = decoder(input_ids=ids, attention_mask=_attention_mask(_prefill_mask(prompt_mask), implementation, dtype),
+                             position_ids=positions, use_cache=True, **{cache_keyword: cache}).last_hidden_state
+        finally:
+            cache.prefill_group = None
+        logits = head(hidden[:, -1]).float().repeat_interleave(group, dim=0)
+
+        # Per-row decode state, all on the device; `row_ids` maps cache rows to output rows.
+        row_ids = torch.arange(rows, device=device)
+        next_position = prompt_mask.sum(-1).repeat_interleave(group)  # position id of the next token
+        key_valid = torch.zeros(rows, length, dtype=torch.bool, device=device)
+        key_valid[:, :width] = prompt_mask.bool().repeat_interleave(group, dim=0)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        out_tokens = torch.full((rows, max_new), params.pad_token_id, dtype=torch.long, device=device)
+        out_logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
+        step_function = self._step_function(device)
+        nf4 = (fused_nf4_decode(decoder) if self.fused_nf4 and fused_nf4_decode is not None and device.type == "cuda"
+               else contextlib.nullcontext())  # the fused NF4 decode matmul: the one call site
+        slots = []
+        with nf4:
+            for step in range(max_new):
+                tokens, logprobs = sample_tokens(logits, params, step, eos_ids, generator)
+                tokens = tokens.masked_fill(done, params.pad_token_id)
+                out_tokens[row_ids, step] = tokens
+                out_logprobs[row_ids, step] = logprobs.masked_fill(done, 0.0)
+                done = done | torch.isin(tokens, eos_ids)
+                if step + 1 == max_new:
+                    break
+                if (step + 1) % self.sync_every == 0:  # the only host syncs of the loop
+                    if params.stop_strings:
+                        done = self._stop_at_strings(out_tokens, row_ids, done, step, params.stop_strings, tokenizer)
+                    live = int((~done).sum())
+                    if live == 0:
+                        break
+                    size = 1 << (live - 1).bit_length()  # next power of two: few batch shapes
+                    if self.compact and size <= cache.batch // 2:
+                        order = torch.argsort(done.to(torch.int8), stable=True)[:size]  # live rows first
+                        cache.compact(order)
+                        row_ids, next_position, key_valid, done, tokens = (
+                            tensor[order] for tensor in (row_ids, next_position, key_valid, done, tokens))
+                key_valid[:, width + step] = True
+                cache.position.fill_(width + step)
+                mask = _attention_mask(key_valid[:, None, None, :], implementation, dtype)
+                logits = step_function(decoder, head, cache, cache_keyword, tokens[:, None], next_position[:, None], mask)
+                next_position = next_position + 1
+                slots.append(cache.batch)
+        cache.batch = cache.capacity
+        return out_tokens.cpu(), out_logprobs.cpu(), slots
+
+    @staticmethod
+    def _stop_at_strings(out_tokens, row_ids, done, step, stop_strings, tokenizer) -> torch.Tensor:
+        """``done`` with the live rows whose completion text so far contains a stop string marked done."""
+        live_rows = row_ids[~done].tolist()
+        if not live_rows:
+            return done
+        sampled = out_tokens[live_rows, : step + 1].tolist()
+        stopped = [row for row, ids in zip(live_rows, sampled)
+                   if any(text in tokenizer.decode(ids) for text in stop_strings)]
+        if not stopped:
+            return done
+        return done | torch.isin(row_ids, torch.tensor(stopped, device=row_ids.device))
+
+
+def _decode_step(decoder, head, cache: SlotCache, cache_keyword: str, input_ids: torch.Tensor,
+                 position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """float32 logits [B, V] of the next token, the new token's KV written into ``cache``."""
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=True, **{cache_keyword: cache}).last_hidden_state
+    return head(hidden[:, -1]).float()

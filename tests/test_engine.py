@@ -1,0 +1,281 @@
+"""The rollout engine against Hugging Face ``generate`` and a separate forward pass, on tiny models
+built in code: greedy tokens equal token for token (full precision and NF4 + LoRA, fp32 compute),
+left-padded prompts of different lengths, EOS mid-generation, finished rows dropping out,
+sampled-token log-probs, seeds, the sampling filters, stop strings, minimum lengths, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo_fast.engine import RolloutEngine, filter_logits, sample_tokens
+from grpo_fast.rollout import SamplingParams, cut_at_eos, hf_generate, pad
+from tests.tiny_lm import tiny_model, tiny_tokenizer
+
+TEXTS = ["hello there", "a", "abc def ghi", "The cat", "xyz", "12345 678", "q", "GRPO rollouts"]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def full_model(tokenizer):
+    return tiny_model(tokenizer, hidden_size=64, seed=1).eval()
+
+
+@pytest.fixture(scope="module")
+def nf4_lora_model(tokenizer, tmp_path_factory):
+    """The tiny model in NF4 (fp32 compute, so that greedy ties cannot differ by rounding) with a
+    LoRA adapter whose B matrices are nonzero: the adapter changes the outputs."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model(tokenizer, hidden_size=64, seed=1).save_pretrained(folder)
+    quantisation = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantisation, device_map={"": "cpu"},
+                                                dtype=torch.float32)
+    assert any(isinstance(module, bnb.nn.Linear4bit) for module in base.modules())
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+def _prompts(tokenizer, texts=TEXTS):
+    return [tokenizer.encode(text) for text in texts]
+
+
+def _params(tokenizer, **overrides):
+    values = dict(num_generations=1, max_completion_length=MAX_NEW, eos_token_ids=(tokenizer.eos_token_id,),
+                  pad_token_id=tokenizer.pad_token_id, top_k=1)
+    values.update(overrides)
+    return SamplingParams(**values)
+
+
+def _hf_greedy(model, prompts, pad_id, eos_ids, max_new=MAX_NEW, min_new=0):
+    ids, mask = pad(prompts, pad_id, left=True)
+    output = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                            min_new_tokens=min_new, pad_token_id=pad_id, eos_token_id=list(eos_ids) or None)
+    return [cut_at_eos(row, eos_ids, max_new) for row in output[:, ids.shape[1]:].tolist()]
+
+
+def _eos_mid_generation(model, prompts, pad_id):
+    """Two token ids that greedy decoding emits early in one prompt and late in another: used as EOS,
+    rows stop at different steps and some never do."""
+    free = _hf_greedy(model, prompts, pad_id, ())
+    return (free[0][1], free[2][MAX_NEW // 2])
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy decoding equals Hugging Face generate
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["full_model", "nf4_lora_model"])
+def test_greedy_equals_hf_generate_with_padding_and_eos(request, tokenizer, which):
+    model = request.getfixturevalue(which)
+    prompts = _prompts(tokenizer)
+    eos_ids = _eos_mid_generation(model, prompts, tokenizer.pad_token_id)
+    expected = _hf_greedy(model, prompts, tokenizer.pad_token_id, eos_ids)
+    lengths = [len(row) for row in expected]
+    assert min(lengths) < MAX_NEW // 2 and max(lengths) == MAX_NEW, lengths  # stops mid-way, and some never
+    engine = RolloutEngine(sync_every=2)
+    output = engine.generate(model, prompts, _params(tokenizer, eos_token_ids=eos_ids))
+    assert output.completion_ids == expected
+    # Finished rows dropped out: the batch shrank to the live rows (a power of two) along the way.
+    assert output.slots_per_step[0] == len(prompts) and output.slots_per_step[-1] < len(prompts)
+
+
+def test_nf4_lora_adapter_is_used(tokenizer, nf4_lora_model):
+    prompts = _prompts(tokenizer)
+    params = _params(tokenizer)
+    with_adapter = RolloutEngine()(nf4_lora_model, prompts, params)
+    with nf4_lora_model.disable_adapter():
+        without_adapter = RolloutEngine()(nf4_lora_model, prompts, params)
+        assert without_adapter == _hf_greedy(nf4_lora_model, prompts, tokenizer.pad_token_id, params.eos_token_ids)
+    assert with_adapter != without_adapter
+
+
+def test_groups_share_the_prompt_and_compaction_keeps_results(tokenizer, full_model):
+    prompts = _prompts(tokenizer)[:3]
+    eos_ids = _eos_mid_generation(full_model, _prompts(tokenizer), tokenizer.pad_token_id)
+    params = _params(tokenizer, num_generations=4, eos_token_ids=eos_ids)
+    expected = _hf_greedy(full_model, prompts, tokenizer.pad_token_id, eos_ids)
+    for engine in (RolloutEngine(sync_every=1), RolloutEngine(compact=False), RolloutEngine(sync_every=100)):
+        completions = engine(full_model, prompts, params)
+        assert completions == [row for row in expected for _ in range(4)]
+
+
+def test_min_completion_length_suppresses_eos(tokenizer, full_model):
+    prompts = _prompts(tokenizer)
+    eos_ids = _eos_mid_generation(full_model, prompts, tokenizer.pad_token_id)
+    expected = _hf_greedy(full_model, prompts, tokenizer.pad_token_id, eos_ids, min_new=10)
+    completions = RolloutEngine()(full_model, prompts, _params(tokenizer, eos_token_ids=eos_ids, min_completion_length=10))
+    assert completions == expected
+    assert min(len(row) for row in completions) >= 11  # EOS at step 10 at the earliest
+    forced = RolloutEngine()(full_model, prompts, _params(tokenizer, eos_token_ids=eos_ids, min_completion_length=MAX_NEW))
+    assert all(len(row) == MAX_NEW and not set(row[:-1]) & set(eos_ids) for row in forced)
+
+
+def test_engine_is_reused_across_calls_and_shapes(tokenizer, full_model):
+    engine = RolloutEngine(sync_every=3)
+    for texts, max_new in ((TEXTS, MAX_NEW), (TEXTS[:3], 7), (TEXTS, MAX_NEW)):
+        prompts = _prompts(tokenizer, texts)
+        expected = _hf_greedy(full_model, prompts, tokenizer.pad_token_id, (tokenizer.eos_token_id,), max_new=max_new)
+        assert engine(full_model, prompts, _params(tokenizer, max_completion_length=max_new)) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling: log-probs, seeds, filters
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["full_model", "nf4_lora_model"])
+def test_sampled_logprobs_match_a_full_forward_pass(request, tokenizer, which):
+    model = request.getfixturevalue(which)
+    prompts = _prompts(tokenizer)[:4]
+    temperature = 0.7
+    params = _params(tokenizer, num_generations=3, top_k=0, top_p=0.95, temperature=temperature)
+    output = RolloutEngine(sync_every=4).generate(model, prompts, params, seed=3)
+    prompt_ids, prompt_mask = pad([p for p in prompts for _ in range(3)], tokenizer.pad_token_id, left=True)
+    completion_ids, present = pad(output.completion_ids, tokenizer.pad_token_id, left=False)
+    mask = torch.cat([prompt_mask, present], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=mask,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float()
+    width = prompt_ids.shape[1]
+    expected = torch.log_softmax(logits[:, width - 1:-1] / temperature, -1).gather(-1, completion_ids[..., None])[..., 0]
+    actual = torch.zeros_like(expected)
+    for row, values in enumerate(output.logprobs):
+        actual[row, : len(values)] = torch.tensor(values)
+    torch.testing.assert_close(actual[present.bool()], expected[present.bool()], atol=1e-4, rtol=1e-4)
+    assert all(len(ids) == len(values) for ids, values in zip(output.completion_ids, output.logprobs))
+
+
+def test_seeds_make_sampling_reproducible(tokenizer, full_model):
+    prompts = _prompts(tokenizer)[:4]
+    params = _params(tokenizer, num_generations=4, top_k=0)
+    first = RolloutEngine(seed=1)(full_model, prompts, params)
+    assert RolloutEngine(seed=1)(full_model, prompts, params) == first
+    assert RolloutEngine(seed=2)(full_model, prompts, params) != first
+    engine = RolloutEngine()
+    assert engine.generate(full_model, prompts, params, seed=1).completion_ids == first
+    torch.manual_seed(5)  # without a seed: drawn from torch's global RNG, so manual_seed reproduces it
+    unseeded = RolloutEngine()(full_model, prompts, params)
+    torch.manual_seed(5)
+    assert RolloutEngine()(full_model, prompts, params) == unseeded
+
+
+def _sampling_params(**overrides):
+    values = dict(num_generations=1, max_completion_length=1, eos_token_ids=(0,), pad_token_id=0)
+    return SamplingParams(**{**values, **overrides})
+
+
+def test_sampling_follows_the_distribution():
+    # 40,000 draws from a fixed 6-token distribution: frequencies within 0.01 of softmax (seeded).
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]).repeat(40_000, 1)
+    generator = torch.Generator().manual_seed(0)
+    tokens, logprobs = sample_tokens(logits, _sampling_params(), 5, torch.tensor([5]), generator)
+    frequencies = torch.bincount(tokens, minlength=6).float() / len(tokens)
+    torch.testing.assert_close(frequencies, logits[0].softmax(-1), atol=0.01, rtol=0)
+    torch.testing.assert_close(logprobs, logits[0].log_softmax(-1)[tokens])
+    # EOS (token 5 here) is never drawn before min_completion_length, and its log-prob is unchanged.
+    tokens, _ = sample_tokens(torch.tensor([[-5.0, -5.0, -5.0, -5.0, -5.0, 9.0]] * 1000),
+                              _sampling_params(min_completion_length=1), 0, torch.tensor([5]), generator)
+    assert not (tokens == 5).any()
+
+
+@pytest.mark.parametrize("option", [dict(top_k=3), dict(top_p=0.5), dict(min_p=0.2), dict(top_k=4, top_p=0.8, min_p=0.05)])
+def test_filters_equal_hugging_face_warpers(option):
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = torch.randn(16, 37) * 3
+    expected = scores.clone()
+    if option.get("top_k"):
+        expected = TopKLogitsWarper(option["top_k"])(None, expected)
+    if option.get("top_p"):
+        expected = TopPLogitsWarper(option["top_p"])(None, expected)
+    if option.get("min_p"):
+        expected = MinPLogitsWarper(option["min_p"])(None, expected)
+    filtered = filter_logits(scores, option.get("top_k", 0), option.get("top_p", 1.0), option.get("min_p", 0.0))
+    assert torch.equal(torch.isinf(filtered), torch.isinf(expected))
+    assert torch.isinf(filtered).any(dim=-1).all()  # each option removes something here
+
+
+def test_filters_restrict_the_support(tokenizer, full_model):
+    logits = torch.randn(2000, 50) * 2
+    generator = torch.Generator().manual_seed(0)
+    top3 = logits.topk(3, dim=-1).indices
+    tokens, _ = sample_tokens(logits, _sampling_params(top_k=3), 1, torch.tensor([0]), generator)
+    assert (tokens[:, None] == top3).any(-1).all()
+    assert len(set(tokens.tolist())) > 3  # different rows, different supports: still sampling
+    probs = logits.softmax(-1)
+    tokens, _ = sample_tokens(logits, _sampling_params(min_p=0.999), 1, torch.tensor([0]), generator)
+    # min_p near 1: only the argmax survives (and a near-tie within 0.1%, in a few of these rows)
+    assert (probs.gather(-1, tokens[:, None])[:, 0] >= 0.999 * probs.amax(-1)).all()
+    assert (tokens == logits.argmax(-1)).float().mean() > 0.99
+    tokens, _ = sample_tokens(logits, _sampling_params(top_p=0.6), 1, torch.tensor([0]), generator)
+    # the chosen token's rank: the mass of the strictly more likely tokens must be below top_p
+    above = (probs * (probs > probs.gather(-1, tokens[:, None]))).sum(-1)
+    assert (above < 0.6).all()
+    # through the engine: min_p near 1 at T=1 samples the greedy tokens
+    prompts = _prompts(tokenizer)
+    greedy = RolloutEngine()(full_model, prompts, _params(tokenizer))
+    assert RolloutEngine(seed=0)(full_model, prompts, _params(tokenizer, top_k=0, min_p=0.9999)) == greedy
+
+
+# --------------------------------------------------------------------------------------------
+# Stop strings and errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_stop_strings_cut_after_the_first_match(tokenizer, full_model):
+    prompts = _prompts(tokenizer)
+    greedy = RolloutEngine()(full_model, prompts, _params(tokenizer))
+    stop = tokenizer.decode(greedy[0][3:5])  # occurs in row 0 by construction
+    params = _params(tokenizer, stop_strings=(stop,))
+    completions = RolloutEngine(sync_every=3, tokenizer=tokenizer)(full_model, prompts, params)
+    for row, full in zip(completions, greedy):
+        cuts = [count for count in range(1, len(full) + 1) if stop in tokenizer.decode(full[:count])]
+        assert row == full[: cuts[0]] if cuts else row == full
+    assert len(completions[0]) <= 5 and stop in tokenizer.decode(completions[0])
+    # Hugging Face generate with the same stop string (greedy through top_k=1) gives the same rows.
+    assert hf_generate(full_model, prompts, params, tokenizer=tokenizer) == completions
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("temperature", 0.0, "temperature: expected a positive number"),
+    ("top_p", 0.0, "top_p: expected a value in (0, 1]"),
+    ("top_k", -1, "top_k: expected an integer >= 0"),
+    ("min_p", 1.5, "min_p: expected a value in [0, 1]"),
+    ("min_completion_length", MAX_NEW + 1, "min_completion_length: expected an integer in [0, max_completion_length"),
+    ("max_completion_length", 0, "max_completion_length: expected an integer >= 1"),
+    ("eos_token_ids", (), "eos_token_ids: expected at least one token id"),
+    ("stop_strings", ("",), "stop_strings: expected a tuple of non-empty strings"),
+])
+def test_bad_sampling_params_name_the_field(tokenizer, full_model, field, value, message):
+    params = _params(tokenizer, **{field: value})
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[").replace("]", r"\]")):
+        RolloutEngine()(full_model, _prompts(tokenizer), params)
+    with pytest.raises(ValueError, match=field):
+        hf_generate(full_model, _prompts(tokenizer), params)
+
+
+def test_other_bad_arguments_name_the_argument(tokenizer, full_model):
+    with pytest.raises(ValueError, match="tokenizer: expected a tokenizer to match stop_strings"):
+        RolloutEngine()(full_model, _prompts(tokenizer), _params(tokenizer, stop_strings=("x",)))
+    with pytest.raises(ValueError, match="tokenizer: expected a tokenizer to match stop_strings"):
+        hf_generate(full_model, _prompts(tokenizer), _params(tokenizer, stop_strings=("x",)))
+    with pytest.raises(ValueError, match="prompt_ids: expected non-empty prompts, received an empty prompt at index 1"):
+        RolloutEngine()(full_model, [[5], []], _params(tokenizer))
+    with pytest.raises(ValueError, match="sync_every: expected an integer >= 1, received 0"):
+        RolloutEngine(sync_every=0)
