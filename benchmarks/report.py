@@ -3,8 +3,11 @@
     python -m benchmarks.report                      # every JSON under benchmarks/results/
     python -m benchmarks.report path/to/dir a.json   # the given files / directories
 
-The JSON files are the record (device, versions, commit, command, every figure); the tables and
-plots next to them are derived and can always be regenerated with this command.
+Each JSON says how it is drawn (its columns, groups and plots), so one command serves every
+benchmark: the loss sweeps (`benchmarks.loss`) and the training steps (`benchmarks.train`, with
+its memory-budget table). The JSON files are the record (device, versions, commit, command,
+every figure); the tables and plots next to them are derived and can always be regenerated with
+this command.
 """
 
 from __future__ import annotations

@@ -291,6 +291,9 @@ def measure_trainer(trainer: str, work: Workload, device: torch.device, warmup: 
     row = {"model": work.model, "trainer": trainer, "status": "ok", "error": None, "steps_measured": 0,
            "completion_length": work.completion_length, "batch_size": work.batch_size}
     failure = None
+    if device.type == "cuda":  # left over by an earlier trainer in this process (it would inflate this one's peak)
+        common.free_memory(device)
+        row["allocated_before_gib"] = torch.cuda.memory_allocated(device) / 2**30
     try:
         records = run_steps(trainer, work, device, warmup + steps)
     except ImportError as exc:
@@ -509,6 +512,7 @@ COLUMNS = [
     ["completion_tokens_per_s", "completion tok/s", ".1f"], ["peak_allocated_gib", "peak alloc GiB", ".2f"],
     ["peak_reserved_gib", "peak reserved GiB", ".2f"], ["step_vs_trl", "step ×TRL", ".2f"],
     ["tokens_per_s_vs_trl", "tok/s ×TRL", ".2f"], ["peak_allocated_vs_trl", "peak alloc ×TRL", ".2f"],
+    ["allocated_before_gib", "allocated before GiB", ".2f"],
     ["process_max_rss_gib", "process max RSS GiB (cumulative)", ".2f"], ["error", "note", "s60"],
 ]
 FIT_COLUMNS = [
@@ -581,7 +585,8 @@ def notes(args, device: torch.device) -> list[str]:
         f"figures: mean of {args.steps} measured step(s) after {args.warmup_steps} warm-up step(s); training = step - "
         "generation - scoring (log-prob passes, loss, backward, optimiser)",
         "peak alloc / reserved: CUDA allocator maximum over a step, model weights included; '–' on CPU, where the "
-        "process max RSS (cumulative over the whole run, not per trainer) is given instead",
+        "process max RSS (cumulative over the whole run, not per trainer) is given instead; 'allocated before': "
+        "CUDA memory still allocated when the trainer started (0 unless an earlier trainer leaked)",
         "×TRL: the figure divided by trl.GRPOTrainer's in the same run (step time and memory: lower is better; "
         "tokens/s: higher is better)",
     ]
