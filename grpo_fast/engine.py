@@ -286,12 +286,21 @@ class RolloutEngine:
             self._cache = SlotCache(num_layers, capacity, length, device)
         return self._cache
 
+    def _uses_cuda_graphs(self, device: torch.device) -> bool:
+        return self.cuda_graphs and device.type == "cuda"
+
+    def _compile_step(self):
+        # One graph per batch size (the compaction buckets) and cache length; the cache buffers are
+        # static addresses, so a replay reads and writes them in place.
+        return torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
+
     def _step_function(self, device: torch.device):
-        """The one-token forward: compiled with CUDA graphs on CUDA when asked, else eager."""
-        if device.type != "cuda" or not self.cuda_graphs:
+        """The one-token forward: compiled with CUDA graphs on CUDA when asked, else eager; a step
+        that fails to compile warns once and the engine decodes eagerly from then on."""
+        if not self._uses_cuda_graphs(device):
             return _decode_step
         if self._compiled_step is None:
-            self._compiled_step = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
+            self._compiled_step = self._compile_step()
 
         def step(*args):
             if self._compiled_step is None:

@@ -5,6 +5,8 @@ sampled-token log-probs, seeds, the sampling filters, stop strings, minimum leng
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -134,6 +136,46 @@ def test_engine_is_reused_across_calls_and_shapes(tokenizer, full_model):
         assert engine(full_model, prompts, _params(tokenizer, max_completion_length=max_new)) == expected
 
 
+class _TracedEngine(RolloutEngine):
+    """The CUDA-graph code path on CPU: the decode step goes through dynamo as ONE graph (fullgraph;
+    the eager backend, as inductor's CUDA graphs need a GPU), so a graph break would fail here."""
+
+    def _uses_cuda_graphs(self, device):
+        return self.cuda_graphs
+
+    def _compile_step(self):
+        from grpo_fast.engine import _decode_step
+
+        return torch.compile(_decode_step, backend="eager", fullgraph=True, dynamic=False)
+
+
+def test_decode_step_traces_as_one_graph_nf4_lora(tokenizer, nf4_lora_model):
+    prompts = _prompts(tokenizer)[:4]
+    eos_ids = _eos_mid_generation(nf4_lora_model, _prompts(tokenizer), tokenizer.pad_token_id)
+    params = _params(tokenizer, num_generations=2, eos_token_ids=eos_ids)
+    expected = RolloutEngine()(nf4_lora_model, prompts, params)
+    engine = _TracedEngine(sync_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to eager
+        assert engine(nf4_lora_model, prompts, params) == expected
+    assert engine.cuda_graphs and engine._compiled_step is not None
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tokenizer, full_model):
+    class Failing(_TracedEngine):
+        def _compile_step(self):
+            def fail(*args):
+                raise RuntimeError("no graph today")
+            return fail
+
+    prompts = _prompts(tokenizer)[:3]
+    engine = Failing()
+    with pytest.warns(UserWarning, match="compiling the decode step failed .RuntimeError: no graph today.; decoding eagerly"):
+        completions = engine(full_model, prompts, _params(tokenizer))
+    assert completions == RolloutEngine()(full_model, prompts, _params(tokenizer))
+    assert not engine.cuda_graphs
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling: log-probs, seeds, filters
 # --------------------------------------------------------------------------------------------
@@ -144,7 +186,8 @@ def test_sampled_logprobs_match_a_full_forward_pass(request, tokenizer, which):
     model = request.getfixturevalue(which)
     prompts = _prompts(tokenizer)[:4]
     temperature = 0.7
-    params = _params(tokenizer, num_generations=3, top_k=0, top_p=0.95, temperature=temperature)
+    # EOS suppressed for 3 steps: the log-probs stay those of the unsuppressed distribution (the loss's)
+    params = _params(tokenizer, num_generations=3, top_k=0, top_p=0.95, temperature=temperature, min_completion_length=3)
     output = RolloutEngine(sync_every=4).generate(model, prompts, params, seed=3)
     prompt_ids, prompt_mask = pad([p for p in prompts for _ in range(3)], tokenizer.pad_token_id, left=True)
     completion_ids, present = pad(output.completion_ids, tokenizer.pad_token_id, left=False)
