@@ -6,10 +6,16 @@ against x @ round(W).T in float64 is one rounding of the output plus fp32 accumu
 On CPU the kernel runs in the Triton interpreter (conftest.py).
 """
 
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `benchmarks/` is a directory of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_functional  # noqa: E402
@@ -211,3 +217,26 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         FusedNF4Linear(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="max_rows: expected a positive number"):
         FusedNF4Linear(_linear4bit(64, 8), max_rows=0)
+
+
+def test_benchmark_tiny_run_writes_results(tmp_path):
+    from benchmarks import nf4 as nf4_bench
+
+    args = ["--tiny", "--shapes", "tiny_qo", "--rows", "2", "--warmup-ms", "0", "--rep-ms", "0", "--min-reps", "1",
+            "--out-dir", str(tmp_path), "--name", "smoke"]
+    if torch.cuda.is_available():
+        args.append("--no-graphs")
+    payload = nf4_bench.main(args)
+    assert {row["provider"] for row in payload["rows"]} == {"fused", "bnb", "bf16"}
+    for row in payload["rows"]:
+        assert row["status"] == "ok" and row["ms_median"] > 0 and row["packed_gbps"] > 0, row
+        assert row["check"] < 1e-2, row  # every provider computes the same product
+    assert (tmp_path / "smoke.json").exists() and (tmp_path / "smoke.md").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal only applies without CUDA")
+def test_benchmark_without_cuda_exits_with_a_clear_message():
+    from benchmarks import nf4 as nf4_bench
+
+    with pytest.raises(SystemExit, match="needs a CUDA device; use --tiny"):
+        nf4_bench.main([])

@@ -1,0 +1,240 @@
+"""NF4 decode matmul benchmark: the fused kernel against bitsandbytes and a bf16 matmul.
+
+    python -m benchmarks.nf4                      # GPU: Qwen2.5-7B's block Linears, 1..64 rows
+    python -m benchmarks.nf4 --rows 1,16 --no-graphs
+    python -m benchmarks.nf4 --tiny               # CPU smoke run (Triton interpreter, tiny shapes)
+
+For each distinct Linear shape of a Qwen2.5-7B decoder block (q/o 3584x3584, k/v 512x3584,
+gate/up 18944x3584, down 3584x18944; NF4, blocksize 64, double quantisation, bf16 activations)
+and each number of rows M (decode: one row per live sequence), three providers on the same
+weight and inputs:
+
+  fused   grpo_fast.kernels.nf4_matmul: packed weight read once, dequantised on chip
+  bnb     bitsandbytes' Linear4bit forward (what a 4-bit model runs today: its gemv kernel for one
+          row; for more rows bitsandbytes >= 0.50 picks per GPU between its own fused 4-bit GEMM
+          and dequantising to bf16 followed by cuBLAS)
+  bf16    F.linear on a weight dequantised to bf16 beforehand (2 bytes per weight read; the
+          speed of light of "dequantise once, keep a bf16 copy", at 4x the memory)
+
+Figures: median time (CUDA graphs replay each call by default, so the kernels' time is measured
+rather than Python's launch overhead, as in a graph-captured decode loop), the effective rate of
+packed-weight bytes (N*K/2 per call, the same for every provider, so it orders them like time),
+that rate as a fraction of a same-run device-to-device copy (bytes read + written per second),
+and the time relative to bnb. Per M, the notes add the seven Linears of one block (x28 layers
+is the per-token base-weight matmul time of the model). No timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, Optional
+
+import torch
+
+from . import common
+
+# name -> (out_features N, in_features K, Linears of this shape per decoder block)
+QWEN_7B_SHAPES = {
+    "q_proj,o_proj": (3584, 3584, 2),
+    "k_proj,v_proj": (512, 3584, 2),
+    "gate_proj,up_proj": (18944, 3584, 2),
+    "down_proj": (3584, 18944, 1),
+}
+TINY_SHAPES = {"tiny_qo": (40, 128, 2), "tiny_down": (24, 256, 1)}
+PROVIDERS = ("fused", "bnb", "bf16")
+COLUMNS = [
+    ["provider", "provider", "s"], ["status", "status", "s"], ["ms_median", "median ms", ".4f"],
+    ["ms_p20", "p20 ms", ".4f"], ["ms_p80", "p80 ms", ".4f"], ["time_vs_bnb", "time ×bnb", ".2f"],
+    ["packed_gbps", "packed GB/s", ".1f"], ["frac_copy", "of copy", ".2f"], ["graph", "graph", "s"],
+    ["check", "max rel. diff vs bf16", ".2e"], ["error", "note", "s60"],
+]
+
+
+def _list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.nf4", description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=lambda s: [int(t) for t in _list(s)], default=None,
+                   help="rows M per call (default 1,8,16,32,64; tiny 1,3)")
+    p.add_argument("--shapes", type=_list, default=None, help=f"from {', '.join(QWEN_7B_SHAPES)} (default all)")
+    p.add_argument("--providers", type=_list, default=list(PROVIDERS))
+    p.add_argument("--no-graphs", dest="graphs", action="store_false", help="time eager calls, not graph replays")
+    p.add_argument("--copy-mib", type=int, default=None, help="size of the reference copy (1024 MiB on GPU)")
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--min-reps", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out-dir", default=None, help='default benchmarks/results/<device>/; "{device}" in it becomes the device slug')
+    p.add_argument("--name", default=None, help="file stem (default nf4-<date>-<time>)")
+    p.add_argument("--commit", default=None, help="commit to record where the checkout has no .git")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run (Triton interpreter)")
+    args = p.parse_args(argv)
+    shapes = TINY_SHAPES if args.tiny else QWEN_7B_SHAPES
+    args.shapes = args.shapes or list(shapes)
+    for name in args.shapes:
+        if name not in shapes:
+            p.error(f"--shapes: expected names from {', '.join(shapes)}, got {name!r}")
+    args.rows = args.rows or ([1, 3] if args.tiny else [1, 8, 16, 32, 64])
+    for name in args.providers:
+        if name not in PROVIDERS:
+            p.error(f"--providers: expected names from {', '.join(PROVIDERS)}, got {name!r}")
+    return args
+
+
+def copy_gbps(device: torch.device, mib: int, timing: dict) -> dict:
+    """Same-run device-to-device copy: bytes read + written per second, the bandwidth ceiling."""
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    (median, _, _), _ = common.time_fn(lambda: dst.copy_(src), device, **timing)
+    del src, dst
+    common.free_memory(device)
+    return {"mib": mib, "ms_median": median, "gbps": 2 * mib * 2**20 / (median * 1e-3) / 1e9}
+
+
+def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[Callable[[], object], bool, Optional[str]]:
+    """fn captured in a CUDA graph (replayed when timed), or fn itself when capture fails."""
+    if device.type != "cuda":
+        return fn, False, None
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up on the side stream (lazy initialisation, Triton JIT)
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, True, None
+    except Exception as exc:  # noqa: BLE001 - e.g. a library call that cannot be captured
+        torch.cuda.synchronize(device)
+        return fn, False, f"eager (capture failed: {type(exc).__name__})"
+
+
+def make_layer(n: int, k: int, device: torch.device):
+    """An NF4 Linear4bit [n, k] (blocksize 64, double quantisation, bf16 compute) with random weights."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                              quant_type="nf4")
+    dense = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
+    layer.weight = bnb.nn.Params4bit(dense, requires_grad=False, compress_statistics=True, quant_type="nf4")
+    return layer.to(device)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = common.pick_device(args.device)
+    if device.type != "cuda":
+        if not args.tiny:
+            raise SystemExit("benchmarks.nf4: the NF4 decode matmul benchmark needs a CUDA device; "
+                             "use --tiny for a CPU smoke run")
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is first imported
+    from grpo_fast.nf4 import nf4_weight_of
+    from grpo_fast.kernels.nf4_matmul import nf4_matmul
+
+    env = common.env_info(device, None if argv is None else [__file__, *argv])
+    if env["git_commit"] is None and args.commit:
+        env["git_commit"] = args.commit
+    timing = {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "min_reps": args.min_reps}
+    copy = copy_gbps(device, args.copy_mib or (1024 if device.type == "cuda" else 8), timing)
+    print(f"{env['device']}: device-to-device copy {copy['gbps']:.1f} GB/s", flush=True)
+
+    shapes = TINY_SHAPES if args.tiny else QWEN_7B_SHAPES
+    rows: list[dict] = []
+    for shape in args.shapes:
+        n, k, per_block = shapes[shape]
+        layer = make_layer(n, k, device)
+        weight = nf4_weight_of(layer)  # taken before bnb runs: on CPU it may repack its own copy
+        dense = _dequantize(layer)  # bf16 [n, k]: the bf16 provider's weight and the check's reference
+        for m in args.rows:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            expected = torch.nn.functional.linear(x, dense).float()
+            calls = {
+                "fused": lambda: nf4_matmul(x, weight),
+                "bnb": lambda: layer(x),
+                "bf16": lambda: torch.nn.functional.linear(x, dense),
+            }
+            for name in args.providers:
+                case = {"shape": shape, "N": n, "K": k, "per_block": per_block, "rows": m, "provider": name}
+                with torch.no_grad():
+                    fn, graphed, note = _graphed(calls[name], device) if args.graphs else (calls[name], False, None)
+                    check_out = calls[name]()
+                    check = float((check_out.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+                    result = common.measure(fn, device, **timing)
+                result.update(check=check, graph="yes" if graphed else "no", error=result["error"] or note)
+                row = {**case, **result}
+                rows.append(row)
+                print(f"{shape:>18} M={m:<3} {name:>6}: {row['status']:>6} "
+                      f"{row['ms_median'] if row['ms_median'] is not None else float('nan'):9.4f} ms "
+                      f"{row.get('error') or ''}", flush=True)
+            del x, expected
+        del layer, weight, dense
+        common.free_memory(device)
+    add_derived(rows, copy["gbps"])
+
+    payload = {
+        "benchmark": "nf4",
+        "title": "NF4 decode matmul: fused kernel vs bitsandbytes vs bf16",
+        "env": env,
+        "settings": dict(vars(args)),
+        "copy": copy,
+        "notes": notes(args, rows, copy),
+        "group_by": ["shape", "rows"],
+        "columns": COLUMNS,
+        "plot": {"group_by": ["shape"], "x": "rows", "series": "provider",
+                 "panels": [["ms_median", "median time (ms)"], ["packed_gbps", "packed-weight GB/s"]]},
+        "rows": rows,
+    }
+    out_dir = common.results_dir(env, args.out_dir)
+    paths = common.write_results(payload, out_dir, args.name or common.default_stem("nf4", env))
+    print(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plot(s)")
+    return payload
+
+
+def _dequantize(layer) -> torch.Tensor:
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+
+
+def add_derived(rows: list[dict], copy_rate: float) -> None:
+    bnb_ms = {(r["shape"], r["rows"]): r["ms_median"] for r in rows if r["provider"] == "bnb" and r["status"] == "ok"}
+    for row in rows:
+        ms = row.get("ms_median")
+        if row["status"] != "ok" or not ms:
+            continue
+        row["packed_gbps"] = row["N"] * row["K"] / 2 / (ms * 1e-3) / 1e9
+        row["frac_copy"] = row["packed_gbps"] / copy_rate
+        reference = bnb_ms.get((row["shape"], row["rows"]))
+        row["time_vs_bnb"] = ms / reference if reference else None
+
+
+def notes(args, rows: list[dict], copy: dict) -> list[str]:
+    lines = [
+        f"same-run device-to-device copy of {copy['mib']} MiB: {copy['gbps']:.1f} GB/s (read + written); "
+        "'of copy' divides the packed-weight rate by it",
+        "packed GB/s: N*K/2 bytes per call over the median time for every provider (bf16 reads 4x more "
+        "bytes; bnb may also write and read a bf16 copy)",
+        "timed as CUDA graph replays (rows with graph 'no': eager calls, Python launch overhead included)"
+        if any(row.get("graph") == "yes" for row in rows) else "timed as eager calls (Python launch overhead included)",
+        "check: max |out - bf16 matmul on the dequantised weight| / max |bf16 matmul|",
+    ]
+    if not args.tiny and set(args.shapes) == set(QWEN_7B_SHAPES):
+        for m in args.rows:
+            per_provider = {}
+            for row in rows:
+                if row["rows"] == m and row["status"] == "ok":
+                    per_provider.setdefault(row["provider"], []).append(row["ms_median"] * row["per_block"])
+            summary = ", ".join(f"{name} {sum(v) * 1e3:.1f} µs" for name, v in per_provider.items()
+                                if len(v) == len(QWEN_7B_SHAPES))
+            if summary:
+                lines.append(f"M={m}: the seven Linears of one decoder block: {summary} (x28 layers per token)")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
