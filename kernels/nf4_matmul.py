@@ -48,6 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .config import interpreting
+from .logprob_kernel import _num_sms
 
 
 @triton.jit
@@ -104,8 +105,7 @@ def _nf4_matmul_kernel(
     cols64 = cols.to(tl.int64)
     pairs = tl.arange(0, HALF_K)
     blocks_per_row = K // BLOCKSIZE
-    if NESTED:
-        offset = tl.load(offset_ptr).to(tl.float32)
+    offset = tl.load(offset_ptr).to(tl.float32)  # read (from the dummy) even when unused
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_start = pid_k * k_per_split
@@ -274,12 +274,6 @@ def default_nf4_config(device: torch.device) -> NF4MatmulConfig:
     if device.type != "cuda" and interpreting():
         return _INTERPRETER_NF4_CONFIG
     return NF4MatmulConfig()
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 _W_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
