@@ -24,6 +24,7 @@ LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("cosine", "constant")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ROLLOUT_ENGINES = ("auto", "engine", "hf")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class GRPOConfig:
     top_p: float = 1.0  # nucleus sampling mass; 1.0 disables
     top_k: int = 0  # sample among the k most likely tokens; 0 disables
     mask_truncated_completions: bool = False  # leave completions that hit max_completion_length out of the loss
+    rollout_engine: str = "auto"  # sampler: auto (grpo_fast.engine on CUDA, Hugging Face generate elsewhere) | engine | hf
 
     # ---- rewards ------------------------------------------------------------------------------
     reward_functions: list[str] = field(default_factory=lambda: ["grpo_fast.tasks:letters_reward"])  # "module:function" paths
@@ -135,6 +137,7 @@ def validate(config: GRPOConfig) -> None:
     _choice("importance_sampling_level", config.importance_sampling_level, ("token", "sequence"))
     _choice("scale_rewards", config.scale_rewards, ("group", "batch", "none"))
     _choice("loss_backend", config.loss_backend, ("auto", "triton", "torch", "reference"))
+    _choice("rollout_engine", config.rollout_engine, ROLLOUT_ENGINES)
     _positive(config, "max_steps", "prompts_per_step", "max_completion_length", "temperature",
               "num_iterations", "micro_batch_size", "lora_r", "save_total_limit")
     if config.num_generations < 2:

@@ -251,8 +251,9 @@ class RolloutEngine:
     ``sync_every``: decode steps between host checks of the done-mask (finished rows leave, stop
     strings are matched); ``compact``: move live rows to the front when they fit in half the batch;
     ``cuda_graphs``: compile the decode step on CUDA; ``fused_nf4``: decode NF4 layers with the fused
-    matmul on CUDA; ``seed``: seeds the engine's generator (None: drawn from torch's global RNG on
-    first use, so ``torch.manual_seed`` makes runs reproducible); ``tokenizer``: needed for stop strings.
+    matmul on CUDA; ``seed``: seeds the engine's generator once (None: each call draws a seed from
+    torch's global RNG, so ``torch.manual_seed`` and a restored RNG state reproduce runs);
+    ``tokenizer``: needed for stop strings.
     """
 
     def __init__(self, *, sync_every: int = 8, compact: bool = True, cuda_graphs: bool = True,
@@ -272,12 +273,15 @@ class RolloutEngine:
     # ---- set-up -------------------------------------------------------------------------------
 
     def _generator_for(self, device: torch.device, seed: int | None) -> torch.Generator:
-        if seed is not None or self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            initial = seed if seed is not None else self.seed
-            if initial is None:
-                initial = int(torch.randint(0, 2**62, ()).item())
-            self._generator.manual_seed(initial)
+        """A call's seed restarts the stream; an engine seed starts one stream that calls continue;
+        with neither, each call draws its seed from torch's global RNG, so the global state alone
+        decides the samples (what a trainer checkpoint saves and a resumed run restores)."""
+        if seed is None and self.seed is not None and self._generator is not None and self._generator.device == device:
+            return self._generator
+        if seed is None:
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(seed)
         return self._generator
 
     def _cache_for(self, num_layers: int, capacity: int, length: int, device: torch.device) -> SlotCache:
@@ -315,6 +319,12 @@ class RolloutEngine:
                 return _decode_step(*args)
 
         return step
+
+    def _nf4_decode(self, decoder, device: torch.device):
+        """The fused NF4 decode matmul around the decode loop (CUDA; the one call site)."""
+        if self.fused_nf4 and fused_nf4_decode is not None and device.type == "cuda":
+            return fused_nf4_decode(decoder)
+        return contextlib.nullcontext()
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -378,10 +388,8 @@ class RolloutEngine:
         out_tokens = torch.full((rows, max_new), params.pad_token_id, dtype=torch.long, device=device)
         out_logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
         step_function = self._step_function(device)
-        nf4 = (fused_nf4_decode(decoder) if self.fused_nf4 and fused_nf4_decode is not None and device.type == "cuda"
-               else contextlib.nullcontext())  # the fused NF4 decode matmul: the one call site
         slots = []
-        with nf4:
+        with self._nf4_decode(decoder, device):
             for step in range(max_new):
                 tokens, logprobs = sample_tokens(logits, params, step, eos_ids, generator)
                 tokens = tokens.masked_fill(done, params.pad_token_id)

@@ -2,8 +2,9 @@
 
 Every step, for a batch of ``prompts_per_step`` prompts:
 
-1. **rollout**: sample ``num_generations`` completions per prompt (``rollout.hf_generate`` or any
-   ``Generate``), stopping at EOS or ``max_completion_length``;
+1. **rollout**: sample ``num_generations`` completions per prompt (``rollout_engine``: the
+   ``engine.RolloutEngine`` on CUDA, ``rollout.hf_generate`` elsewhere, or any ``Generate``),
+   stopping at EOS or ``max_completion_length``;
 2. **rewards**: score each completion with the reward functions, weighted and summed;
 3. **advantages**: ``(r - group mean) / (group std + 1e-4)`` per group of ``num_generations``;
 4. **old / reference log-probs** under no_grad through the fused forward-only path
@@ -119,6 +120,16 @@ def loss_config(config: GRPOConfig, num_items_in_batch: float | None) -> GRPOLos
         num_items_in_batch=num_items_in_batch,
         chunk_size=config.loss_chunk_size,
     )
+
+
+def rollout_sampler(config: GRPOConfig, device: torch.device) -> Generate:
+    """``rollout_engine``: the engine (auto: on CUDA, where it pays) or Hugging Face ``generate``.
+    The engine samples from global-RNG-drawn seeds, so resumed runs sample as uninterrupted ones."""
+    if config.rollout_engine == "engine" or (config.rollout_engine == "auto" and device.type == "cuda"):
+        from .engine import RolloutEngine  # imports transformers: only when sampling with it
+
+        return RolloutEngine()
+    return hf_generate
 
 
 def sampling_params(config: GRPOConfig, tokenizer) -> SamplingParams:
@@ -276,7 +287,7 @@ def train(
     tokenizer=None,
     dataset=None,
     reward_functions: Sequence[RewardFunction | str] | None = None,
-    generate: Generate = hf_generate,
+    generate: Generate | None = None,
 ) -> TrainResult:
     """Train with ``config``. ``model``/``tokenizer``, ``dataset`` (rows with ``prompt_column``) and
     ``reward_functions`` (callables or import paths) override the config's when given."""
@@ -287,6 +298,8 @@ def train(
     if model is None:
         model, tokenizer = load_model(config)
     device = next(model.parameters()).device
+    if generate is None:
+        generate = rollout_sampler(config, device)
     if dataset is None:
         dataset = load_prompts(config)
     else:

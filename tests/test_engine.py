@@ -5,6 +5,7 @@ sampled-token log-probs, seeds, the sampling filters, stop strings, minimum leng
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -212,6 +213,8 @@ def test_seeds_make_sampling_reproducible(tokenizer, full_model):
     assert RolloutEngine(seed=2)(full_model, prompts, params) != first
     engine = RolloutEngine()
     assert engine.generate(full_model, prompts, params, seed=1).completion_ids == first
+    engine = RolloutEngine(seed=1)  # an engine seed starts one stream that later calls continue
+    assert engine(full_model, prompts, params) == first and engine(full_model, prompts, params) != first
     torch.manual_seed(5)  # without a seed: drawn from torch's global RNG, so manual_seed reproduces it
     unseeded = RolloutEngine()(full_model, prompts, params)
     torch.manual_seed(5)
@@ -322,3 +325,37 @@ def test_other_bad_arguments_name_the_argument(tokenizer, full_model):
         RolloutEngine()(full_model, [[5], []], _params(tokenizer))
     with pytest.raises(ValueError, match="sync_every: expected an integer >= 1, received 0"):
         RolloutEngine(sync_every=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer's choice of sampler
+# --------------------------------------------------------------------------------------------
+
+
+def test_rollout_engine_config_key():
+    from grpo_fast.config import GRPOConfig
+    from grpo_fast.trainer import rollout_sampler
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert rollout_sampler(GRPOConfig(), cpu) is hf_generate
+    assert isinstance(rollout_sampler(GRPOConfig(), cuda), RolloutEngine)
+    assert isinstance(rollout_sampler(GRPOConfig(rollout_engine="engine"), cpu), RolloutEngine)
+    assert rollout_sampler(GRPOConfig(rollout_engine="hf"), cuda) is hf_generate
+    with pytest.raises(ValueError, match=r"rollout_engine: expected one of \['auto', 'engine', 'hf'\], received 'vllm'"):
+        GRPOConfig(rollout_engine="vllm")
+
+
+def test_trainer_trains_with_the_engine(tmp_path):
+    import json
+
+    from grpo_fast.config import GRPOConfig
+    from grpo_fast.trainer import train
+
+    config = GRPOConfig(output_dir=str(tmp_path), run_name="engine", rollout_engine="engine", max_steps=2,
+                        prompts_per_step=2, num_generations=4, max_completion_length=6, progress_bar=False,
+                        save_every=0, plot=False)
+    result = train(config)
+    records = [json.loads(line) for line in (tmp_path / "engine" / "log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2]
+    assert all(math.isfinite(record["loss"]) and 1 <= record["completions/mean_length"] <= 6 for record in records)
+    assert result.history[-1]["grad_norm"] > 0
