@@ -93,6 +93,14 @@ class GRPOConfig:
     lr_scheduler: str = "cosine"  # cosine (to 0 at the last step) | constant (after warm-up)
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables clipping (the norm is still logged)
 
+    # ---- held-out evaluation -----------------------------------------------------------------
+    eval_every: int = 0  # greedy-decode the held-out rows and score them with the reward functions every N steps (and at the end); 0: never
+    eval_dataset: str | None = None  # held-out rows, in the forms `dataset` takes; needed with eval_every > 0 (or train(eval_dataset=...))
+    eval_dataset_split: str = "test"  # split of eval_dataset (hub ids and local files)
+    eval_limit: int | None = 128  # evaluate the first N rows of the split; None: all
+    eval_batch_size: int = 32  # prompts per greedy generate call
+    eval_max_completion_length: int | None = None  # new tokens per eval completion; None: max_completion_length
+
     # ---- logging and checkpoints --------------------------------------------------------------
     sample_every: int = 10  # write sample completions with their rewards every N steps (0: never)
     num_samples: int = 3  # completions shown per sample
@@ -158,6 +166,12 @@ def validate(config: GRPOConfig) -> None:
             f"reward_weights: expected one weight per reward function ({len(config.reward_functions)}), "
             f"received {len(config.reward_weights)}"
         )
+    if config.eval_every < 0:
+        raise ValueError(f"eval_every: expected >= 0 (0 disables), received {config.eval_every}")
+    for key in ("eval_limit", "eval_max_completion_length"):
+        if getattr(config, key) is not None and getattr(config, key) <= 0:
+            raise ValueError(f"{key}: expected a positive number or null, received {getattr(config, key)}")
+    _positive(config, "eval_batch_size")
     if config.load_in_4bit and config.use_lora is False:
         raise ValueError("use_lora: expected True or None with load_in_4bit=True (4-bit weights cannot be "
                          "trained directly), received False")

@@ -4,6 +4,8 @@ Files under the run directory:
 
 - ``log.jsonl``: one JSON object per step (keys below);
 - ``samples.jsonl``: every ``sample_every`` steps, a few completions with their rewards;
+- ``eval.jsonl``: every ``eval_every`` steps, each held-out prompt's greedy completion and rewards
+  (the step's ``eval/...`` figures go to ``log.jsonl``);
 - ``reward_length.png``: mean reward and mean completion length over steps (at the end);
 - ``tensorboard/``: the same scalars, with ``tensorboard: true``.
 
@@ -78,8 +80,9 @@ class MetricsLogger:
         self.config = config
         self.log_path = self.run_dir / "log.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
+        self.eval_path = self.run_dir / "eval.jsonl"
         if start_step == 0:  # a fresh run starts fresh files; a resumed one drops steps after its checkpoint
-            for path in (self.log_path, self.samples_path):
+            for path in (self.log_path, self.samples_path, self.eval_path):
                 path.unlink(missing_ok=True)
         else:
             self._truncate_after(start_step)
@@ -100,7 +103,7 @@ class MetricsLogger:
             self.bar = tqdm(total=config.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
-        for path in (self.log_path, self.samples_path):
+        for path in (self.log_path, self.samples_path, self.eval_path):
             if path.exists():
                 kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
                 path.write_text("".join(line + "\n" for line in kept))
@@ -134,6 +137,12 @@ class MetricsLogger:
             for sample in rows:
                 self.bar.write(f"[step {step}] reward {sample['reward']:.3f} | {str(sample['prompt'])[-60:]!r} -> "
                                f"{str(sample['completion'])[:80]!r}")
+
+    def eval_examples(self, step: int, examples: list[dict[str, Any]]) -> None:
+        """Every held-out example of one evaluation, tagged with the step, appended to ``eval.jsonl``."""
+        with self.eval_path.open("a") as handle:
+            for example in examples:
+                handle.write(json.dumps({"step": step, **{key: _json_safe(value) for key, value in example.items()}}) + "\n")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -156,6 +156,7 @@ def load_model(config: GRPOConfig, device: torch.device | None = None):
 
 def prepare_for_training(model, config: GRPOConfig):
     """Gradient checkpointing and LoRA (or all weights trainable)."""
+    keep_nf4_layout_for_training(model)
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings are fine).
         # transformers 5.x renamed the method (the old name warns); older releases have only the old one.
@@ -177,6 +178,22 @@ def prepare_for_training(model, config: GRPOConfig):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def keep_nf4_layout_for_training(model) -> int:
+    """Stop bitsandbytes from repacking NF4 weights for its CPU inference kernel; returns the layers set.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49+) repacks a Linear4bit's weight in its first
+    eval-mode no-grad forward; afterwards every forward, training ones included, runs a kernel with
+    no autograd (gradients through the base weights are dropped; a bias even raises), and taking the
+    module's state_dict re-quantises the weights. The trainer runs eval-mode passes (rollouts,
+    log-probs) between training passes, so it keeps the standard layout."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def is_peft_model(model) -> bool:

@@ -15,7 +15,9 @@ Every step, for a batch of ``prompts_per_step`` prompts:
    decoder's hidden states and the lm_head weight, never from logits) into one AdamW step with
    gradient clipping and a warm-up + cosine schedule.
 
-Then log the step, show samples, and checkpoint every ``save_every`` steps and at the end.
+Then log the step, show samples, evaluate on held-out prompts every ``eval_every`` steps (greedy
+completions scored by the same reward functions, logged as ``eval/...`` in the step's record and
+per example in ``eval.jsonl``), and checkpoint every ``save_every`` steps and at the end.
 
     from grpo_fast.trainer import train
     from grpo_fast.config import GRPOConfig
@@ -40,10 +42,13 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig
-from .data import check_prompt_column, load_prompts, prompt_indices, render_prompts, take_rows, tokenize_prompts
+from .data import (check_prompt_column, load_prompts, load_rows, prompt_indices, render_prompts, take_rows,
+                   tokenize_prompts)
+from .evaluation import generate_greedy
 from .loss import GRPOLossConfig, compute_advantages, grpo_loss, token_logprobs
 from .metrics import MetricsLogger, step_figures
-from .model import completion_hidden_states, is_peft_model, load_model, output_weight, reference_policy, trainable_parameters
+from .model import (completion_hidden_states, is_peft_model, keep_nf4_layout_for_training, load_model, output_weight,
+                    reference_policy, trainable_parameters)
 from .rollout import Generate, Rollout, SamplingParams, build_rollout, hf_generate
 from .scoring import RewardFunction, Scores, load_reward_functions, score
 
@@ -276,6 +281,54 @@ def train_step(model, reference_model, tokenizer, optimizer, scheduler, function
 
 
 # --------------------------------------------------------------------------------------------
+# Held-out evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def load_eval_rows(config: GRPOConfig) -> list[dict[str, Any]]:
+    """The first ``eval_limit`` rows of ``eval_dataset`` (checked to hold ``prompt_column``)."""
+    rows = load_rows(config.eval_dataset, config_name=config.dataset_config, split=config.eval_dataset_split)
+    check_prompt_column(rows, config.prompt_column, config.eval_dataset)
+    count = len(rows) if config.eval_limit is None else min(config.eval_limit, len(rows))
+    return take_rows(rows, range(count))
+
+
+@torch.no_grad()
+def evaluate_held_out(model, tokenizer, rows: list[dict[str, Any]], functions: Sequence[RewardFunction],
+                      config: GRPOConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Greedy completions of ``rows`` scored by the training rewards: (``eval/...`` figures, per-example records).
+
+    Greedy decoding draws no random numbers, so evaluating never changes the run's sampling (a
+    resumed run stays identical to an uninterrupted one)."""
+    max_length = config.eval_max_completion_length or config.max_completion_length
+    params = SamplingParams(num_generations=1, max_completion_length=max_length,
+                            eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+    texts = render_prompts([row[config.prompt_column] for row in rows], tokenizer)
+    completions: list[list[int]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(texts), config.eval_batch_size):
+            completions += generate_greedy(model, tokenizer, texts[start:start + config.eval_batch_size], max_length)
+    finally:
+        model.train(was_training)
+    rollout = build_rollout(rows, config.prompt_column, tokenize_prompts(texts, tokenizer), completions, tokenizer, params)
+    scores = score_rollout(functions, config, rollout)
+    figures = {"eval/reward/mean": float(scores.total.nanmean())}
+    for name, values in scores.per_function.items():
+        figures[f"eval/reward/{name}/mean"] = float(values.nanmean())
+    figures["eval/completions/mean_length"] = float(rollout.completion_lengths.float().mean())
+    figures["eval/completions/clipped_ratio"] = float(rollout.truncated.float().mean())
+    examples = [
+        {"prompt": rollout.prompts[index], "completion": rollout.completions[index],
+         "reward": float(scores.total[index]),
+         **{name: float(values[index]) for name, values in scores.per_function.items()}}
+        for index in range(len(rollout))
+    ]
+    return figures, examples
+
+
+# --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 
@@ -288,15 +341,20 @@ def train(
     dataset=None,
     reward_functions: Sequence[RewardFunction | str] | None = None,
     generate: Generate | None = None,
+    eval_dataset=None,
 ) -> TrainResult:
-    """Train with ``config``. ``model``/``tokenizer``, ``dataset`` (rows with ``prompt_column``) and
-    ``reward_functions`` (callables or import paths) override the config's when given."""
+    """Train with ``config``. ``model``/``tokenizer``, ``dataset`` and ``eval_dataset`` (rows with
+    ``prompt_column``) and ``reward_functions`` (callables or import paths) override the config's
+    when given."""
+    if config.eval_every > 0 and config.eval_dataset is None and eval_dataset is None:
+        raise ValueError("eval_dataset: expected held-out rows (config or argument) with eval_every > 0, received None")
     seed_everything(config.seed)
     run_dir = resolve_run_dir(config)
     if (model is None) != (tokenizer is None):
         raise ValueError("model / tokenizer: expected both or neither, received only one")
     if model is None:
         model, tokenizer = load_model(config)
+    keep_nf4_layout_for_training(model)  # also for models passed in (see its docstring)
     device = next(model.parameters()).device
     if generate is None:
         generate = rollout_sampler(config, device)
@@ -307,6 +365,13 @@ def train(
     functions = load_reward_functions(reward_functions if reward_functions is not None else config.reward_functions)
     if reward_functions is not None and config.reward_weights is not None and len(config.reward_weights) != len(functions):
         raise ValueError(f"reward_weights: expected {len(functions)} weights, received {len(config.reward_weights)}")
+    eval_rows = None
+    if eval_dataset is not None:
+        check_prompt_column(eval_dataset, config.prompt_column, "eval_dataset argument")
+        eval_rows = take_rows(eval_dataset, range(len(eval_dataset) if config.eval_limit is None
+                                                  else min(config.eval_limit, len(eval_dataset))))
+    elif config.eval_every > 0:
+        eval_rows = load_eval_rows(config)
     reference_model = None
     if config.beta > 0 and not is_peft_model(model):  # full fine-tuning: a frozen copy is the reference
         reference_model = copy.deepcopy(model).requires_grad_(False).eval()
@@ -331,6 +396,11 @@ def train(
                                                  functions, rows, config, generate, device)
             position += config.prompts_per_step
             record = {"step": step, "data_position": position, **record}
+            if eval_rows and config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
+                started = time.perf_counter()
+                figures, examples = evaluate_held_out(model, tokenizer, eval_rows, functions, config)
+                record.update(figures, **{"time/eval": time.perf_counter() - started})
+                logger.eval_examples(step, examples)
             history.append(record)
             logger.log(record)
             if config.sample_every and step % config.sample_every == 0:

@@ -124,3 +124,25 @@ def test_8bit_optimizer_updates_lora(tmp_path):
     result = train(config)
     lora_b = [parameter for name, parameter in result.model.named_parameters() if "lora_B" in name]
     assert lora_b and all(parameter.abs().sum() > 0 for parameter in lora_b)  # initialised at 0, moved
+
+
+def test_eval_mode_passes_keep_4bit_gradients():
+    """An eval-mode no-grad pass (rollouts, log-probs) must not switch bitsandbytes to its CPU inference
+    layout, whose kernel has no autograd: LoRA gradients stay those of a model never run in eval mode."""
+    config = GRPOConfig(load_in_4bit=True, lora_r=4, **FAST)
+    input_ids = torch.randint(0, 10, (2, 7))
+
+    def lora_grads(eval_pass_first):
+        torch.manual_seed(0)  # the same LoRA initialisation
+        model, _ = load_model(config)
+        if eval_pass_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids)
+        model.train()
+        model(input_ids).logits.float().square().mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    expected, received = lora_grads(False), lora_grads(True)
+    for name in expected:
+        torch.testing.assert_close(received[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
