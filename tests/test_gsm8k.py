@@ -186,9 +186,12 @@ def test_recipe_config_trains_then_evaluates(tmp_path, gsm8k_jsonl, capsys):
         "model": str(model_dir), "dataset": str(train_file), "output_dir": str(tmp_path / "runs"), "max_steps": 2,
         "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 8, "micro_batch_size": 4,
         "dtype": "float32", "plot": False, "progress_bar": False, "sample_every": 0,
+        "eval_every": 2, "eval_dataset": str(train_file), "eval_limit": 3, "eval_max_completion_length": 4,
     })
     result = train(config)
     assert len(result.history) == 2 and "reward/accuracy_reward/mean" in result.history[-1]
+    assert "eval/reward/accuracy_reward/mean" in result.history[-1]
+    assert "eval/reward/strict_format_reward/mean" in result.history[-1]
     adapter = result.run_dir / "checkpoints" / "step_000002" / "model"
     assert (adapter / "adapter_config.json").exists()
     argv = ["eval", "--model", str(model_dir), "--adapter", str(adapter), "--dataset", str(gsm8k_jsonl), "--split",
