@@ -36,3 +36,14 @@ def test_console_script_declared():
 
     scripts = {ep.name: ep.value for ep in md.entry_points(group="console_scripts")}
     assert scripts.get("grpo-fast") == "grpo_fast.cli:main"
+
+
+def test_top_level_names_and_a_light_import():
+    """``import grpo_fast`` loads the loss only; the trainer's names resolve on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, grpo_fast; assert 'transformers' not in sys.modules, 'eager trainer import'; "
+            "from grpo_fast import GRPOConfig, load_config, train; import grpo_fast.trainer as t; "
+            "assert train is t.train and GRPOConfig is t.GRPOConfig and load_config().max_steps == 80")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
