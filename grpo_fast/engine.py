@@ -12,10 +12,11 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    prompt's keys and values are written into the ``num_generations`` cache rows of its group (a
    copy of the prompt's KV, so the prompt's compute is shared, not its memory).
 2. **Static KV cache.** One ``[rows, kv_heads, length, head_dim]`` buffer per layer, length the
-   prompt width plus ``max_completion_length`` rounded up to 64, allocated once and reused while
-   the shape fits (stable addresses for CUDA graphs). All rows decode in lockstep, so decode step
-   ``t`` writes column ``prompt_width + t`` for every row; the attention mask hides left padding,
-   unwritten columns and stale data.
+   prompt width plus ``max_completion_length`` rounded up to 64. With CUDA graphs it is kept and
+   reused across calls while the shape fits (the graphs read it at fixed addresses, so it stays
+   allocated between steps); otherwise it is freed after each call. All rows decode in lockstep,
+   so decode step ``t`` writes column ``prompt_width + t`` for every row; the attention mask hides
+   left padding, unwritten columns and stale data.
 3. **Batched decode without per-token host syncs.** A done-mask lives on the device; the host
    reads it only every ``sync_every`` steps. There, rows that finished drop out: when the live rows
    fit in half the batch, they move to the front of the cache (in place) and decoding continues on
@@ -347,6 +348,10 @@ class RolloutEngine:
                                                        self._generator_for(device, seed), tokenizer)
         finally:
             model.train(was_training)
+            if not self._uses_cuda_graphs(device):
+                # Without CUDA graphs nothing needs the buffers' addresses to stay: free them for the
+                # training pass. With graphs they stay (a replay reads and writes them in place).
+                self._cache = None
         completions, completion_logprobs = [], []
         for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
             ids = cut_at_eos(row, params.eos_token_ids, params.max_completion_length)

@@ -129,12 +129,47 @@ def test_min_completion_length_suppresses_eos(tokenizer, full_model):
     assert all(len(row) == MAX_NEW and not set(row[:-1]) & set(eos_ids) for row in forced)
 
 
-def test_engine_is_reused_across_calls_and_shapes(tokenizer, full_model):
-    engine = RolloutEngine(sync_every=3)
-    for texts, max_new in ((TEXTS, MAX_NEW), (TEXTS[:3], 7), (TEXTS, MAX_NEW)):
+class _KeepCacheEngine(RolloutEngine):
+    """Keeps its KV buffers between calls, as with CUDA graphs (the decode step stays eager)."""
+
+    def _uses_cuda_graphs(self, device):
+        return True
+
+    def _compile_step(self):
+        from grpo_fast.engine import _decode_step
+
+        return _decode_step
+
+
+def test_kept_cache_is_reused_across_calls_and_shapes(tokenizer, full_model):
+    engine, caches = _KeepCacheEngine(sync_every=3), []
+    # the second call reuses the first one's buffers (same shape), stale keys and values included
+    for texts, max_new in ((TEXTS, MAX_NEW), (TEXTS[::-1], MAX_NEW), (TEXTS[:3], 7), (TEXTS, MAX_NEW)):
         prompts = _prompts(tokenizer, texts)
         expected = _hf_greedy(full_model, prompts, tokenizer.pad_token_id, (tokenizer.eos_token_id,), max_new=max_new)
         assert engine(full_model, prompts, _params(tokenizer, max_completion_length=max_new)) == expected
+        caches.append(engine._cache)
+    assert caches[0] is caches[1] and caches[2] is not caches[1]
+    plain = RolloutEngine()  # without CUDA graphs the buffers are freed after each call
+    plain(full_model, _prompts(tokenizer), _params(tokenizer))
+    assert plain._cache is None
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_greedy_equals_hf_generate_qwen2_grouped_query_attention(tokenizer, attention):
+    # Qwen2: 4 query heads sharing 2 KV heads, q/k/v biases; both mask formats (sdpa: boolean, eager: additive).
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         attn_implementation=attention)
+    model = Qwen2ForCausalLM(config).eval()
+    prompts = _prompts(tokenizer)
+    eos_ids = _eos_mid_generation(model, prompts, tokenizer.pad_token_id)
+    expected = _hf_greedy(model, prompts, tokenizer.pad_token_id, eos_ids)
+    assert RolloutEngine(sync_every=2)(model, prompts, _params(tokenizer, eos_token_ids=eos_ids)) == expected
 
 
 class _TracedEngine(RolloutEngine):
