@@ -76,6 +76,7 @@ class GRPOConfig:
     epsilon_low: float = 0.2  # lower clip of the importance ratio: 1 - epsilon_low
     epsilon_high: float | None = 0.28  # upper clip: 1 + epsilon_high; None: epsilon_low
     delta: float | None = None  # two-sided clip of the unclipped ratio (None: off)
+    kl_bias_correction: bool = False  # multiply the KL by the importance ratio (TRL's use_bias_correction_kl, True by default there)
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
     scale_rewards: str = "group"  # advantage scaling: group | batch | none
     num_iterations: int = 2  # optimisation passes over each generation batch (>1 computes old log-probs)

@@ -6,7 +6,8 @@ loss from the last hidden states and the lm_head weight, i.e. the value and grad
     logp  = log_softmax((hidden @ weight.T + bias).float() / temperature).gather(completion_ids)
     ratio = exp(logp - old_logps)            (token level; sequence level: masked mean per row)
     loss  = aggregate_{loss_type}( -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
-                                    + beta * (exp(ref - logp) - (ref - logp) - 1) )
+                                    + beta * (exp(ref - logp) - (ref - logp) - 1) [* ratio] )
+                                                 ([* ratio]: kl_bias_correction, TRL's use_bias_correction_kl)
 
 without materialising the [tokens, vocab] logits (backends "torch" and "triton"). Checks live
 here; the maths lives in grpo_fast.kernels (fused) and grpo_fast.reference (eager oracle).
@@ -46,9 +47,12 @@ class GRPOLossConfig:
     max_completion_length: Optional[int] = None  # dr_grpo normaliser (None: the T of the call)
     num_items_in_batch: Optional[float] = None  # dapo normaliser (None: active tokens in this call)
     chunk_size: Optional[int] = None  # tokens per logits chunk (None: from a 512 MiB budget)
+    kl_bias_correction: bool = False  # KL times the importance ratio (TRL's use_bias_correction_kl)
 
     def __post_init__(self):
         _choice("loss_type", self.loss_type, LOSS_TYPES)
+        if not isinstance(self.kl_bias_correction, bool):
+            raise ValueError(f"kl_bias_correction: expected True or False, got {self.kl_bias_correction!r}")
         _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_LEVELS)
         _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         _finite("beta", self.beta, minimum=0.0)
@@ -85,6 +89,7 @@ class GRPOLossConfig:
             delta=None if self.delta is None else float(self.delta),
             temperature=float(self.temperature),
             sequence_level=self.importance_sampling_level == "sequence",
+            kl_bias_correction=bool(self.kl_bias_correction),
         )
 
 

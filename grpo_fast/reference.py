@@ -44,6 +44,7 @@ def reference_grpo_loss(hidden, weight, completion_ids, mask, advantages, old_lo
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
     eps_high = config.epsilon_low if config.epsilon_high is None else config.epsilon_high
     coef_1 = torch.exp(log_ratio)
+    kl_ratio = coef_1  # before the delta cap, as TRL multiplies it
     coef_2 = torch.clamp(coef_1, 1 - config.epsilon_low, 1 + eps_high)
     if config.delta is not None:
         coef_1 = torch.clamp(coef_1, max=config.delta)
@@ -53,6 +54,8 @@ def reference_grpo_loss(hidden, weight, completion_ids, mask, advantages, old_lo
     if ref_logps is not None:
         diff = ref_logps.to(logps.dtype) - logps
         per_token_kl = torch.exp(diff) - diff - 1
+        if config.kl_bias_correction:
+            per_token_kl = per_token_kl * kl_ratio
         if config.beta != 0.0:
             per_token_loss = per_token_loss + config.beta * per_token_kl
         metrics["kl"] = _masked_mean(per_token_kl.detach(), mask)

@@ -118,6 +118,7 @@ def loss_config(config: GRPOConfig, num_items_in_batch: float | None) -> GRPOLos
         epsilon_low=config.epsilon_low,
         epsilon_high=config.epsilon_high,
         delta=config.delta,
+        kl_bias_correction=config.kl_bias_correction,
         temperature=config.temperature,
         importance_sampling_level=config.importance_sampling_level,
         scale_rewards=config.scale_rewards,

@@ -90,7 +90,7 @@ def forward_logprobs(
 # ----------------------------------------------------------------------------------------------
 
 
-def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, out: dict) -> Tensor:
+def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, seq_ratio, out: dict) -> Tensor:
     """PyTorch twin of the Triton row kernel; returns d_logits (in logits' dtype)."""
     inv_t = 1.0 / spec.temperature
     z = logits.float().mul_(inv_t)
@@ -100,7 +100,7 @@ def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, o
     out["entropy"].copy_(lse - (p * z).sum(-1))
     del z
     out["logp"].copy_(logp)
-    terms = token_terms(logp, inputs, spec, seq_grad)
+    terms = token_terms(logp, inputs, spec, seq_grad, seq_ratio)
     out["loss"].copy_(terms.loss)
     if terms.kl is not None:
         out["kl"].copy_(terms.kl)
@@ -113,7 +113,7 @@ def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, o
     return p if p.dtype == logits.dtype else p.to(logits.dtype)
 
 
-def _rows_triton(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, out: dict, cfg) -> Tensor:
+def _rows_triton(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, seq_ratio, out: dict, cfg) -> Tensor:
     from .grpo_kernel import grpo_rows_triton
 
     grpo_rows_triton(
@@ -124,8 +124,10 @@ def _rows_triton(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, 
         inputs.old_logps,
         inputs.ref_logps,
         seq_grad,
+        seq_ratio,
         out,
         beta=spec.beta,
+        kl_bias_correction=spec.kl_bias_correction,
         epsilon_low=spec.epsilon_low,
         epsilon_high=spec.epsilon_high,
         delta=spec.delta,
@@ -149,7 +151,8 @@ def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str
 
     if not (need_dh or need_dw or need_db):
         logp, entropy = forward_logprobs(hidden, weight, inputs.targets, bias, spec.temperature, backend, cfg, chunk_size)
-        terms = token_terms(logp, inputs, spec, None if seq is None else seq.token_grad)
+        terms = token_terms(logp, inputs, spec, None if seq is None else seq.token_grad,
+                            None if seq is None else seq.token_ratio)
         loss = terms.loss.sum() + (seq.loss if seq is not None else 0.0)
         low = seq.low.float() if seq is not None else terms.low.float()
         high = seq.high.float() if seq is not None else terms.high.float()
@@ -173,10 +176,11 @@ def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str
         part = slice_inputs(inputs, start, end)
         part_out = {k: (v[start:end] if v is not None else None) for k, v in out.items()}
         seq_grad = None if seq is None else seq.token_grad[start:end]
+        seq_ratio = None if seq is None else seq.token_ratio[start:end]
         if backend == "triton":
-            d_logits = _rows_triton(logits, part, spec, seq_grad, part_out, cfg)
+            d_logits = _rows_triton(logits, part, spec, seq_grad, seq_ratio, part_out, cfg)
         else:
-            d_logits = _rows_torch(logits, part, spec, seq_grad, part_out)
+            d_logits = _rows_torch(logits, part, spec, seq_grad, seq_ratio, part_out)
         del logits
         if need_dh:
             torch.matmul(d_logits, weight, out=d_hidden[start:end])

@@ -6,7 +6,7 @@ program streams the row twice:
 pass 1  online log-sum-exp, entropy and target logit:  lse, logp = z[y] - lse, H = lse - sum p z
 then    the GRPO terms of kernels/token_math.py in registers: ratio exp(logp - old), the clip to
         [1 - eps_low, 1 + eps_high], the optional delta cap, the advantage of the token's sequence,
-        the k3 KL against ref, the loss-normalisation weight w, giving the token's loss
+        the k3 KL against ref (times the ratio with KL_CORRECTION), the loss-normalisation weight w, giving the token's loss
         contribution and g = d loss / d logp
 pass 2  d loss / d (raw logit j) = g * (1[j == y] - p_j) / T, written over the logits in place, so
         the caller's d_hidden = d_logits @ W (and d_W = d_logits^T @ h) reuse the chunk's buffer.
@@ -37,6 +37,7 @@ def _grpo_row_kernel(
     old_ptr,  # [n] fp32 old log-probs (HAS_OLD)
     ref_ptr,  # [n] fp32 reference log-probs (HAS_REF)
     seq_grad_ptr,  # [n] fp32 policy gradient coefficient (SEQUENCE_LEVEL)
+    seq_ratio_ptr,  # [n] fp32 the sequence's importance ratio (SEQUENCE_LEVEL and KL_CORRECTION)
     logp_ptr,  # [n] fp32 out: log-prob of the target
     entropy_ptr,  # [n] fp32 out
     loss_ptr,  # [n] fp32 out: weighted loss contribution
@@ -53,6 +54,7 @@ def _grpo_row_kernel(
     HAS_REF: tl.constexpr,
     HAS_DELTA: tl.constexpr,
     SEQUENCE_LEVEL: tl.constexpr,
+    KL_CORRECTION: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -82,14 +84,18 @@ def _grpo_row_kernel(
     w = tl.load(weight_ptr + row)
     loss = 0.0
     grad = 0.0
+    ratio = 1.0  # the importance ratio that multiplies the KL (KL_CORRECTION)
     if SEQUENCE_LEVEL:
         grad = tl.load(seq_grad_ptr + row)
+        if KL_CORRECTION:
+            ratio = tl.load(seq_ratio_ptr + row)
     else:
         adv = tl.load(adv_ptr + row)
         log_ratio = 0.0
         if HAS_OLD:
             log_ratio = logp - tl.load(old_ptr + row)
         c1 = tl.exp(log_ratio)
+        ratio = c1
         c2 = tl.minimum(tl.maximum(c1, clip_low), clip_high)
         c1_used = c1
         d1 = adv * c1
@@ -110,9 +116,17 @@ def _grpo_row_kernel(
         diff = tl.load(ref_ptr + row) - logp
         e_diff = tl.exp(diff)
         kl = e_diff - diff - 1.0
+        d_kl = 1.0 - e_diff
+        if KL_CORRECTION:
+            # token level: d(kl r)/d logp = r (d_kl + kl); sequence level: the ratio's share is in seq_grad
+            if SEQUENCE_LEVEL:
+                d_kl = ratio * d_kl
+            else:
+                d_kl = ratio * (d_kl + kl)
+            kl = kl * ratio
         tl.store(kl_ptr + row, kl)
         loss = loss + w * beta * kl
-        grad = grad + w * beta * (1.0 - e_diff)
+        grad = grad + w * beta * d_kl
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
     tl.store(loss_ptr + row, loss)
@@ -136,9 +150,11 @@ def grpo_rows_triton(
     old_logps: Optional[Tensor],
     ref_logps: Optional[Tensor],
     seq_grad: Optional[Tensor],
+    seq_ratio: Optional[Tensor],
     out: dict,
     *,
     beta: float,
+    kl_bias_correction: bool,
     epsilon_low: float,
     epsilon_high: float,
     delta: Optional[float],
@@ -161,6 +177,7 @@ def grpo_rows_triton(
         old_logps if old_logps is not None else dummy,
         ref_logps if ref_logps is not None else dummy,
         seq_grad if seq_grad is not None else dummy,
+        seq_ratio if seq_ratio is not None else dummy,
         out["logp"],
         out["entropy"],
         out["loss"],
@@ -177,6 +194,7 @@ def grpo_rows_triton(
         HAS_REF=ref_logps is not None,
         HAS_DELTA=delta is not None,
         SEQUENCE_LEVEL=seq_grad is not None,
+        KL_CORRECTION=bool(kl_bias_correction) and ref_logps is not None,
         BLOCK_V=min(cfg.row_block_v, triton.next_power_of_2(V)),
         num_warps=cfg.row_num_warps,
     )

@@ -8,6 +8,8 @@ ratio and `A` the advantage (semantics of TRL's GRPOTrainer):
     c1 = exp(lr);  c2 = clamp(c1, 1 - eps_low, 1 + eps_high);  c1' = min(c1, delta) if delta
     policy = -min(c1' * A, c2 * A)
     kl     = exp(ref - logp) - (ref - logp) - 1                  (k3 estimator)
+    kl    *= c1                        (kl_bias_correction, TRL's use_bias_correction_kl: c1 before
+                                        the delta cap, differentiable; the sequence's c1 at sequence level)
     token  = w * (policy + beta * kl)
 
 where w is the token's loss-normalisation weight (loss_type). `torch.min` sends half the
@@ -34,6 +36,7 @@ class LossSpec:
     delta: Optional[float] = None
     temperature: float = 1.0
     sequence_level: bool = False
+    kl_bias_correction: bool = False  # multiply the KL by the importance ratio (unbiased reverse-KL gradient)
 
 
 @dataclass
@@ -79,8 +82,9 @@ def kl_terms(logp: Tensor, ref_logps: Tensor):
 class SequencePolicy:
     """Sequence-level importance sampling, computed once from every token's log-prob."""
 
-    token_grad: Tensor  # [n] d(policy part of the loss) / d logp_t
+    token_grad: Tensor  # [n] d(policy part of the loss, and the KL's ratio factor) / d logp_t
     loss: Tensor  # scalar: policy part of the loss
+    token_ratio: Tensor  # [n] the sequence's ratio exp(mean log ratio), broadcast to its tokens
     low: Tensor  # [B] bool
     high: Tensor  # [B] bool
 
@@ -98,8 +102,16 @@ def sequence_policy(logp: Tensor, inputs: TokenInputs, spec: LossSpec) -> Sequen
     seq_adv[idx] = inputs.advantages
     loss_b, dlr_b, low_b, high_b = policy_terms(seq_lr, seq_adv, spec)
     weight_b = torch.zeros(B, device=logp.device, dtype=torch.float32).index_add_(0, idx, inputs.token_weight)
-    token_grad = (dlr_b * weight_b / counts)[idx]
-    return SequencePolicy(token_grad=token_grad, loss=(loss_b * weight_b).sum(), low=low_b, high=high_b)
+    dlr_b = dlr_b * weight_b
+    ratio_b = torch.exp(seq_lr)
+    if spec.kl_bias_correction and spec.beta != 0.0 and inputs.ref_logps is not None:
+        # sum_t w_t beta kl_t r_b: its gradient through r_b reaches every token of the sequence
+        kl, _ = kl_terms(logp, inputs.ref_logps)
+        kl_b = torch.zeros(B, device=logp.device, dtype=torch.float32).index_add_(0, idx, inputs.token_weight * kl)
+        dlr_b = dlr_b + spec.beta * kl_b * ratio_b
+    token_grad = (dlr_b / counts)[idx]
+    return SequencePolicy(token_grad=token_grad, loss=(loss_b * weight_b).sum(), low=low_b, high=high_b,
+                          token_ratio=ratio_b[idx])
 
 
 @dataclass
@@ -112,9 +124,11 @@ class TokenTerms:
 
 
 def token_terms(
-    logp: Tensor, inputs: TokenInputs, spec: LossSpec, seq_token_grad: Optional[Tensor] = None
+    logp: Tensor, inputs: TokenInputs, spec: LossSpec, seq_token_grad: Optional[Tensor] = None,
+    seq_token_ratio: Optional[Tensor] = None,
 ) -> TokenTerms:
-    """Loss contribution and gradient coefficient of each token (slice of `inputs` matching logp)."""
+    """Loss contribution and gradient coefficient of each token (slice of `inputs` matching logp);
+    at sequence level `seq_token_grad` / `seq_token_ratio` come from `sequence_policy`."""
     w = inputs.token_weight
     kl = None
     if spec.sequence_level:
@@ -122,13 +136,20 @@ def token_terms(
         loss = torch.zeros_like(logp)
         grad = seq_token_grad.clone()
         low = high = None
+        ratio = seq_token_ratio
     else:
         log_ratio = torch.zeros_like(logp) if inputs.old_logps is None else logp - inputs.old_logps
         pol, dpol, low, high = policy_terms(log_ratio, inputs.advantages, spec)
         loss = w * pol
         grad = w * dpol
+        ratio = torch.exp(log_ratio)
     if inputs.ref_logps is not None:
         kl, dkl = kl_terms(logp, inputs.ref_logps)
+        if spec.kl_bias_correction:
+            # d(kl * r)/d logp = r * (dkl + kl) at token level (d r / d logp = r); at sequence level
+            # the ratio's share is in seq_token_grad, only r * dkl is this token's own
+            dkl = ratio * (dkl if spec.sequence_level else dkl + kl)
+            kl = kl * ratio
         if spec.beta != 0.0:
             loss = loss + w * spec.beta * kl
             grad = grad + w * spec.beta * dkl

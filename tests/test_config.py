@@ -79,3 +79,12 @@ def test_example_yaml_loads_and_its_reward_imports(monkeypatch):
     assert config.load_in_4bit and config.model == "Qwen/Qwen2.5-7B-Instruct"
     (reward,) = load_reward_functions(config.reward_functions)
     assert reward(["p", "p"], ["word " * 40, ""], None) == [1.0, 0.0]
+
+
+def test_loss_options_reach_the_loss():
+    from grpo_fast.trainer import loss_config
+
+    config = GRPOConfig(beta=0.1, kl_bias_correction=True, delta=1.5, importance_sampling_level="sequence")
+    settings = loss_config(config, 10.0)
+    assert (settings.beta, settings.kl_bias_correction, settings.delta, settings.importance_sampling_level,
+            settings.num_items_in_batch) == (0.1, True, 1.5, "sequence", 10.0)

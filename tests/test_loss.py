@@ -142,6 +142,13 @@ CONFIGS = {
                                 dict(with_old=False, with_ref=False)),
     "seq-bnpo-bias": (GRPOLossConfig(loss_type="bnpo", importance_sampling_level="sequence", temperature=1.3),
                       dict(with_bias=True)),
+    # TRL's use_bias_correction_kl: the KL times the (differentiable) ratio, before the delta cap
+    "klcorr-dapo-delta": (GRPOLossConfig(beta=0.1, delta=1.4, kl_bias_correction=True), {}),
+    "klcorr-grpo-onpolicy": (GRPOLossConfig(loss_type="grpo", beta=0.2, kl_bias_correction=True), dict(with_old=False)),
+    "seq-klcorr-grpo": (GRPOLossConfig(loss_type="grpo", importance_sampling_level="sequence", beta=0.1,
+                                       kl_bias_correction=True), {}),
+    "seq-klcorr-bnpo-onpolicy": (GRPOLossConfig(loss_type="bnpo", importance_sampling_level="sequence", beta=0.3,
+                                                kl_bias_correction=True), dict(with_old=False)),
 }
 
 

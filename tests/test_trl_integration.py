@@ -23,7 +23,6 @@ def grpo_config(tmp_path, **overrides):
         output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=4, num_generations=4,
         max_completion_length=8, max_steps=2, logging_steps=1, save_strategy="no", learning_rate=1e-2,
         disable_tqdm=True, seed=0, bf16=False,  # fp32 throughout, so the comparison is exact
-        use_bias_correction_kl=False,  # TRL 1.16's default (True) scales the KL by the ratio: refused
     )
     options.update(overrides)
     return trl.GRPOConfig(**options)
@@ -83,19 +82,21 @@ def trainers(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "loss_type, level, beta, epsilon_high, delta",
+    "loss_type, level, beta, epsilon_high, delta, bias_correction",
     [
-        ("dapo", "token", 0.0, 0.28, None),
-        ("dapo", "token", 0.04, 0.2, 1.5),
-        ("grpo", "token", 0.04, 0.28, None),
-        ("grpo", "sequence", 0.0, 0.2, None),
-        ("bnpo", "token", 0.0, 0.2, 1.3),
-        ("bnpo", "sequence", 0.04, 0.28, None),
-        ("dr_grpo", "token", 0.04, 0.2, None),
-        ("dr_grpo", "sequence", 0.0, 0.28, 2.0),
+        ("dapo", "token", 0.0, 0.28, None, True),
+        ("dapo", "token", 0.04, 0.2, 1.5, False),
+        ("dapo", "token", 0.3, 0.2, 1.5, True),  # TRL's default use_bias_correction_kl with a KL term
+        ("grpo", "token", 0.04, 0.28, None, False),
+        ("grpo", "sequence", 0.0, 0.2, None, False),
+        ("grpo", "sequence", 0.3, 0.2, None, True),
+        ("bnpo", "token", 0.0, 0.2, 1.3, False),
+        ("bnpo", "sequence", 0.04, 0.28, None, False),
+        ("dr_grpo", "token", 0.04, 0.2, None, True),
+        ("dr_grpo", "sequence", 0.0, 0.28, 2.0, False),
     ],
 )
-def test_same_loss_and_gradients_as_trl(trainers, loss_type, level, beta, epsilon_high, delta):
+def test_same_loss_and_gradients_as_trl(trainers, loss_type, level, beta, epsilon_high, delta, bias_correction):
     generator = torch.Generator().manual_seed(1)
     inputs = make_batch(trainers[0], generator)
     results = []
@@ -103,6 +104,7 @@ def test_same_loss_and_gradients_as_trl(trainers, loss_type, level, beta, epsilo
         # One pair of trainers serves every case: set the options TRL reads when computing the loss.
         trainer.loss_type, trainer.importance_sampling_level, trainer.beta = loss_type, level, beta
         trainer.epsilon_high, trainer.args.delta = epsilon_high, delta
+        trainer.args.use_bias_correction_kl = bias_correction
         trainer.current_gradient_accumulation_steps = 2  # exercises TRL's accumulation scaling
         loss, grads = loss_and_grads(trainer, inputs)
         metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
@@ -151,9 +153,8 @@ def test_refuses_unsupported_options(tmp_path, option, value):
         FusedGRPOTrainer(model="unused: the options are checked first", reward_funcs=[length_reward], args=args)
 
 
-def test_refuses_bias_correction_and_vllm_correction(tmp_path):
-    args = grpo_config(tmp_path, beta=0.1, use_bias_correction_kl=True)
-    assert any(p.startswith("use_bias_correction_kl") for p in unsupported_options(args))
+def test_refuses_vllm_correction(tmp_path):
+    assert unsupported_options(grpo_config(tmp_path, beta=0.1, use_bias_correction_kl=True)) == []
     args = grpo_config(tmp_path)
     args.use_vllm, args.vllm_importance_sampling_correction = True, True
     assert any(p.startswith("vllm_importance_sampling_correction") for p in unsupported_options(args))

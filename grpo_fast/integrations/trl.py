@@ -25,12 +25,12 @@ Swap the class, keep the rest::
 
 Supported: ``loss_type`` grpo / bnpo / dr_grpo / dapo, ``importance_sampling_level`` token /
 sequence, ``epsilon``, ``epsilon_high``, ``delta``, ``beta`` (k3 KL against TRL's reference
-log-probs), ``temperature``, ``cast_lm_head_to_fp32``, ``num_iterations`` > 1, gradient
+log-probs; ``use_bias_correction_kl``, TRL 1.16's default, multiplies it by the importance ratio),
+``temperature``, ``cast_lm_head_to_fp32``, ``num_iterations`` > 1, gradient
 accumulation, PEFT / quantised models, an lm_head bias. Refused at construction, with a
 ValueError naming the option: the other loss types, ``use_liger_kernel``,
 ``top_entropy_quantile`` < 1, an entropy bonus, ``off_policy_mask_threshold``,
-``use_bias_correction_kl`` with ``beta`` != 0 (TRL 1.16 defaults it to True: set it to False
-when you use a KL term), vLLM importance-sampling correction, MoE
+vLLM importance-sampling correction, MoE
 router auxiliary losses and models whose logits are soft-capped or scaled.
 
 Importing this module imports TRL (the ``trl`` extra: ``pip install 'grpo-fast[trl]'``);
@@ -68,11 +68,10 @@ def unsupported_options(args: GRPOConfig) -> list[str]:
     ``"name: expected ..., received ..."``; empty when all are supported.
 
     >>> options = dict(output_dir="/tmp/grpo", report_to=[], use_cpu=True)
-    >>> unsupported_options(GRPOConfig(loss_type="dapo", beta=0.04, use_bias_correction_kl=False, **options))
+    >>> unsupported_options(GRPOConfig(loss_type="dapo", beta=0.04, **options))
     []
-    >>> unsupported_options(GRPOConfig(loss_type="cispo", beta=0.04, **options))  # doctest: +NORMALIZE_WHITESPACE
-    ["loss_type: expected one of ('grpo', 'bnpo', 'dr_grpo', 'dapo'), received 'cispo'",
-     'use_bias_correction_kl: expected False when beta != 0, received True']
+    >>> unsupported_options(GRPOConfig(loss_type="cispo", beta=0.04, **options))
+    ["loss_type: expected one of ('grpo', 'bnpo', 'dr_grpo', 'dapo'), received 'cispo'"]
     """
     problems = []
 
@@ -93,8 +92,6 @@ def unsupported_options(args: GRPOConfig) -> list[str]:
         refuse("use_adaptive_entropy", "False", args.use_adaptive_entropy)
     if args.off_policy_mask_threshold is not None:
         refuse("off_policy_mask_threshold", "None", args.off_policy_mask_threshold)
-    if args.beta != 0.0 and args.use_bias_correction_kl:
-        refuse("use_bias_correction_kl", "False when beta != 0", args.use_bias_correction_kl)
     if args.use_vllm and args.vllm_importance_sampling_correction:
         refuse("vllm_importance_sampling_correction", "False when use_vllm=True",
                args.vllm_importance_sampling_correction)
@@ -270,6 +267,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             max_completion_length=self.max_completion_length,
             num_items_in_batch=num_items_in_batch,
             chunk_size=self.loss_chunk_size,
+            kl_bias_correction=bool(getattr(self.args, "use_bias_correction_kl", False)),
         )
 
     def _log_loss_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
