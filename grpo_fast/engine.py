@@ -122,7 +122,8 @@ class _SlotLayer(CacheLayerMixin):
     Prefill (``cache.prefill_group`` set): the prompts' KV go to their groups' rows, columns
     ``[0, P)``, and the prompt attends only to itself. Decode: one column (``cache.position``) is
     written for the first ``cache.batch`` rows, and the whole length is returned for the mask to
-    select from. Views of the buffers are kept per batch size so their tensors stay the same objects.
+    select from. Views of the buffers are made per batch size outside the decode step (never while
+    it is traced, which would change its guards) and kept, so their tensors stay the same objects.
     """
 
     is_compileable = True
@@ -159,7 +160,7 @@ class _SlotLayer(CacheLayerMixin):
                 grouped = buffer[: prompts * group].view(prompts, group, heads, self.cache.length, -1)
                 grouped[:, :, :, :width].copy_(states[:, None])
             return key_states, value_states
-        keys, values = self.view(self.cache.batch)
+        keys, values = self.views[self.cache.batch]
         keys.index_copy_(2, self.cache.position, key_states)
         values.index_copy_(2, self.cache.position, value_states)
         return keys, values
@@ -187,13 +188,19 @@ class SlotCache(Cache):
     def fits(self, num_layers: int, capacity: int, length: int, device: torch.device) -> bool:
         return (len(self.layers), self.capacity, self.length, self.position.device) == (num_layers, capacity, length, device)
 
+    def set_batch(self, size: int) -> None:
+        """Decode the first ``size`` rows from now on (after the prefill allocated the buffers)."""
+        for layer in self.layers:
+            layer.view(size)
+        self.batch = size
+
     def compact(self, order: torch.Tensor) -> None:
         """Rows ``order`` (on the device) become rows ``0 .. len(order)-1`` and the batch shrinks to them."""
         size = len(order)
         for layer in self.layers:
             for buffer in (layer.keys, layer.values):
                 buffer[:size] = buffer[: self.batch].index_select(0, order)
-        self.batch = size
+        self.set_batch(size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,12 +383,13 @@ class RolloutEngine:
 
         # Prefill: each distinct prompt once; its KV lands in all rows of its group.
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        cache.prefill_group, cache.batch = group, rows
+        cache.prefill_group = group
         try:
             hidden = decoder(input_ids=ids, attention_mask=_attention_mask(_prefill_mask(prompt_mask), implementation, dtype),
                              position_ids=positions, use_cache=True, **{cache_keyword: cache}).last_hidden_state
         finally:
             cache.prefill_group = None
+        cache.set_batch(rows)
         logits = head(hidden[:, -1]).float().repeat_interleave(group, dim=0)
 
         # Per-row decode state, all on the device; `row_ids` maps cache rows to output rows.

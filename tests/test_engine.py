@@ -190,11 +190,17 @@ def test_decode_step_traces_as_one_graph_nf4_lora(tokenizer, nf4_lora_model):
     eos_ids = _eos_mid_generation(nf4_lora_model, _prompts(tokenizer), tokenizer.pad_token_id)
     params = _params(tokenizer, num_generations=2, eos_token_ids=eos_ids)
     expected = RolloutEngine()(nf4_lora_model, prompts, params)
+    from torch._dynamo.utils import counters
+
     engine = _TracedEngine(sync_every=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback to eager
         assert engine(nf4_lora_model, prompts, params) == expected
-    assert engine.cuda_graphs and engine._compiled_step is not None
+        assert engine.cuda_graphs and engine._compiled_step is not None
+        # The next call of the same shapes (a training step's) reuses the graphs: no recompilation.
+        counters.clear()
+        assert engine(nf4_lora_model, prompts, params) == expected
+        assert counters["stats"]["unique_graphs"] == 0
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(tokenizer, full_model):
