@@ -13,14 +13,15 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    copy of the prompt's KV, so the prompt's compute is shared, not its memory).
 2. **Static KV cache.** One ``[rows, kv_heads, length, head_dim]`` buffer per layer, length the
    prompt width plus ``max_completion_length`` rounded up to 64. With CUDA graphs it is kept and
-   reused across calls while the shape fits (the graphs read it at fixed addresses, so it stays
-   allocated between steps); otherwise it is freed after each call. All rows decode in lockstep,
-   so decode step ``t`` writes column ``prompt_width + t`` for every row; the attention mask hides
-   left padding, unwritten columns and stale data.
+   reused across calls while it is long enough (the graphs read it at fixed addresses, so it stays
+   allocated between steps, and prompt widths that vary do not make new shapes); otherwise it is
+   freed after each call. All rows decode in lockstep, so decode step ``t`` writes column
+   ``prompt_width + t`` for every row; the attention mask hides left padding, unwritten columns
+   and stale data.
 3. **Batched decode without per-token host syncs.** A done-mask lives on the device; the host
    reads it only every ``sync_every`` steps. There, rows that finished drop out: when the live rows
    fit in half the batch, they move to the front of the cache (in place) and decoding continues on
-   that prefix, whose size is a power of two so that few shapes (and CUDA graphs) exist.
+   that prefix, a power of two of at least 8 rows, so that few shapes (and CUDA graphs) exist.
 4. **Sampling on the device** (``sample_tokens``): EOS suppressed before
    ``min_completion_length``, temperature, top-k, top-p, min-p (Hugging Face's order and
    semantics), then an exponential-race draw (``argmax(p / Exp(1))``, a categorical sample with no
@@ -59,6 +60,9 @@ except ImportError:
     fused_nf4_decode = None
 
 CACHE_LENGTH_MULTIPLE = 64  # cache lengths are rounded up to this: few distinct shapes across steps
+# Finished rows are compacted out down to this many rows at the least: a decode step of a few rows
+# costs about what one of 8 does (it reads the same weights), and each batch size is one more CUDA graph.
+MIN_COMPACT_ROWS = 8
 
 
 @dataclass
@@ -186,7 +190,10 @@ class SlotCache(Cache):
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
 
     def fits(self, num_layers: int, capacity: int, length: int, device: torch.device) -> bool:
-        return (len(self.layers), self.capacity, self.length, self.position.device) == (num_layers, capacity, length, device)
+        """Reusable for a call needing ``length`` columns: a longer cache serves too (its extra
+        columns stay masked), so prompts that vary from step to step do not change the shapes."""
+        return ((len(self.layers), self.capacity, self.position.device) == (num_layers, capacity, device)
+                and self.length >= length)
 
     def set_batch(self, size: int) -> None:
         """Decode the first ``size`` rows from now on (after the prefill allocated the buffers)."""
@@ -377,6 +384,7 @@ class RolloutEngine:
         length = -(-(width + max_new) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
         num_layers = decoder.config.num_hidden_layers
         cache = self._cache_for(num_layers, rows, length, device)
+        length = cache.length
         cache_keyword = _cache_keyword(decoder)
         dtype = decoder.get_input_embeddings().weight.dtype
         eos_ids = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
@@ -417,7 +425,7 @@ class RolloutEngine:
                     live = int((~done).sum())
                     if live == 0:
                         break
-                    size = 1 << (live - 1).bit_length()  # next power of two: few batch shapes
+                    size = max(MIN_COMPACT_ROWS, 1 << (live - 1).bit_length())  # a power of two: few shapes
                     if self.compact and size <= cache.batch // 2:
                         order = torch.argsort(done.to(torch.int8), stable=True)[:size]  # live rows first
                         cache.compact(order)

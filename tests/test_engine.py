@@ -92,10 +92,11 @@ def test_greedy_equals_hf_generate_with_padding_and_eos(request, tokenizer, whic
     lengths = [len(row) for row in expected]
     assert min(lengths) < MAX_NEW // 2 and max(lengths) == MAX_NEW, lengths  # stops mid-way, and some never
     engine = RolloutEngine(sync_every=2)
-    output = engine.generate(model, prompts, _params(tokenizer, eos_token_ids=eos_ids))
-    assert output.completion_ids == expected
+    output = engine.generate(model, prompts, _params(tokenizer, eos_token_ids=eos_ids, num_generations=4))
+    assert output.completion_ids == [row for row in expected for _ in range(4)]
     # Finished rows dropped out: the batch shrank to the live rows (a power of two) along the way.
-    assert output.slots_per_step[0] == len(prompts) and output.slots_per_step[-1] < len(prompts)
+    rows = 4 * len(prompts)
+    assert output.slots_per_step[0] == rows and output.slots_per_step[-1] < rows, output.slots_per_step
 
 
 def test_nf4_lora_adapter_is_used(tokenizer, nf4_lora_model):
@@ -143,13 +144,14 @@ class _KeepCacheEngine(RolloutEngine):
 
 def test_kept_cache_is_reused_across_calls_and_shapes(tokenizer, full_model):
     engine, caches = _KeepCacheEngine(sync_every=3), []
-    # the second call reuses the first one's buffers (same shape), stale keys and values included
-    for texts, max_new in ((TEXTS, MAX_NEW), (TEXTS[::-1], MAX_NEW), (TEXTS[:3], 7), (TEXTS, MAX_NEW)):
+    # the second call reuses the first one's longer buffers, stale keys and values included
+    for texts, max_new in ((TEXTS, 60), (TEXTS[::-1], MAX_NEW), (TEXTS[:3], 7), (TEXTS, MAX_NEW)):
         prompts = _prompts(tokenizer, texts)
         expected = _hf_greedy(full_model, prompts, tokenizer.pad_token_id, (tokenizer.eos_token_id,), max_new=max_new)
         assert engine(full_model, prompts, _params(tokenizer, max_completion_length=max_new)) == expected
         caches.append(engine._cache)
     assert caches[0] is caches[1] and caches[2] is not caches[1]
+    assert caches[1].length == 128 and caches[2].length == 64
     plain = RolloutEngine()  # without CUDA graphs the buffers are freed after each call
     plain(full_model, _prompts(tokenizer), _params(tokenizer))
     assert plain._cache is None
