@@ -119,8 +119,10 @@ def providers(args) -> dict[str, Callable]:
 
 
 def run_case(generate: Callable, model, prompts, params: SamplingParams, warmup_params: SamplingParams,
-             device: torch.device, reps: int) -> dict:
+             device: torch.device, reps: int, samplers_to_release=()) -> dict:
     row: dict = {"status": "ok", "error": None, "ms_median": None, "peak_mib": None, "mean_length": None}
+    for sampler in samplers_to_release:
+        sampler.release()  # the previous case's kept KV cache is not this case's baseline
     try:
         common.free_memory(device)
         if device.type == "cuda":
@@ -167,21 +169,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=[name for name in SHAPES if name != "tiny"], default="qwen2.5-7b")
     parser.add_argument("--tiny", action="store_true", help="a tiny Qwen2 and short sequences: a CPU smoke run")
-    parser.add_argument("--quant", choices=["nf4", "none"], default=None, help="base weights (default nf4 on CUDA, none on CPU)")
+    parser.add_argument("--quant", choices=["nf4", "none"], default=None,
+                        help="base weights (default nf4 on CUDA, none on CPU)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the adapter (0: no adapter)")
     parser.add_argument("--concurrency", type=lambda text: [int(v) for v in text.split(",")], default=[8, 16, 32, 64],
                         help="sequences sampled at once (comma-separated)")
     parser.add_argument("--num-generations", type=int, default=8, help="completions per prompt (shared prefill)")
     parser.add_argument("--prompt-length", type=int, default=None, help="tokens per prompt (default 128; tiny 8)")
-    parser.add_argument("--completion-length", type=int, default=None, help="forced tokens per completion (default 512; tiny 16)")
+    parser.add_argument("--completion-length", type=int, default=None,
+                        help="forced tokens per completion (default 512; tiny 16)")
     parser.add_argument("--providers", type=lambda text: text.split(","), default=list(PROVIDERS))
     parser.add_argument("--reps", type=int, default=1, help="timed calls per measurement (after one warm-up call)")
     parser.add_argument("--sync-every", type=int, default=8, help="engine: decode steps between host checks")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="engine: eager decode step")
     parser.add_argument("--no-fused-nf4", action="store_true", help="engine: bitsandbytes' NF4 path for decode")
-    parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth copy (default 1024; CPU 64)")
+    parser.add_argument("--copy-mib", type=int, default=None,
+                        help="size of the bandwidth copy (default 1024; CPU 64)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--out-dir", default=None, help='default benchmarks/results/<device>/; "{device}" becomes the device slug')
+    parser.add_argument("--out-dir", default=None,
+                        help='default benchmarks/results/<device>/; "{device}" becomes the device slug')
     parser.add_argument("--name", default=None, help="file stem (default rollout-<date>-<time>)")
     parser.add_argument("--commit", default=None, help="commit to record where the checkout has no .git")
     args = parser.parse_args(argv)
@@ -190,7 +196,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--providers: expected names from {list(PROVIDERS)}, received {name!r}")
     for value in args.concurrency:
         if value < args.num_generations or value % args.num_generations:
-            parser.error(f"--concurrency: expected multiples of --num-generations={args.num_generations}, received {value}")
+            parser.error(f"--concurrency: expected multiples of --num-generations={args.num_generations}, "
+                         f"received {value}")
     return args
 
 
@@ -224,7 +231,9 @@ def main(argv=None) -> dict:
             warmup = params if name == "engine" else dataclasses.replace(
                 params, max_completion_length=min(8, completion_length), min_completion_length=min(8, completion_length))
             row = {"provider": name, "concurrency": concurrency, "model": model_name, "quant": quant,
-                   "lora_r": args.lora_r, **run_case(samplers[name], model, prompts, params, warmup, device, args.reps)}
+                   "lora_r": args.lora_r, **run_case(samplers[name], model, prompts, params, warmup, device, args.reps,
+                                samplers_to_release=[sampler for sampler in samplers.values()
+                                                     if isinstance(sampler, RolloutEngine)])}
             rows.append(row)
             log(f"{name:>6} x{concurrency:<3}: {row['status']} "
                 + (f"{concurrency * completion_length / (row['ms_median'] / 1e3):.1f} tokens/s" if row["status"] == "ok"
@@ -253,7 +262,8 @@ def main(argv=None) -> dict:
                  "panels": [["tokens_per_s", "completion tokens/s"], ["frac_bandwidth", "fraction of copy bandwidth"]]},
         "rows": rows,
     }
-    paths = common.write_results(payload, common.results_dir(env, args.out_dir), args.name or common.default_stem("rollout", env))
+    stem = args.name or common.default_stem("rollout", env)
+    paths = common.write_results(payload, common.results_dir(env, args.out_dir), stem)
     log(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plot(s)")
     return payload
 

@@ -52,7 +52,8 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .rollout import SamplingParams, _stop_strings_tokenizer, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad
+from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
+                      stop_strings_tokenizer)
 
 try:  # the fused NF4 decode matmul (CUDA); absent or inapplicable means the bitsandbytes path
     from .nf4 import fused_nf4_decode
@@ -285,13 +286,18 @@ class RolloutEngine:
     def __call__(self, model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         return self.generate(model, prompt_ids, params).completion_ids
 
+    def release(self) -> None:
+        """Free a KV cache kept for CUDA graphs (the next call allocates a new one)."""
+        self._cache = None
+
     # ---- set-up -------------------------------------------------------------------------------
 
     def _generator_for(self, device: torch.device, seed: int | None) -> torch.Generator:
         """A call's seed restarts the stream; an engine seed starts one stream that calls continue;
         with neither, each call draws its seed from torch's global RNG, so the global state alone
         decides the samples (what a trainer checkpoint saves and a resumed run restores)."""
-        if seed is None and self.seed is not None and self._generator is not None and self._generator.device == device:
+        continuing = self._generator is not None and self._generator.device == device
+        if seed is None and self.seed is not None and continuing:
             return self._generator
         if seed is None:
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -348,7 +354,7 @@ class RolloutEngine:
                  seed: int | None = None, tokenizer=None) -> EngineOutput:
         """``params.num_generations`` completions per prompt (a group's rows contiguous) and their log-probs."""
         check_sampling_params(params)
-        tokenizer = _stop_strings_tokenizer(params, tokenizer if tokenizer is not None else self.tokenizer)
+        tokenizer = stop_strings_tokenizer(params, tokenizer if tokenizer is not None else self.tokenizer)
         for index, prompt in enumerate(prompt_ids):
             if len(prompt) == 0:
                 raise ValueError(f"prompt_ids: expected non-empty prompts, received an empty prompt at index {index}")
@@ -365,7 +371,7 @@ class RolloutEngine:
             if not self._uses_cuda_graphs(device):
                 # Without CUDA graphs nothing needs the buffers' addresses to stay: free them for the
                 # training pass. With graphs they stay (a replay reads and writes them in place).
-                self._cache = None
+                self.release()
         completions, completion_logprobs = [], []
         for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
             ids = cut_at_eos(row, params.eos_token_ids, params.max_completion_length)
@@ -393,8 +399,9 @@ class RolloutEngine:
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         cache.prefill_group = group
         try:
-            hidden = decoder(input_ids=ids, attention_mask=_attention_mask(_prefill_mask(prompt_mask), implementation, dtype),
-                             position_ids=positions, use_cache=True, **{cache_keyword: cache}).last_hidden_state
+            mask = _attention_mask(_prefill_mask(prompt_mask), implementation, dtype)
+            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{cache_keyword: cache}).last_hidden_state
         finally:
             cache.prefill_group = None
         cache.set_batch(rows)
@@ -434,7 +441,8 @@ class RolloutEngine:
                 key_valid[:, width + step] = True
                 cache.position.fill_(width + step)
                 mask = _attention_mask(key_valid[:, None, None, :], implementation, dtype)
-                logits = step_function(decoder, head, cache, cache_keyword, tokens[:, None], next_position[:, None], mask)
+                logits = step_function(decoder, head, cache, cache_keyword, tokens[:, None], next_position[:, None],
+                                       mask)
                 next_position = next_position + 1
                 slots.append(cache.batch)
         cache.batch = cache.capacity

@@ -126,7 +126,7 @@ def cut_at_stop_strings(tokens: Sequence[int], stop_strings: Sequence[str], toke
     return tokens[:low]
 
 
-def _stop_strings_tokenizer(params: SamplingParams, tokenizer):
+def stop_strings_tokenizer(params: SamplingParams, tokenizer):
     if params.stop_strings and tokenizer is None:
         raise ValueError(f"tokenizer: expected a tokenizer to match stop_strings={params.stop_strings!r}, received None")
     return tokenizer
@@ -137,7 +137,7 @@ def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingPara
     """Sample with ``model.generate`` (KV cache, left-padded prompts); the model is put in eval mode meanwhile.
     ``tokenizer`` is needed only with ``params.stop_strings``."""
     check_sampling_params(params)
-    _stop_strings_tokenizer(params, tokenizer)
+    stop_strings_tokenizer(params, tokenizer)
     device = next(model.parameters()).device
     ids, mask = pad(prompt_ids, params.pad_token_id, left=True)
     ids = ids.repeat_interleave(params.num_generations, dim=0).to(device)

@@ -130,6 +130,19 @@ def test_min_completion_length_suppresses_eos(tokenizer, full_model):
     assert all(len(row) == MAX_NEW and not set(row[:-1]) & set(eos_ids) for row in forced)
 
 
+def test_prefill_mask_is_causal_skips_padding_and_never_empty():
+    from grpo_fast.engine import _prefill_mask
+
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    mask = _prefill_mask(prompt_mask)[:, 0]
+    assert mask.shape == (2, 4, 4)
+    assert torch.equal(mask[1], torch.ones(4, 4, dtype=torch.bool).tril())
+    # real queries see real keys up to themselves; padding queries see only themselves (a fully
+    # masked row would give NaN in some sdpa kernels, and NaN would reach the cached values)
+    expected = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask[0], expected)
+
+
 class _KeepCacheEngine(RolloutEngine):
     """Keeps its KV buffers between calls, as with CUDA graphs (the decode step stays eager)."""
 
