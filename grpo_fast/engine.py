@@ -251,6 +251,22 @@ def _prefill_mask(prompt_mask: torch.Tensor) -> torch.Tensor:
     return (allowed | torch.eye(width, dtype=torch.bool, device=prompt_mask.device))[:, None]
 
 
+def _check_full_attention(config, positions: int) -> None:
+    """The masks built here are full causal: refuse layers that attend otherwise over ``positions``."""
+    layer_types = getattr(config, "layer_types", None) or []
+    other = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if other:
+        raise ValueError(f"model: expected attention layers (full or sliding-window), received {other}; "
+                         f"sample with Hugging Face generate (rollout_engine: hf)")
+    window = getattr(config, "sliding_window", None)
+    sliding = ("sliding_attention" in layer_types if layer_types
+               else getattr(config, "use_sliding_window", True))
+    if sliding and window is not None and window < positions:
+        raise ValueError(f"model: expected full attention over the {positions} prompt + completion positions, "
+                         f"received sliding-window layers of {window}; sample with Hugging Face generate "
+                         f"(rollout_engine: hf)")
+
+
 def _cache_keyword(decoder) -> str:
     """transformers 5.x names the decoder's cache argument ``cache`` (``past_key_values`` before)."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
@@ -387,6 +403,7 @@ class RolloutEngine:
         ids, prompt_mask = (tensor.to(device) for tensor in pad(prompt_ids, params.pad_token_id, left=True))
         prompts, width = ids.shape
         rows = prompts * group
+        _check_full_attention(decoder.config, width + max_new)
         length = -(-(width + max_new) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
         num_layers = decoder.config.num_hidden_layers
         cache = self._cache_for(num_layers, rows, length, device)

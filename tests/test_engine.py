@@ -333,6 +333,8 @@ def test_filters_restrict_the_support(tokenizer, full_model):
     prompts = _prompts(tokenizer)
     greedy = RolloutEngine()(full_model, prompts, _params(tokenizer))
     assert RolloutEngine(seed=0)(full_model, prompts, _params(tokenizer, top_k=0, min_p=0.9999)) == greedy
+    assert hf_generate(full_model, prompts, _params(tokenizer, top_k=0, min_p=0.9999)) == greedy  # honoured there too
+    assert hf_generate(full_model, prompts, _params(tokenizer, top_k=0)) != greedy
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,6 +372,22 @@ def test_bad_sampling_params_name_the_field(tokenizer, full_model, field, value,
         RolloutEngine()(full_model, _prompts(tokenizer), params)
     with pytest.raises(ValueError, match=field):
         hf_generate(full_model, _prompts(tokenizer), params)
+
+
+def test_sliding_window_models_are_refused_where_the_window_matters(tokenizer):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True, sliding_window=16,
+                         max_window_layers=1, attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(config).eval()
+    prompts = [tokenizer.encode("abc")]
+    with pytest.raises(ValueError, match="model: expected full attention over the 27 prompt .* sliding-window layers of 16"):
+        RolloutEngine()(model, prompts, _params(tokenizer))
+    # within the window, sliding and full attention agree
+    short = _params(tokenizer, max_completion_length=10)
+    assert RolloutEngine()(model, prompts, short) == _hf_greedy(model, prompts, tokenizer.pad_token_id,
+                                                                 short.eos_token_ids, max_new=10)
 
 
 def test_other_bad_arguments_name_the_argument(tokenizer, full_model):
