@@ -96,6 +96,14 @@ def filter_logits(scores: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return scores
 
 
+def race_argmax(probs: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
+    """argmax(p / E) over the last dimension: with E ~ Exp(1) i.i.d. it picks token i with
+    probability p_i (an exponential race), a categorical draw with no host sync. A draw of E = 0
+    happens (float32 uniforms reach their end point) and would turn a filtered-out token's 0 / 0
+    into NaN, which argmax returns: E is kept above 0, so p = 0 never wins."""
+    return (probs / race.clamp_min(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
+
+
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int, eos_ids: torch.Tensor,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B], log-probs [B]) for one decode step from float32 ``logits`` [B, V], on their device."""
@@ -108,9 +116,7 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int, eos_i
         tokens = scaled.argmax(dim=-1)
     else:
         probs = filter_logits(scaled, params.top_k, params.top_p, params.min_p).softmax(dim=-1)
-        # argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with probability p_i (an exponential race).
-        race = torch.empty_like(probs).exponential_(generator=generator)
-        tokens = (probs / race).argmax(dim=-1)
+        tokens = race_argmax(probs, torch.empty_like(probs).exponential_(generator=generator))
     # EOS suppression only touched EOS entries, never sampled then: `scaled` holds the sampled token's value.
     logprobs = scaled.gather(-1, tokens[:, None])[:, 0] - log_normaliser
     return tokens, logprobs

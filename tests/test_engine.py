@@ -296,6 +296,14 @@ def test_sampling_follows_the_distribution():
     assert not (tokens == 5).any()
 
 
+def test_race_draws_of_zero_never_pick_a_filtered_token():
+    from grpo_fast.engine import race_argmax
+
+    probs = torch.tensor([[0.0, 0.7, 0.3, 0.0], [0.5, 0.0, 0.5, 0.0]])
+    race = torch.tensor([[0.0, 1.0, 1.0, 0.5], [2.0, 0.0, 0.0, 1.0]])  # zeros, as float32 draws can give
+    assert race_argmax(probs, race).tolist() == [1, 2]
+
+
 @pytest.mark.parametrize("option", [dict(top_k=3), dict(top_p=0.5), dict(min_p=0.2), dict(top_k=4, top_p=0.8, min_p=0.05)])
 def test_filters_equal_hugging_face_warpers(option):
     from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
