@@ -441,3 +441,27 @@ def test_trainer_trains_with_the_engine(tmp_path):
     assert [record["step"] for record in records] == [1, 2]
     assert all(math.isfinite(record["loss"]) and 1 <= record["completions/mean_length"] <= 6 for record in records)
     assert result.history[-1]["grad_norm"] > 0
+
+
+def test_resumed_run_with_the_engine_samples_as_an_uninterrupted_one(tmp_path):
+    # The engine draws each call's seed from torch's global RNG, which checkpoints save and restore.
+    import json
+    import shutil
+
+    from grpo_fast.config import GRPOConfig
+    from grpo_fast.trainer import train
+
+    config = dict(output_dir=str(tmp_path), rollout_engine="engine", max_steps=4, prompts_per_step=2,
+                  num_generations=4, max_completion_length=6, progress_bar=False, plot=False, save_every=2)
+    straight = train(GRPOConfig(run_name="straight", **config))
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step_000002",
+                    tmp_path / "resumed" / "checkpoints" / "step_000002")
+    resumed = train(GRPOConfig(run_name="resumed", resume=True, **config))
+    assert [record["step"] for record in resumed.history] == [3, 4]
+    for key in ("reward/mean", "completions/mean_length", "loss"):
+        assert [record[key] for record in resumed.history] == [record[key] for record in straight.history[2:]], key
+    expected = dict(straight.model.named_parameters())
+    for name, parameter in resumed.model.named_parameters():
+        torch.testing.assert_close(parameter, expected[name], rtol=0, atol=0, msg=name)
+    assert json.loads((tmp_path / "resumed" / "log.jsonl").read_text().splitlines()[0])["step"] == 3
