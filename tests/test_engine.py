@@ -13,7 +13,7 @@ import torch
 
 from grpo_fast.engine import RolloutEngine, filter_logits, sample_tokens
 from grpo_fast.rollout import SamplingParams, cut_at_eos, hf_generate, pad
-from tests.tiny_lm import tiny_model, tiny_tokenizer
+from tiny_lm import tiny_model, tiny_tokenizer
 
 TEXTS = ["hello there", "a", "abc def ghi", "The cat", "xyz", "12345 678", "q", "GRPO rollouts"]
 MAX_NEW = 24
