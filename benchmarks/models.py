@@ -147,3 +147,16 @@ def even_token_reward(prompts, completions, completion_ids, **columns):
 def forced_length_generate(model, prompt_ids, params):
     """hf_generate with EOS suppressed until max_completion_length: every completion is full length."""
     return hf_generate(model, prompt_ids, dataclasses.replace(params, min_completion_length=params.max_completion_length))
+
+
+def forced_length_engine():
+    """A Generate: grpo_fast's RolloutEngine with EOS suppressed until max_completion_length (one
+    engine per run, so its compiled decode steps and KV cache persist across steps)."""
+    from grpo_fast.engine import RolloutEngine
+
+    engine = RolloutEngine()
+
+    def generate(model, prompt_ids, params):
+        return engine(model, prompt_ids, dataclasses.replace(params, min_completion_length=params.max_completion_length))
+
+    return generate

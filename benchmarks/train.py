@@ -6,6 +6,7 @@
 
 Trainers (one step each = one generation batch and one optimiser step, num_iterations=1):
   grpo_fast   grpo_fast.trainer.train: HF generate, fused loss on hidden states (Triton on CUDA)
+  grpo_fast_engine   the same trainer sampling with grpo_fast.engine.RolloutEngine (its default on CUDA)
   trl         trl.GRPOTrainer (TRL's own loss path)
   trl_fused   grpo_fast.integrations.trl.FusedGRPOTrainer: TRL's loop with grpo-fast's fused loss
 
@@ -50,9 +51,9 @@ import torch
 
 from . import common
 from .models import (BLOCK_LINEARS, SHAPES, build_random_model, build_tokenizer, even_token_reward,
-                     forced_length_generate, random_prompts)
+                     forced_length_engine, forced_length_generate, random_prompts)
 
-TRAINERS = ("grpo_fast", "trl", "trl_fused")
+TRAINERS = ("grpo_fast", "grpo_fast_engine", "trl", "trl_fused")
 BASELINE = "trl"
 GPU_MODELS = ["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"]
 
@@ -149,14 +150,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_grpo_fast(work: Workload, model, tokenizer, device: torch.device, steps: int) -> list[dict]:
+def run_grpo_fast(work: Workload, model, tokenizer, device: torch.device, steps: int, engine: bool = False) -> list[dict]:
     from grpo_fast.trainer import train
 
     with tempfile.TemporaryDirectory(prefix="bench-grpo-fast-") as output_dir:
         rows = random_prompts(max(16, work.prompts_per_step * steps), work.prompt_length,
                               SHAPES[work.model]["vocab_size"], seed=work.seed)
         result = train(grpo_fast_config(work, output_dir, steps), model=model, tokenizer=tokenizer, dataset=rows,
-                       reward_functions=[even_token_reward], generate=forced_length_generate)
+                       reward_functions=[even_token_reward],
+                       generate=forced_length_engine() if engine else forced_length_generate)
     return [{
         "generation_s": r["time/generation"], "scoring_s": r["time/scoring"], "training_s": r["time/training"],
         "step_s": r["time/step"], "completion_tokens": round(r["completions/mean_length"] * work.batch_size),
@@ -262,8 +264,8 @@ def run_steps(trainer: str, work: Workload, device: torch.device, steps: int) ->
     """Build a fresh policy and run ``steps`` steps of ``trainer`` on it."""
     model, tokenizer = build_policy(work, device)
     try:
-        if trainer == "grpo_fast":
-            return run_grpo_fast(work, model, tokenizer, device, steps)
+        if trainer in ("grpo_fast", "grpo_fast_engine"):
+            return run_grpo_fast(work, model, tokenizer, device, steps, engine=trainer == "grpo_fast_engine")
         return run_trl(work, model, tokenizer, device, steps, fused=trainer == "trl_fused")
     finally:
         del model

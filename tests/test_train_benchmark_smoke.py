@@ -41,7 +41,7 @@ def test_train_benchmark_cli_writes_results_and_report_rebuilds_them(tmp_path):
     assert payload["settings"]["completion_length"] == 8 and payload["settings"]["load_in_4bit"] is False
 
     rows = payload["rows"]
-    assert [(r["model"], r["trainer"]) for r in rows] == [("tiny", t) for t in ("grpo_fast", "trl", "trl_fused")]
+    assert [(r["model"], r["trainer"]) for r in rows] == [("tiny", t) for t in ("grpo_fast", "grpo_fast_engine", "trl", "trl_fused")]
     for row in rows:
         assert row["status"] == "ok", row
         assert row["steps_measured"] == 1 and len(row["steps"]) == 2  # warm-up step kept in the record
@@ -57,7 +57,7 @@ def test_train_benchmark_cli_writes_results_and_report_rebuilds_them(tmp_path):
 
     md = (tmp_path / "smoke.md").read_text()
     assert env["device"] in md and env["command"] in md and "## model tiny" in md
-    for trainer in ("grpo_fast", "trl", "trl_fused"):
+    for trainer in ("grpo_fast", "grpo_fast_engine", "trl", "trl_fused"):
         assert f"| {trainer} | ok |" in md
     plots = sorted(tmp_path.glob("smoke_*.png"))
     assert len(plots) == 1 and plots[0].read_bytes().startswith(b"\x89PNG")
