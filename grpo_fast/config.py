@@ -63,6 +63,8 @@ class GRPOConfig:
     temperature: float = 1.0  # sampling temperature (the loss uses the same one)
     top_p: float = 1.0  # nucleus sampling mass; 1.0 disables
     top_k: int = 0  # sample among the k most likely tokens; 0 disables
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability; 0 disables
+    stop_strings: list[str] | None = None  # a completion ends after the first of these in its text (kept, like EOS)
     mask_truncated_completions: bool = False  # leave completions that hit max_completion_length out of the loss
     rollout_engine: str = "auto"  # sampler: auto (grpo_fast.engine on CUDA, Hugging Face generate elsewhere) | engine | hf
 
@@ -154,6 +156,10 @@ def validate(config: GRPOConfig) -> None:
                          f"received {config.num_generations}")
     if not 0.0 < config.top_p <= 1.0:
         raise ValueError(f"top_p: expected a value in (0, 1], received {config.top_p}")
+    if not 0.0 <= config.min_p <= 1.0:
+        raise ValueError(f"min_p: expected a value in [0, 1] (0 disables), received {config.min_p}")
+    if config.stop_strings is not None and not all(config.stop_strings):
+        raise ValueError(f"stop_strings: expected non-empty strings, received {config.stop_strings!r}")
     if config.top_k < 0:
         raise ValueError(f"top_k: expected >= 0 (0 disables), received {config.top_k}")
     if not 0.0 <= config.warmup_ratio < 1.0:

@@ -67,7 +67,7 @@ class Rollout:
     completion_ids: torch.Tensor  # [B, C] int64, right-padded
     completion_mask: torch.Tensor  # [B, C] 1 on tokens the loss counts (truncated rows zeroed when masked)
     completion_lengths: torch.Tensor  # [B] tokens generated (EOS included)
-    truncated: torch.Tensor  # [B] bool: hit max_completion_length without EOS
+    truncated: torch.Tensor  # [B] bool: hit max_completion_length without EOS or a stop string
     prompts: list[Any]  # [B] the dataset's prompt (string or chat messages), repeated per completion
     completions: list[Any]  # [B] completion text (as chat messages when the prompt is chat messages)
     completion_token_ids: list[list[int]]  # [B] unpadded completion ids
@@ -202,13 +202,17 @@ def build_rollout(
     prompt_tensor, prompt_mask = pad(repeated_ids, params.pad_token_id, left=True)
     completion_tensor, present = pad(completion_token_ids, params.pad_token_id, left=False)
     lengths = present.sum(dim=1)
+    texts = tokenizer.batch_decode([list(ids) for ids in completion_token_ids], skip_special_tokens=True)
+    # Truncated: cut by max_completion_length, with neither EOS nor a stop string (samplers cut a
+    # completion right after its first stop string, so containing one means it ended there).
     truncated = torch.tensor(
-        [not ids or ids[-1] not in params.eos_token_ids for ids in completion_token_ids], dtype=torch.bool
+        [len(ids) >= params.max_completion_length and (not ids or ids[-1] not in params.eos_token_ids)
+         and not any(stop in text for stop in params.stop_strings)
+         for ids, text in zip(completion_token_ids, texts)], dtype=torch.bool
     )
     completion_mask = present.clone()
     if mask_truncated:
         completion_mask[truncated] = 0
-    texts = tokenizer.batch_decode([list(ids) for ids in completion_token_ids], skip_special_tokens=True)
     prompts = [row[prompt_column] for row in rows for _ in range(group_size)]
     completions = [
         [{"role": "assistant", "content": text}] if not isinstance(prompt, str) else text

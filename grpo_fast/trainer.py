@@ -29,6 +29,7 @@ or ``grpo-fast train --config run.yaml``.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 import time
@@ -49,7 +50,7 @@ from .loss import GRPOLossConfig, compute_advantages, grpo_loss, token_logprobs
 from .metrics import MetricsLogger, step_figures
 from .model import (completion_hidden_states, is_peft_model, keep_nf4_layout_for_training, load_model, output_weight,
                     reference_policy, trainable_parameters)
-from .rollout import Generate, Rollout, SamplingParams, build_rollout, hf_generate
+from .rollout import Generate, Rollout, SamplingParams, build_rollout, cut_at_stop_strings, hf_generate
 from .scoring import RewardFunction, Scores, load_reward_functions, score
 
 
@@ -128,14 +129,15 @@ def loss_config(config: GRPOConfig, num_items_in_batch: float | None) -> GRPOLos
     )
 
 
-def rollout_sampler(config: GRPOConfig, device: torch.device) -> Generate:
-    """``rollout_engine``: the engine (auto: on CUDA, where it pays) or Hugging Face ``generate``.
-    The engine samples from global-RNG-drawn seeds, so resumed runs sample as uninterrupted ones."""
+def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None) -> Generate:
+    """``rollout_engine``: the engine (auto: on CUDA, where it pays) or Hugging Face ``generate``;
+    ``tokenizer`` matches stop strings. The engine samples from global-RNG-drawn seeds, so resumed
+    runs sample as uninterrupted ones."""
     if config.rollout_engine == "engine" or (config.rollout_engine == "auto" and device.type == "cuda"):
         from .engine import RolloutEngine  # imports transformers: only when sampling with it
 
-        return RolloutEngine()
-    return hf_generate
+        return RolloutEngine(tokenizer=tokenizer)
+    return functools.partial(hf_generate, tokenizer=tokenizer)
 
 
 def sampling_params(config: GRPOConfig, tokenizer) -> SamplingParams:
@@ -147,6 +149,8 @@ def sampling_params(config: GRPOConfig, tokenizer) -> SamplingParams:
         temperature=config.temperature,
         top_p=config.top_p,
         top_k=config.top_k,
+        min_p=config.min_p,
+        stop_strings=tuple(config.stop_strings or ()),
     )
 
 
@@ -313,6 +317,8 @@ def evaluate_held_out(model, tokenizer, rows: list[dict[str, Any]], functions: S
             completions += generate_greedy(model, tokenizer, texts[start:start + config.eval_batch_size], max_length)
     finally:
         model.train(was_training)
+    if config.stop_strings:  # end where training rollouts end
+        completions = [cut_at_stop_strings(ids, config.stop_strings, tokenizer) for ids in completions]
     rollout = build_rollout(rows, config.prompt_column, tokenize_prompts(texts, tokenizer), completions, tokenizer, params)
     scores = score_rollout(functions, config, rollout)
     figures = {"eval/reward/mean": float(scores.total.nanmean())}
@@ -358,7 +364,7 @@ def train(
     keep_nf4_layout_for_training(model)  # also for models passed in (see its docstring)
     device = next(model.parameters()).device
     if generate is None:
-        generate = rollout_sampler(config, device)
+        generate = rollout_sampler(config, device, tokenizer)
     if dataset is None:
         dataset = load_prompts(config)
     else:

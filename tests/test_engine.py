@@ -419,10 +419,10 @@ def test_rollout_engine_config_key():
     from grpo_fast.trainer import rollout_sampler
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert rollout_sampler(GRPOConfig(), cpu) is hf_generate
+    assert rollout_sampler(GRPOConfig(), cpu).func is hf_generate
     assert isinstance(rollout_sampler(GRPOConfig(), cuda), RolloutEngine)
     assert isinstance(rollout_sampler(GRPOConfig(rollout_engine="engine"), cpu), RolloutEngine)
-    assert rollout_sampler(GRPOConfig(rollout_engine="hf"), cuda) is hf_generate
+    assert rollout_sampler(GRPOConfig(rollout_engine="hf"), cuda).func is hf_generate
     with pytest.raises(ValueError, match=r"rollout_engine: expected one of \['auto', 'engine', 'hf'\], received 'vllm'"):
         GRPOConfig(rollout_engine="vllm")
 

@@ -7,7 +7,7 @@ import torch
 
 from grpo_fast.config import GRPOConfig
 from grpo_fast.data import load_prompts, prompt_indices, render_prompts, tokenize_prompts
-from grpo_fast.model import tiny_tokenizer
+from grpo_fast.model import build_tiny_model, tiny_tokenizer
 from grpo_fast.rollout import SamplingParams, build_rollout, cut_at_eos
 from grpo_fast.scoring import load_reward_functions, score
 from grpo_fast.tasks import letters_dataset, letters_reward, letters_score
@@ -75,14 +75,35 @@ def test_build_rollout_pads_and_flags_truncation(tokenizer):
     rollout = build_rollout(rows, "prompt", prompt_ids, completions, tokenizer, params, mask_truncated=True)
     assert rollout.prompt_ids.shape == (4, 3) and rollout.completion_ids.shape == (4, 4)
     assert rollout.prompt_mask[2].tolist() == [0, 1, 1]  # left padding
-    assert rollout.truncated.tolist() == [False, True, False, True]
+    # [a]: shorter than max_completion_length without EOS, i.e. ended at a stop string: complete
+    assert rollout.truncated.tolist() == [False, True, False, False]
     assert rollout.completion_lengths.tolist() == [2, 4, 3, 1]
-    assert rollout.completion_mask.tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]
+    assert rollout.completion_mask.tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
     assert rollout.attention_mask[1].tolist() == [1, 1, 1, 1, 1, 1, 1]  # truncated rows still attend
     assert rollout.completions == ["a", "bbbb", "cc", "a"]
     assert rollout.columns == {"letters": ["ab", "ab", "c", "c"]}
     unmasked = build_rollout(rows, "prompt", prompt_ids, completions, tokenizer, params)
     assert unmasked.completion_mask[1].tolist() == [1, 1, 1, 1]
+
+
+def test_stop_strings_end_rollouts(tokenizer):
+    """stop_strings reach the sampler: every completion ends right after its first stop string, or
+    runs to max_completion_length (truncated) without one."""
+    from grpo_fast.trainer import generate_rollout, rollout_sampler
+
+    config = GRPOConfig(stop_strings=["b"], max_completion_length=8, num_generations=4, temperature=1.5)
+    model = build_tiny_model(tokenizer)
+    rows = letters_dataset(num_prompts=4)
+    rollout = generate_rollout(model, tokenizer, rows, config, rollout_sampler(config, torch.device("cpu"), tokenizer))
+    stopped = 0
+    for text, ids, truncated in zip(rollout.completions, rollout.completion_token_ids, rollout.truncated.tolist()):
+        if "b" in text:
+            assert text.index("b") == len(text) - 1 and not truncated, text
+            stopped += 1
+        else:
+            assert len(ids) == 8 or ids[-1] == tokenizer.eos_token_id, text
+            assert truncated == (ids[-1] != tokenizer.eos_token_id)
+    assert stopped > 0  # the random policy writes b often: the cut was exercised
 
 
 def test_completions_that_do_not_fill_the_groups(tokenizer):
