@@ -43,6 +43,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------------------------
 
 
+def comma_list(text: str) -> list[str]:
+    """A command-line list: ``"a, b,c"`` -> ``["a", "b", "c"]``."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def pick_device(name: Optional[str] = None) -> torch.device:
     if name:
         return torch.device(name)
@@ -250,6 +255,17 @@ def measure(fn: Callable[[], object], device: torch.device, *, setup: Optional[C
     _clear_grads(grad_to_none)
     free_memory(device)
     return result
+
+
+def copy_bandwidth(device: torch.device, mib: int, **timing) -> dict:
+    """A same-run device-to-device copy of ``mib`` MiB: (read + written) bytes per second, the
+    memory-bandwidth ceiling that bandwidth-bound kernels are compared with."""
+    source = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    (median, _, _), _ = time_fn(lambda: target.copy_(source), device, **timing)
+    del source, target
+    free_memory(device)
+    return {"mib": mib, "ms_median": median, "gbps": 2 * mib * 2**20 / (median * 1e-3) / 1e9}
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int, *, warmup_ms: float = 25.0,

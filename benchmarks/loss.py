@@ -325,17 +325,14 @@ def add_derived(rows: list[dict], matmul_tflops: Optional[float]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.loss", description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=lambda s: [int(t) for t in _list(s)], default=None,
+    p.add_argument("--tokens", type=lambda s: [int(t) for t in common.comma_list(s)], default=None,
                    help="comma-separated token counts (B*T); default 1024,...,32768 (quick: 64,128)")
-    p.add_argument("--heads", type=_list, default=None, help=f"from {', '.join(HEADS)}, or <H>x<V>; default the three models")
-    p.add_argument("--providers", type=_list, default=list(PROVIDERS))
-    p.add_argument("--modes", type=_list, default=list(MODES))
+    p.add_argument("--heads", type=common.comma_list, default=None, help=f"from {', '.join(HEADS)}, or <H>x<V>; default the three models")
+    p.add_argument("--providers", type=common.comma_list, default=list(PROVIDERS))
+    p.add_argument("--modes", type=common.comma_list, default=list(MODES))
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--seq-len", type=int, default=None, help="T, tokens per completion (default 1024; quick 32)")
     p.add_argument("--padding", choices=["random", "none"], default="random",

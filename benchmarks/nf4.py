@@ -51,16 +51,13 @@ COLUMNS = [
 ]
 
 
-def _list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.nf4", description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=lambda s: [int(t) for t in _list(s)], default=None,
+    p.add_argument("--rows", type=lambda s: [int(t) for t in common.comma_list(s)], default=None,
                    help="rows M per call (default 1,8,16,32,64; tiny 1,3)")
-    p.add_argument("--shapes", type=_list, default=None, help=f"from {', '.join(QWEN_7B_SHAPES)} (default all)")
-    p.add_argument("--providers", type=_list, default=list(PROVIDERS))
+    p.add_argument("--shapes", type=common.comma_list, default=None, help=f"from {', '.join(QWEN_7B_SHAPES)} (default all)")
+    p.add_argument("--providers", type=common.comma_list, default=list(PROVIDERS))
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="time eager calls, not graph replays")
     p.add_argument("--copy-mib", type=int, default=None, help="size of the reference copy (1024 MiB on GPU)")
     p.add_argument("--warmup-ms", type=float, default=25.0)
@@ -82,16 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if name not in PROVIDERS:
             p.error(f"--providers: expected names from {', '.join(PROVIDERS)}, got {name!r}")
     return args
-
-
-def copy_gbps(device: torch.device, mib: int, timing: dict) -> dict:
-    """Same-run device-to-device copy: bytes read + written per second, the bandwidth ceiling."""
-    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    (median, _, _), _ = common.time_fn(lambda: dst.copy_(src), device, **timing)
-    del src, dst
-    common.free_memory(device)
-    return {"mib": mib, "ms_median": median, "gbps": 2 * mib * 2**20 / (median * 1e-3) / 1e9}
 
 
 def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[Callable[[], object], bool, Optional[str]]:
@@ -140,7 +127,7 @@ def main(argv=None) -> dict:
     if env["git_commit"] is None and args.commit:
         env["git_commit"] = args.commit
     timing = {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "min_reps": args.min_reps}
-    copy = copy_gbps(device, args.copy_mib or (1024 if device.type == "cuda" else 8), timing)
+    copy = common.copy_bandwidth(device, args.copy_mib or (1024 if device.type == "cuda" else 8), **timing)
     print(f"{env['device']}: device-to-device copy {copy['gbps']:.1f} GB/s", flush=True)
 
     shapes = TINY_SHAPES if args.tiny else QWEN_7B_SHAPES

@@ -92,16 +92,6 @@ def kv_bytes_per_token(model) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
 
 
-def copy_bandwidth(device: torch.device, mib: int) -> dict:
-    """Device-to-device copy: (read + write) bytes per second, the same run's bandwidth ceiling."""
-    source = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    (median, _, _), _ = common.time_fn(lambda: target.copy_(source), device)
-    del source, target
-    common.free_memory(device)
-    return {"mib": mib, "ms_median": median, "gbps": 2 * mib * 2**20 / (median * 1e-3) / 1e9}
-
-
 def random_prompts(count: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(2, vocab_size, (count, length), generator=generator).tolist()
@@ -172,13 +162,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quant", choices=["nf4", "none"], default=None,
                         help="base weights (default nf4 on CUDA, none on CPU)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the adapter (0: no adapter)")
-    parser.add_argument("--concurrency", type=lambda text: [int(v) for v in text.split(",")], default=[8, 16, 32, 64],
+    parser.add_argument("--concurrency", type=lambda text: [int(v) for v in common.comma_list(text)], default=[8, 16, 32, 64],
                         help="sequences sampled at once (comma-separated)")
     parser.add_argument("--num-generations", type=int, default=8, help="completions per prompt (shared prefill)")
     parser.add_argument("--prompt-length", type=int, default=None, help="tokens per prompt (default 128; tiny 8)")
     parser.add_argument("--completion-length", type=int, default=None,
                         help="forced tokens per completion (default 512; tiny 16)")
-    parser.add_argument("--providers", type=lambda text: text.split(","), default=list(PROVIDERS))
+    parser.add_argument("--providers", type=common.comma_list, default=list(PROVIDERS))
     parser.add_argument("--reps", type=int, default=1, help="timed calls per measurement (after one warm-up call)")
     parser.add_argument("--sync-every", type=int, default=8, help="engine: decode steps between host checks")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="engine: eager decode step")
@@ -211,7 +201,7 @@ def main(argv=None) -> dict:
     env = common.env_info(device, None if argv is None else [__file__, *argv])
     if env["git_commit"] is None and args.commit:
         env["git_commit"] = args.commit
-    copy = copy_bandwidth(device, args.copy_mib or (1024 if device.type == "cuda" else 64))
+    copy = common.copy_bandwidth(device, args.copy_mib or (1024 if device.type == "cuda" else 64))
     log(f"{env['device']}: device-to-device copy {copy['gbps']:.1f} GB/s")
 
     torch.manual_seed(0)

@@ -420,15 +420,12 @@ def fit_budget(trainer: str, work: Workload, device: torch.device, budget_gib: f
 # ----------------------------------------------------------------------------------------------
 
 
-def _list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=_list, default=None,
+    p.add_argument("--model", type=common.comma_list, default=None,
                    help=f"comma-separated, from {', '.join(SHAPES)}; default the three Qwen2.5 models (CPU: tiny)")
-    p.add_argument("--trainers", type=_list, default=list(TRAINERS), help=f"from {', '.join(TRAINERS)}")
+    p.add_argument("--trainers", type=common.comma_list, default=list(TRAINERS), help=f"from {', '.join(TRAINERS)}")
     p.add_argument("--warmup-steps", type=int, default=1, help="steps run first and not measured (compiles, caches)")
     p.add_argument("--steps", type=int, default=2, help="measured steps (their mean is reported)")
     p.add_argument("--prompts-per-step", type=int, default=1)
@@ -447,7 +444,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epsilon-high", type=float, default=0.28)
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fit-budget", type=lambda s: [float(t) for t in _list(s)], default=None,
+    p.add_argument("--fit-budget", type=lambda s: [float(t) for t in common.comma_list(s)], default=None,
                    help="comma-separated memory budgets in GiB (CUDA only): longest completion that fits each")
     p.add_argument("--fit-start", type=int, default=256, help="first completion length probed")
     p.add_argument("--fit-max", type=int, default=8192, help="longest completion length probed")
