@@ -212,7 +212,10 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device, *,
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    # cuBLAS / cuDNN report failed workspace allocations in their own words
+    return isinstance(exc, RuntimeError) and any(
+        sign in text for sign in ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed"))
 
 
 def free_memory(device: torch.device) -> None:

@@ -159,4 +159,5 @@ def forced_length_engine():
     def generate(model, prompt_ids, params):
         return engine(model, prompt_ids, dataclasses.replace(params, min_completion_length=params.max_completion_length))
 
+    generate.engine = engine  # for release()
     return generate

@@ -106,6 +106,7 @@ def grpo_fast_config(work: Workload, output_dir: str, steps: int):
         max_completion_length=work.completion_length, micro_batch_size=work.micro_batch_size,
         loss_type=work.loss_type, beta=work.beta, epsilon_low=work.epsilon_low, epsilon_high=work.epsilon_high,
         num_iterations=1, learning_rate=work.learning_rate, lr_scheduler="constant", warmup_ratio=0.0,
+        adam_beta2=0.999, weight_decay=0.0,  # transformers' AdamW defaults, as TRL's Trainer uses them
         reward_functions=["benchmarks.models:even_token_reward"],
         progress_bar=False, plot=False, sample_every=0, save_every=0,
     )
@@ -156,9 +157,14 @@ def run_grpo_fast(work: Workload, model, tokenizer, device: torch.device, steps:
     with tempfile.TemporaryDirectory(prefix="bench-grpo-fast-") as output_dir:
         rows = random_prompts(max(16, work.prompts_per_step * steps), work.prompt_length,
                               SHAPES[work.model]["vocab_size"], seed=work.seed)
-        result = train(grpo_fast_config(work, output_dir, steps), model=model, tokenizer=tokenizer, dataset=rows,
-                       reward_functions=[even_token_reward],
-                       generate=forced_length_engine() if engine else forced_length_generate)
+        generate = forced_length_engine() if engine else forced_length_generate
+        try:
+            result = train(grpo_fast_config(work, output_dir, steps), model=model, tokenizer=tokenizer,
+                           dataset=rows, reward_functions=[even_token_reward], generate=generate)
+        finally:
+            if engine:  # its KV cache and CUDA-graph pools must not count against the next trainer
+                generate.engine.release()
+                torch._dynamo.reset()
     return [{
         "generation_s": r["time/generation"], "scoring_s": r["time/scoring"], "training_s": r["time/training"],
         "step_s": r["time/step"], "completion_tokens": round(r["completions/mean_length"] * work.batch_size),
@@ -573,7 +579,8 @@ def notes(args, device: torch.device) -> list[str]:
     weights = "NF4 (bitsandbytes, double quantisation, bf16 compute)" if args.load_in_4bit else (
         "bf16" if device.type == "cuda" else "fp32")
     adapters = ("; TRL (both trl rows) casts the LoRA weights of a 4-bit model to bf16, grpo-fast keeps peft's fp32 "
-                "(weights, gradients and AdamW state: 16 vs 8 bytes per adapter weight, about 0.3 GiB apart on 7B at r=16)" if args.load_in_4bit else "")
+                "(weights, gradients and AdamW state: 16 vs 8 bytes per adapter weight, about 0.3 GiB apart on 7B at r=16; "
+                "the LoRA products also run in bf16 there, in fp32 in grpo-fast)" if args.load_in_4bit else "")
     return [
         f"random weights (flat softmax), block Linears {weights}; LoRA r={args.lora_r} alpha={args.lora_alpha} on "
         f"{', '.join(BLOCK_LINEARS)}; gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}{adapters}",

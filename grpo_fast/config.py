@@ -100,6 +100,7 @@ class GRPOConfig:
     eval_every: int = 0  # greedy-decode the held-out rows and score them with the reward functions every N steps (and at the end); 0: never
     eval_dataset: str | None = None  # held-out rows, in the forms `dataset` takes; needed with eval_every > 0 (or train(eval_dataset=...))
     eval_dataset_split: str = "test"  # split of eval_dataset (hub ids and local files)
+    eval_dataset_config: str | None = None  # hub configuration name of eval_dataset; None: dataset_config
     eval_limit: int | None = 128  # evaluate the first N rows of the split; None: all
     eval_batch_size: int = 32  # prompts per greedy generate call
     eval_max_completion_length: int | None = None  # new tokens per eval completion; None: max_completion_length

@@ -35,9 +35,9 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    inside ``grpo_fast.nf4.fused_nf4_decode`` (the NF4 matmul that dequantises on chip) when that
    module is present. Both are off on CPU.
 
-Decode attention runs through the model's ``sdpa`` (or ``eager``) attention with masks built here;
-a model loaded with another implementation (e.g. flash_attention_2) is switched to sdpa for the
-call and back (``set_attn_implementation``).
+Attention runs through ``decode_attention`` (transformers' sdpa, with grouped-query decode on the
+KV heads) or, for a model loaded with ``eager``, eager attention, with masks built here; the
+model's own implementation (e.g. flash_attention_2) is restored after the call.
 """
 
 from __future__ import annotations
@@ -226,15 +226,42 @@ def _base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+DECODE_ATTENTION = "grpo_fast_decode"  # sdpa, with grouped-query decode on the KV heads (registered on first use)
+
+
+def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' sdpa attention, except for one query token with grouped-query attention: the
+    query heads of a group attend as rows of their KV head, so the cache is read once per KV head.
+    (With a mask, transformers expands K and V to every query head under torch.compile: for
+    Qwen2.5-7B seven extra copies of the whole cache per decode step.)"""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, query_length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    if query_length != 1 or heads == kv_heads:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    # query head h uses KV head h // group (repeat_kv's order): [B, H, 1, D] -> [B, KV, group, D]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
+                                                           scale=scaling)
+    return out.reshape(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
+
+
 @contextlib.contextmanager
 def _mask_friendly_attention(model):
-    """Inside: the model attends with sdpa or eager, which take the 4D masks built here."""
+    """Inside: the model attends with the engine's sdpa (``decode_attention``) or eager, which take
+    the 4D masks built here; yields the mask format, "sdpa" or "eager"."""
+    from transformers import AttentionInterface
+
     base = _base_model(model)
     current = base.config._attn_implementation
-    if current in ("sdpa", "eager"):
+    if current == "eager":
         yield current
         return
-    base.set_attn_implementation("sdpa")
+    if DECODE_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+    base.set_attn_implementation(DECODE_ATTENTION)
     try:
         yield "sdpa"
     finally:
@@ -309,8 +336,10 @@ class RolloutEngine:
         return self.generate(model, prompt_ids, params).completion_ids
 
     def release(self) -> None:
-        """Free a KV cache kept for CUDA graphs (the next call allocates a new one)."""
+        """Free a KV cache kept for CUDA graphs and the compiled decode step (the next call allocates
+        and compiles anew; ``torch._dynamo.reset()`` also frees the graphs' memory pools)."""
         self._cache = None
+        self._compiled_step = None
 
     # ---- set-up -------------------------------------------------------------------------------
 

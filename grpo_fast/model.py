@@ -189,8 +189,14 @@ def keep_nf4_layout_for_training(model) -> int:
     module's state_dict re-quantises the weights. The trainer runs eval-mode passes (rollouts,
     log-probs) between training passes, so it keeps the standard layout."""
     count = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
+            if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+                # undoing it re-quantises the weights (lossy): the model is no longer the one loaded
+                raise ValueError(
+                    f"model: expected NF4 layers in bitsandbytes' standard layout, received {name!r} repacked for "
+                    "its CPU inference kernel (an eval-mode no-grad forward ran before training); load the model "
+                    "again, or call grpo_fast.model.keep_nf4_layout_for_training(model) right after loading it")
             module.support_avx512bf16_for_cpu = False
             count += 1
     return count

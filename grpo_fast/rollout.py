@@ -132,6 +132,21 @@ def stop_strings_tokenizer(params: SamplingParams, tokenizer):
     return tokenizer
 
 
+class CompletionStopStrings:
+    """A ``generate`` stopping criterion: a row stops once its completion's text (never the prompt's:
+    transformers' own stop_strings also match across the prompt's end) contains a stop string.
+    Only the newest tokens are decoded: a string completed by this step's token ends in them."""
+
+    def __init__(self, stop_strings: Sequence[str], tokenizer, prompt_width: int):
+        self.stop_strings, self.tokenizer, self.prompt_width = tuple(stop_strings), tokenizer, prompt_width
+        self.tail = 4 * max(len(text) for text in self.stop_strings) + 8  # tokens: > 1/4 character each
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        rows = input_ids[:, self.prompt_width:][:, -self.tail:].tolist()
+        stopped = [any(text in self.tokenizer.decode(row) for text in self.stop_strings) for row in rows]
+        return torch.tensor(stopped, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, tokenizer=None) -> list[list[int]]:
     """Sample with ``model.generate`` (KV cache, left-padded prompts); the model is put in eval mode meanwhile.
@@ -145,7 +160,7 @@ def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingPara
     # generate() takes every setting not passed here from the model's own generation config (a hub
     # model's repetition_penalty, no_repeat_ngram_size, min_p, ...), which would sample from another
     # distribution than the one the loss scores: sample under a neutral config instead.
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     saved_config = inner.generation_config
@@ -164,8 +179,8 @@ def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingPara
             top_p=params.top_p,
             top_k=params.top_k,
             min_p=params.min_p or None,
-            stop_strings=list(params.stop_strings) or None,
-            tokenizer=tokenizer if params.stop_strings else None,
+            stopping_criteria=StoppingCriteriaList(
+                [CompletionStopStrings(params.stop_strings, tokenizer, ids.shape[1])] if params.stop_strings else []),
             max_new_tokens=params.max_completion_length,
             min_new_tokens=params.min_completion_length,
             eos_token_id=list(params.eos_token_ids),
@@ -207,8 +222,8 @@ def build_rollout(
     # completion right after its first stop string, so containing one means it ended there).
     truncated = torch.tensor(
         [len(ids) >= params.max_completion_length and (not ids or ids[-1] not in params.eos_token_ids)
-         and not any(stop in text for stop in params.stop_strings)
-         for ids, text in zip(completion_token_ids, texts)], dtype=torch.bool
+         and not (params.stop_strings and any(stop in tokenizer.decode(list(ids)) for stop in params.stop_strings))
+         for ids in completion_token_ids], dtype=torch.bool
     )
     completion_mask = present.clone()
     if mask_truncated:

@@ -279,6 +279,8 @@ def train_step(model, reference_model, tokenizer, optimizer, scheduler, function
     old_logps = batch_logprobs(model, rollout, config, device) if config.num_iterations > 1 else None
     ref_logps = reference_logprobs(model, reference_model, rollout, config, device) if config.beta > 0 else None
     figures = optimise(model, optimizer, scheduler, rollout, advantages, old_logps, ref_logps, config, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the optimiser step's queued kernels are this step's time
     finished = time.perf_counter()
     timings = {"generation": generated - started, "scoring": scored - generated, "training": finished - scored}
     record = step_figures(rollout, scores, figures, timings, lr=scheduler.get_last_lr()[0], device=device)
@@ -292,7 +294,8 @@ def train_step(model, reference_model, tokenizer, optimizer, scheduler, function
 
 def load_eval_rows(config: GRPOConfig) -> list[dict[str, Any]]:
     """The first ``eval_limit`` rows of ``eval_dataset`` (checked to hold ``prompt_column``)."""
-    rows = load_rows(config.eval_dataset, config_name=config.dataset_config, split=config.eval_dataset_split)
+    rows = load_rows(config.eval_dataset, config_name=config.eval_dataset_config or config.dataset_config,
+                     split=config.eval_dataset_split)
     check_prompt_column(rows, config.prompt_column, config.eval_dataset)
     count = len(rows) if config.eval_limit is None else min(config.eval_limit, len(rows))
     return take_rows(rows, range(count))
@@ -374,6 +377,8 @@ def train(
         raise ValueError(f"reward_weights: expected {len(functions)} weights, received {len(config.reward_weights)}")
     eval_rows = None
     if eval_dataset is not None:
+        if len(eval_dataset) == 0:
+            raise ValueError("eval_dataset: expected at least one held-out row, received an empty dataset")
         check_prompt_column(eval_dataset, config.prompt_column, "eval_dataset argument")
         eval_rows = take_rows(eval_dataset, range(len(eval_dataset) if config.eval_limit is None
                                                   else min(config.eval_limit, len(eval_dataset))))

@@ -465,3 +465,25 @@ def test_resumed_run_with_the_engine_samples_as_an_uninterrupted_one(tmp_path):
     for name, parameter in resumed.model.named_parameters():
         torch.testing.assert_close(parameter, expected[name], rtol=0, atol=0, msg=name)
     assert json.loads((tmp_path / "resumed" / "log.jsonl").read_text().splitlines()[0])["step"] == 3
+
+
+def test_decode_attention_reads_kv_heads_as_sdpa_with_repeated_kv_would():
+    """One query token, 8 query heads on 2 KV heads, a padding mask: the grouped computation equals
+    sdpa on K/V expanded to every query head (transformers' repeat_kv order)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from grpo_fast.engine import decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 8, 1, 16, generator=generator)
+    key, value = torch.randn(2, 3, 2, 11, 16, generator=generator).unbind(0)
+    mask = torch.rand(3, 1, 1, 11, generator=generator) > 0.3
+    mask[..., 0] = True
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    out, _ = decode_attention(module, query, key, value, mask, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=mask, scale=0.25).transpose(1, 2)
+    assert out.shape == (3, 1, 8, 16)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from grpo_fast.checkpoint import latest_checkpoint, list_checkpoints, load_check
 from grpo_fast.config import GRPOConfig
 from grpo_fast.model import load_model
 from grpo_fast.trainer import build_optimizer, build_scheduler, train
+from helpers import needs_bnb_cpu_repack
 
 FAST = dict(max_steps=4, prompts_per_step=2, num_generations=4, max_completion_length=6, micro_batch_size=4,
             progress_bar=False, plot=False, save_every=2, save_total_limit=3)
@@ -117,11 +118,16 @@ def test_loading_into_a_different_model_is_an_error(tmp_path):
         load_checkpoint(folder, lora)
 
 
+@needs_bnb_cpu_repack
 def test_saving_leaves_a_4bit_model_unchanged(tmp_path):
     """A checkpoint must not perturb the live model: on CPUs with AVX512-BF16, bitsandbytes repacks
-    NF4 weights in an eval-mode forward and re-quantises them when the module's state_dict is taken."""
+    NF4 weights in an eval-mode forward and re-quantises them when the module's state_dict is taken.
+    (The trainer stops the repacking; a model used for inference first may still be repacked.)"""
     config = GRPOConfig(output_dir=str(tmp_path), load_in_4bit=True, lora_r=4, **FAST)
     model, tokenizer = load_model(config)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = True
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
     input_ids = torch.randint(0, len(tokenizer), (2, 7))

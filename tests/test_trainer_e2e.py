@@ -11,6 +11,7 @@ from grpo_fast.config import GRPOConfig
 from grpo_fast.model import load_model
 from grpo_fast.rollout import hf_generate
 from grpo_fast.trainer import batch_logprobs, generate_rollout, train
+from helpers import needs_bnb_cpu_repack
 
 FAST = dict(max_steps=3, prompts_per_step=2, num_generations=4, max_completion_length=6, micro_batch_size=3,
             progress_bar=False, save_every=0)
@@ -126,6 +127,7 @@ def test_8bit_optimizer_updates_lora(tmp_path):
     assert lora_b and all(parameter.abs().sum() > 0 for parameter in lora_b)  # initialised at 0, moved
 
 
+@needs_bnb_cpu_repack
 def test_eval_mode_passes_keep_4bit_gradients():
     """An eval-mode no-grad pass (rollouts, log-probs) must not switch bitsandbytes to its CPU inference
     layout, whose kernel has no autograd: LoRA gradients stay those of a model never run in eval mode."""
@@ -146,3 +148,21 @@ def test_eval_mode_passes_keep_4bit_gradients():
     expected, received = lora_grads(False), lora_grads(True)
     for name in expected:
         torch.testing.assert_close(received[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@needs_bnb_cpu_repack
+def test_training_a_model_already_repacked_for_inference_is_an_error(tmp_path):
+    from grpo_fast.model import keep_nf4_layout_for_training
+
+    config = GRPOConfig(load_in_4bit=True, lora_r=4, output_dir=str(tmp_path), **FAST)
+    model, tokenizer = load_model(config)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on a freshly built layer
+    model.eval()
+    with torch.no_grad():
+        model(torch.randint(0, 10, (1, 5)))
+    with pytest.raises(ValueError, match="^model: expected NF4 layers in bitsandbytes' standard layout"):
+        keep_nf4_layout_for_training(model)
+    with pytest.raises(ValueError, match="repacked for its CPU inference kernel"):
+        train(config, model=model, tokenizer=tokenizer)

@@ -82,3 +82,5 @@ def test_eval_dataset_argument(tmp_path):
     assert "eval/reward/mean" in result.history[-1]
     with pytest.raises(ValueError, match="prompt_column"):
         train(GRPOConfig(output_dir=str(tmp_path), run_name="bad", **FAST), eval_dataset=[{"question": "x"}])
+    with pytest.raises(ValueError, match="^eval_dataset: expected at least one held-out row"):
+        train(GRPOConfig(output_dir=str(tmp_path), run_name="empty", **FAST), eval_dataset=[])

@@ -106,6 +106,29 @@ def test_stop_strings_end_rollouts(tokenizer):
     assert stopped > 0  # the random policy writes b often: the cut was exercised
 
 
+def test_hf_generate_matches_stop_strings_in_the_completion_only(tokenizer):
+    """A stop string that would straddle the prompt's end (prompt "...:", completion "a...") must not
+    stop the row: the completion runs on, with no padding kept as completion tokens."""
+    from grpo_fast.rollout import hf_generate
+
+    model = build_tiny_model(tokenizer)
+    params = SamplingParams(num_generations=64, max_completion_length=6, eos_token_ids=(tokenizer.eos_token_id,),
+                            pad_token_id=tokenizer.pad_token_id, temperature=2.0, stop_strings=(":a",))
+    prompt_ids = tokenize_prompts(["ab:"], tokenizer)
+    completions = hf_generate(model, prompt_ids, params, tokenizer=tokenizer)
+    starts_with_a = 0
+    for ids in completions:
+        text = tokenizer.decode(ids)
+        starts_with_a += text.startswith("a")
+        if ":a" in text:
+            assert text.index(":a") + 2 == len(text), text  # cut right after the first match
+        else:
+            assert len(ids) == 6 or ids[-1] == tokenizer.eos_token_id, text
+        # a row stopped at its first token would be that token then padding
+        assert not (len(ids) > 1 and all(token == tokenizer.pad_token_id for token in ids[1:])), ids
+    assert starts_with_a > 0  # completions that would have matched across the prompt's end occurred
+
+
 def test_completions_that_do_not_fill_the_groups(tokenizer):
     rows = [{"prompt": "ab:"}, {"prompt": "cd:"}]
     prompt_ids = tokenize_prompts(["ab:", "cd:"], tokenizer)
