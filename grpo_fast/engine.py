@@ -61,6 +61,16 @@ except ImportError:
     fused_nf4_decode = None
 
 CACHE_LENGTH_MULTIPLE = 64  # cache lengths are rounded up to this: few distinct shapes across steps
+# Graphs of the decode step: one per (batch size, cache length). Batch sizes halve down to 8 and the
+# cache only grows, so a run makes a few dozen at most; past dynamo's default limit of 8 it would
+# silently decode without graphs.
+RECOMPILE_LIMIT = 64
+
+
+def _recompile_limit(limit: int):
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    return config.patch(**{name: max(limit, getattr(config, name))})
 # Finished rows are compacted out down to this many rows at the least: a decode step of a few rows
 # costs about what one of 8 does (it reads the same weights), and each batch size is one more CUDA graph.
 MIN_COMPACT_ROWS = 8
@@ -383,7 +393,8 @@ class RolloutEngine:
                 return _decode_step(*args)
             try:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
-                return self._compiled_step(*args)
+                with _recompile_limit(RECOMPILE_LIMIT):
+                    return self._compiled_step(*args)
             except Exception as error:  # noqa: BLE001 - any compile failure: eager is correct, only slower
                 warnings.warn(f"RolloutEngine: compiling the decode step failed ({type(error).__name__}: "
                               f"{str(error).splitlines()[0][:200] if str(error) else ''}); decoding eagerly")

@@ -58,12 +58,17 @@ class FusedNF4Linear(torch.nn.Module):
         super().__init__()
         if max_rows < 1:
             raise ValueError(f"max_rows: expected a positive number of rows, received {max_rows}")
-        nf4_weight_of(layer)  # fail at construction, not at the first decode step
         self.base_layer = layer  # a submodule: .to(), parameters() and state_dict see the weights
         self.max_rows = max_rows
         self.force = force
         self.config = config
-        self._cached: Optional[tuple[object, object, NF4Weight]] = None
+        # Read once here (fails at construction, not at the first decode step), outside any
+        # torch.compile trace; forward re-reads it only if the layer's tensors were replaced.
+        self._source, self._nf4 = self._read_weight()
+
+    def _read_weight(self) -> tuple[tuple[int, object], NF4Weight]:
+        weight = self.base_layer.weight
+        return (weight.data_ptr(), getattr(weight, "quant_state", None)), nf4_weight_of(self.base_layer)
 
     @property
     def weight(self) -> torch.nn.Parameter:
@@ -82,16 +87,16 @@ class FusedNF4Linear(torch.nn.Module):
         return self.base_layer.out_features
 
     def _nf4_weight(self) -> Optional[NF4Weight]:
-        """NF4Weight of the wrapped layer, rebuilt only when its data or quant_state object changes."""
+        """The wrapped layer's NF4 tensors (None where only the layer itself can read them)."""
+        if torch.compiler.is_compiling():
+            return self._nf4  # a decode step being traced: the weights are fixed for its lifetime
         weight = self.base_layer.weight
-        data, quant_state = weight.data, getattr(weight, "quant_state", None)
+        quant_state = getattr(weight, "quant_state", None)
         if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
             return None  # the wrapped layer knows how to restore / read these
-        cached = self._cached
-        if cached is None or cached[0] is not data or cached[1] is not quant_state:
-            cached = (data, quant_state, NF4Weight.from_bnb(data, quant_state))
-            self._cached = cached
-        return cached[2]
+        if self._source != (weight.data_ptr(), quant_state):  # moved or re-quantised since
+            self._source, self._nf4 = self._read_weight()
+        return self._nf4
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
         if x.dim() == 0 or x.shape[-1] == 0 or x.numel() // x.shape[-1] > self.max_rows:

@@ -209,8 +209,9 @@ class NF4Weight:
             raise ValueError(f"quant_state.shape: expected [out_features, in_features], received {list(shape)}")
         n, k = shape
         blocksize = int(quant_state.blocksize)
-        if blocksize < 2 or blocksize & (blocksize - 1):
-            raise ValueError(f"quant_state.blocksize: expected a power of two >= 2, received {blocksize}")
+        if blocksize < 32 or blocksize & (blocksize - 1):
+            # the tensor-core path multiplies half a tile row (BLOCK_K / 2 >= 16 values) per tl.dot
+            raise ValueError(f"quant_state.blocksize: expected a power of two >= 32, received {blocksize}")
         if k % blocksize:
             raise ValueError(f"quant_state.blocksize: expected a divisor of in_features={k}, received {blocksize}")
         if packed.dtype != torch.uint8:
@@ -286,7 +287,11 @@ _W_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 
 def nf4_matmul(x: Tensor, weight: NF4Weight, bias: Optional[Tensor] = None,
                config: Optional[NF4MatmulConfig] = None) -> Tensor:
-    """`x @ dequantize_nf4(weight).to(x.dtype).T + bias` for x [M, K]; returns [M, N] in x's dtype."""
+    """`x @ dequantize_nf4(weight).to(x.dtype).T + bias` for x [M, K]; returns [M, N] in x's dtype.
+
+    With the default config the launch goes through the custom op ``torch.ops.grpo_fast.nf4_matmul``,
+    which torch.compile treats as one opaque node: a compiled (CUDA-graph) decode step keeps the
+    kernel inside its graph instead of breaking around every linear layer."""
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D [rows, in_features] tensor, received shape {list(x.shape)}")
     m, k = x.shape
@@ -299,7 +304,33 @@ def nf4_matmul(x: Tensor, weight: NF4Weight, bias: Optional[Tensor] = None,
         raise ValueError(f"x: expected device {weight.packed.device} (the weight's), received {x.device}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
         raise ValueError(f"bias: expected shape [{n}], received {list(bias.shape)}")
-    cfg = config or default_nf4_config(x.device)
+    if config is None:
+        return torch.ops.grpo_fast.nf4_matmul(
+            x, weight.packed, weight.absmax, weight.code, weight.nested_code, weight.nested_absmax,
+            weight.nested_offset, bias, n, k, weight.blocksize, weight.nested_blocksize)
+    return _launch(x, weight, bias, config)
+
+
+@torch.library.custom_op("grpo_fast::nf4_matmul", mutates_args=())
+def _nf4_matmul_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_code: Optional[Tensor],
+                   nested_absmax: Optional[Tensor], nested_offset: Optional[Tensor], bias: Optional[Tensor],
+                   out_features: int, in_features: int, blocksize: int, nested_blocksize: int) -> Tensor:
+    weight = NF4Weight(packed=packed, absmax=absmax, code=code, out_features=out_features, in_features=in_features,
+                       blocksize=blocksize, nested_code=nested_code, nested_absmax=nested_absmax,
+                       nested_offset=nested_offset, nested_blocksize=nested_blocksize)
+    return _launch(x, weight, bias, default_nf4_config(x.device))
+
+
+@_nf4_matmul_op.register_fake
+def _nf4_matmul_shape(x, packed, absmax, code, nested_code, nested_absmax, nested_offset, bias, out_features,
+                      in_features, blocksize, nested_blocksize):
+    return x.new_empty(x.shape[0], out_features)
+
+
+def _launch(x: Tensor, weight: NF4Weight, bias: Optional[Tensor], cfg: NF4MatmulConfig) -> Tensor:
+    """The kernel launch for checked inputs (see nf4_matmul)."""
+    m, k = x.shape
+    n = weight.out_features
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return out

@@ -45,6 +45,9 @@ def nf4_lora_model(tokenizer, tmp_path_factory):
                                                 dtype=torch.float32)
     assert any(isinstance(module, bnb.nn.Linear4bit) for module in base.modules())
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    from grpo_fast.model import keep_nf4_layout_for_training
+
+    keep_nf4_layout_for_training(model)  # as the trainer's models: bitsandbytes' standard NF4 layout throughout
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -216,6 +219,29 @@ def test_decode_step_traces_as_one_graph_nf4_lora(tokenizer, nf4_lora_model):
         counters.clear()
         assert engine(nf4_lora_model, prompts, params) == expected
         assert counters["stats"]["unique_graphs"] == 0
+
+
+def test_decode_step_with_the_fused_nf4_matmul_traces_as_one_graph(tokenizer, nf4_lora_model, monkeypatch):
+    """As on CUDA: the decode loop inside fused_nf4_decode (forced here: the Triton interpreter), every
+    NF4 linear one opaque op in the single traced graph, the tokens those of the plain engine."""
+    import grpo_fast.kernels.nf4_matmul as kernel_module
+    from grpo_fast.nf4 import fused_nf4_decode
+
+    class FusedTraced(_TracedEngine):
+        def _nf4_decode(self, decoder, device):
+            return fused_nf4_decode(decoder, force=True)
+
+    prompts = _prompts(tokenizer)[:2]
+    params = _params(tokenizer, num_generations=2, max_completion_length=4)
+    expected = RolloutEngine()(nf4_lora_model, prompts, params)
+    launches = []
+    launch = kernel_module._launch
+    monkeypatch.setattr(kernel_module, "_launch", lambda *a: launches.append(1) or launch(*a))
+    engine = FusedTraced(sync_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to eager
+        assert engine(nf4_lora_model, prompts, params) == expected
+    assert engine._compiled_step is not None and launches
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(tokenizer, full_model):
@@ -487,3 +513,17 @@ def test_decode_attention_reads_kv_heads_as_sdpa_with_repeated_kv_would():
         query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=mask, scale=0.25).transpose(1, 2)
     assert out.shape == (3, 1, 8, 16)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_decode_step_keeps_compiling_past_dynamo_default_limit(tokenizer, full_model):
+    """Each (batch size, cache length) is one graph; a run makes more than dynamo's default limit of 8,
+    after which dynamo would silently run the step uncompiled."""
+    from torch._dynamo.utils import counters
+
+    engine = _TracedEngine(sync_every=64, compact=False)
+    prompts = _prompts(tokenizer)[:1]
+    counters.clear()
+    for group in range(1, 11):  # ten batch sizes: ten graphs
+        params = _params(tokenizer, num_generations=group, max_completion_length=2)
+        assert engine(full_model, prompts, params) == RolloutEngine()(full_model, prompts, params)
+    assert counters["stats"]["unique_graphs"] == 10

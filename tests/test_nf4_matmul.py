@@ -240,3 +240,21 @@ def test_benchmark_without_cuda_exits_with_a_clear_message():
 
     with pytest.raises(SystemExit, match="needs a CUDA device; use --tiny"):
         nf4_bench.main([])
+
+
+def test_fused_linear_traces_as_one_graph(monkeypatch):
+    """torch.compile sees the kernel as one opaque op (grpo_fast::nf4_matmul): a compiled decode step
+    keeps every fused linear inside its graph (fullgraph=True fails on any graph break)."""
+    import grpo_fast.kernels.nf4_matmul as kernel_module
+
+    layer = _linear4bit(128, 19, bias=True)
+    fused = FusedNF4Linear(layer, max_rows=8, force=True)
+    x = torch.randn(3, 128, device=DEVICE)
+    launches = []
+    launch = kernel_module._launch
+    monkeypatch.setattr(kernel_module, "_launch", lambda *a: launches.append(1) or launch(*a))
+    with torch.no_grad():
+        expected = layer(x)
+        compiled = torch.compile(fused, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+    assert launches  # the kernel ran inside the compiled call
