@@ -292,11 +292,16 @@ def train_step(model, reference_model, tokenizer, optimizer, scheduler, function
 # --------------------------------------------------------------------------------------------
 
 
-def load_eval_rows(config: GRPOConfig) -> list[dict[str, Any]]:
-    """The first ``eval_limit`` rows of ``eval_dataset`` (checked to hold ``prompt_column``)."""
-    rows = load_rows(config.eval_dataset, config_name=config.eval_dataset_config or config.dataset_config,
-                     split=config.eval_dataset_split)
-    check_prompt_column(rows, config.prompt_column, config.eval_dataset)
+def load_eval_rows(config: GRPOConfig, rows=None) -> list[dict[str, Any]]:
+    """The first ``eval_limit`` of ``rows`` (default: ``eval_dataset`` loaded), checked to hold ``prompt_column``."""
+    source = "eval_dataset argument"
+    if rows is None:
+        source = config.eval_dataset
+        rows = load_rows(config.eval_dataset, config_name=config.eval_dataset_config or config.dataset_config,
+                         split=config.eval_dataset_split)
+    if len(rows) == 0:
+        raise ValueError("eval_dataset: expected at least one held-out row, received an empty dataset")
+    check_prompt_column(rows, config.prompt_column, source)
     count = len(rows) if config.eval_limit is None else min(config.eval_limit, len(rows))
     return take_rows(rows, range(count))
 
@@ -376,14 +381,8 @@ def train(
     if reward_functions is not None and config.reward_weights is not None and len(config.reward_weights) != len(functions):
         raise ValueError(f"reward_weights: expected {len(functions)} weights, received {len(config.reward_weights)}")
     eval_rows = None
-    if eval_dataset is not None:
-        if len(eval_dataset) == 0:
-            raise ValueError("eval_dataset: expected at least one held-out row, received an empty dataset")
-        check_prompt_column(eval_dataset, config.prompt_column, "eval_dataset argument")
-        eval_rows = take_rows(eval_dataset, range(len(eval_dataset) if config.eval_limit is None
-                                                  else min(config.eval_limit, len(eval_dataset))))
-    elif config.eval_every > 0:
-        eval_rows = load_eval_rows(config)
+    if eval_dataset is not None or config.eval_every > 0:
+        eval_rows = load_eval_rows(config, eval_dataset)
     reference_model = None
     if config.beta > 0 and not is_peft_model(model):  # full fine-tuning: a frozen copy is the reference
         reference_model = copy.deepcopy(model).requires_grad_(False).eval()
@@ -411,7 +410,8 @@ def train(
             if eval_rows and config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
                 started = time.perf_counter()
                 figures, examples = evaluate_held_out(model, tokenizer, eval_rows, functions, config)
-                record.update(figures, **{"time/eval": time.perf_counter() - started})
+                record.update(figures)
+                record["time/eval"] = time.perf_counter() - started
                 logger.eval_examples(step, examples)
             history.append(record)
             logger.log(record)
