@@ -142,7 +142,7 @@ def token_terms(
         pol, dpol, low, high = policy_terms(log_ratio, inputs.advantages, spec)
         loss = w * pol
         grad = w * dpol
-        ratio = torch.exp(log_ratio)
+        ratio = torch.exp(log_ratio) if spec.kl_bias_correction else None  # policy_terms has its own
     if inputs.ref_logps is not None:
         kl, dkl = kl_terms(logp, inputs.ref_logps)
         if spec.kl_bias_correction:
