@@ -3,14 +3,17 @@
 `grpo_loss(hidden, weight, completion_ids, completion_mask, ...)` computes TRL GRPOTrainer's
 loss from the last hidden states and the lm_head weight, i.e. the value and gradients of
 
-    logp  = log_softmax((hidden @ weight.T + bias).float() / temperature).gather(completion_ids)
+    logp  = log_softmax(f((hidden @ weight.T + bias).float()) / temperature).gather(completion_ids)
+            f(x) = logit_softcap * tanh(logit_scale * x / logit_softcap)   (or logit_scale * x: the
+                   model's logit transform, e.g. Gemma's final_logit_softcapping; identity by default)
     ratio = exp(logp - old_logps)            (token level; sequence level: masked mean per row)
     loss  = aggregate_{loss_type}( -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
                                     + beta * (exp(ref - logp) - (ref - logp) - 1) [* ratio] )
                                                  ([* ratio]: kl_bias_correction, TRL's use_bias_correction_kl)
 
-without materialising the [tokens, vocab] logits (backends "torch" and "triton"). Checks live
-here; the maths lives in grpo_fast.kernels (fused) and grpo_fast.reference (eager oracle).
+without materialising the [tokens, vocab] logits (backends "torch" and "triton"). The fused
+backends keep the logits in fp32 (a bf16 logit of 32 is off by up to 0.125), in the training pass
+and the no-grad `token_logprobs` alike, so both give the same log-probs. Checks live here; the maths lives in grpo_fast.kernels (fused) and grpo_fast.reference (eager oracle).
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ class GRPOLossConfig:
     num_items_in_batch: Optional[float] = None  # dapo normaliser (None: active tokens in this call)
     chunk_size: Optional[int] = None  # tokens per logits chunk (None: from a 512 MiB budget)
     kl_bias_correction: bool = False  # KL times the importance ratio (TRL's use_bias_correction_kl)
+    # The model's logit transform (grpo_fast.model.logit_transform reads it from a model's config):
+    logit_scale: float = 1.0  # logits times this (Cohere's logit_scale, Granite's 1 / logits_scaling)
+    logit_softcap: Optional[float] = None  # then softcap * tanh(logits / softcap) (Gemma's final_logit_softcapping)
 
     def __post_init__(self):
         _choice("loss_type", self.loss_type, LOSS_TYPES)
@@ -76,6 +82,7 @@ class GRPOLossConfig:
             _finite("num_items_in_batch", self.num_items_in_batch, minimum=0.0)
             if self.num_items_in_batch == 0:
                 raise ValueError("num_items_in_batch: expected a value > 0, got 0")
+        check_logit_transform(self.logit_scale, self.logit_softcap)
 
     @property
     def resolved_epsilon_high(self) -> float:
@@ -90,6 +97,8 @@ class GRPOLossConfig:
             temperature=float(self.temperature),
             sequence_level=self.importance_sampling_level == "sequence",
             kl_bias_correction=bool(self.kl_bias_correction),
+            logit_scale=float(self.logit_scale),
+            logit_softcap=None if self.logit_softcap is None else float(self.logit_softcap),
         )
 
 
@@ -119,6 +128,16 @@ def _finite(name, value, minimum=None):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected a value >= {minimum}, got {value!r}")
+
+
+def check_logit_transform(logit_scale, logit_softcap) -> None:
+    _finite("logit_scale", logit_scale)
+    if logit_scale <= 0.0:
+        raise ValueError(f"logit_scale: expected a value > 0, got {logit_scale!r}")
+    if logit_softcap is not None:
+        _finite("logit_softcap", logit_softcap)
+        if logit_softcap <= 0.0:
+            raise ValueError(f"logit_softcap: expected a value > 0 or None, got {logit_softcap!r}")
 
 
 def _tensor(name, value, ndim=None, shape=None, device=None, float_dtype=False, int_dtype=False):
@@ -355,11 +374,21 @@ def token_logprobs(
     completion_mask: Optional[Tensor] = None,
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    on_chip: bool = False,
 ):
-    """Per-token log-probs `log_softmax((hidden @ weight.T + bias) / temperature)[completion_ids]`
+    """Per-token log-probs `log_softmax(f(hidden @ weight.T + bias) / temperature)[completion_ids]`
     as a detached [B, T] fp32 tensor, without materialising the logits (old / reference policy
-    passes, evaluation). With `completion_mask`, only masked-in tokens are computed (others are 0).
-    With `return_entropy=True`, returns (logps, entropy)."""
+    passes, evaluation); f is the model's logit transform (`logit_scale`, `logit_softcap`, as in
+    GRPOLossConfig). With `completion_mask`, only masked-in tokens are computed (others are 0).
+    With `return_entropy=True`, returns (logps, entropy).
+
+    For the same inputs and `chunk_size` the log-probs are those of `grpo_loss(...).logps` on the
+    same backend, bit for bit: both compute one chunk of fp32 logits at a time (a few hundred MB)
+    and read it with the same code, so a first iteration's ratio is exactly 1. `on_chip=True`
+    (triton only) runs the forward-only kernel instead, which never writes logits at all; its fp32
+    sums run in another order (log-probs within ~1e-5 of grpo_loss's)."""
     _check_head(hidden, weight, bias)
     B, T, H = hidden.shape
     V = weight.shape[0]
@@ -368,12 +397,16 @@ def token_logprobs(
     _finite("temperature", temperature, minimum=0.0)
     if temperature == 0.0:
         raise ValueError("temperature: expected a value > 0, got 0.0")
+    check_logit_transform(logit_scale, logit_softcap)
     backend = _resolve_backend(backend, device)
+    if on_chip and backend != "triton":
+        raise ValueError(f"on_chip: True needs the triton backend, got backend {backend!r}")
     with torch.no_grad():
         if backend == "reference":
             from .reference import reference_logprobs
 
-            logps, entropy = reference_logprobs(hidden, weight, completion_ids, bias, temperature)
+            logps, entropy = reference_logprobs(hidden, weight, completion_ids, bias, temperature,
+                                                logit_scale, logit_softcap)
             if completion_mask is not None:
                 keep = completion_mask.bool()
                 logps, entropy = logps * keep, entropy * keep
@@ -383,8 +416,10 @@ def token_logprobs(
             if completion_mask is not None:
                 active = completion_mask.reshape(-1).bool().nonzero().squeeze(1)
                 flat, ids = flat.index_select(0, active), ids.index_select(0, active)
-            lp, ent = forward_logprobs(flat, weight, ids, bias, float(temperature), backend,
-                                       default_kernel_config(device, hidden.dtype), chunk_size)
+            spec = LossSpec(temperature=float(temperature), logit_scale=float(logit_scale),
+                            logit_softcap=None if logit_softcap is None else float(logit_softcap))
+            lp, ent = forward_logprobs(flat, weight, ids, bias, spec, backend,
+                                       default_kernel_config(device, hidden.dtype), chunk_size, on_chip)
             if completion_mask is not None:
                 logps = torch.zeros(B * T, device=device).index_copy_(0, active, lp).view(B, T)
                 entropy = torch.zeros(B * T, device=device).index_copy_(0, active, ent).view(B, T)

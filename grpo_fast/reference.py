@@ -13,12 +13,19 @@ from torch import Tensor
 
 
 def reference_logprobs(hidden: Tensor, weight: Tensor, completion_ids: Tensor, bias: Optional[Tensor],
-                       temperature: float) -> tuple[Tensor, Tensor]:
+                       temperature: float, logit_scale: float = 1.0,
+                       logit_softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    # logits in the input dtype, as a Hugging Face model returns them to TRL
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
     # fp32 at least (fp64 stays fp64: the tests' oracle runs this function in double precision)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if logit_softcap is not None:
+        logits = torch.tanh(logits / logit_softcap) * logit_softcap
+    logits = logits / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
     logps = log_probs.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -36,7 +43,8 @@ def reference_grpo_loss(hidden, weight, completion_ids, mask, advantages, old_lo
     from .loss import GRPOLossOutput
 
     B, T = mask.shape
-    logps, entropy = reference_logprobs(hidden, weight, completion_ids, bias, config.temperature)
+    logps, entropy = reference_logprobs(hidden, weight, completion_ids, bias, config.temperature,
+                                        config.logit_scale, config.logit_softcap)
     mask = mask.to(logps.dtype)
     old = logps.detach() if old_logps is None else old_logps.to(logps.dtype)
     log_ratio = logps - old

@@ -3,15 +3,18 @@
 Inputs are the active tokens only (rows of `hidden` where completion_mask == 1), so padding
 costs no FLOPs. Per chunk of at most `chunk` tokens:
 
-    logits   = h_c @ W^T (+ b)                      tensor-core matmul, logits dtype = input dtype
-    row pass = lse, logp, entropy, GRPO terms, g;   logits <- d_logits in place
-               (triton: one fused kernel; torch: the same maths in fp32 PyTorch ops)
-    d_h_c    = d_logits @ W                         only when hidden requires grad
-    d_W     += d_logits^T @ h_c                     only when the head is trained (fp32 accumulator)
+    logits   = h_c @ W^T (+ b)                      tensor-core matmul, fp32 result (kernels/matmul.py)
+    row pass = lse, logp, entropy, GRPO terms, g;   d_logits (input dtype, scaled by S for fp16)
+               (triton: one fused kernel writing d_logits over the chunk's own buffer;
+                torch: the same maths in fp32 PyTorch ops)
+    d_h_c    = (d_logits @ W) / S                   fp32, only when hidden requires grad
+    d_W     += (d_logits^T @ h_c) / S               fp32 accumulator, only when the head is trained
 
-The loss is a scalar, so its gradients are computed in the forward pass and scaled by the
-incoming gradient in backward; nothing of size [tokens, vocab] outlives a chunk. Without any
-input requiring grad (no-grad passes) the forward-only path runs instead.
+The loss is a scalar, so its gradients are computed in the forward pass (in fp32) and scaled by the
+incoming gradient in backward, in fp32, before their one rounding to the input dtype; nothing of
+size [tokens, vocab] outlives a chunk. Without any input requiring grad (no-grad passes) the
+forward-only path runs instead. Both passes read the same fp32 logits, so the log-probs of the
+training pass equal those of `forward_logprobs` (old / reference policy) on the same inputs.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import torch
 from torch import Tensor
 
 from .config import KernelConfig
-from .token_math import LossSpec, TokenInputs, sequence_policy, slice_inputs, token_terms
+from .matmul import Head
+from .token_math import LossSpec, TokenInputs, sequence_policy, slice_inputs, token_terms, transform_logits_
+
+FP16_MAX = 65504.0
 
 
 @dataclass
@@ -44,24 +50,36 @@ def chunk_tokens(n: int, vocab: int, bytes_per_logit: int, cfg: KernelConfig, ch
 
 
 # ----------------------------------------------------------------------------------------------
-# forward-only log-probs (no logits kept: triton keeps tiles on chip, torch holds one chunk)
+# forward-only log-probs: the training pass's first half, on the same fp32 chunks
 # ----------------------------------------------------------------------------------------------
 
 
-def _logprobs_torch(hidden, weight, targets, bias, temperature, chunk) -> tuple[Tensor, Tensor]:
+def _logprobs_torch(head: Head, hidden, targets, spec: LossSpec, chunk) -> tuple[Tensor, Tensor]:
     n = hidden.shape[0]
     logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
     entropy = torch.empty(n, device=hidden.device, dtype=torch.float32)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
-        z = hidden[start:end] @ weight.T
-        if bias is not None:
-            z = z + bias
-        z = z.float().div_(temperature)
+        z, _ = transform_logits_(head.logits(hidden[start:end]), spec.logit_scale, spec.logit_softcap)
+        z.mul_(1.0 / spec.temperature)
         lse = torch.logsumexp(z, dim=-1)
         logp[start:end] = z.gather(1, targets[start:end, None]).squeeze(1) - lse
-        z.sub_(lse[:, None])  # z is now log p
-        entropy[start:end] = -(z.exp() * z).sum(-1)
+        log_p = z.sub_(lse[:, None])
+        entropy[start:end] = -(log_p.exp() * log_p).sum(-1)
+    return logp, entropy
+
+
+def _logprobs_triton(head: Head, hidden, targets, spec: LossSpec, chunk, cfg) -> tuple[Tensor, Tensor]:
+    from .grpo_kernel import logprob_rows_triton
+
+    n = hidden.shape[0]
+    logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    entropy = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        logprob_rows_triton(head.logits(hidden[start:end]), targets[start:end], logp[start:end], entropy[start:end],
+                            temperature=spec.temperature, logit_scale=spec.logit_scale,
+                            logit_softcap=spec.logit_softcap, cfg=cfg)
     return logp, entropy
 
 
@@ -70,19 +88,35 @@ def forward_logprobs(
     weight: Tensor,
     targets: Tensor,
     bias: Optional[Tensor],
-    temperature: float,
+    spec: LossSpec,
     backend: str,
     cfg: KernelConfig,
     chunk_size: Optional[int] = None,
+    on_chip: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Per-token (logp, entropy) in fp32 for hidden [n, H]; no autograd."""
+    """Per-token (logp, entropy) in fp32 for hidden [n, H]; no autograd; spec's temperature and logit
+    transform. The logits of a chunk are computed and read exactly as in the training pass (same
+    chunking for the same `chunk_size`), so the log-probs equal the training pass's.
+
+    `on_chip` (triton only): the forward-only kernel whose logit tiles never leave the chip: no chunk
+    buffer, but fp32 sums in another order (log-probs within ~1e-5 of the training pass's)."""
     with torch.no_grad():
-        if backend == "triton":
+        if on_chip:
             from .logprob_kernel import logprobs_triton
 
-            return logprobs_triton(hidden, weight, targets, bias, temperature, cfg)
-        chunk = chunk_tokens(hidden.shape[0], weight.shape[0], 12, cfg, chunk_size)
-        return _logprobs_torch(hidden, weight, targets, bias, temperature, chunk)
+            return logprobs_triton(hidden, weight, targets, bias, spec.temperature, cfg,
+                                   logit_scale=spec.logit_scale, logit_softcap=spec.logit_softcap)
+        head = Head(weight, bias)
+        chunk = chunk_tokens(hidden.shape[0], weight.shape[0], _bytes_per_logit(backend), cfg, chunk_size)
+        if backend == "triton":
+            return _logprobs_triton(head, hidden, targets, spec, chunk, cfg)
+        return _logprobs_torch(head, hidden, targets, spec, chunk)
+
+
+def _bytes_per_logit(backend: str) -> int:
+    # triton: the fp32 chunk (d_logits are written over it); torch: also fp32 temporaries (log p,
+    # dz/dx) and the cast d_logits. Both passes chunk alike, so they see the same logits.
+    return 4 if backend == "triton" else 12
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,15 +124,27 @@ def forward_logprobs(
 # ----------------------------------------------------------------------------------------------
 
 
-def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, seq_ratio, out: dict) -> Tensor:
-    """PyTorch twin of the Triton row kernel; returns d_logits (in logits' dtype)."""
+def fp16_gradient_scale(grad: Tensor, spec: LossSpec) -> Tensor:
+    """[1] fp32 power of two S such that S * |d_logit| <= 65504 for every token of the chunk.
+
+    |d_logit_j| = |g| |1[j == y] - p_j| |dz/dx| / T <= |g| logit_scale / T, so the scaled gradients
+    fill fp16's range without overflowing, and the off-target terms |g| p_j keep ~2^16 / |g| more of
+    their range than unscaled (they would flush to zero below 6e-8)."""
+    bound = grad.abs().max().reshape(1) * (spec.logit_scale / spec.temperature)
+    return torch.exp2(torch.floor(torch.log2(FP16_MAX / bound))).clamp_(max=2.0 ** 100)
+
+
+def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, seq_ratio, out: dict,
+                grad_dtype: torch.dtype):
+    """PyTorch twin of the Triton row kernel on fp32 `logits` (consumed); returns (d_logits in
+    `grad_dtype`, the gradient scale S or None)."""
     inv_t = 1.0 / spec.temperature
-    z = logits.float().mul_(inv_t)
+    z, dz = transform_logits_(logits, spec.logit_scale, spec.logit_softcap, want_derivative=True)
+    z.mul_(inv_t)
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(1, inputs.targets[:, None]).squeeze(1) - lse
-    p = torch.exp(z - lse[:, None])
-    out["entropy"].copy_(lse - (p * z).sum(-1))
-    del z
+    log_p = z.sub_(lse[:, None])
+    out["entropy"].copy_(-(log_p.exp() * log_p).sum(-1))
     out["logp"].copy_(logp)
     terms = token_terms(logp, inputs, spec, seq_grad, seq_ratio)
     out["loss"].copy_(terms.loss)
@@ -107,17 +153,38 @@ def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, s
     if terms.low is not None:
         out["low"].copy_(terms.low)
         out["high"].copy_(terms.high)
-    # d loss / d raw logit = g * (onehot - p) / T
+    # d loss / d raw logit = S * g * (onehot - p) * dz/dx / T
+    p = log_p.exp_()
     p.neg_().scatter_add_(1, inputs.targets[:, None], torch.ones_like(logp[:, None]))
-    p.mul_((terms.grad * inv_t)[:, None])
-    return p if p.dtype == logits.dtype else p.to(logits.dtype)
+    coef = terms.grad * inv_t
+    if isinstance(dz, Tensor):
+        p.mul_(dz)
+    else:
+        coef = coef * dz
+    scale = fp16_gradient_scale(terms.grad, spec) if grad_dtype == torch.float16 else None
+    if scale is not None:
+        coef = coef * scale
+    p.mul_(coef[:, None])
+    return (p if p.dtype == grad_dtype else p.to(grad_dtype)), scale
 
 
-def _rows_triton(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, seq_ratio, out: dict, cfg) -> Tensor:
+def _rows_triton(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, seq_ratio, out: dict, cfg,
+                 grad_dtype: torch.dtype):
+    """The row kernel over fp32 `logits`; d_logits go over the chunk's own buffer (the first half of
+    each row for bf16 / fp16). Returns (d_logits, the gradient scale S or None)."""
     from .grpo_kernel import grpo_rows_triton
+
+    V = logits.shape[1]
+    d_logits = logits if grad_dtype == torch.float32 else logits.view(grad_dtype)[:, :V]
+    scales = []
+
+    def pick_scale(grad: Tensor) -> Tensor:
+        scales.append(fp16_gradient_scale(grad, spec))
+        return scales[-1]
 
     grpo_rows_triton(
         logits,
+        d_logits,
         inputs.targets,
         inputs.token_weight,
         inputs.advantages,
@@ -132,9 +199,12 @@ def _rows_triton(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, 
         epsilon_high=spec.epsilon_high,
         delta=spec.delta,
         temperature=spec.temperature,
+        logit_scale=spec.logit_scale,
+        logit_softcap=spec.logit_softcap,
+        grad_scale=pick_scale if grad_dtype == torch.float16 else None,
         cfg=cfg,
     )
-    return logits
+    return d_logits, (scales[0] if scales else None)
 
 
 def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str, cfg: KernelConfig,
@@ -146,11 +216,11 @@ def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str
 
     seq = None
     if spec.sequence_level:
-        pre_logp, _ = forward_logprobs(hidden, weight, inputs.targets, bias, spec.temperature, backend, cfg, chunk_size)
+        pre_logp, _ = forward_logprobs(hidden, weight, inputs.targets, bias, spec, backend, cfg, chunk_size)
         seq = sequence_policy(pre_logp, inputs, spec)
 
     if not (need_dh or need_dw or need_db):
-        logp, entropy = forward_logprobs(hidden, weight, inputs.targets, bias, spec.temperature, backend, cfg, chunk_size)
+        logp, entropy = forward_logprobs(hidden, weight, inputs.targets, bias, spec, backend, cfg, chunk_size)
         terms = token_terms(logp, inputs, spec, None if seq is None else seq.token_grad,
                             None if seq is None else seq.token_ratio)
         loss = terms.loss.sum() + (seq.loss if seq is not None else 0.0)
@@ -158,39 +228,37 @@ def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str
         high = seq.high.float() if seq is not None else terms.high.float()
         return FusedResult(loss, logp, entropy, terms.kl, low, high), None, None, None
 
+    head = Head(weight, bias)
     out = {k: torch.zeros(n, **f32) for k in ("logp", "entropy", "loss", "low", "high")}
     out["kl"] = torch.zeros(n, **f32) if inputs.ref_logps is not None else None
-    d_hidden = torch.empty_like(hidden) if need_dh else None
+    # gradients are kept in fp32 until backward has scaled them by the upstream gradient
+    d_hidden = torch.empty(n, H, **f32) if need_dh else None
     d_weight = torch.zeros(V, H, **f32) if need_dw else None
     d_bias = torch.zeros(V, **f32) if need_db else None
 
-    # the torch path holds fp32 temporaries of the chunk (z/p and the cast back): budget 3 copies
-    bytes_per_logit = hidden.element_size() if backend == "triton" else 12
-    chunk = chunk_tokens(n, V, bytes_per_logit, cfg, chunk_size)
+    chunk = chunk_tokens(n, V, _bytes_per_logit(backend), cfg, chunk_size)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         h = hidden[start:end]
-        logits = h @ weight.T
-        if bias is not None:
-            logits += bias
+        logits = head.logits(h)
         part = slice_inputs(inputs, start, end)
         part_out = {k: (v[start:end] if v is not None else None) for k, v in out.items()}
         seq_grad = None if seq is None else seq.token_grad[start:end]
         seq_ratio = None if seq is None else seq.token_ratio[start:end]
-        if backend == "triton":
-            d_logits = _rows_triton(logits, part, spec, seq_grad, seq_ratio, part_out, cfg)
-        else:
-            d_logits = _rows_torch(logits, part, spec, seq_grad, seq_ratio, part_out)
+        rows = _rows_triton if backend == "triton" else _rows_torch
+        extra = (cfg,) if backend == "triton" else ()
+        d_logits, scale = rows(logits, part, spec, seq_grad, seq_ratio, part_out, *extra, hidden.dtype)
         del logits
+        inv_scale = None if scale is None else 1.0 / scale
         if need_dh:
-            torch.matmul(d_logits, weight, out=d_hidden[start:end])
-        if need_dw:
-            if d_logits.dtype == torch.float32:
-                d_weight.addmm_(d_logits.T, h)
-            else:
-                d_weight.add_(d_logits.T @ h)
+            head.d_hidden_into(d_logits, out=d_hidden[start:end])
+            if inv_scale is not None:
+                d_hidden[start:end].mul_(inv_scale)
+        if need_dw:  # fp16: one host sync per chunk for the product's scalar factor
+            head.accumulate_d_weight(d_weight, d_logits, h, alpha=1.0 if inv_scale is None else float(inv_scale))
         if need_db:
-            d_bias.add_(d_logits.sum(0, dtype=torch.float32))
+            column_sums = d_logits.sum(0, dtype=torch.float32)
+            d_bias.add_(column_sums if inv_scale is None else column_sums.mul_(inv_scale))
         del d_logits
 
     loss = out["loss"].sum() + (seq.loss if seq is not None else 0.0)
@@ -221,9 +289,12 @@ class _FusedGRPOFunction(torch.autograd.Function):
             raise RuntimeError("the fused GRPO loss does not support backward twice (retain_graph)")
         d_hidden, d_weight, d_bias = ctx.grads
         ctx.grads = None
+        # The upstream gradient (a GradScaler's 65536, say) multiplies the fp32 gradients before their
+        # one rounding to the input dtype: in fp16 the scale itself would not fit.
+        scale = grad_loss.to(torch.float32)
         grads = []
         for g, dtype in zip((d_hidden, d_weight, d_bias), ctx.dtypes):
-            grads.append(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype))
+            grads.append(None if g is None else g.mul_(scale).to(dtype))
         return grads[0], grads[1], grads[2], None, None, None, None, None
 
 

@@ -1,15 +1,24 @@
-"""Fused GRPO row kernel: one pass per token over a chunk of logits, gradient written in place.
+"""Fused GRPO row kernel: one program per token streams its row of fp32 logits.
 
-For token n with logits z = (h W^T + b) / T (the chunk was produced by a tensor-core matmul), one
-program streams the row twice:
+For token n with raw logits x = h W^T + b (fp32, from a tensor-core matmul with an fp32 result) and
+z = f(x) / T (f: the model's logit transform, kernels/tl_math.py; identity for most models):
 
 pass 1  online log-sum-exp, entropy and target logit:  lse, logp = z[y] - lse, H = lse - sum p z
 then    the GRPO terms of kernels/token_math.py in registers: ratio exp(logp - old), the clip to
         [1 - eps_low, 1 + eps_high], the optional delta cap, the advantage of the token's sequence,
-        the k3 KL against ref (times the ratio with KL_CORRECTION), the loss-normalisation weight w, giving the token's loss
-        contribution and g = d loss / d logp
-pass 2  d loss / d (raw logit j) = g * (1[j == y] - p_j) / T, written over the logits in place, so
-        the caller's d_hidden = d_logits @ W (and d_W = d_logits^T @ h) reuse the chunk's buffer.
+        the k3 KL against ref (times the ratio with KL_CORRECTION; added only when beta != 0, so an
+        overflowing exp(ref - logp) cannot turn the loss into 0 * inf), the loss-normalisation weight
+        w, giving the token's loss contribution and g = d loss / d logp
+pass 2  d loss / d x_j = S * g * (1[j == y] - p_j) * f'(x_j) / T, written in the input dtype over the
+        first half of the token's own fp32 row (d_logits, row stride 2V in elements of 2 bytes), so
+        the caller's d_hidden = d_logits @ W (and d_W += d_logits^T @ h) reuse the chunk's buffer.
+        Pass 2 stores tile k at bytes [2 k B, 2 (k+1) B) of the row, which pass 2 has already read
+        (tile k reads [4 k B, 4 (k+1) B)): no later load sees a store.
+
+S is a power of two (1 unless the input is fp16): fp16 cannot hold the off-target terms w * p_j
+(~1e-9 for a batch of thousands of tokens), so they are written scaled to fill fp16's range and
+the caller divides the fp32 products by S. S depends on the largest g of the whole chunk, so for
+fp16 the passes run as two launches (PASS1, then PASS2 with S); otherwise as one.
 
 At sequence-level importance sampling the policy part of g depends on every token of the
 sequence; it is computed beforehand (forward-only pre-pass) and passed in as `seq_grad`.
@@ -25,12 +34,15 @@ import triton.language as tl
 from torch import Tensor
 
 from .config import KernelConfig
+from .tl_math import transform_logits
 
 
 @triton.jit
 def _grpo_row_kernel(
-    logits_ptr,  # [n, V] chunk logits incl. bias (bf16/fp16/fp32); overwritten with d_logits
+    logits_ptr,  # [n, V] fp32 raw chunk logits (bias included)
     stride_row,
+    dlogits_ptr,  # [n, V] out: d_logits in the input dtype (may alias logits_ptr's rows, see above)
+    stride_drow,
     targets_ptr,  # [n] int64
     weight_ptr,  # [n] fp32 loss-normalisation weight of each token
     adv_ptr,  # [n] fp32 advantage of the token's sequence
@@ -44,106 +56,135 @@ def _grpo_row_kernel(
     kl_ptr,  # [n] fp32 out (HAS_REF)
     low_ptr,  # [n] fp32 out: 1.0 where the low clip is active (token level)
     high_ptr,  # [n] fp32 out: 1.0 where the high clip is active (token level)
+    lse_ptr,  # [n] fp32: written by pass 1, read by pass 2 when they are separate launches
+    grad_ptr,  # [n] fp32 g = d loss / d logp: likewise
+    scale_ptr,  # [1] fp32 gradient scale S (SCALED)
     V,
     inv_temperature,
+    logit_scale,
+    softcap,
     beta,
     clip_low,  # 1 - epsilon_low
     clip_high,  # 1 + epsilon_high
     delta,
     HAS_OLD: tl.constexpr,
     HAS_REF: tl.constexpr,
+    USE_KL: tl.constexpr,  # beta != 0: the KL enters the loss
     HAS_DELTA: tl.constexpr,
     SEQUENCE_LEVEL: tl.constexpr,
     KL_CORRECTION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    TERMS: tl.constexpr,  # False: log-probs and entropies only (the no-grad passes)
+    PASS1: tl.constexpr,
+    PASS2: tl.constexpr,
+    SCALED: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
 
-    # ---- pass 1: online log-sum-exp, entropy, target ----
-    m = float("-inf")
-    s = 0.0
-    a = 0.0
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        z = tl.load(base + cols, mask=col_mask, other=float("-inf")).to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tl.max(z, 0))
-        rescale = tl.exp(m - m_new)
-        e = tl.where(col_mask, tl.exp(z - m_new), 0.0)
-        s = s * rescale + tl.sum(e, 0)
-        a = a * rescale + tl.sum(e * tl.where(col_mask, z, 0.0), 0)  # no 0 * -inf
-        m = m_new
-    lse = m + tl.log(s)
-    z_target = tl.load(base + target).to(tl.float32) * inv_temperature
-    logp = z_target - lse
-    entropy = lse - a / s
+    if PASS1:
+        # ---- online log-sum-exp, entropy, target ----
+        m = float("-inf")
+        s = 0.0
+        a = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < V
+            x = tl.load(base + cols, mask=col_mask, other=0.0)
+            z, _ = transform_logits(x, logit_scale, softcap, SOFTCAP)
+            z = tl.where(col_mask, z * inv_temperature, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            rescale = tl.exp(m - m_new)
+            e = tl.where(col_mask, tl.exp(z - m_new), 0.0)
+            s = s * rescale + tl.sum(e, 0)
+            a = a * rescale + tl.sum(e * tl.where(col_mask, z, 0.0), 0)  # no 0 * -inf
+            m = m_new
+        lse = m + tl.log(s)
+        z_target, _ = transform_logits(tl.load(base + target), logit_scale, softcap, SOFTCAP)
+        logp = z_target * inv_temperature - lse
+        entropy = lse - a / s
 
-    # ---- GRPO terms (see kernels/token_math.py) ----
-    w = tl.load(weight_ptr + row)
-    loss = 0.0
-    grad = 0.0
-    ratio = 1.0  # the importance ratio that multiplies the KL (KL_CORRECTION)
-    if SEQUENCE_LEVEL:
-        grad = tl.load(seq_grad_ptr + row)
-        if KL_CORRECTION:
-            ratio = tl.load(seq_ratio_ptr + row)
-    else:
-        adv = tl.load(adv_ptr + row)
-        log_ratio = 0.0
-        if HAS_OLD:
-            log_ratio = logp - tl.load(old_ptr + row)
-        c1 = tl.exp(log_ratio)
-        ratio = c1
-        c2 = tl.minimum(tl.maximum(c1, clip_low), clip_high)
-        c1_used = c1
-        d1 = adv * c1
-        if HAS_DELTA:
-            c1_used = tl.minimum(c1, delta)
-            d1 = tl.where(c1 <= delta, d1, 0.0)
-        l1 = c1_used * adv
-        l2 = c2 * adv
-        d2 = tl.where((c1 >= clip_low) & (c1 <= clip_high), adv * c1, 0.0)
-        d_min = tl.where(l1 < l2, d1, tl.where(l1 > l2, d2, 0.5 * (d1 + d2)))
-        loss = -tl.minimum(l1, l2) * w
-        grad = -d_min * w
-        low = (c1_used < clip_low) & (adv < 0.0)
-        high = (c1_used > clip_high) & (adv > 0.0)
-        tl.store(low_ptr + row, tl.where(low, 1.0, 0.0))
-        tl.store(high_ptr + row, tl.where(high, 1.0, 0.0))
-    if HAS_REF:
-        diff = tl.load(ref_ptr + row) - logp
-        e_diff = tl.exp(diff)
-        kl = e_diff - diff - 1.0
-        d_kl = 1.0 - e_diff
-        if KL_CORRECTION:
-            # token level: d(kl r)/d logp = r (d_kl + kl); sequence level: the ratio's share is in seq_grad
+        if TERMS:
+            # ---- GRPO terms (see kernels/token_math.py) ----
+            w = tl.load(weight_ptr + row)
+            loss = 0.0
+            grad = 0.0
+            ratio = 1.0  # the importance ratio that multiplies the KL (KL_CORRECTION)
             if SEQUENCE_LEVEL:
-                d_kl = ratio * d_kl
+                grad = tl.load(seq_grad_ptr + row)
+                if KL_CORRECTION:
+                    ratio = tl.load(seq_ratio_ptr + row)
             else:
-                d_kl = ratio * (d_kl + kl)
-            kl = kl * ratio
-        tl.store(kl_ptr + row, kl)
-        loss = loss + w * beta * kl
-        grad = grad + w * beta * d_kl
-    tl.store(logp_ptr + row, logp)
-    tl.store(entropy_ptr + row, entropy)
-    tl.store(loss_ptr + row, loss)
+                adv = tl.load(adv_ptr + row)
+                log_ratio = 0.0
+                if HAS_OLD:
+                    log_ratio = logp - tl.load(old_ptr + row)
+                c1 = tl.exp(log_ratio)
+                ratio = c1
+                c2 = tl.minimum(tl.maximum(c1, clip_low), clip_high)
+                c1_used = c1
+                d1 = adv * c1
+                if HAS_DELTA:
+                    c1_used = tl.minimum(c1, delta)
+                    d1 = tl.where(c1 <= delta, d1, 0.0)
+                l1 = c1_used * adv
+                l2 = c2 * adv
+                d2 = tl.where((c1 >= clip_low) & (c1 <= clip_high), adv * c1, 0.0)
+                d_min = tl.where(l1 < l2, d1, tl.where(l1 > l2, d2, 0.5 * (d1 + d2)))
+                loss = -tl.minimum(l1, l2) * w
+                grad = -d_min * w
+                low = (c1_used < clip_low) & (adv < 0.0)
+                high = (c1_used > clip_high) & (adv > 0.0)
+                tl.store(low_ptr + row, tl.where(low, 1.0, 0.0))
+                tl.store(high_ptr + row, tl.where(high, 1.0, 0.0))
+            if HAS_REF:
+                diff = tl.load(ref_ptr + row) - logp
+                e_diff = tl.exp(diff)
+                kl = e_diff - diff - 1.0
+                d_kl = 1.0 - e_diff
+                if KL_CORRECTION:
+                    # token level: d(kl r)/d logp = r (d_kl + kl); sequence level: the ratio's share is in seq_grad
+                    if SEQUENCE_LEVEL:
+                        d_kl = ratio * d_kl
+                    else:
+                        d_kl = ratio * (d_kl + kl)
+                    kl = kl * ratio
+                tl.store(kl_ptr + row, kl)
+                if USE_KL:
+                    loss = loss + w * beta * kl
+                    grad = grad + w * beta * d_kl
+        tl.store(logp_ptr + row, logp)
+        tl.store(entropy_ptr + row, entropy)
+        if TERMS:
+            tl.store(loss_ptr + row, loss)
+        if TERMS and not PASS2:
+            tl.store(lse_ptr + row, lse)
+            tl.store(grad_ptr + row, grad)
+    else:
+        lse = tl.load(lse_ptr + row)
+        grad = tl.load(grad_ptr + row)
 
-    # ---- pass 2: d_logits in place ----
-    coef = grad * inv_temperature
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        raw = tl.load(base + cols, mask=col_mask, other=0.0)
-        p = tl.exp(raw.to(tl.float32) * inv_temperature - lse)
-        d = coef * (tl.where(cols == target, 1.0, 0.0) - p)
-        tl.store(base + cols, d.to(raw.dtype), mask=col_mask)
+    if PASS2:
+        # ---- d_logits ----
+        coef = grad * inv_temperature
+        if SCALED:
+            coef = coef * tl.load(scale_ptr)
+        d_base = dlogits_ptr + row * stride_drow
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < V
+            x = tl.load(base + cols, mask=col_mask, other=0.0)
+            z, dz = transform_logits(x, logit_scale, softcap, SOFTCAP)
+            p = tl.exp(z * inv_temperature - lse)
+            d = coef * (tl.where(cols == target, 1.0, 0.0) - p) * dz
+            tl.store(d_base + cols, d.to(dlogits_ptr.dtype.element_ty), mask=col_mask)
 
 
 def grpo_rows_triton(
     logits: Tensor,
+    d_logits: Tensor,
     targets: Tensor,
     token_weight: Tensor,
     advantages: Tensor,
@@ -159,18 +200,30 @@ def grpo_rows_triton(
     epsilon_high: float,
     delta: Optional[float],
     temperature: float,
+    logit_scale: float,
+    logit_softcap: Optional[float],
+    grad_scale: Optional[Tensor],
     cfg: KernelConfig,
 ) -> None:
-    """Launcher. `logits` [n, V] (row-contiguous) becomes d_logits; per-token results go to the
-    fp32 [n] tensors in `out` ("logp", "entropy", "loss", "kl", "low", "high")."""
+    """Launcher. `logits` [n, V] fp32 (row-contiguous); `d_logits` [n, V] receives the gradient (in its
+    own dtype; it may be `logits` itself, or the first half of each of its rows); per-token results go
+    to the fp32 [n] tensors in `out` ("logp", "entropy", "loss", "kl", "low", "high").
+
+    `grad_scale`: None, or a callable (g [n] fp32 -> S [1] fp32) that picks the gradient scale S from
+    the chunk's gradient coefficients; the passes then run as two launches."""
     n, V = logits.shape
     if n == 0:
         return
-    assert logits.stride(1) == 1
+    assert logits.dtype == torch.float32 and logits.stride(1) == 1 and d_logits.stride(1) == 1
     dummy = out["logp"]
-    _grpo_row_kernel[(n,)](
+    split = grad_scale is not None
+    lse = torch.empty(n, device=logits.device, dtype=torch.float32) if split else dummy
+    grad = torch.empty(n, device=logits.device, dtype=torch.float32) if split else dummy
+    args = [
         logits,
         logits.stride(0),
+        d_logits,
+        d_logits.stride(0),
         targets,
         token_weight,
         advantages,
@@ -184,17 +237,63 @@ def grpo_rows_triton(
         out["kl"] if ref_logps is not None else dummy,
         out["low"],
         out["high"],
+        lse,
+        grad,
+    ]
+    scalars = [
         V,
         1.0 / temperature,
+        float(logit_scale),
+        float(logit_softcap) if logit_softcap is not None else 1.0,
         float(beta),
         1.0 - epsilon_low,
         1.0 + epsilon_high,
         float(delta) if delta is not None else 0.0,
+    ]
+    flags = dict(
+        TERMS=True,
         HAS_OLD=old_logps is not None,
         HAS_REF=ref_logps is not None,
+        USE_KL=ref_logps is not None and beta != 0.0,
         HAS_DELTA=delta is not None,
         SEQUENCE_LEVEL=seq_grad is not None,
         KL_CORRECTION=bool(kl_bias_correction) and ref_logps is not None,
+        SOFTCAP=logit_softcap is not None,
         BLOCK_V=min(cfg.row_block_v, triton.next_power_of_2(V)),
         num_warps=cfg.row_num_warps,
+    )
+    if not split:
+        _grpo_row_kernel[(n,)](*args, dummy, *scalars, PASS1=True, PASS2=True, SCALED=False, **flags)
+        return
+    _grpo_row_kernel[(n,)](*args, dummy, *scalars, PASS1=True, PASS2=False, SCALED=False, **flags)
+    scale = grad_scale(grad)
+    _grpo_row_kernel[(n,)](*args, scale, *scalars, PASS1=False, PASS2=True, SCALED=True, **flags)
+
+
+def logprob_rows_triton(
+    logits: Tensor,
+    targets: Tensor,
+    logp: Tensor,
+    entropy: Tensor,
+    *,
+    temperature: float,
+    logit_scale: float,
+    logit_softcap: Optional[float],
+    cfg: KernelConfig,
+) -> None:
+    """Pass 1 alone (no GRPO terms, no gradient): per-token log-probs and entropies of fp32 `logits`
+    [n, V] into the fp32 [n] `logp` and `entropy`. The training pass runs the same code on the same
+    logits, so its log-probs equal these."""
+    n, V = logits.shape
+    if n == 0:
+        return
+    assert logits.dtype == torch.float32 and logits.stride(1) == 1
+    _grpo_row_kernel[(n,)](
+        logits, logits.stride(0), logits, logits.stride(0), targets,
+        *([logp] * 6), logp, entropy, *([logp] * 7),
+        V, 1.0 / temperature, float(logit_scale), float(logit_softcap) if logit_softcap is not None else 1.0,
+        0.0, 0.0, 0.0, 0.0,
+        TERMS=False, HAS_OLD=False, HAS_REF=False, USE_KL=False, HAS_DELTA=False, SEQUENCE_LEVEL=False,
+        KL_CORRECTION=False, SOFTCAP=logit_softcap is not None, PASS1=True, PASS2=False, SCALED=False,
+        BLOCK_V=min(cfg.row_block_v, triton.next_power_of_2(V)), num_warps=cfg.row_num_warps,
     )

@@ -1,4 +1,6 @@
-"""Forward-only log-prob kernel: log_softmax(h @ W.T + b)[target] without writing any logits.
+"""Forward-only log-prob kernel: log_softmax(f(h @ W.T + b) / T)[target] without writing any logits
+(f: the model's logit transform, kernels/tl_math.py). Tiles accumulate and stay in fp32, as the
+training pass's logits do (kernels/matmul.py), so both passes give the same log-probs.
 
 For a block of BLOCK_N tokens and one slice of the vocabulary, the kernel walks the slice in
 BLOCK_V-wide tiles; each tile of logits is produced by tl.dot over H in BLOCK_H steps and never
@@ -29,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .config import KernelConfig, interpreting
+from .tl_math import transform_logits
 
 
 @triton.jit
@@ -51,7 +54,10 @@ def _logprob_fwd_kernel(
     v_per_split,
     num_splits,
     inv_temperature,
+    logit_scale,
+    softcap,
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # the model's logit transform (kernels/tl_math.py)
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter: bf16 dots are wrong)
     IEEE_FP32: tl.constexpr,  # fp32 inputs: full-precision dot instead of tf32
     BLOCK_N: tl.constexpr,
@@ -107,7 +113,8 @@ def _logprob_fwd_kernel(
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             acc = acc + b[None, :]
-        z_finite = acc * inv_temperature
+        z_model, _ = transform_logits(acc, logit_scale, softcap, SOFTCAP)
+        z_finite = z_model * inv_temperature
         z = tl.where(col_mask[None, :], z_finite, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
         rescale = tl.exp(m - m_new)
@@ -137,8 +144,12 @@ def logprobs_triton(
     bias: Optional[Tensor],
     temperature: float,
     cfg: KernelConfig,
+    *,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Launcher: per-token (logp, entropy) in fp32 for hidden [N, H], weight [V, H], targets [N]."""
+    """Launcher: per-token (logp, entropy) in fp32 for hidden [N, H], weight [V, H], targets [N];
+    logits z = softcap(logit_scale * (h W^T + b)) / temperature (kernels/tl_math.py)."""
     N, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
@@ -175,7 +186,10 @@ def logprobs_triton(
         v_per_split,
         num_splits,
         1.0 / temperature,
+        float(logit_scale),
+        float(logit_softcap) if logit_softcap is not None else 1.0,
         HAS_BIAS=bias is not None,
+        SOFTCAP=logit_softcap is not None,
         UPCAST=interpreting() or hidden.dtype == torch.float32,
         IEEE_FP32=hidden.dtype == torch.float32 and not interpreting(),
         BLOCK_N=cfg.fwd_block_n,

@@ -37,6 +37,22 @@ class LossSpec:
     temperature: float = 1.0
     sequence_level: bool = False
     kl_bias_correction: bool = False  # multiply the KL by the importance ratio (unbiased reverse-KL gradient)
+    logit_scale: float = 1.0  # the model's logit transform: z = softcap * tanh(logit_scale * x / softcap),
+    logit_softcap: Optional[float] = None  # or z = logit_scale * x without a cap (kernels/tl_math.py)
+
+
+def transform_logits_(x: Tensor, logit_scale: float, logit_softcap: Optional[float], want_derivative: bool = False):
+    """The model's logit transform applied in place to raw fp32 logits x; returns (z, dz/dx or None).
+    dz/dx is a tensor with the cap, the scalar logit_scale without (the PyTorch twin of tl_math)."""
+    if logit_scale != 1.0:
+        x.mul_(logit_scale)
+    if logit_softcap is None:
+        return x, (logit_scale if want_derivative else None)
+    t = x.div_(logit_softcap).tanh_()
+    derivative = None
+    if want_derivative:
+        derivative = (1.0 - t * t).mul_(logit_scale)
+    return t.mul_(logit_softcap), derivative
 
 
 @dataclass

@@ -1,0 +1,33 @@
+"""Triton helpers shared by the kernels: the model's logit transform and its derivative.
+
+Some models change the logits after the lm_head (transformers' CausalLM forwards):
+
+    z = softcap * tanh(logit_scale * x / softcap)     (Gemma 2/3: final_logit_softcapping)
+    z = logit_scale * x                               (Cohere: logit_scale; Granite: 1 / logits_scaling)
+
+with x = h @ W.T + b the raw logit. The sampled distribution is softmax(z / temperature), so the
+loss must use the same z; dz/dx = logit_scale * (1 - tanh^2) with the cap, logit_scale without.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(y):
+    # exp of a non-positive argument never overflows; |error| stays at a few fp32 ulps of 1
+    # (libdevice's tanh is not available under the CPU interpreter, where the tests run)
+    e = tl.exp(-2.0 * tl.abs(y))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(y < 0.0, -t, t)
+
+
+@triton.jit
+def transform_logits(x, logit_scale, softcap, SOFTCAP: tl.constexpr):
+    """(z, dz/dx) for finite raw fp32 logits x (any shape); logit_scale > 0."""
+    u = x * logit_scale
+    if SOFTCAP:
+        t = tanh(u / softcap)
+        return softcap * t, logit_scale * (1.0 - t * t)
+    else:
+        return u, logit_scale
