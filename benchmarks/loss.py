@@ -7,7 +7,10 @@
 Providers (same inputs, same loss options; peers only when installed):
   reference   grpo_fast backend="reference": eager, [tokens, vocab] logits materialised (baseline)
   torch       grpo_fast backend="torch": chunked PyTorch
-  triton      grpo_fast backend="triton": chunked, fused Triton row pass (+ forward-only kernel)
+  triton      grpo_fast backend="triton": chunked fp32 logits, fused Triton row pass (the no-grad
+              log-probs: the same chunks, the pass's first half)
+  triton_on_chip  logprobs mode only: token_logprobs(on_chip=True), the forward-only kernel whose
+              logit tiles never leave the chip (no chunk buffer)
   liger       Liger-Kernel's LigerFusedLinearGRPOLoss (chunked per sequence, torch.compile on GPU)
   trl         what TRL's GRPOTrainer runs: its fused LM head (trl.kernels.ChunkedLogProbFunction,
               the chunk TRL uses) on the active tokens, then GRPOTrainer's loss formula
@@ -59,7 +62,7 @@ def head_dims(name: str) -> tuple[int, int]:
     raise ValueError(f"--heads: expected names from {', '.join(HEADS)} or <H>x<V>, got {name!r}")
 
 
-PROVIDERS = ("reference", "torch", "triton", "liger", "trl", "trl_logits")
+PROVIDERS = ("reference", "torch", "triton", "triton_on_chip", "liger", "trl", "trl_logits")
 MODES = ("forward", "backward", "full", "logprobs")
 GRAD_IN_FORWARD = {"torch", "triton", "liger"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -167,16 +170,16 @@ def trl_formula(logps: torch.Tensor, x: Inputs, cfg: GRPOLossConfig) -> torch.Te
     return (per_token * mask).sum() / max(float(normaliser), 1.0)
 
 
-def grpo_fast_provider(backend: str):
+def grpo_fast_provider(backend: str, on_chip: bool = False):
     def loss(x: Inputs, cfg: GRPOLossConfig):
         return lambda: grpo_loss(x.hidden, x.weight, x.ids, x.mask, advantages=x.advantages, old_logps=x.old_logps,
                                  ref_logps=x.ref_logps, bias=x.bias, config=cfg, backend=backend).loss
 
     def logprobs(x: Inputs, cfg: GRPOLossConfig):
         return lambda: token_logprobs(x.hidden, x.weight, x.ids, bias=x.bias, temperature=cfg.temperature,
-                                      backend=backend, completion_mask=x.mask)
+                                      backend=backend, completion_mask=x.mask, on_chip=on_chip)
 
-    return loss, logprobs
+    return (None if on_chip else loss), logprobs
 
 
 def liger_provider():
@@ -244,10 +247,10 @@ def load_provider(name: str, device: torch.device):
     try:
         if name in ("reference", "torch"):
             return grpo_fast_provider(name)
-        if name == "triton":
+        if name in ("triton", "triton_on_chip"):
             if not triton_usable_on(device):
                 return "needs CUDA (or TRITON_INTERPRET=1 on CPU)"
-            return grpo_fast_provider(name)
+            return grpo_fast_provider("triton", on_chip=name == "triton_on_chip")
         if name == "liger":
             return liger_provider()
         if name == "trl":
@@ -427,6 +430,8 @@ def main(argv=None) -> dict:
                            "flops": useful_flops(mode, x.active, H, V, args.train_head)}
                     if isinstance(factories[name], str):
                         row.update(status="unavailable", error=factories[name], ms_median=None, peak_mib=None)
+                    elif mode != "logprobs" and factories[name][0] is None:
+                        continue  # a log-prob-only provider (triton_on_chip): its loss is triton's
                     else:
                         row.update(run_case(factories[name], mode, x, cfg, device, timing))
                     rows.append(row)

@@ -1,8 +1,15 @@
 """Test setup: without CUDA, Triton kernels run in the interpreter (set before they are defined)."""
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# `benchmarks/` is a directory of the repository, not an installed package: tests import it
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

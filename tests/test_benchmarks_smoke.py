@@ -93,3 +93,18 @@ def test_unavailable_provider_and_oom_become_rows():
 
     result = common.measure(oom, torch.device("cpu"))
     assert result["status"] == "oom" and result["ms_median"] is None and "out of memory" in result["error"]
+
+
+def test_logprob_accuracy_tiny_run(tmp_path):
+    from benchmarks import logprob_accuracy
+
+    payload = logprob_accuracy.main(["--tiny", "--out-dir", str(tmp_path)])
+    rows = {(row["max_logit"], row["path"]): row for row in payload["rows"]}
+    for max_logit in (18.0, 32.0):
+        eager = rows[(max_logit, "eager/bf16_logits")]["max_abs_error"]
+        assert eager > 1e-2  # bf16 logits of these sizes are off by up to 0.06-0.125
+        for backend in ("triton", "torch"):
+            for kind in ("train", "no_grad"):
+                row = rows[(max_logit, f"grpo_fast/{backend}/{kind}")]
+                assert row["train_vs_no_grad"] == 0.0 and row["max_abs_error"] < eager / 100
+    assert list(tmp_path.glob("logprob-accuracy-*.md"))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.logprob_accuracy import realistic_head as _realistic_head
 from grpo_fast import GRPOLossConfig, grpo_loss, token_logprobs
 from grpo_fast.reference import reference_grpo_loss, reference_logprobs
 from helpers import DEVICE, wide_interpreter_tiles  # noqa: F401 (fixture)
@@ -22,23 +23,10 @@ from helpers import DEVICE, wide_interpreter_tiles  # noqa: F401 (fixture)
 FUSED = ["torch", "triton"]
 
 
-def realistic_head(n: int, H: int, V: int, max_logit: float, dtype: torch.dtype, seed: int = 0, contenders: int = 4):
-    """(hidden [1, n, H], weight [V, H], ids [1, n]) with logits like a trained model's: a spread of
-    N(0, ~2) over the vocabulary and, per row, `contenders` tokens within 2.5 of `max_logit`;
-    targets are sampled from the softmax, as rollouts sample them (often not the top token)."""
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / math.sqrt(H)
-    hidden = torch.randn(n, H, generator=g, dtype=torch.float64) * 2.0
-    for row in range(n):  # the least change of the hidden state that puts the contenders' logits in place
-        tokens = torch.randperm(V, generator=g)[:contenders]
-        wanted = max_logit - torch.cat([torch.zeros(1, dtype=torch.float64),
-                                        2.5 * torch.rand(contenders - 1, generator=g, dtype=torch.float64)])
-        rows = weight[tokens]
-        hidden[row] += torch.linalg.lstsq(rows, wanted - rows @ hidden[row]).solution
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    probs = torch.softmax(hidden.double() @ weight.double().T, dim=-1)
-    ids = torch.multinomial(probs, 1, generator=g).squeeze(1)
-    return hidden[None].to(DEVICE), weight.to(DEVICE), ids[None].to(DEVICE)
+def realistic_head(n: int, H: int, V: int, max_logit: float, dtype: torch.dtype, seed: int = 0):
+    """A trained model's logits (row maxima near `max_logit`, a few contenders, sampled targets):
+    benchmarks.logprob_accuracy.realistic_head on the test device."""
+    return _realistic_head(n, H, V, max_logit, dtype, seed=seed, device=DEVICE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,9 +180,12 @@ def test_trained_head_makes_no_per_chunk_weight_copies(backend):
         with _CountLarge(weight.numel()) as spy:
             out = grpo_loss(hidden, w, ids, mask, advantages=torch.ones(1, device=DEVICE),
                             config=GRPOLossConfig(chunk_size=chunk_size), backend=backend)
+            out.loss.backward()
         return spy.count
 
-    assert count(2) == count(16)  # 8 chunks make no more [V, H] tensors than 1
+    # forward and backward: 8 chunks make no more [V, H] buffers than 1 (the fp32 accumulator, the
+    # gradient in the weight's dtype, and on CPU one fp32 copy of the head for the fp32 products)
+    assert count(2) == count(16) <= 3
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -1,0 +1,248 @@
+"""The CUDA-only paths, run by `pytest -m gpu` on a GPU (skipped elsewhere, tests/conftest.py).
+
+What no CPU test can reach: the Triton kernels compiled (not interpreted) in bf16 / fp16 at a 7B
+head's shape, cuBLAS's fp32-output products, the rollout engine with CUDA graphs, compaction and
+the fused NF4 matmul against the same engine eager and Hugging Face `generate`, the NF4 custom op
+inside an inductor-compiled graph, and the trainer on CUDA. The rule for the loss is the CPU
+suite's: a fused backend's error against float64 may not exceed the eager reference's in the same
+dtype, plus a small tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from benchmarks.logprob_accuracy import realistic_head
+from grpo_fast import GRPOLossConfig, grpo_loss, token_logprobs
+from grpo_fast.reference import reference_grpo_loss
+
+pytestmark = pytest.mark.gpu
+
+CUDA = torch.device("cuda")
+H_7B, V_7B = 3584, 152064  # Qwen2.5-7B's lm_head
+RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _head_case(dtype, tokens=256, rows=4, max_logit=24.0, seed=0):
+    hidden, weight, ids = realistic_head(tokens, H_7B, V_7B, max_logit, dtype, seed=seed, device=CUDA)
+    hidden, ids = hidden.view(rows, tokens // rows, H_7B), ids.view(rows, tokens // rows)
+    mask = torch.ones_like(ids)
+    mask[1, tokens // rows // 2:] = 0  # a shorter completion
+    with torch.no_grad():
+        exact = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(-1, ids[..., None]).squeeze(-1)
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    old = (exact - 0.3 * torch.randn(exact.shape, generator=g, device=CUDA, dtype=torch.float64)).float()
+    ref = (exact + 0.3 * torch.randn(exact.shape, generator=g, device=CUDA, dtype=torch.float64)).float()
+    advantages = torch.tensor([1.0, -0.5, 0.7, -1.2], device=CUDA)[:rows]
+    return hidden, weight, ids, mask, advantages, old, ref
+
+
+def _run(backend, hidden, weight, ids, mask, advantages, old, ref, config):
+    as64 = backend == "float64"
+    h = (hidden.double() if as64 else hidden).detach().requires_grad_(True)
+    w = (weight.double() if as64 else weight).detach().requires_grad_(True)
+    if as64:
+        out = reference_grpo_loss(h, w, ids, mask.bool(), advantages.double(), old.double(), ref.double(), None, config)
+    else:
+        out = grpo_loss(h, w, ids, mask, advantages=advantages, old_logps=old, ref_logps=ref, config=config,
+                        backend=backend)
+    out.loss.backward()
+    result = {"loss": out.loss.detach().double(), "logps": out.logps.double() * mask,
+              "d_hidden": h.grad.double(), "d_weight": w.grad.double()}
+    del h, w, out
+    return result
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_compiled_loss_matches_float64_at_a_7b_head(dtype):
+    case = _head_case(dtype)
+    config = GRPOLossConfig(loss_type="grpo", beta=0.04, epsilon_high=0.28, chunk_size=96)
+    exact = _run("float64", *case, config)
+    eager = _run("reference", *case, config)
+    fused = _run("triton", *case, config)
+    for key in exact:
+        scale = exact[key].abs().max().item()
+        err_fused = (fused[key] - exact[key]).abs().max().item()
+        err_eager = (eager[key] - exact[key]).abs().max().item()
+        assert math.isfinite(err_fused), key
+        assert err_fused <= err_eager + RTOL[dtype] * scale + 1e-7, (key, err_fused, err_eager)
+
+
+def test_compiled_logit_transform_matches_float64():
+    hidden, weight, ids = realistic_head(64, 512, 32000, 40.0, torch.bfloat16, seed=1, device=CUDA)
+    mask = torch.ones_like(ids)
+    config = GRPOLossConfig(logit_scale=0.5, logit_softcap=15.0, beta=0.0)
+    h64 = hidden.double().requires_grad_(True)
+    exact = reference_grpo_loss(h64, weight.double(), ids, mask.bool(), torch.ones(1, device=CUDA, dtype=torch.float64),
+                                None, None, None, config)
+    exact.loss.backward()
+    h = hidden.clone().requires_grad_(True)
+    out = grpo_loss(h, weight, ids, mask, advantages=torch.ones(1, device=CUDA), config=config, backend="triton")
+    out.loss.backward()
+    assert (out.logps.double() - exact.logps).abs().max().item() <= 1e-4
+    err = (h.grad.double() - h64.grad).abs().max() / h64.grad.abs().max()
+    assert err.item() <= 2e-2
+
+
+def test_compiled_training_logps_are_the_no_grad_logps_at_a_7b_head():
+    hidden, weight, ids, mask, advantages, old, ref = _head_case(torch.bfloat16, seed=2)
+    config = GRPOLossConfig(beta=0.04, chunk_size=96)
+    no_grad = token_logprobs(hidden, weight, ids, completion_mask=mask, backend="triton", chunk_size=96)
+    out = grpo_loss(hidden.clone().requires_grad_(True), weight, ids, mask, advantages=advantages,
+                    old_logps=no_grad, ref_logps=no_grad, config=config, backend="triton")
+    assert torch.equal(out.logps, no_grad)  # the same chunks read by the same code: ratio exactly 1
+    assert out.metrics["kl"].item() == 0.0
+    other = token_logprobs(hidden, weight, ids, completion_mask=mask, backend="triton", chunk_size=50)
+    on_chip = token_logprobs(hidden, weight, ids, completion_mask=mask, backend="triton", on_chip=True)
+    assert (other - no_grad).abs().max().item() <= 1e-5
+    assert (on_chip - no_grad).abs().max().item() <= 5e-5
+    # and they are fp32 log-probs: far closer to float64 than log-probs of bf16-rounded logits
+    with torch.no_grad():
+        logits = hidden.double() @ weight.double().T
+        exact = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1) * mask
+        rounded = torch.log_softmax((hidden @ weight.T).float(), -1).gather(-1, ids[..., None]).squeeze(-1) * mask
+    assert (no_grad.double() - exact).abs().max() < (rounded.double() - exact).abs().max() / 100
+
+
+def test_compiled_fp16_gradients_survive_every_loss_scale():
+    from test_numerics import SCALES, _fp16_d_hidden_errors
+
+    eager = _fp16_d_hidden_errors("reference", SCALES)
+    fused = _fp16_d_hidden_errors("triton", SCALES)
+    for scale, e, f in zip(SCALES, eager, fused):
+        assert math.isfinite(f) and f <= (e if math.isfinite(e) else math.inf) + 2e-3, (scale, f, e)
+
+
+def test_compiled_trained_head_accumulates_in_fp32():
+    from test_numerics import test_trained_head_gradient_accumulates_in_fp32
+
+    test_trained_head_gradient_accumulates_in_fp32("triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# The NF4 matmul and the rollout engine
+# ----------------------------------------------------------------------------------------------
+
+
+def test_nf4_custom_op_in_an_inductor_graph_matches_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    from grpo_fast.nf4 import FusedNF4Linear
+
+    layer = bnb.nn.Linear4bit(3584, 512, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(512, 3584) * 0.02, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")
+    layer = layer.to(CUDA)
+    fused = FusedNF4Linear(layer)
+    x = torch.randn(8, 3584, device=CUDA, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x).float()
+        for mode in ("default", "reduce-overhead"):
+            torch._dynamo.reset()
+            compiled = torch.compile(fused, mode=mode, fullgraph=True)
+            for _ in range(3):  # reduce-overhead records its CUDA graph on a later call
+                got = compiled(x).float()
+            err = (got - expected).abs().max() / expected.abs().max()
+            assert err.item() <= 2e-2, (mode, err.item())
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tiny_lm import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def qwen2_nf4_lora(tokenizer, tmp_path_factory):
+    """A small Qwen2 (grouped-query attention, q/k/v biases) in NF4 with bf16 compute on CUDA and a
+    LoRA adapter with nonzero B; its head is scaled up so that greedy choices are never near-ties
+    (bf16 paths that sum in another order must still pick the same tokens)."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    folder = tmp_path_factory.mktemp("qwen2")
+    model.save_pretrained(folder)
+    quantisation = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantisation, device_map={"": CUDA},
+                                                dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def test_engine_with_cuda_graphs_and_fused_nf4_matches_eager_and_generate(tokenizer, qwen2_nf4_lora, monkeypatch):
+    import grpo_fast.kernels.nf4_matmul as kernel_module
+    from grpo_fast.engine import RolloutEngine
+    from grpo_fast.rollout import SamplingParams, cut_at_eos, pad
+
+    model = qwen2_nf4_lora
+    texts = ["hello there", "a", "abc def ghi", "The cat", "xyz", "12345 678", "q", "GRPO rollouts"]
+    prompts = [tokenizer.encode(text) for text in texts]
+    max_new = 40
+    ids, mask = pad(prompts, tokenizer.pad_token_id, left=True)
+    ids, mask = ids.to(CUDA), mask.to(CUDA)
+    with torch.no_grad():
+        free = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=None)[:, ids.shape[1]:].tolist()
+    eos_ids = (free[0][3], free[2][max_new // 2])  # rows stop at different steps: compaction runs
+    with torch.no_grad():
+        output = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=list(eos_ids))
+    expected = [cut_at_eos(row, eos_ids, max_new) for row in output[:, ids.shape[1]:].tolist()]
+    params = SamplingParams(num_generations=4, max_completion_length=max_new, eos_token_ids=eos_ids,
+                            pad_token_id=tokenizer.pad_token_id, top_k=1)
+    launches = []
+    launch = kernel_module._launch
+    monkeypatch.setattr(kernel_module, "_launch", lambda *a: launches.append(1) or launch(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to eager decoding
+        graphs = RolloutEngine(sync_every=4).generate(model, prompts, params)
+    assert launches, "the fused NF4 matmul did not run"
+    eager = RolloutEngine(sync_every=4, cuda_graphs=False, fused_nf4=False).generate(model, prompts, params)
+    repeated = [row for row in expected for _ in range(4)]
+    assert eager.completion_ids == repeated
+    assert graphs.completion_ids == repeated
+    assert graphs.slots_per_step[-1] < graphs.slots_per_step[0]  # finished rows were compacted out
+    # the sampled tokens' log-probs: the engine's against a full forward pass of the same model
+    for output in (graphs, eager):
+        rows = [p + c for p, c in zip([p for p in prompts for _ in range(4)], output.completion_ids)]
+        batch, batch_mask = pad(rows, tokenizer.pad_token_id, left=False)
+        with torch.no_grad():
+            logits = model(input_ids=batch.to(CUDA), attention_mask=batch_mask.to(CUDA)).logits.float()
+        log_probs = torch.log_softmax(logits, -1)
+        for index, (prompt, completion) in enumerate(zip([p for p in prompts for _ in range(4)], output.completion_ids)):
+            positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1, device=CUDA)
+            forward = log_probs[index, positions, torch.tensor(completion, device=CUDA)]
+            got = torch.tensor(output.logprobs[index], device=CUDA)
+            assert (got - forward).abs().max().item() <= 0.05, index
+
+
+def test_trainer_step_on_cuda_with_the_engine(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from grpo_fast.config import GRPOConfig
+    from grpo_fast.trainer import train
+
+    config = GRPOConfig(max_steps=2, load_in_4bit=True, dtype="bfloat16", output_dir=str(tmp_path), run_name="gpu",
+                        save_every=0, rollout_engine="engine", beta=0.04, num_iterations=2)
+    result = train(config)
+    assert len(result.history) == 2
+    for record in result.history:
+        assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
