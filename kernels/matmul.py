@@ -94,8 +94,8 @@ class Head:
                 torch.addmm(acc, d_logits.T, hidden, out_dtype=torch.float32, alpha=alpha, out=acc)
                 _ADDMM_FP32_ACC = True
                 return
-            except RuntimeError:  # this PyTorch wants the addend in the factors' dtype
-                if _ADDMM_FP32_ACC:
+            except RuntimeError as error:  # this PyTorch wants the addend in the factors' dtype
+                if _ADDMM_FP32_ACC or "dtype" not in str(error) or isinstance(error, torch.cuda.OutOfMemoryError):
                     raise
                 _ADDMM_FP32_ACC = False
         accumulate_in_slices(acc, d_logits, hidden, alpha, slice_bytes)

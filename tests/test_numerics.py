@@ -209,3 +209,16 @@ def test_trained_head_gradient_accumulates_in_fp32(backend):
         grads[name] = w.grad.double()
     err = {k: (grads[k] - grads["exact"]).abs().max().item() for k in ("eager", "fused")}
     assert err["fused"] <= err["eager"] * 1.01 + 1e-9, err
+
+
+def test_d_weight_accumulation_in_vocabulary_slices():
+    # the fallback where cuBLAS cannot add bf16 products into an fp32 accumulator: a few rows at a time
+    from grpo_fast.kernels.matmul import accumulate_in_slices
+
+    g = torch.Generator().manual_seed(7)
+    d_logits = torch.randn(9, 50, generator=g).to(torch.bfloat16)
+    hidden = torch.randn(9, 12, generator=g).to(torch.bfloat16)
+    acc = torch.randn(50, 12, generator=g)
+    expected = acc + 0.5 * (d_logits.double().T @ hidden.double()).float()
+    accumulate_in_slices(acc, d_logits, hidden, alpha=0.5, slice_bytes=7 * 12 * 4)  # slices of 7 rows
+    torch.testing.assert_close(acc, expected, rtol=1e-6, atol=1e-6)
