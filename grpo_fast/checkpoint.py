@@ -8,6 +8,7 @@
   ``adapter_config.json`` for LoRA, ``model.safetensors`` + config otherwise) and the tokenizer,
   loadable by ``peft`` / ``from_pretrained`` / ``grpo_fast.evaluation``;
 - ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` (Python, NumPy, torch CPU and CUDA states);
+- ``scaler.pt`` (``dtype: float16`` runs): the GradScaler's loss scale and growth tracker;
 - ``trainer_state.json``: ``step``, ``data_position`` (prompts consumed) and the config.
 
 A checkpoint folder appears only by ``os.replace`` of a finished temporary folder, so any folder
@@ -77,7 +78,8 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
             for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
-def write_checkpoint(folder: Path, model, optimizer, scheduler, tokenizer, state: dict[str, Any]) -> None:
+def write_checkpoint(folder: Path, model, optimizer, scheduler, tokenizer, state: dict[str, Any],
+                     scaler: torch.amp.GradScaler | None = None) -> None:
     """Every file of a checkpoint into ``folder`` (which may be left half-written by a crash)."""
     save_file(trainable_state(model), str(folder / "trainable.safetensors"))
     if hasattr(model, "peft_config"):
@@ -92,13 +94,17 @@ def write_checkpoint(folder: Path, model, optimizer, scheduler, tokenizer, state
         tokenizer.save_pretrained(str(folder / "model"))
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    if scaler is not None and scaler.is_enabled():
+        torch.save(scaler.state_dict(), folder / "scaler.pt")
     torch.save(rng_state(), folder / "rng.pt")
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, tokenizer=None, *,
-                    data_position: int, config: GRPOConfig | None = None, keep_last: int = 2) -> Path:
-    """Write ``step``'s checkpoint atomically, then keep the last ``keep_last``; returns its folder."""
+                    data_position: int, config: GRPOConfig | None = None, keep_last: int = 2,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
+    """Write ``step``'s checkpoint atomically, then keep the last ``keep_last``; returns its folder.
+    ``scaler``: saved when enabled (fp16 loss scaling)."""
     if keep_last < 1:
         raise ValueError(f"keep_last: expected >= 1, received {keep_last}")
     parent = checkpoints_dir(run_dir)
@@ -111,7 +117,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, token
     state = {"step": step, "data_position": data_position,
              "config": config_to_dict(config) if config is not None else None}
     try:
-        write_checkpoint(temporary, model, optimizer, scheduler, tokenizer, state)
+        write_checkpoint(temporary, model, optimizer, scheduler, tokenizer, state, scaler)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -123,8 +129,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, token
     return final
 
 
-def load_checkpoint(folder: Path, model, optimizer=None, scheduler=None, *, restore_rng: bool = True) -> dict[str, Any]:
-    """Load weights (and optimizer, scheduler, RNG) from ``folder``; returns the trainer state."""
+def load_checkpoint(folder: Path, model, optimizer=None, scheduler=None, *, restore_rng: bool = True,
+                    scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """Load weights (and optimizer, scheduler, RNG, loss scaler) from ``folder``; returns the trainer state.
+
+    An enabled ``scaler`` takes the checkpoint's ``scaler.pt``; a checkpoint without one (written by
+    a run without loss scaling) leaves it at its initial scale, as in a new run."""
     folder = Path(folder)
     if not (folder / "trainer_state.json").is_file():
         raise ValueError(f"checkpoint: expected a complete checkpoint folder, received {str(folder)!r}")
@@ -142,6 +152,8 @@ def load_checkpoint(folder: Path, model, optimizer=None, scheduler=None, *, rest
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    if scaler is not None and scaler.is_enabled() and (folder / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))  # floats and ints only
     if restore_rng:
         set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
     return json.loads((folder / "trainer_state.json").read_text())

@@ -38,8 +38,8 @@ class GRPOConfig:
 
     # ---- model --------------------------------------------------------------------------------
     model: str = "tiny"  # Hugging Face hub id or local folder; "tiny": a small model + char tokenizer built in code
-    dtype: str = "auto"  # weights dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32
-    load_in_4bit: bool = False  # NF4 base weights with double quantisation and bf16 compute (bitsandbytes); implies LoRA
+    dtype: str = "auto"  # weights dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 (T4 / V100: fp16 compute, loss scaling, LoRA required) | float32
+    load_in_4bit: bool = False  # NF4 base weights with double quantisation (bitsandbytes), fp16 compute with dtype float16, else bf16; implies LoRA
     use_lora: bool | None = None  # train LoRA adapters instead of all weights; None: True with load_in_4bit, else False
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA scaling numerator (scale = lora_alpha / lora_r)
@@ -183,6 +183,12 @@ def validate(config: GRPOConfig) -> None:
     if config.load_in_4bit and config.use_lora is False:
         raise ValueError("use_lora: expected True or None with load_in_4bit=True (4-bit weights cannot be "
                          "trained directly), received False")
+    if config.dtype == "float16" and not lora_enabled(config):
+        # Loss scaling unscales fp32 gradients only: fp16 weights trained directly have no fp32 master copy.
+        raise ValueError("dtype: expected bfloat16, float32 or auto for full fine-tuning, received 'float16' (loss "
+                         "scaling cannot unscale the fp16 gradients of fp16 weights); with float16 train LoRA "
+                         "adapters (use_lora: true or load_in_4bit: true; peft keeps them in fp32), or use dtype "
+                         "bfloat16 / float32")
 
 
 def lora_enabled(config: GRPOConfig) -> bool:

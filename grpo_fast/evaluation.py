@@ -212,7 +212,7 @@ def load_for_eval(
 
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "attn_implementation": attention_implementation()}
     if load_in_4bit:  # the trainer's NF4 settings, so an adapter is evaluated on the weights it trained on
-        kwargs["quantization_config"] = quantization_config()
+        kwargs["quantization_config"] = quantization_config(_DTYPES[dtype])
         kwargs["device_map"] = {"": device}
     loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     if not load_in_4bit:

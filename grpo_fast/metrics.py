@@ -13,7 +13,9 @@ Per-step keys: ``reward/mean``, ``reward/std``, ``reward/<function>/mean|std``,
 ``frac_reward_zero_std`` (groups whose completions all scored the same: no signal),
 ``completions/mean_length|min_length|max_length``, ``completions/clipped_ratio`` (hit
 max_completion_length), ``kl`` (beta > 0), ``entropy``, ``clip_ratio/low_mean|high_mean|region_mean``,
-``loss``, ``grad_norm``, ``lr``, ``time/generation|scoring|training|step``, ``tokens_per_second``,
+``loss``, ``grad_norm`` (unscaled; averaged over the optimiser steps taken), ``lr``, ``grad_scale`` and
+``skipped_steps`` (``dtype: float16``: the loss scale after the step, the optimiser steps skipped for
+overflowing gradients), ``time/generation|scoring|training|step``, ``tokens_per_second``,
 ``peak_memory_gb`` and ``peak_memory_reserved_gb`` (CUDA allocator, this step; null on CPU).
 """
 

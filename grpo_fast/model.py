@@ -100,28 +100,32 @@ def weights_dtype(config: GRPOConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, config.dtype)
 
 
-def quantization_config():
-    """NF4 with double quantisation and bf16 compute: ~0.5 byte per base weight."""
+def quantization_config(dtype: torch.dtype | str = torch.bfloat16):
+    """NF4 with double quantisation: ~0.5 byte per base weight, dequantised for each matmul into the
+    compute dtype, which follows the run's weights ``dtype``: fp16 for float16 (cards without bf16 run
+    the whole forward in fp16), bf16 otherwise. float32 runs keep bf16 compute: NF4's rounding error
+    is far larger than bf16's, and fp32 matmuls would be several times slower."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16,
     )
 
 
 def _from_pretrained(source: str, config: GRPOConfig, device: torch.device):
     from transformers import AutoModelForCausalLM
 
+    dtype = weights_dtype(config, device)
     kwargs: dict[str, Any] = {
-        "dtype": weights_dtype(config, device),
+        "dtype": dtype,
         "attn_implementation": attention_implementation(config.attn_implementation),
         "trust_remote_code": config.trust_remote_code,
     }
     if config.load_in_4bit:
-        kwargs["quantization_config"] = quantization_config()
+        kwargs["quantization_config"] = quantization_config(dtype)
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     return model if config.load_in_4bit else model.to(device)

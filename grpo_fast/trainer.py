@@ -13,7 +13,7 @@ Every step, for a batch of ``prompts_per_step`` prompts:
 5. **optimise**: ``num_iterations`` passes over the batch in micro-batches of
    ``micro_batch_size``, each pass accumulating gradients of ``grpo_loss`` (computed from the
    decoder's hidden states and the lm_head weight, never from logits) into one AdamW step with
-   gradient clipping and a warm-up + cosine schedule.
+   gradient clipping and a warm-up + cosine schedule (``dtype: float16``: with loss scaling).
 
 Then log the step, show samples, evaluate on held-out prompts every ``eval_every`` steps (greedy
 completions scored by the same reward functions, logged as ``eval/...`` in the step's record and
@@ -100,6 +100,21 @@ def build_optimizer(config: GRPOConfig, model) -> torch.optim.Optimizer:
 
     optimizer_class = bnb.optim.AdamW8bit if config.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
     return optimizer_class(parameters, **kwargs)
+
+
+def build_grad_scaler(config: GRPOConfig, model, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for ``dtype: float16`` (fp16 activation gradients underflow without it); disabled,
+    every call a no-op, for other dtypes. It unscales fp32 gradients only: the trainable weights must
+    not be fp16 (peft keeps LoRA adapters of an fp16 model in fp32; full fine-tuning is refused by
+    the config)."""
+    enabled = config.dtype == "float16"
+    if enabled:
+        fp16 = [name for name, parameter in trainable_parameters(model).items() if parameter.dtype == torch.float16]
+        if fp16:
+            raise ValueError(f"model: expected fp32 trainable parameters with dtype float16 (loss scaling cannot "
+                             f"unscale fp16 gradients), received {len(fp16)} in fp16 ({fp16[0]!r}, ...); train "
+                             "LoRA adapters in fp32 or use dtype bfloat16 / float32")
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def build_scheduler(config: GRPOConfig, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -218,12 +233,36 @@ def reference_logprobs(model, reference_model, rollout: Rollout, config: GRPOCon
     return batch_logprobs(reference_model, rollout, config, device)
 
 
-def optimise(model, optimizer, scheduler, rollout: Rollout, advantages: torch.Tensor, old_logps: torch.Tensor | None,
-             ref_logps: torch.Tensor | None, config: GRPOConfig, device: torch.device) -> dict[str, float]:
+def optimiser_step(optimizer, scheduler, scaler: torch.amp.GradScaler, parameters, max_grad_norm: float) -> float | None:
+    """Clip, step and advance the schedule; returns the gradient norm, or None for a step the scaler
+    skipped (fp16 gradients overflowed: the loss scale halves, and the schedule waits for an update)."""
+    scaler.unscale_(optimizer)  # clipping and the logged norm see the real gradients
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # no update when a gradient is inf / nan
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if scaler.get_scale() < scale:  # update() lowers the scale only after an overflow
+        return None
+    scheduler.step()
+    return norm
+
+
+def loss_scale_figures(scaler: torch.amp.GradScaler, skipped: int) -> dict[str, float]:
+    """fp16 runs: the loss scale after the step and the optimiser steps it skipped; nothing otherwise."""
+    if not scaler.is_enabled():
+        return {}
+    return {"grad_scale": scaler.get_scale(), "skipped_steps": skipped}
+
+
+def optimise(model, optimizer, scheduler, scaler: torch.amp.GradScaler, rollout: Rollout, advantages: torch.Tensor,
+             old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None, config: GRPOConfig,
+             device: torch.device) -> dict[str, float]:
     """``num_iterations`` optimiser steps on one rollout; returns the averaged loss figures."""
     active_tokens = float(rollout.completion_mask.sum())
     if active_tokens == 0:  # every completion masked out (all truncated): nothing to learn from
-        return {"loss": 0.0, "grad_norm": 0.0}
+        return {"loss": 0.0, "grad_norm": 0.0, **loss_scale_figures(scaler, 0)}
     # dapo: normalise by the whole batch's tokens so that micro-batches add up to TRL's loss;
     # the other types normalise per call, so each micro-batch is weighted by its share of rows.
     settings = loss_config(config, active_tokens if config.loss_type == "dapo" else None)
@@ -248,24 +287,22 @@ def optimise(model, optimizer, scheduler, rollout: Rollout, advantages: torch.Te
                 bias=bias, config=settings, backend=config.loss_backend,
             )
             share = 1.0 if config.loss_type == "dapo" else batch["completion_ids"].shape[0] / len(rollout)
-            (out.loss * share).backward()
+            scaler.scale(out.loss * share).backward()
             sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * share
             for name, value in out.metrics.items():
                 sums[name] = sums.get(name, 0.0) + float(value) * tokens
             sums["_tokens"] = sums.get("_tokens", 0.0) + tokens
-        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(parameters, max_norm)))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norms.append(optimiser_step(optimizer, scheduler, scaler, parameters, config.max_grad_norm))
     tokens = sums.pop("_tokens", 1.0)
     figures = {name: value / tokens for name, value in sums.items() if name != "loss"}
     figures["loss"] = sums.get("loss", 0.0) / config.num_iterations
-    figures["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    taken = [norm for norm in grad_norms if norm is not None]  # a skipped step's norm is inf / nan
+    figures["grad_norm"] = sum(taken) / len(taken) if taken else math.nan
+    figures.update(loss_scale_figures(scaler, len(grad_norms) - len(taken)))
     return figures
 
 
-def train_step(model, reference_model, tokenizer, optimizer, scheduler, functions, rows: list[dict],
+def train_step(model, reference_model, tokenizer, optimizer, scheduler, scaler, functions, rows: list[dict],
                config: GRPOConfig, generate: Generate, device: torch.device) -> tuple[dict[str, Any], Rollout, Scores]:
     """One generation batch: rollout -> rewards -> advantages -> old/ref log-probs -> optimise."""
     if device.type == "cuda":
@@ -278,7 +315,7 @@ def train_step(model, reference_model, tokenizer, optimizer, scheduler, function
     advantages = compute_advantages(scores.total, config.num_generations, config.scale_rewards)
     old_logps = batch_logprobs(model, rollout, config, device) if config.num_iterations > 1 else None
     ref_logps = reference_logprobs(model, reference_model, rollout, config, device) if config.beta > 0 else None
-    figures = optimise(model, optimizer, scheduler, rollout, advantages, old_logps, ref_logps, config, device)
+    figures = optimise(model, optimizer, scheduler, scaler, rollout, advantages, old_logps, ref_logps, config, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the optimiser step's queued kernels are this step's time
     finished = time.perf_counter()
@@ -388,13 +425,14 @@ def train(
         reference_model = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
+    scaler = build_grad_scaler(config, model, device)
 
     start_step, position = 0, 0
     if config.resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise ValueError(f"resume: expected a complete checkpoint under {str(run_dir)!r}, received none")
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler=scaler)
         start_step, position = state["step"], state["data_position"]
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = MetricsLogger(run_dir, config, start_step=start_step)
@@ -403,7 +441,7 @@ def train(
         for step in range(start_step + 1, config.max_steps + 1):
             indices = prompt_indices(position, config.prompts_per_step, len(dataset), config.seed, config.shuffle)
             rows = take_rows(dataset, indices)
-            record, rollout, scores = train_step(model, reference_model, tokenizer, optimizer, scheduler,
+            record, rollout, scores = train_step(model, reference_model, tokenizer, optimizer, scheduler, scaler,
                                                  functions, rows, config, generate, device)
             position += config.prompts_per_step
             record = {"step": step, "data_position": position, **record}
@@ -418,7 +456,7 @@ def train(
             if config.sample_every and step % config.sample_every == 0:
                 logger.samples(step, rollout, scores, config.num_samples)
             if step == config.max_steps or (config.save_every and step % config.save_every == 0):
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer,
+                save_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer, scaler=scaler,
                                 data_position=position, config=config, keep_last=config.save_total_limit)
     finally:
         logger.close()

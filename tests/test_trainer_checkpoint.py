@@ -42,6 +42,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, extra):
     assert [record["step"] for record in resumed.history] == [3, 4]
     straight_log, resumed_log = _log(tmp_path / "straight"), _log(tmp_path / "resumed")
     assert [record["step"] for record in resumed_log] == [1, 2, 3, 4]
+    assert "grad_scale" not in straight_log[0]  # no loss scaling outside dtype float16
+    assert not list((tmp_path / "straight" / "checkpoints").glob("*/scaler.pt"))
     for key in ("data_position", "reward/mean", "completions/mean_length", "loss", "lr"):
         assert [record[key] for record in resumed_log] == [record[key] for record in straight_log], key
     expected, received = _trainable(straight.model), _trainable(resumed.model)
