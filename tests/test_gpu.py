@@ -246,3 +246,17 @@ def test_trainer_step_on_cuda_with_the_engine(tmp_path):
     assert len(result.history) == 2
     for record in result.history:
         assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
+
+
+def test_trainer_fp16_step_on_cuda_with_loss_scaling(tmp_path):
+    # a T4 / V100-class run: NF4 with fp16 compute, LoRA, GradScaler, the engine sampling in fp16
+    pytest.importorskip("bitsandbytes")
+    from grpo_fast.config import GRPOConfig
+    from grpo_fast.trainer import train
+
+    config = GRPOConfig(max_steps=3, load_in_4bit=True, dtype="float16", output_dir=str(tmp_path), run_name="fp16",
+                        save_every=0, rollout_engine="engine", beta=0.04, num_iterations=2)
+    result = train(config)
+    assert len(result.history) == 3
+    assert all(math.isfinite(record["loss"]) for record in result.history)
+    assert all(record["grad_scale"] > 0 for record in result.history)
