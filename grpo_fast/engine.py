@@ -3,7 +3,10 @@
 ``RolloutEngine()`` is a ``Generate`` (``engine(model, prompt_ids, params)`` -> completion ids, as
 ``rollout.hf_generate``), and ``engine.generate(...)`` also returns each sampled token's log-prob
 ``log_softmax(logits / temperature)[token]`` over the full vocabulary (before EOS suppression and
-top-k / top-p / min-p filtering): the quantity the loss uses as ``old_logps``.
+top-k / top-p / min-p filtering): the quantity the loss uses as ``old_logps``. The logits are the
+model's own: the lm_head's output with the model's logit transform (``grpo_fast.logits``: Gemma's
+soft cap, Cohere's or Granite's scale) applied, as its forward does; a model whose config sets a
+transform grpo-fast does not know is refused.
 
 It samples from the very model it is given (any Hugging Face causal LM; peft LoRA stays unmerged,
 NF4 bitsandbytes weights stay packed; no weight copy):
@@ -52,6 +55,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .logits import LogitTransform, logit_transform
 from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
                       stop_strings_tokenizer)
 
@@ -421,13 +425,14 @@ class RolloutEngine:
             if len(prompt) == 0:
                 raise ValueError(f"prompt_ids: expected non-empty prompts, received an empty prompt at index {index}")
         decoder, head = model.get_decoder(), model.get_output_embeddings()
+        transform = logit_transform(model)  # read once per call, outside the compiled step
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
         try:
             with _mask_friendly_attention(model) as implementation:
-                tokens, logprobs, slots = self._decode(decoder, head, prompt_ids, params, implementation, device,
-                                                       self._generator_for(device, seed), tokenizer)
+                tokens, logprobs, slots = self._decode(decoder, head, transform, prompt_ids, params, implementation,
+                                                       device, self._generator_for(device, seed), tokenizer)
         finally:
             model.train(was_training)
             if not self._uses_cuda_graphs(device):
@@ -443,8 +448,9 @@ class RolloutEngine:
             completion_logprobs.append(row_logprobs[: len(ids)])
         return EngineOutput(completions, completion_logprobs, slots)
 
-    def _decode(self, decoder, head, prompt_ids, params: SamplingParams, implementation: str, device: torch.device,
-                generator: torch.Generator, tokenizer) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def _decode(self, decoder, head, transform: LogitTransform, prompt_ids, params: SamplingParams,
+                implementation: str, device: torch.device, generator: torch.Generator,
+                tokenizer) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         group, max_new = params.num_generations, params.max_completion_length
         ids, prompt_mask = (tensor.to(device) for tensor in pad(prompt_ids, params.pad_token_id, left=True))
         prompts, width = ids.shape
@@ -468,7 +474,7 @@ class RolloutEngine:
         finally:
             cache.prefill_group = None
         cache.set_batch(rows)
-        logits = head(hidden[:, -1]).float().repeat_interleave(group, dim=0)
+        logits = transform.apply(head(hidden[:, -1])).repeat_interleave(group, dim=0)
 
         # Per-row decode state, all on the device; `row_ids` maps cache rows to output rows.
         row_ids = torch.arange(rows, device=device)
@@ -504,8 +510,8 @@ class RolloutEngine:
                 key_valid[:, width + step] = True
                 cache.position.fill_(width + step)
                 mask = _attention_mask(key_valid[:, None, None, :], implementation, dtype)
-                logits = step_function(decoder, head, cache, cache_keyword, tokens[:, None], next_position[:, None],
-                                       mask)
+                logits = step_function(decoder, head, transform, cache, cache_keyword, tokens[:, None],
+                                       next_position[:, None], mask)
                 next_position = next_position + 1
                 slots.append(cache.batch)
         cache.batch = cache.capacity
@@ -525,9 +531,10 @@ class RolloutEngine:
         return done | torch.isin(row_ids, torch.tensor(stopped, device=row_ids.device))
 
 
-def _decode_step(decoder, head, cache: SlotCache, cache_keyword: str, input_ids: torch.Tensor,
-                 position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """float32 logits [B, V] of the next token, the new token's KV written into ``cache``."""
+def _decode_step(decoder, head, transform: LogitTransform, cache: SlotCache, cache_keyword: str,
+                 input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """float32 logits [B, V] of the next token (the model's, ``transform`` applied), the new token's
+    KV written into ``cache``."""
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=True, **{cache_keyword: cache}).last_hidden_state
-    return head(hidden[:, -1]).float()
+    return transform.apply(head(hidden[:, -1]))

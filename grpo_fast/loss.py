@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .kernels import LossSpec, TokenInputs, default_kernel_config, forward_logprobs, fused_grpo_loss, triton_usable_on
 from .kernels.config import triton_available
+from .logits import check_logit_transform
 
 LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 IMPORTANCE_LEVELS = ("token", "sequence")
@@ -51,7 +52,7 @@ class GRPOLossConfig:
     num_items_in_batch: Optional[float] = None  # dapo normaliser (None: active tokens in this call)
     chunk_size: Optional[int] = None  # tokens per logits chunk (None: from a 512 MiB budget)
     kl_bias_correction: bool = False  # KL times the importance ratio (TRL's use_bias_correction_kl)
-    # The model's logit transform (grpo_fast.model.logit_transform reads it from a model's config):
+    # The model's logit transform (grpo_fast.logits.logit_transform(model).loss_keywords() reads it):
     logit_scale: float = 1.0  # logits times this (Cohere's logit_scale, Granite's 1 / logits_scaling)
     logit_softcap: Optional[float] = None  # then softcap * tanh(logits / softcap) (Gemma's final_logit_softcapping)
 
@@ -128,16 +129,6 @@ def _finite(name, value, minimum=None):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected a value >= {minimum}, got {value!r}")
-
-
-def check_logit_transform(logit_scale, logit_softcap) -> None:
-    _finite("logit_scale", logit_scale)
-    if logit_scale <= 0.0:
-        raise ValueError(f"logit_scale: expected a value > 0, got {logit_scale!r}")
-    if logit_softcap is not None:
-        _finite("logit_softcap", logit_softcap)
-        if logit_softcap <= 0.0:
-            raise ValueError(f"logit_softcap: expected a value > 0 or None, got {logit_softcap!r}")
 
 
 def _tensor(name, value, ndim=None, shape=None, device=None, float_dtype=False, int_dtype=False):

@@ -1,11 +1,12 @@
 """The policy: a Hugging Face causal LM (4-bit NF4 + LoRA, or full fine-tuning), and its hidden states.
 
-The trainer never asks the model for logits: ``completion_hidden_states`` runs the decoder (the
-model without its head) and returns the final, normed hidden state at every position that
-predicts a completion token; ``grpo_fast.grpo_loss`` multiplies them by ``output_weight(model)``
-chunk by chunk. With peft the LoRA layers sit inside the decoder's Linear modules, so the same
-call runs the adapted policy, and ``reference_policy(model)`` (the adapter switched off) runs the
-reference without a second copy of the weights.
+The trainer never asks the model for logits (but once, ``check_model_logits``, to check its own
+maths against them): ``completion_hidden_states`` runs the decoder (the model without its head)
+and returns the final, normed hidden state at every position that predicts a completion token;
+``grpo_fast.grpo_loss`` multiplies them by ``output_weight(model)`` chunk by chunk and applies the
+model's logit transform (``grpo_fast.logits``). With peft the LoRA layers sit inside the decoder's
+Linear modules, so the same call runs the adapted policy, and ``reference_policy(model)`` (the
+adapter switched off) runs the reference without a second copy of the weights.
 
 ``build_tiny_model`` and ``tiny_tokenizer`` make the embedded demo's model in code (no download).
 """
@@ -20,6 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import GRPOConfig, lora_enabled
+from .logits import LogitTransform, check_logits
 
 TINY_MODEL = "tiny"
 
@@ -237,6 +239,29 @@ def completion_hidden_states(model, input_ids: torch.Tensor, attention_mask: tor
     ).last_hidden_state
     # Position t predicts token t + 1: the completion's C tokens are predicted by P-1 .. P+C-2.
     return hidden[:, prompt_length - 1 : -1]
+
+
+@torch.no_grad()
+def check_model_logits(model, transform: LogitTransform, num_tokens: int = 6) -> None:
+    """Once before training: the model's own logits on a few tokens must be ``transform`` applied to
+    the lm_head of ``completion_hidden_states``, or the fused log-probs would not be the model's.
+
+    In eval mode (no dropout), so it first keeps NF4 weights in bitsandbytes' training layout
+    (``keep_nf4_layout_for_training``): an eval-mode no-grad forward would repack them on CPU."""
+    keep_nf4_layout_for_training(model)
+    device = next(model.parameters()).device
+    # ids spread over the vocabulary (the embedding may have fewer rows than a padded head)
+    vocab = min(model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
+    input_ids = torch.linspace(0, vocab - 1, num_tokens, device=device).long()[None]
+    attention_mask = torch.ones_like(input_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        hidden = completion_hidden_states(model, input_ids, attention_mask, prompt_length=1)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    finally:
+        model.train(was_training)
+    check_logits(model, hidden, logits, transform, hidden_name="the decoder's last_hidden_state")
 
 
 @contextlib.contextmanager

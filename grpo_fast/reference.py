@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .logits import LogitTransform
+
 
 def reference_logprobs(hidden: Tensor, weight: Tensor, completion_ids: Tensor, bias: Optional[Tensor],
                        temperature: float, logit_scale: float = 1.0,
@@ -19,13 +21,9 @@ def reference_logprobs(hidden: Tensor, weight: Tensor, completion_ids: Tensor, b
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    # fp32 at least (fp64 stays fp64: the tests' oracle runs this function in double precision)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if logit_scale != 1.0:
-        logits = logits * logit_scale
-    if logit_softcap is not None:
-        logits = torch.tanh(logits / logit_softcap) * logit_softcap
-    logits = logits / temperature
+    # the model's transform, in fp32 at least (fp64 stays fp64: the tests' oracle runs this function
+    # in double precision)
+    logits = LogitTransform(logit_scale, logit_softcap).apply(logits) / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
     logps = log_probs.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)

@@ -46,10 +46,11 @@ from .config import GRPOConfig
 from .data import (check_prompt_column, load_prompts, load_rows, prompt_indices, render_prompts, take_rows,
                    tokenize_prompts)
 from .evaluation import generate_greedy
+from .logits import IDENTITY, LogitTransform, logit_transform
 from .loss import GRPOLossConfig, compute_advantages, grpo_loss, token_logprobs
 from .metrics import MetricsLogger, step_figures
-from .model import (completion_hidden_states, is_peft_model, keep_nf4_layout_for_training, load_model, output_weight,
-                    reference_policy, trainable_parameters)
+from .model import (check_model_logits, completion_hidden_states, is_peft_model, keep_nf4_layout_for_training,
+                    load_model, output_weight, reference_policy, trainable_parameters)
 from .rollout import Generate, Rollout, SamplingParams, build_rollout, cut_at_stop_strings, hf_generate
 from .scoring import RewardFunction, Scores, load_reward_functions, score
 
@@ -127,7 +128,9 @@ def build_scheduler(config: GRPOConfig, optimizer) -> torch.optim.lr_scheduler.L
     return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
-def loss_config(config: GRPOConfig, num_items_in_batch: float | None) -> GRPOLossConfig:
+def loss_config(config: GRPOConfig, num_items_in_batch: float | None,
+                transform: LogitTransform = IDENTITY) -> GRPOLossConfig:
+    """The loss's options; ``transform``: the policy's logit transform (``grpo_fast.logits``)."""
     return GRPOLossConfig(
         loss_type=config.loss_type,
         beta=config.beta,
@@ -141,6 +144,7 @@ def loss_config(config: GRPOConfig, num_items_in_batch: float | None) -> GRPOLos
         max_completion_length=config.max_completion_length,
         num_items_in_batch=num_items_in_batch,
         chunk_size=config.loss_chunk_size,
+        **transform.loss_keywords(),
     )
 
 
@@ -219,7 +223,8 @@ def batch_logprobs(model, rollout: Rollout, config: GRPOConfig, device: torch.de
             hidden = completion_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["prompt_length"])
             values = token_logprobs(hidden, weight.to(hidden.dtype), batch["completion_ids"], bias=bias,
                                     temperature=config.temperature, backend=config.loss_backend,
-                                    completion_mask=batch["completion_mask"], chunk_size=config.loss_chunk_size)
+                                    completion_mask=batch["completion_mask"], chunk_size=config.loss_chunk_size,
+                                    **logit_transform(model).loss_keywords())
             logps[rows, : values.shape[1]] = values.float().cpu()
     finally:
         model.train(was_training)
@@ -265,7 +270,7 @@ def optimise(model, optimizer, scheduler, scaler: torch.amp.GradScaler, rollout:
         return {"loss": 0.0, "grad_norm": 0.0, **loss_scale_figures(scaler, 0)}
     # dapo: normalise by the whole batch's tokens so that micro-batches add up to TRL's loss;
     # the other types normalise per call, so each micro-batch is weighted by its share of rows.
-    settings = loss_config(config, active_tokens if config.loss_type == "dapo" else None)
+    settings = loss_config(config, active_tokens if config.loss_type == "dapo" else None, logit_transform(model))
     weight, bias = output_weight(model)
     parameters = list(trainable_parameters(model).values())
     model.train()
@@ -407,6 +412,8 @@ def train(
     if model is None:
         model, tokenizer = load_model(config)
     keep_nf4_layout_for_training(model)  # also for models passed in (see its docstring)
+    # the loss's log-probs are the model's: its logit transform known (else refused) and checked once
+    check_model_logits(model, logit_transform(model))
     device = next(model.parameters()).device
     if generate is None:
         generate = rollout_sampler(config, device, tokenizer)

@@ -27,11 +27,14 @@ Supported: ``loss_type`` grpo / bnpo / dr_grpo / dapo, ``importance_sampling_lev
 sequence, ``epsilon``, ``epsilon_high``, ``delta``, ``beta`` (k3 KL against TRL's reference
 log-probs; ``use_bias_correction_kl``, TRL 1.16's default, multiplies it by the importance ratio),
 ``temperature``, ``cast_lm_head_to_fp32``, ``num_iterations`` > 1, gradient
-accumulation, PEFT / quantised models, an lm_head bias. Refused at construction, with a
-ValueError naming the option: the other loss types, ``use_liger_kernel``,
+accumulation, PEFT / quantised models, an lm_head bias, and the logit transforms of
+``grpo_fast.logits`` (Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
+``logits_scaling``, ...: the loss applies them as the model's forward does). Refused at
+construction, with a ValueError naming the option: the other loss types, ``use_liger_kernel``,
 ``top_entropy_quantile`` < 1, an entropy bonus, ``off_policy_mask_threshold``,
-vLLM importance-sampling correction, MoE
-router auxiliary losses and models whose logits are soft-capped or scaled.
+vLLM importance-sampling correction, MoE router auxiliary losses, and models of other families
+whose config sets a logit-transform field (named in the error). On its first forward the trainer
+checks that the model's own logits are the transformed head output of the hidden states it reads.
 
 Importing this module imports TRL (the ``trl`` extra: ``pip install 'grpo-fast[trl]'``);
 importing ``grpo_fast`` does not.
@@ -50,13 +53,10 @@ except ImportError as error:  # the optional extra is missing: say how to get it
         "grpo_fast.integrations.trl needs TRL: pip install 'grpo-fast[trl]' (trl==1.16.0)"
     ) from error
 
+from ..logits import check_logits, logit_transform
 from ..loss import GRPOLossConfig, grpo_loss, token_logprobs
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-
-# Model config fields that change the logits beyond `hidden @ weight.T + bias` (TRL's fused head
-# applies them; grpo_loss does not).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 # Inputs that carry images: the hidden-state forward below passes text inputs only.
 _MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
@@ -128,7 +128,9 @@ class FusedGRPOTrainer(GRPOTrainer):
         self._final_hidden_state_checked = False
         super().__init__(*args, **kwargs)
         _raise_if_unsupported(self.args)  # TRL filled in the defaults when args was None
-        _raise_if_logits_transformed(self.model)
+        # Gemma's soft cap, Cohere's or Granite's scale...: the loss applies it as the model does;
+        # a transform grpo-fast does not know is refused here, naming the config field.
+        self.logit_transform = logit_transform(self.accelerator.unwrap_model(self.model))
 
     # ------------------------------------------------------------------------------------------
     # The loss
@@ -193,22 +195,13 @@ class FusedGRPOTrainer(GRPOTrainer):
             self._check_final_hidden_state(model, hidden[:, -1], outputs.logits[:, -1])
         return hidden[:, -completion_length - 1 : -1]
 
-    @torch.no_grad()
     def _check_final_hidden_state(self, model, last_hidden: torch.Tensor, last_logits: torch.Tensor) -> None:
-        """Once per run: the model's own logits at the last position must be ``hidden @ W.T + b``,
-        or the hidden states are not what the lm_head reads (an architecture that does not tie
-        hidden_states[-1] to the normed output, or transforms its logits) and the loss would be wrong."""
-        weight, bias = self._lm_head(model)
-        expected = torch.nn.functional.linear(last_hidden.to(weight.dtype), weight, bias).float()
-        received = last_logits.float()
-        tolerance = 1e-3 if weight.dtype == torch.float32 else 5e-2
-        error = ((expected - received).abs().max() / received.abs().max().clamp(min=1e-6)).item()
-        if error > tolerance:
-            raise ValueError(
-                f"model: expected logits = hidden_states[-1] @ lm_head.weight.T (+ bias), received logits that "
-                f"differ by {error:.3g} (relative); {type(self.accelerator.unwrap_model(model)).__name__} is not "
-                "supported by FusedGRPOTrainer, use trl.GRPOTrainer"
-            )
+        """Once per run: the model's own logits at the last position must be the logit transform of
+        ``hidden @ W.T + b``, or the hidden states are not what the lm_head reads (an architecture that
+        does not tie hidden_states[-1] to the normed output) or the transform is not the model's, and
+        the loss would be wrong."""
+        check_logits(self.accelerator.unwrap_model(model), last_hidden, last_logits, self.logit_transform,
+                     hidden_name="hidden_states[-1]", advice="; use trl.GRPOTrainer for this model")
         self._final_hidden_state_checked = True
 
     def _lm_head(self, model) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -240,7 +233,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             logps, entropy = token_logprobs(
                 hidden, weight, ids[:, -logits_to_keep:], bias=bias, temperature=self.temperature,
                 backend=self.loss_backend, completion_mask=mask[:, -logits_to_keep:], return_entropy=True,
-                chunk_size=self.loss_chunk_size,
+                chunk_size=self.loss_chunk_size, **self.logit_transform.loss_keywords(),
             )
             all_logps.append(logps)
             all_entropies.append(entropy)
@@ -268,6 +261,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             num_items_in_batch=num_items_in_batch,
             chunk_size=self.loss_chunk_size,
             kl_bias_correction=bool(getattr(self.args, "use_bias_correction_kl", False)),
+            **self.logit_transform.loss_keywords(),
         )
 
     def _log_loss_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
@@ -283,18 +277,6 @@ def _raise_if_unsupported(args: GRPOConfig) -> None:
     problems = unsupported_options(args)
     if problems:
         raise ValueError("FusedGRPOTrainer does not support these GRPOConfig options: " + "; ".join(problems))
-
-
-def _raise_if_logits_transformed(model) -> None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value is not None and not (name in ("logit_scale", "output_multiplier", "lm_head_multiplier",
-                                               "logits_scaling") and value == 1.0):
-            raise ValueError(
-                f"model.config.{name}: expected None (logits = hidden @ lm_head.T + bias), received {value!r}; "
-                "use trl.GRPOTrainer for this model"
-            )
 
 
 __all__ = ["FusedGRPOTrainer", "SUPPORTED_LOSS_TYPES", "unsupported_options"]
