@@ -351,7 +351,7 @@ def test_trainer_loss_and_logprobs_are_the_models():
     (soft-capped) logits: GRPO on-policy, ratio exp(logp - logp.detach()), dapo normalisation."""
     from grpo_fast.config import GRPOConfig
     from grpo_fast.rollout import hf_generate
-    from grpo_fast.trainer import batch_logprobs, generate_rollout, optimise
+    from grpo_fast.trainer import batch_logprobs, build_grad_scaler, generate_rollout, optimise
 
     tokenizer, model = tiny_tokenizer(), transformed_lm("gemma2")
     config = GRPOConfig(prompts_per_step=2, num_generations=2, max_completion_length=5, micro_batch_size=4,
@@ -377,7 +377,8 @@ def test_trainer_loss_and_logprobs_are_the_models():
     torch.testing.assert_close(received[mask], logps.detach()[mask], rtol=1e-5, atol=1e-5)
     optimizer = _RecordGradients(parameters)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    optimise(model, optimizer, scheduler, rollout, advantages, None, None, config, torch.device("cpu"))
+    scaler = build_grad_scaler(config, model, torch.device("cpu"))  # disabled: not float16
+    optimise(model, optimizer, scheduler, scaler, rollout, advantages, None, None, config, torch.device("cpu"))
     for index, (gradient, reference) in enumerate(zip(optimizer.gradients[0], expected)):
         torch.testing.assert_close(gradient, reference, rtol=1e-4, atol=1e-6, msg=f"parameter {index}")
     head = [index for index, p in enumerate(parameters) if p is model.lm_head.weight][0]
