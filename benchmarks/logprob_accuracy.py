@@ -128,7 +128,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--backends", default="triton,torch", help="grpo-fast backends to measure")
     parser.add_argument("--device", default=None)
     parser.add_argument("--tiny", action="store_true", help="a 64x2000 head and 16 tokens (CPU smoke run)")
-    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--out-dir", default=None, help='default benchmarks/results/<device>/; "{device}" in it becomes the device slug')
+    parser.add_argument("--name", default=None, help="file stem (default logprob-accuracy-<date>-<time>)")
+    parser.add_argument("--commit", default=None,
+                        help="commit to record where the checkout has no .git (e.g. a copied working tree)")
     args = parser.parse_args(argv)
 
     device = common.pick_device(args.device)
@@ -137,6 +140,8 @@ def main(argv=None) -> dict:
     n = 16 if args.tiny else (args.tokens or (256 if device.type == "cuda" else 32))
     backends = common.comma_list(args.backends)
     env = common.env_info(device, None if argv is None else [__file__, *argv])
+    if env["git_commit"] is None and args.commit:
+        env["git_commit"] = args.commit
     rows = []
     with _interpreter_tiles() if device.type != "cuda" else contextlib.nullcontext():
         for max_logit in (float(x) for x in common.comma_list(args.max_logits)):
@@ -159,7 +164,7 @@ def main(argv=None) -> dict:
         "group_by": ["head", "tokens", "dtype", "max_logit"],
     }
     out_dir = common.results_dir(env, args.out_dir)
-    written = common.write_results(payload, out_dir, common.default_stem("logprob-accuracy", env))
+    written = common.write_results(payload, out_dir, args.name or common.default_stem("logprob-accuracy", env))
     print("wrote", ", ".join(str(p) for p in written.values()))
     return payload
 

@@ -121,6 +121,9 @@ class Step:
 #               2NHV at half that; 4,096 tokens at the do_bench floor (~0.3 s each): 26 measurements
 #               ~14 s; Triton JIT ~8; Liger's torch.compile ~25; start + inputs ~12.        => ~60
 #  loss-peaked  the same measurements with the kernels and Liger's graph cached.            => ~33
+#  logprob-accuracy  a float64 head built on the host (545M normal draws ~8 s, 256 least-squares
+#               fits ~2 s), moved to the GPU; the float64 answer 256 x 3584 x 152064 ~0.3 s; the
+#               paths' passes and JIT ~5; start ~9.                                         => ~25
 #  nf4          4 shapes x 5 row counts x 3 providers at the do_bench floor (~0.25 s each: the
 #               kernels take 5-50 us: the 3.3 GB of 7B NF4 weights over 28 layers) ~15; weights
 #               made on the host and quantised ~6; JIT ~8; start ~9.                      => ~38
@@ -137,15 +140,16 @@ class Step:
 #  train-0.5b   start ~9; engine: compile ~45 + 2 steps ~5; trl: 2 steps of HF generate at ~25 ms x
 #               512 + ~1.5 s training ~28 + build/init ~5; trl_fused the same.          => ~129
 #  train-7b-trl 2 trainers x (build ~15 + 2 steps x (512 x ~35 ms + ~4 s training)).     => ~127
-# The whole plan is ~735 s, more than the default 480: the nominal budgets fund tests, loss-flat,
+# The whole plan is ~760 s, more than the default 480: the nominal budgets fund tests, loss-flat,
 # nf4, rollout-64, train-7b and train-0.5b (~530 s estimated, so some of it may still be cut);
-# loss-peaked, rollout-8 and train-7b-trl run on time left over (--budget-s 735 funds every step at
+# loss-peaked, logprob-accuracy, rollout-8 and train-7b-trl run on time left over (--budget-s 760 funds every step at
 # its nominal budget or estimate; or rerun them with --parts into the same folder).
 GPU_PLAN = {
     # name: (estimate_s, nominal_s, first_result_s)
     "tests": (90, 85, 10),
     "loss-flat": (60, 65, 40),
     "loss-peaked": (33, 0, 25),
+    "logprob-accuracy": (25, 0, 20),
     "nf4": (38, 35, 15),
     "rollout-64": (94, 100, 90),
     "rollout-8": (73, 0, 70),
@@ -159,6 +163,7 @@ TINY_PLAN = {
     "tests": (5, 15, 3),
     "loss-flat": (22, 50, 5),
     "loss-peaked": (20, 45, 5),
+    "logprob-accuracy": (15, 35, 5),
     "nf4": (10, 25, 5),
     "rollout-64": (12, 30, 5),
     "rollout-8": (12, 30, 5),
@@ -226,6 +231,8 @@ def plan(tiny: bool) -> list[Step]:
         step("tests", "tests", "pytest", tests),
         step("loss-flat", "loss", "benchmarks.loss", loss),
         step("loss-peaked", "loss", "benchmarks.loss", loss + ["--peaked"]),
+        step("logprob-accuracy", "loss", "benchmarks.logprob_accuracy",
+             ["--tiny"] if tiny else ["--tokens", "256"]),
         step("nf4", "nf4", "benchmarks.nf4", nf4, needs=["bitsandbytes"]),
         step("rollout-64", "rollout", "benchmarks.rollout",
              rollout + ["--concurrency", "64", "--hf-completion-length", "{hf_length}"], needs=bnb_on_gpu),

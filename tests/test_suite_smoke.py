@@ -74,7 +74,7 @@ def test_tiny_run_writes_every_part_and_an_honest_summary(tmp_path):
     for goal in state["goals"]:
         assert f"| {goal['text']} | {goal['target']} |" in summary and f"**{goal['status']}**" in summary
     assert "| loss | loss-peaked | not run |" in summary
-    assert "--parts loss-peaked,rollout-8,train-7b-trl" in summary  # the command that finishes the run
+    assert "--parts loss-peaked,logprob-accuracy,rollout-8,train-7b-trl" in summary  # the command that finishes the run
     saved = json.loads((tmp_path / "suite.json").read_text())
     assert saved["steps"].keys() == steps.keys() and len(saved["plan"]) == len(suite.plan(True))
 
@@ -83,7 +83,8 @@ def test_default_budget_funds_the_goal_steps_and_leftovers_fund_the_rest():
     steps, parts = suite.schedule(suite.plan(False), 480, tiny=False)
     funded = {s.name: s.nominal_s for s in steps}
     assert sum(funded.values()) == pytest.approx(480) and sum(parts.values()) == pytest.approx(480)
-    assert {name for name, seconds in funded.items() if seconds == 0} == {"loss-peaked", "rollout-8", "train-7b-trl"}
+    assert {name for name, seconds in funded.items() if seconds == 0} == {"loss-peaked", "logprob-accuracy", "rollout-8",
+                                                                          "train-7b-trl"}
     assert list(parts) == list(suite.PARTS)
     rollout = next(s for s in steps if s.name == "rollout-64")
     assert rollout.argv[rollout.argv.index("--hf-completion-length") + 1] == "64"  # 512 would not fit 100 s
