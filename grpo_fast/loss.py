@@ -33,6 +33,9 @@ from .reference import nan_extreme
 LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")
 # the loss types that share the clipped surrogate (they differ only in how token losses are averaged)
 CLIP_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo")
+# the loss types normalised by a token count (num_items_in_batch), the others per sequence or call
+TOKEN_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")
+SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 IMPORTANCE_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -265,6 +268,27 @@ def compute_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "g
         std = r.std() if B > 1 else torch.zeros((), device=r.device)
         return centred / (std + 1e-4)
     return centred
+
+
+def sampler_correction(old_logps: Tensor, sampling_logps: Tensor, completion_mask: Tensor, mode: str,
+                       clip_min: Optional[float] = None, clip_max: Optional[float] = 3.0) -> Tensor:
+    """The importance-sampling correction for a sampler whose distribution differs from the training
+    forward's (TRL's vLLM correction): exp(old - sampler) per token ([B, T], "token_*") or per sequence
+    ([B, 1], the differences summed: "sequence_*"), clipped to [clip_min, clip_max] ("*_truncate") or
+    set to 0 outside it ("*_mask"). A sampler log-prob of NaN counts as no difference."""
+    _choice("mode", mode, SAMPLER_CORRECTION_MODES)
+    _tensor("old_logps", old_logps, ndim=2, float_dtype=True)
+    _tensor("sampling_logps", sampling_logps, shape=old_logps.shape, device=old_logps.device, float_dtype=True)
+    _tensor("completion_mask", completion_mask, shape=old_logps.shape, device=old_logps.device)
+    diff = torch.nan_to_num((old_logps - sampling_logps) * completion_mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
 def token_weights(mask: Tensor, config: GRPOLossConfig) -> Tensor:

@@ -61,11 +61,10 @@ except ImportError as error:  # the optional extra is missing: say how to get it
     ) from error
 
 from ..logits import check_logits, logit_transform
+from ..loss import TOKEN_NORMALISED_LOSS_TYPES as _TOKEN_NORMALISED
 from ..loss import GRPOLossConfig, grpo_loss, token_logprobs
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
-# TRL normalises these by the generation batch's token count (no division by the accumulation steps)
-_TOKEN_NORMALISED = ("dapo", "cispo", "vespo")
 
 # Inputs that carry images: the hidden-state forward below passes text inputs only.
 _MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
