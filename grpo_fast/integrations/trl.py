@@ -49,6 +49,7 @@ importing ``grpo_fast`` does not.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -150,27 +151,28 @@ class FusedGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         outputs = self._model_outputs(model, input_ids, attention_mask, aux_loss=self.aux_loss_enabled)
         hidden = self._completion_hidden(outputs, model, completion_ids.size(1))
-        weight, bias = self._lm_head(model)
-        hidden = hidden.to(weight.dtype)  # autocast or cast_lm_head_to_fp32 can leave them apart
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         sampler_correction = self.use_vllm and self.vllm_importance_sampling_correction
-        output = grpo_loss(
-            hidden,
-            weight,
-            completion_ids,
-            mask,
-            advantages=advantages.float(),
-            old_logps=inputs.get("old_per_token_logps"),
-            ref_logps=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-            bias=bias,
-            config=self._loss_config(inputs, mode, accumulation),
-            backend=self.loss_backend,
-            importance_sampling_ratio=inputs.get("importance_sampling_ratio") if sampler_correction else None,
-            sampling_logps=inputs.get("sampling_per_token_logps"),
-            entropy_threshold_fn=self._entropy_threshold if self.top_entropy_quantile < 1.0 else None,
-        )
+        with self._gathered_head(model):
+            weight, bias = self._lm_head(model)
+            hidden = hidden.to(weight.dtype)  # autocast or cast_lm_head_to_fp32 can leave them apart
+            output = grpo_loss(
+                hidden,
+                weight,
+                completion_ids,
+                mask,
+                advantages=advantages.float(),
+                old_logps=inputs.get("old_per_token_logps"),
+                ref_logps=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+                bias=bias,
+                config=self._loss_config(inputs, mode, accumulation),
+                backend=self.loss_backend,
+                importance_sampling_ratio=inputs.get("importance_sampling_ratio") if sampler_correction else None,
+                sampling_logps=inputs.get("sampling_per_token_logps"),
+                entropy_threshold_fn=self._entropy_threshold if self.top_entropy_quantile < 1.0 else None,
+            )
         loss = output.loss
         if self.loss_type not in _TOKEN_NORMALISED:
             # HF's automatic accumulation scaling is off for GRPOTrainer; TRL divides here.
@@ -249,9 +251,30 @@ class FusedGRPOTrainer(GRPOTrainer):
         ``hidden @ W.T + b``, or the hidden states are not what the lm_head reads (an architecture that
         does not tie hidden_states[-1] to the normed output) or the transform is not the model's, and
         the loss would be wrong."""
-        check_logits(self.accelerator.unwrap_model(model), last_hidden, last_logits, self.logit_transform,
-                     hidden_name="hidden_states[-1]", advice="; use trl.GRPOTrainer for this model")
+        with self._gathered_head(model):
+            check_logits(self.accelerator.unwrap_model(model), last_hidden, last_logits, self.logit_transform,
+                         hidden_name="hidden_states[-1]", advice="; use trl.GRPOTrainer for this model")
         self._final_hidden_state_checked = True
+
+    def _gathered_head(self, model):
+        """Under DeepSpeed ZeRO-3 the lm_head's parameters are partitioned across processes: gathered here
+        for the fused loss, which reads them only inside its forward (the gradient w.r.t. the hidden
+        states is computed there). A trainable head is refused: its gradient would have to reach the
+        partitioned parameter after the gather is released."""
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+        if not any(hasattr(p, "ds_id") for p in params):  # not a ZeRO-3 parameter
+            return contextlib.nullcontext()
+        if any(p.requires_grad for p in params):
+            raise ValueError("lm_head: expected a frozen lm_head under DeepSpeed ZeRO-3 (LoRA, or the head excluded "
+                             "from training), received a trainable one; use ZeRO-2 to train the head with the fused "
+                             "loss, or trl.GRPOTrainer")
+        if self.loss_backend == "reference":
+            raise ValueError("loss_backend: expected 'auto', 'torch' or 'triton' under DeepSpeed ZeRO-3 (the eager "
+                             "reference reads the gathered head again in backward), received 'reference'")
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def _lm_head(self, model) -> tuple[torch.Tensor, torch.Tensor | None]:
         lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
@@ -273,17 +296,18 @@ class FusedGRPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal_inputs,
             )
-        weight, bias = self._lm_head(model)
         batch_size = batch_size or input_ids.size(0)
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            hidden = self._completion_hidden_states(model, ids, mask, logits_to_keep).to(weight.dtype)
-            logps, entropy = token_logprobs(
-                hidden, weight, ids[:, -logits_to_keep:], bias=bias, temperature=self.temperature,
-                backend=self.loss_backend, completion_mask=mask[:, -logits_to_keep:], return_entropy=True,
-                chunk_size=self.loss_chunk_size, **self.logit_transform.loss_keywords(),
-            )
+            hidden = self._completion_hidden_states(model, ids, mask, logits_to_keep)
+            with self._gathered_head(model):
+                weight, bias = self._lm_head(model)
+                logps, entropy = token_logprobs(
+                    hidden.to(weight.dtype), weight, ids[:, -logits_to_keep:], bias=bias, temperature=self.temperature,
+                    backend=self.loss_backend, completion_mask=mask[:, -logits_to_keep:], return_entropy=True,
+                    chunk_size=self.loss_chunk_size, **self.logit_transform.loss_keywords(),
+                )
             all_logps.append(logps)
             all_entropies.append(entropy)
         entropies = torch.cat(all_entropies) if compute_entropy else None
