@@ -12,7 +12,9 @@ says how to set up each provider and which rows to produce. Conventions:
   allocator to ask, so memory is reported as None (not estimated).
 - a call that runs out of memory gives a row with status "oom" instead of being dropped.
 - every run writes `<stem>.json` (env + rows), `<stem>.md` and `<stem>_*.png` into
-  `benchmarks/results/<device-slug>/`; `python -m benchmarks.report` rebuilds the last two.
+  `benchmarks/results/<device-slug>/`; `python -m benchmarks.report` rebuilds the last two. The
+  sweeps also write a partial checkpoint (JSON + markdown) after each group of rows, so a run
+  stopped on a time limit (`benchmarks.suite`) keeps what it finished.
 """
 
 from __future__ import annotations
@@ -300,11 +302,23 @@ def default_stem(benchmark: str, env: dict) -> str:
     return f"{benchmark}-{stamp}"
 
 
-def write_results(payload: dict, out_dir: Path, stem: str) -> dict:
-    """Write <stem>.json, then the markdown table and plots built from it. Returns the paths."""
+def write_results(payload: dict, out_dir: Path, stem: str, *, partial: bool = False) -> dict:
+    """Write <stem>.json, then the markdown table and plots built from it. Returns the paths.
+
+    ``partial=True``: a checkpoint of a run still going (called after each group of rows, so a run
+    killed on a time limit keeps what it finished): the JSON says ``"partial": true`` and only the
+    markdown is rebuilt (plots are drawn at the end, or by `benchmarks.report` from the JSON). The
+    JSON is replaced atomically: a run killed mid-write leaves the previous checkpoint intact."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    payload["partial"] = partial  # in place: the caller returns the payload the file holds
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    scratch = json_path.with_name(json_path.name + ".tmp")
+    scratch.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    os.replace(scratch, json_path)
+    if partial:
+        md_path = json_path.with_name(json_path.stem + ".md")
+        md_path.write_text(markdown(payload))
+        return {"json": json_path, "markdown": md_path, "plots": []}
     return {"json": json_path, **render(json_path)}
 
 
@@ -318,7 +332,7 @@ def render(json_path: Path) -> dict:
     """(Re)build <stem>.md and <stem>_*.png next to a result JSON."""
     payload = json.loads(Path(json_path).read_text())
     stem = Path(json_path).with_suffix("")
-    md_path = stem.with_suffix(".md")
+    md_path = stem.with_name(stem.name + ".md")  # not with_suffix: a stem may hold a dot ("train-0.5b")
     md_path.write_text(markdown(payload))
     return {"markdown": md_path, "plots": plots(payload, stem)}
 
@@ -350,6 +364,8 @@ def markdown(payload: dict) -> str:
     dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
     lines.append(f"- date {env['date_utc']}, commit `{(env.get('git_commit') or 'unknown')[:12]}`{dirty}")
     lines.append(f"- command: `{env['command']}`")
+    if payload.get("partial"):
+        lines.append("- **partial**: a checkpoint of a run that had not finished (stopped on a time limit?)")
     for note in payload.get("notes", []):
         lines.append(f"- {note}")
     lines.append("")

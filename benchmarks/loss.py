@@ -407,6 +407,28 @@ def main(argv=None) -> dict:
 
     factories = {name: load_provider(name, device) for name in args.providers}
     rows: list[dict] = []
+    out_dir = common.results_dir(env, args.out_dir)
+    stem = args.name or common.default_stem("loss", env)
+
+    def save(partial: bool) -> tuple[dict, dict]:
+        add_derived(rows, matmul["tflops"])
+        payload = {
+            "benchmark": "loss",
+            "title": "Fused GRPO loss: grpo-fast vs the eager reference and peers",
+            "env": env,
+            "settings": {k: v for k, v in vars(args).items()},
+            "config": {k: getattr(cfg, k) for k in ("loss_type", "beta", "epsilon_low", "epsilon_high", "temperature",
+                                                     "importance_sampling_level")},
+            "matmul": matmul,
+            "notes": notes(args, rows, matmul),
+            "group_by": ["head", "tokens", "mode"],
+            "columns": COLUMNS,
+            "plot": {"group_by": ["head", "mode"], "x": "tokens", "series": "provider",
+                     "panels": [["ms_median", "median time (ms)"], ["peak_mib", "peak memory above inputs (MiB)"]]},
+            "rows": rows,
+        }
+        return payload, common.write_results(payload, out_dir, stem, partial=partial)
+
     for head in args.heads:
         H, V = head_dims(head)
         weight = make_weight(H, V, dtype, device, train_head=args.train_head)
@@ -440,27 +462,10 @@ def main(argv=None) -> dict:
                           f"{row.get('error') or ''}", flush=True)
             del x
             common.free_memory(device)
+            save(partial=True)  # each finished case survives a run stopped on a time limit
         del weight
         common.free_memory(device)
-    add_derived(rows, matmul["tflops"])
-
-    payload = {
-        "benchmark": "loss",
-        "title": "Fused GRPO loss: grpo-fast vs the eager reference and peers",
-        "env": env,
-        "settings": {k: v for k, v in vars(args).items()},
-        "config": {k: getattr(cfg, k) for k in ("loss_type", "beta", "epsilon_low", "epsilon_high", "temperature",
-                                                 "importance_sampling_level")},
-        "matmul": matmul,
-        "notes": notes(args, rows, matmul),
-        "group_by": ["head", "tokens", "mode"],
-        "columns": COLUMNS,
-        "plot": {"group_by": ["head", "mode"], "x": "tokens", "series": "provider",
-                 "panels": [["ms_median", "median time (ms)"], ["peak_mib", "peak memory above inputs (MiB)"]]},
-        "rows": rows,
-    }
-    out_dir = common.results_dir(env, args.out_dir)
-    paths = common.write_results(payload, out_dir, args.name or common.default_stem("loss", env))
+    payload, paths = save(partial=False)
     print(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plot(s)")
     return payload
 

@@ -132,6 +132,26 @@ def main(argv=None) -> dict:
 
     shapes = TINY_SHAPES if args.tiny else QWEN_7B_SHAPES
     rows: list[dict] = []
+    out_dir = common.results_dir(env, args.out_dir)
+    stem = args.name or common.default_stem("nf4", env)
+
+    def save(partial: bool) -> tuple[dict, dict]:
+        add_derived(rows, copy["gbps"])
+        payload = {
+            "benchmark": "nf4",
+            "title": "NF4 decode matmul: fused kernel vs bitsandbytes vs bf16",
+            "env": env,
+            "settings": dict(vars(args)),
+            "copy": copy,
+            "notes": notes(args, rows, copy),
+            "group_by": ["shape", "rows"],
+            "columns": COLUMNS,
+            "plot": {"group_by": ["shape"], "x": "rows", "series": "provider",
+                     "panels": [["ms_median", "median time (ms)"], ["packed_gbps", "packed-weight GB/s"]]},
+            "rows": rows,
+        }
+        return payload, common.write_results(payload, out_dir, stem, partial=partial)
+
     for shape in args.shapes:
         n, k, per_block = shapes[shape]
         layer = make_layer(n, k, device)
@@ -161,23 +181,8 @@ def main(argv=None) -> dict:
             del x, expected
         del layer, weight, dense
         common.free_memory(device)
-    add_derived(rows, copy["gbps"])
-
-    payload = {
-        "benchmark": "nf4",
-        "title": "NF4 decode matmul: fused kernel vs bitsandbytes vs bf16",
-        "env": env,
-        "settings": dict(vars(args)),
-        "copy": copy,
-        "notes": notes(args, rows, copy),
-        "group_by": ["shape", "rows"],
-        "columns": COLUMNS,
-        "plot": {"group_by": ["shape"], "x": "rows", "series": "provider",
-                 "panels": [["ms_median", "median time (ms)"], ["packed_gbps", "packed-weight GB/s"]]},
-        "rows": rows,
-    }
-    out_dir = common.results_dir(env, args.out_dir)
-    paths = common.write_results(payload, out_dir, args.name or common.default_stem("nf4", env))
+        save(partial=True)  # each finished shape survives a run stopped on a time limit
+    payload, paths = save(partial=False)
     print(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plot(s)")
     return payload
 

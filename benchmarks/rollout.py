@@ -9,6 +9,10 @@ in NF4 (double quantisation, bf16 compute) with a LoRA adapter (peft, unmerged, 
 told otherwise. Each of ``--concurrency`` sequences counts: ``concurrency / num_generations`` prompts
 of ``--prompt-length`` random tokens, ``num_generations`` completions each, every completion forced
 to ``--completion-length`` tokens (EOS suppressed until then: random weights would stop at random).
+``--hf-completion-length`` shortens ``generate``'s forced length where its 512 tokens would not fit
+a time budget (``benchmarks.suite``): its rate is then measured on the shorter completions (its
+per-token cost is mostly per-step launch overhead, and the shorter context only favours it), and
+the notes say so.
 
 Per provider and concurrency: completion tokens/s (one untimed warm-up call, then ``--reps`` timed
 calls, median), peak memory above the model during the warm-up call, and the fraction of the
@@ -38,7 +42,7 @@ COLUMNS = [
     ["tokens_per_s", "tokens/s", ".1f"], ["speedup_vs_hf", "x HF", ".2f"], ["ms_per_step", "ms/step", ".2f"],
     ["bytes_per_step_mib", "MiB read/step", ".0f"], ["read_gbps", "GB/s", ".1f"],
     ["frac_bandwidth", "of copy GB/s", ".1%"], ["peak_mib", "peak MiB", ".0f"],
-    ["mean_length", "mean length", ".1f"], ["error", "error", "s60"],
+    ["completion_length", "forced length", "d"], ["mean_length", "mean length", ".1f"], ["error", "error", "s60"],
 ]
 
 
@@ -135,13 +139,14 @@ def run_case(generate: Callable, model, prompts, params: SamplingParams, warmup_
     return row
 
 
-def add_derived(rows: list[dict], weights: int, kv_per_token: int, prompt_length: int, completion_length: int,
-                copy_gbps: float) -> None:
-    # Mean context over the decode steps: the prompt plus half the completion.
-    context = prompt_length + (completion_length - 1) / 2
+def add_derived(rows: list[dict], weights: int, kv_per_token: int, prompt_length: int, copy_gbps: float) -> None:
+    """Per row, at its own forced completion length: tokens/s, time and bytes per decode step, the
+    fraction of the copy bandwidth, and the speed-up over HF generate at the same concurrency."""
     for row in rows:
         if row["status"] != "ok":
             continue
+        completion_length = row["completion_length"]
+        context = prompt_length + (completion_length - 1) / 2  # mean context over the decode steps
         seconds = row["ms_median"] / 1e3
         step_bytes = weights + row["concurrency"] * context * kv_per_token
         row["tokens_per_s"] = row["concurrency"] * completion_length / seconds
@@ -168,6 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=None, help="tokens per prompt (default 128; tiny 8)")
     parser.add_argument("--completion-length", type=int, default=None,
                         help="forced tokens per completion (default 512; tiny 16)")
+    parser.add_argument("--hf-completion-length", type=int, default=None,
+                        help="forced tokens per completion for HF generate (default --completion-length): "
+                             "shorter where its full length would not fit a time budget")
     parser.add_argument("--providers", type=common.comma_list, default=list(PROVIDERS))
     parser.add_argument("--reps", type=int, default=1, help="timed calls per measurement (after one warm-up call)")
     parser.add_argument("--sync-every", type=int, default=8, help="engine: decode steps between host checks")
@@ -184,6 +192,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in args.providers:
         if name not in PROVIDERS:
             parser.error(f"--providers: expected names from {list(PROVIDERS)}, received {name!r}")
+    for name in ("prompt_length", "completion_length", "hf_completion_length"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')}: expected > 0, received {value}")
     for value in args.concurrency:
         if value < args.num_generations or value % args.num_generations:
             parser.error(f"--concurrency: expected multiples of --num-generations={args.num_generations}, "
@@ -198,6 +210,7 @@ def main(argv=None) -> dict:
     quant = args.quant or ("nf4" if device.type == "cuda" else "none")
     prompt_length = args.prompt_length or (8 if args.tiny else 128)
     completion_length = args.completion_length or (16 if args.tiny else 512)
+    hf_length = args.hf_completion_length or completion_length
     env = common.env_info(device, None if argv is None else [__file__, *argv])
     if env["git_commit"] is None and args.commit:
         env["git_commit"] = args.commit
@@ -209,51 +222,64 @@ def main(argv=None) -> dict:
     weights, kv_per_token = weight_bytes(model), kv_bytes_per_token(model)
     log(f"{model_name}, {quant}, LoRA r{args.lora_r}: {weights / 2**20:.0f} MiB of weights read per decode step, "
         f"{kv_per_token / 2**10:.1f} KiB of KV per token")
-    params = SamplingParams(num_generations=args.num_generations, max_completion_length=completion_length,
-                            eos_token_ids=(EOS_ID,), pad_token_id=PAD_ID, min_completion_length=completion_length)
+    lengths = {name: hf_length if name == "hf" else completion_length for name in PROVIDERS}
+    params = {name: SamplingParams(num_generations=args.num_generations, max_completion_length=length,
+                                   eos_token_ids=(EOS_ID,), pad_token_id=PAD_ID, min_completion_length=length)
+              for name, length in lengths.items()}
     samplers = providers(args)
     rows: list[dict] = []
+    out_dir = common.results_dir(env, args.out_dir)
+    stem = args.name or common.default_stem("rollout", env)
+
+    def save(partial: bool) -> tuple[dict, dict]:
+        add_derived(rows, weights, kv_per_token, prompt_length, copy["gbps"])
+        shortened = (f"; HF generate's completions forced to {hf_length} tokens instead (to fit a time budget: its "
+                     "per-token cost is mostly per-step overhead, and its shorter context only favours it)"
+                     if "hf" in args.providers and hf_length != completion_length else "")
+        payload = {
+            "benchmark": "rollout",
+            "title": "Rollouts: grpo-fast's engine vs Hugging Face generate (completion tokens/s)",
+            "env": env,
+            "settings": {**vars(args), "model": model_name, "quant": quant, "prompt_length": prompt_length,
+                         "completion_length": completion_length, "hf_completion_length": hf_length,
+                         "shape": SHAPES[model_name]},
+            "copy": copy,
+            "weight_bytes_per_step": weights,
+            "kv_bytes_per_token": kv_per_token,
+            "notes": [
+                f"random-weight {model_name} ({quant}, LoRA r{args.lora_r} unmerged), {args.num_generations} completions "
+                f"per prompt, prompts of {prompt_length} tokens, completions forced to {completion_length} tokens"
+                + shortened,
+                "bandwidth fraction: (weights {:.0f} MiB + KV of the mean context) per decode step (call time / forced "
+                "length, prefill included) vs a same-run copy at {:.1f} GB/s".format(weights / 2**20, copy["gbps"]),
+                "peak MiB: above the model, during the warm-up call (CUDA only)",
+            ],
+            "group_by": ["model", "quant"],
+            "columns": COLUMNS,
+            "plot": {"group_by": ["model", "quant"], "x": "concurrency", "series": "provider",
+                     "panels": [["tokens_per_s", "completion tokens/s"], ["frac_bandwidth", "fraction of copy bandwidth"]]},
+            "rows": rows,
+        }
+        return payload, common.write_results(payload, out_dir, stem, partial=partial)
+
     for concurrency in args.concurrency:
         prompts = random_prompts(concurrency // args.num_generations, prompt_length, model.config.vocab_size)
         for name in args.providers:
             # HF generate has nothing to compile: a short warm-up call; the engine's must be the
             # timed shape (its CUDA graphs are per batch size and cache length).
-            warmup = params if name == "engine" else dataclasses.replace(
-                params, max_completion_length=min(8, completion_length), min_completion_length=min(8, completion_length))
+            warmup = params[name] if name == "engine" else dataclasses.replace(
+                params[name], max_completion_length=min(8, lengths[name]), min_completion_length=min(8, lengths[name]))
             row = {"provider": name, "concurrency": concurrency, "model": model_name, "quant": quant,
-                   "lora_r": args.lora_r, **run_case(samplers[name], model, prompts, params, warmup, device, args.reps,
-                                samplers_to_release=[sampler for sampler in samplers.values()
-                                                     if isinstance(sampler, RolloutEngine)])}
+                   "lora_r": args.lora_r, "completion_length": lengths[name],
+                   **run_case(samplers[name], model, prompts, params[name], warmup, device, args.reps,
+                              samplers_to_release=[sampler for sampler in samplers.values()
+                                                   if isinstance(sampler, RolloutEngine)])}
             rows.append(row)
             log(f"{name:>6} x{concurrency:<3}: {row['status']} "
-                + (f"{concurrency * completion_length / (row['ms_median'] / 1e3):.1f} tokens/s" if row["status"] == "ok"
+                + (f"{concurrency * lengths[name] / (row['ms_median'] / 1e3):.1f} tokens/s" if row["status"] == "ok"
                    else row["error"]))
-    add_derived(rows, weights, kv_per_token, prompt_length, completion_length, copy["gbps"])
-
-    payload = {
-        "benchmark": "rollout",
-        "title": "Rollouts: grpo-fast's engine vs Hugging Face generate (completion tokens/s)",
-        "env": env,
-        "settings": {**vars(args), "model": model_name, "quant": quant, "prompt_length": prompt_length,
-                     "completion_length": completion_length, "shape": SHAPES[model_name]},
-        "copy": copy,
-        "weight_bytes_per_step": weights,
-        "kv_bytes_per_token": kv_per_token,
-        "notes": [
-            f"random-weight {model_name} ({quant}, LoRA r{args.lora_r} unmerged), {args.num_generations} completions "
-            f"per prompt, prompts of {prompt_length} tokens, completions forced to {completion_length} tokens",
-            f"bandwidth fraction: (weights {weights / 2**20:.0f} MiB + KV of the mean context) per decode step "
-            f"(call time / {completion_length}, prefill included) vs a same-run copy at {copy['gbps']:.1f} GB/s",
-            "peak MiB: above the model, during the warm-up call (CUDA only)",
-        ],
-        "group_by": ["model", "quant"],
-        "columns": COLUMNS,
-        "plot": {"group_by": ["model", "quant"], "x": "concurrency", "series": "provider",
-                 "panels": [["tokens_per_s", "completion tokens/s"], ["frac_bandwidth", "fraction of copy bandwidth"]]},
-        "rows": rows,
-    }
-    stem = args.name or common.default_stem("rollout", env)
-    paths = common.write_results(payload, common.results_dir(env, args.out_dir), stem)
+        save(partial=True)  # each finished concurrency survives a run stopped on a time limit
+    payload, paths = save(partial=False)
     log(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plot(s)")
     return payload
 

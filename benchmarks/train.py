@@ -537,6 +537,29 @@ def main(argv=None) -> dict:
         f"4-bit {args.load_in_4bit}")
 
     rows: list[dict] = []
+    fit_rows: list[dict] = []
+    out_dir = common.results_dir(env, args.out_dir)
+    stem = args.name or common.default_stem("train", env)
+
+    def save(partial: bool) -> tuple[dict, dict]:
+        add_ratios(rows)
+        payload = {
+            "benchmark": "train",
+            "title": "GRPO training step: grpo-fast vs TRL GRPOTrainer",
+            "env": env,
+            "settings": {k: v for k, v in vars(args).items()},
+            "notes": notes(args, device),
+            "group_by": ["model"],
+            "columns": COLUMNS,
+            "rows": rows,
+            "tables": [{"title": "Longest completion that fits a memory budget", "group_by": ["model", "budget_gib"],
+                        "columns": FIT_COLUMNS, "rows": fit_rows}] if args.fit_budget else [],
+            "plot": {"kind": "bar", "x": "model", "series": "trainer",
+                     "panels": [["peak_allocated_gib", "peak allocated (GiB)"],
+                                ["completion_tokens_per_s", "completion tokens / s"]]},
+        }
+        return payload, common.write_results(payload, out_dir, stem, partial=partial)
+
     for model in args.model:
         work = workload(args, model)
         for trainer in args.trainers:
@@ -546,31 +569,14 @@ def main(argv=None) -> dict:
             log(f"{model} {trainer}: {row['status']} step {_short(row.get('step_s'), 's')} "
                 f"(generation {_short(row.get('generation_s'), 's')}, training {_short(row.get('training_s'), 's')}), "
                 f"peak {_short(row.get('peak_allocated_gib'), 'GiB')} {row.get('error') or ''}")
-    add_ratios(rows)
+            save(partial=True)  # each finished trainer survives a run stopped on a time limit
 
-    fit_rows: list[dict] = []
     for budget in args.fit_budget or []:
         for model in args.model:
             for trainer in args.trainers:
                 fit_rows.append(fit_budget(trainer, workload(args, model), device, budget, args))
-
-    payload = {
-        "benchmark": "train",
-        "title": "GRPO training step: grpo-fast vs TRL GRPOTrainer",
-        "env": env,
-        "settings": {k: v for k, v in vars(args).items()},
-        "notes": notes(args, device),
-        "group_by": ["model"],
-        "columns": COLUMNS,
-        "rows": rows,
-        "tables": [{"title": "Longest completion that fits a memory budget", "group_by": ["model", "budget_gib"],
-                    "columns": FIT_COLUMNS, "rows": fit_rows}] if args.fit_budget else [],
-        "plot": {"kind": "bar", "x": "model", "series": "trainer",
-                 "panels": [["peak_allocated_gib", "peak allocated (GiB)"],
-                            ["completion_tokens_per_s", "completion tokens / s"]]},
-    }
-    out_dir = common.results_dir(env, args.out_dir)
-    paths = common.write_results(payload, out_dir, args.name or common.default_stem("train", env))
+                save(partial=True)
+    payload, paths = save(partial=False)
     log(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plot(s)")
     return payload
 
