@@ -102,9 +102,10 @@ def write_checkpoint(folder: Path, model, optimizer, scheduler, tokenizer, state
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, tokenizer=None, *,
                     data_position: int, config: GRPOConfig | None = None, keep_last: int = 2,
-                    scaler: torch.amp.GradScaler | None = None) -> Path:
+                    scaler: torch.amp.GradScaler | None = None, extra_state: dict[str, Any] | None = None) -> Path:
     """Write ``step``'s checkpoint atomically, then keep the last ``keep_last``; returns its folder.
-    ``scaler``: saved when enabled (fp16 loss scaling)."""
+    ``scaler``: saved when enabled (fp16 loss scaling); ``extra_state``: JSON values the trainer
+    carries across steps (e.g. the adaptive entropy coefficient), in ``trainer_state.json``."""
     if keep_last < 1:
         raise ValueError(f"keep_last: expected >= 1, received {keep_last}")
     parent = checkpoints_dir(run_dir)
@@ -115,7 +116,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, token
     temporary = parent / f"{TEMPORARY_PREFIX}{final.name}-{os.getpid()}"
     temporary.mkdir()
     state = {"step": step, "data_position": data_position,
-             "config": config_to_dict(config) if config is not None else None}
+             "config": config_to_dict(config) if config is not None else None, **(extra_state or {})}
     try:
         write_checkpoint(temporary, model, optimizer, scheduler, tokenizer, state, scaler)
     except BaseException:

@@ -12,6 +12,7 @@ Unknown keys and values of the wrong type are errors naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from typing import Any, Sequence
 
 import yaml
 
-LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo", "vespo")
+SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("cosine", "constant")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -73,13 +75,30 @@ class GRPOConfig:
     reward_weights: list[float] | None = None  # one weight per reward function; None: all 1.0
 
     # ---- loss ---------------------------------------------------------------------------------
-    loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo (TRL's meanings)
+    loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo | luspo | cispo | sapo | vespo (TRL's meanings)
     beta: float = 0.0  # KL coefficient against the reference policy (the base model with the adapter off)
     epsilon_low: float = 0.2  # lower clip of the importance ratio: 1 - epsilon_low
-    epsilon_high: float | None = 0.28  # upper clip: 1 + epsilon_high; None: epsilon_low
+    epsilon_high: float | None = 0.28  # upper clip: 1 + epsilon_high; None: epsilon_low; cispo: the cap on the ratio (5.0 in the paper)
     delta: float | None = None  # two-sided clip of the unclipped ratio (None: off)
     kl_bias_correction: bool = False  # multiply the KL by the importance ratio (TRL's use_bias_correction_kl, True by default there)
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    sapo_temperature_pos: float = 1.0  # sapo: the soft gate's temperature for positive advantages
+    sapo_temperature_neg: float = 1.05  # sapo: ... for the others
+    vespo_k_pos: float = 2.0  # vespo: phi(w) = e^lambda w^k e^(-lambda w) of the sequence ratio w, for A >= 0
+    vespo_lambda_pos: float = 3.0  # vespo: lambda for A >= 0
+    vespo_k_neg: float = 3.0  # vespo: k for A < 0
+    vespo_lambda_neg: float = 2.0  # vespo: lambda for A < 0
+    entropy_coef: float = 0.0  # entropy bonus: the loss minus entropy_coef x the mean token entropy (initial value with use_adaptive_entropy)
+    use_adaptive_entropy: bool = False  # Skywork-OR1's control: the bonus applies while the step's entropy <= entropy_target; entropy_coef moves by entropy_coef_delta each optimiser step
+    entropy_coef_min: float = 0.0  # adaptive control: lower bound of entropy_coef
+    entropy_coef_max: float = 1.0  # adaptive control: upper bound of entropy_coef
+    entropy_coef_delta: float = 0.005  # adaptive control: the step of entropy_coef
+    entropy_target: float = 0.2  # adaptive control: target mean token entropy (nats)
+    top_entropy_quantile: float = 1.0  # < 1: the policy term only on the tokens at or above this entropy quantile (0.2 in "Beyond the 80/20 rule")
+    off_policy_mask_threshold: float | None = None  # drop negative-advantage completions whose mean KL to the sampler exceeds this (DeepSeek-V3.2); None: off
+    importance_sampling_correction: str = "none"  # correct the loss for the sampler's mismatch with the training forward, from the engine's sampled-token log-probs: none | token_truncate | token_mask | sequence_truncate | sequence_mask (needs the engine)
+    importance_sampling_clip_min: float | None = None  # the correction's lower bound (truncate: clip; mask: drop below)
+    importance_sampling_clip_max: float | None = 3.0  # the correction's upper bound (truncate: clip; mask: drop above)
     scale_rewards: str = "group"  # advantage scaling: group | batch | none
     num_iterations: int = 2  # optimisation passes over each generation batch (>1 computes old log-probs)
     micro_batch_size: int = 16  # completions per forward/backward; gradients accumulate over the batch
@@ -150,6 +169,7 @@ def validate(config: GRPOConfig) -> None:
     _choice("scale_rewards", config.scale_rewards, ("group", "batch", "none"))
     _choice("loss_backend", config.loss_backend, ("auto", "triton", "torch", "reference"))
     _choice("rollout_engine", config.rollout_engine, ROLLOUT_ENGINES)
+    _choice("importance_sampling_correction", config.importance_sampling_correction, SAMPLER_CORRECTIONS)
     _positive(config, "max_steps", "prompts_per_step", "max_completion_length", "temperature",
               "num_iterations", "micro_batch_size", "lora_r", "save_total_limit")
     if config.num_generations < 2:
@@ -183,12 +203,49 @@ def validate(config: GRPOConfig) -> None:
     if config.load_in_4bit and config.use_lora is False:
         raise ValueError("use_lora: expected True or None with load_in_4bit=True (4-bit weights cannot be "
                          "trained directly), received False")
+    _check_loss_options(config)
+    for key in ("importance_sampling_clip_min", "importance_sampling_clip_max"):
+        value = getattr(config, key)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{key}: expected a finite number >= 0 or null, received {value!r}")
+    if (config.importance_sampling_clip_min is not None and config.importance_sampling_clip_max is not None
+            and config.importance_sampling_clip_min > config.importance_sampling_clip_max):
+        raise ValueError(f"importance_sampling_clip_min: expected <= importance_sampling_clip_max "
+                         f"({config.importance_sampling_clip_max}), received {config.importance_sampling_clip_min}")
+    if config.loss_type == "vespo" and config.importance_sampling_correction.startswith("sequence"):
+        raise ValueError(f"importance_sampling_correction: expected none, token_truncate or token_mask with "
+                         f"loss_type vespo (its weights take per-token ratios), received "
+                         f"{config.importance_sampling_correction!r}")
+    if config.importance_sampling_correction != "none" and config.rollout_engine == "hf":
+        raise ValueError("importance_sampling_correction: expected none with rollout_engine hf (the correction "
+                         "uses the engine's sampled-token log-probs), received "
+                         f"{config.importance_sampling_correction!r}; set rollout_engine: engine")
+    for key in ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"):
+        if not math.isfinite(getattr(config, key)) or getattr(config, key) < 0:
+            raise ValueError(f"{key}: expected a finite number >= 0, received {getattr(config, key)!r}")
+    if config.entropy_coef_min > config.entropy_coef_max:
+        raise ValueError(f"entropy_coef_min: expected <= entropy_coef_max ({config.entropy_coef_max}), "
+                         f"received {config.entropy_coef_min}")
     if config.dtype == "float16" and not lora_enabled(config):
         # Loss scaling unscales fp32 gradients only: fp16 weights trained directly have no fp32 master copy.
         raise ValueError("dtype: expected bfloat16, float32 or auto for full fine-tuning, received 'float16' (loss "
                          "scaling cannot unscale the fp16 gradients of fp16 weights); with float16 train LoRA "
                          "adapters (use_lora: true or load_in_4bit: true; peft keeps them in fp32), or use dtype "
                          "bfloat16 / float32")
+
+
+def _check_loss_options(config: GRPOConfig) -> None:
+    """The loss's own checks (grpo_fast.loss.GRPOLossConfig: same key names) before any model loads."""
+    from .loss import GRPOLossConfig  # imports torch: only when a config is validated
+
+    GRPOLossConfig(**{name: getattr(config, name) for name in LOSS_OPTIONS})
+
+
+# the keys that are GRPOLossConfig options of the same name
+LOSS_OPTIONS = ("loss_type", "beta", "epsilon_low", "epsilon_high", "delta", "kl_bias_correction", "temperature",
+                "importance_sampling_level", "scale_rewards", "sapo_temperature_pos", "sapo_temperature_neg",
+                "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef",
+                "top_entropy_quantile", "off_policy_mask_threshold")
 
 
 def lora_enabled(config: GRPOConfig) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +28,14 @@ from torch import Tensor, nn
 from .kernels import LossSpec, TokenInputs, default_kernel_config, forward_logprobs, fused_grpo_loss, triton_usable_on
 from .kernels.config import triton_available
 from .logits import check_logit_transform
+from .reference import nan_extreme
 
-LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")
+# the loss types that share the clipped surrogate (they differ only in how token losses are averaged)
+CLIP_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo")
+# the loss types normalised by a token count (num_items_in_batch), the others per sequence or call
+TOKEN_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")
+SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 IMPORTANCE_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -40,10 +46,12 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class GRPOLossConfig:
     """Options of the GRPO loss (TRL GRPOConfig names and defaults)."""
 
-    loss_type: str = "dapo"  # "dapo" | "grpo" | "bnpo" | "dr_grpo": how token losses are averaged
+    # "dapo" | "grpo" | "bnpo" | "dr_grpo" | "luspo" (the clipped surrogate, averaged in different ways),
+    # "cispo" (capped detached ratio times logp), "sapo" (soft gate), "vespo" (gamma-weighted sequences)
+    loss_type: str = "dapo"
     beta: float = 0.0  # weight of the k3 KL to the reference policy (needs ref_logps when != 0)
     epsilon_low: float = 0.2  # lower clip: ratio >= 1 - epsilon_low
-    epsilon_high: Optional[float] = None  # upper clip: ratio <= 1 + epsilon_high (None: = epsilon_low)
+    epsilon_high: Optional[float] = None  # upper clip: ratio <= 1 + epsilon_high (None: = epsilon_low); cispo: the cap
     delta: Optional[float] = None  # if set, the unclipped ratio is also capped at delta (two-sided clip)
     temperature: float = 1.0  # logits are divided by it (use the sampling temperature)
     importance_sampling_level: str = "token"  # "token" (GRPO) | "sequence" (GSPO)
@@ -55,6 +63,15 @@ class GRPOLossConfig:
     # The model's logit transform (grpo_fast.logits.logit_transform(model).loss_keywords() reads it):
     logit_scale: float = 1.0  # logits times this (Cohere's logit_scale, Granite's 1 / logits_scaling)
     logit_softcap: Optional[float] = None  # then softcap * tanh(logits / softcap) (Gemma's final_logit_softcapping)
+    sapo_temperature_pos: float = 1.0  # sapo: the gate's temperature for A > 0
+    sapo_temperature_neg: float = 1.05  # and for A <= 0
+    vespo_k_pos: float = 2.0  # vespo: phi(w) = e^lambda w^k e^(-lambda w), k and lambda for A >= 0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0  # and for A < 0
+    vespo_lambda_neg: float = 2.0
+    entropy_coef: float = 0.0  # the loss minus entropy_coef * mean entropy (of the top-entropy tokens if masked)
+    top_entropy_quantile: float = 1.0  # < 1: the policy term only on tokens at or above this entropy quantile
+    off_policy_mask_threshold: Optional[float] = None  # drop A < 0 sequences whose mean KL to the sampler exceeds it
 
     def __post_init__(self):
         _choice("loss_type", self.loss_type, LOSS_TYPES)
@@ -84,6 +101,21 @@ class GRPOLossConfig:
             if self.num_items_in_batch == 0:
                 raise ValueError("num_items_in_batch: expected a value > 0, got 0")
         check_logit_transform(self.logit_scale, self.logit_softcap)
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            _finite(name, getattr(self, name), minimum=0.0)
+            if getattr(self, name) == 0.0:
+                raise ValueError(f"{name}: expected a value > 0, got 0.0")
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            _finite(name, getattr(self, name), minimum=0.0)
+        _finite("entropy_coef", self.entropy_coef)
+        _finite("top_entropy_quantile", self.top_entropy_quantile, minimum=0.0)
+        if self.top_entropy_quantile > 1.0:
+            raise ValueError(f"top_entropy_quantile: expected a value in [0, 1], got {self.top_entropy_quantile!r}")
+        if self.off_policy_mask_threshold is not None:
+            _finite("off_policy_mask_threshold", self.off_policy_mask_threshold, minimum=0.0)
+        if self.loss_type == "cispo" and self.resolved_epsilon_high <= 0.0:
+            raise ValueError(f"epsilon_high: expected a value > 0 for loss_type='cispo' (the cap on the ratio), "
+                             f"got {self.resolved_epsilon_high!r}")
 
     @property
     def resolved_epsilon_high(self) -> float:
@@ -100,6 +132,17 @@ class GRPOLossConfig:
             kl_bias_correction=bool(self.kl_bias_correction),
             logit_scale=float(self.logit_scale),
             logit_softcap=None if self.logit_softcap is None else float(self.logit_softcap),
+            policy="clip" if self.loss_type in CLIP_LOSS_TYPES else self.loss_type,
+            sapo_temperature_pos=float(self.sapo_temperature_pos),
+            sapo_temperature_neg=float(self.sapo_temperature_neg),
+            vespo_k_pos=float(self.vespo_k_pos),
+            vespo_lambda_pos=float(self.vespo_lambda_pos),
+            vespo_k_neg=float(self.vespo_k_neg),
+            vespo_lambda_neg=float(self.vespo_lambda_neg),
+            entropy_coef=float(self.entropy_coef),
+            top_entropy_quantile=float(self.top_entropy_quantile),
+            off_policy_mask_threshold=(None if self.off_policy_mask_threshold is None
+                                       else float(self.off_policy_mask_threshold)),
         )
 
 
@@ -109,9 +152,13 @@ class GRPOLossOutput:
     logps: Tensor  # [B, T] fp32 detached log-probs of the current policy (0 where the mask is 0)
     advantages: Tensor  # [B] fp32 advantages used
     metrics: dict = field(default_factory=dict)  # 0-dim detached tensors (see METRIC_NAMES)
+    entropy: Optional[Tensor] = None  # [B, T] fp32 detached per-token entropies (0 where the mask is 0)
 
 
-METRIC_NAMES = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+# TRL's names: kl (with ref_logps), entropy, and by loss type the clip ratios (clip types), cispo_clip_ratio
+# (cispo) or vespo/phi_seq_mean (vespo); policy_loss (the loss without the bonus) with an entropy bonus
+METRIC_NAMES = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio", "vespo/phi_seq_mean", "policy_loss")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,19 +270,42 @@ def compute_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "g
     return centred
 
 
+def sampler_correction(old_logps: Tensor, sampling_logps: Tensor, completion_mask: Tensor, mode: str,
+                       clip_min: Optional[float] = None, clip_max: Optional[float] = 3.0) -> Tensor:
+    """The importance-sampling correction for a sampler whose distribution differs from the training
+    forward's (TRL's vLLM correction): exp(old - sampler) per token ([B, T], "token_*") or per sequence
+    ([B, 1], the differences summed: "sequence_*"), clipped to [clip_min, clip_max] ("*_truncate") or
+    set to 0 outside it ("*_mask"). A sampler log-prob of NaN counts as no difference."""
+    _choice("mode", mode, SAMPLER_CORRECTION_MODES)
+    _tensor("old_logps", old_logps, ndim=2, float_dtype=True)
+    _tensor("sampling_logps", sampling_logps, shape=old_logps.shape, device=old_logps.device, float_dtype=True)
+    _tensor("completion_mask", completion_mask, shape=old_logps.shape, device=old_logps.device)
+    diff = torch.nan_to_num((old_logps - sampling_logps) * completion_mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
 def token_weights(mask: Tensor, config: GRPOLossConfig) -> Tensor:
     """[B, T] fp32 weight of each token in the loss: loss = sum(weight * per_token_loss)."""
     mask = mask.float()
     B, T = mask.shape
-    if config.loss_type == "grpo":
+    if config.loss_type in ("grpo", "sapo"):
         per_row = mask.sum(-1, keepdim=True).clamp(min=1.0)
         return mask / (per_row * B)
+    if config.loss_type == "luspo":  # the sum over each sequence's tokens, averaged over sequences
+        return mask / B
     if config.loss_type == "bnpo":
         return mask / mask.sum().clamp(min=1.0)
     if config.loss_type == "dr_grpo":
         length = config.max_completion_length if config.max_completion_length is not None else T
         return mask / (B * length)
-    normaliser = config.num_items_in_batch
+    normaliser = config.num_items_in_batch  # dapo, cispo, vespo
     if normaliser is None:
         return mask / mask.sum().clamp(min=1.0)
     return mask / float(normaliser)
@@ -260,6 +330,9 @@ def grpo_loss(
     bias: Optional[Tensor] = None,
     config: Optional[GRPOLossConfig] = None,
     backend: str = "auto",
+    importance_sampling_ratio: Optional[Tensor] = None,
+    sampling_logps: Optional[Tensor] = None,
+    entropy_threshold_fn: Optional[Callable[[Tensor, float], Tensor]] = None,
 ) -> GRPOLossOutput:
     """GRPO loss of TRL's GRPOTrainer, computed from hidden states and the lm_head weight.
 
@@ -273,6 +346,12 @@ def grpo_loss(
         ref_logps: [B, T] reference log-probs; required when config.beta != 0.
         bias: [V] optional lm_head bias.
         backend: "auto" (triton on CUDA, torch elsewhere) | "triton" | "torch" | "reference".
+        importance_sampling_ratio: the sampler correction (TRL's vLLM importance sampling): [B, T]
+            per token or [B] / [B, 1] per sequence, multiplying the policy term (vespo: its weights).
+        sampling_logps: [B, T] the sampler's log-probs, for config.off_policy_mask_threshold
+            (None: old_logps, else the current log-probs).
+        entropy_threshold_fn: (entropies, q) -> the q-quantile for config.top_entropy_quantile
+            (default torch.quantile of this call's tokens; a distributed trainer gathers them first).
 
     Returns a GRPOLossOutput; `logps` is 0 where the mask is 0 (padding is never computed).
     """
@@ -284,9 +363,20 @@ def grpo_loss(
     V = weight.shape[0]
     device = hidden.device
     _check_ids(completion_ids, completion_mask, B, T, V, device)
-    for name, value in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+    for name, value in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampling_logps", sampling_logps)):
         if value is not None:
             _tensor(name, value, shape=(B, T), device=device, float_dtype=True)
+    if importance_sampling_ratio is not None:
+        _tensor("importance_sampling_ratio", importance_sampling_ratio, device=device, float_dtype=True)
+        if tuple(importance_sampling_ratio.shape) not in ((B, T), (B, 1), (B,)):
+            raise ValueError(f"importance_sampling_ratio: expected shape ({B}, {T}), ({B}, 1) or ({B},), "
+                             f"got {tuple(importance_sampling_ratio.shape)}")
+        if config.loss_type == "vespo" and tuple(importance_sampling_ratio.shape) != (B, T):
+            raise ValueError(f"importance_sampling_ratio: expected one ratio per token, shape ({B}, {T}), with "
+                             f"loss_type='vespo' (as TRL, which needs a token-level correction mode), "
+                             f"got {tuple(importance_sampling_ratio.shape)}")
+    if entropy_threshold_fn is not None and not callable(entropy_threshold_fn):
+        raise ValueError(f"entropy_threshold_fn: expected a callable or None, got {type(entropy_threshold_fn).__name__}")
     if config.beta != 0.0 and ref_logps is None:
         raise ValueError(f"ref_logps: required when config.beta != 0 (beta={config.beta}), got None")
     if (advantages is None) == (rewards is None):
@@ -307,7 +397,9 @@ def grpo_loss(
         from .reference import reference_grpo_loss
 
         return reference_grpo_loss(
-            hidden, weight, completion_ids, mask, advantages, old_logps, ref_logps, bias, config
+            hidden, weight, completion_ids, mask, advantages, old_logps, ref_logps, bias, config,
+            sampling_logps=sampling_logps, importance_sampling_ratio=importance_sampling_ratio,
+            entropy_threshold_fn=entropy_threshold_fn,
         )
 
     flat_mask = mask.reshape(-1)
@@ -316,8 +408,12 @@ def grpo_loss(
     weights = token_weights(mask, config).reshape(-1)
 
     def pick(t):
-        return None if t is None else t.reshape(-1).index_select(0, active).float()
+        return None if t is None else t.detach().reshape(-1).index_select(0, active).float()
 
+    is_ratio = None
+    if importance_sampling_ratio is not None:
+        ratio = importance_sampling_ratio.detach().float()
+        is_ratio = pick(ratio) if ratio.shape == (B, T) else ratio.reshape(B).index_select(0, seq_index)
     inputs = TokenInputs(
         targets=completion_ids.reshape(-1).index_select(0, active).long(),
         token_weight=weights.index_select(0, active),
@@ -325,33 +421,57 @@ def grpo_loss(
         seq_index=seq_index,
         num_sequences=B,
         old_logps=pick(old_logps),
-        ref_logps=pick(ref_logps.detach() if ref_logps is not None else None),
+        ref_logps=pick(ref_logps),
+        is_ratio=is_ratio,
+        sampling_logps=pick(sampling_logps),
+        entropy_threshold_fn=entropy_threshold_fn,
+        num_tokens=int(active.numel()),
     )
-    if inputs.old_logps is not None:
-        inputs.old_logps = inputs.old_logps.detach()
     hidden_active = hidden.reshape(B * T, -1).index_select(0, active)
     result = fused_grpo_loss(
         hidden_active, weight, bias, inputs, config.spec(), backend,
         default_kernel_config(device, hidden.dtype), config.chunk_size,
     )
 
-    logps = torch.zeros(B * T, device=device, dtype=torch.float32)
-    logps.index_copy_(0, active, result.logp)
-    n_active = max(int(active.numel()), 1)  # masked means over zero tokens are 0
-    metrics = {
-        "entropy": result.entropy.sum() / n_active,
-    }
+    logps = torch.zeros(B * T, device=device, dtype=torch.float32).index_copy_(0, active, result.logp)
+    entropy = torch.zeros(B * T, device=device, dtype=torch.float32).index_copy_(0, active, result.entropy)
+    metrics = _metrics(result, inputs, config)
+    return GRPOLossOutput(loss=result.loss, logps=logps.view(B, T), advantages=advantages.detach(), metrics=metrics,
+                          entropy=entropy.view(B, T))
+
+
+def _metrics(result, inputs: TokenInputs, config: GRPOLossConfig) -> dict:
+    """TRL's metrics of one call (0-dim detached tensors): masked means over this call's tokens, or
+    over its sequences where the quantity is one per sequence."""
+    n_active = max(int(inputs.targets.numel()), 1)  # masked means over zero tokens are 0
+    metrics = {"entropy": result.entropy.sum() / n_active}
     if result.kl is not None:
         metrics["kl"] = result.kl.sum() / n_active
-    if config.importance_sampling_level == "sequence":
-        low, high = result.clip_low.mean(), result.clip_high.mean()
-        region = torch.maximum(result.clip_low, result.clip_high).mean()
-    else:
-        low, high = result.clip_low.sum() / n_active, result.clip_high.sum() / n_active
-        region = torch.maximum(result.clip_low, result.clip_high).sum() / n_active
-    metrics.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": region})
-    metrics = {k: v.detach() for k, v in metrics.items()}
-    return GRPOLossOutput(loss=result.loss, logps=logps.view(B, T), advantages=advantages.detach(), metrics=metrics)
+    if config.entropy_coef != 0.0:
+        metrics["policy_loss"] = result.policy_loss
+
+    def mean(flags):
+        return flags.mean() if result.flags_per_sequence else flags.sum() / n_active
+
+    def per_sequence(flags):  # [B] masked means (NaN for a sequence without tokens), as TRL's masked_seq_mean
+        if result.flags_per_sequence:
+            return flags
+        B = inputs.num_sequences
+        sums = torch.zeros(B, device=flags.device).index_add_(0, inputs.seq_index, flags)
+        counts = torch.zeros(B, device=flags.device).index_add_(0, inputs.seq_index, torch.ones_like(flags))
+        return sums / counts
+
+    if config.loss_type == "cispo":
+        metrics["cispo_clip_ratio"] = mean(result.clip_high)
+    elif config.loss_type == "vespo":
+        metrics["vespo/phi_seq_mean"] = result.phi.mean()
+    elif config.loss_type != "sapo":
+        metrics["clip_ratio/low_mean"] = mean(result.clip_low)
+        metrics["clip_ratio/high_mean"] = mean(result.clip_high)
+        metrics["clip_ratio/region_mean"] = mean(torch.maximum(result.clip_low, result.clip_high))
+        metrics["clip_ratio/low_min"] = nan_extreme(per_sequence(result.clip_low), "min")
+        metrics["clip_ratio/high_max"] = nan_extreme(per_sequence(result.clip_high), "max")
+    return {k: v.detach() for k, v in metrics.items()}
 
 
 def token_logprobs(

@@ -73,6 +73,7 @@ class Rollout:
     completion_token_ids: list[list[int]]  # [B] unpadded completion ids
     columns: dict[str, list]  # the dataset's other columns, repeated per completion
     group_size: int
+    sampling_logps: torch.Tensor | None = None  # [B, C] the sampler's log-probs of its tokens (the engine's), 0 padding
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]

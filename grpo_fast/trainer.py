@@ -42,12 +42,13 @@ import numpy as np
 import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import GRPOConfig
+from .config import LOSS_OPTIONS, GRPOConfig
 from .data import (check_prompt_column, load_prompts, load_rows, prompt_indices, render_prompts, take_rows,
                    tokenize_prompts)
 from .evaluation import generate_greedy
 from .logits import IDENTITY, LogitTransform, logit_transform
-from .loss import GRPOLossConfig, compute_advantages, grpo_loss, token_logprobs
+from .loss import (TOKEN_NORMALISED_LOSS_TYPES, GRPOLossConfig, compute_advantages, grpo_loss, sampler_correction,
+                   token_logprobs)
 from .metrics import MetricsLogger, step_figures
 from .model import (check_model_logits, completion_hidden_states, is_peft_model, keep_nf4_layout_for_training,
                     load_model, output_weight, reference_policy, trainable_parameters)
@@ -129,29 +130,53 @@ def build_scheduler(config: GRPOConfig, optimizer) -> torch.optim.lr_scheduler.L
 
 
 def loss_config(config: GRPOConfig, num_items_in_batch: float | None,
-                transform: LogitTransform = IDENTITY) -> GRPOLossConfig:
-    """The loss's options; ``transform``: the policy's logit transform (``grpo_fast.logits``)."""
-    return GRPOLossConfig(
-        loss_type=config.loss_type,
-        beta=config.beta,
-        epsilon_low=config.epsilon_low,
-        epsilon_high=config.epsilon_high,
-        delta=config.delta,
-        kl_bias_correction=config.kl_bias_correction,
-        temperature=config.temperature,
-        importance_sampling_level=config.importance_sampling_level,
-        scale_rewards=config.scale_rewards,
-        max_completion_length=config.max_completion_length,
-        num_items_in_batch=num_items_in_batch,
-        chunk_size=config.loss_chunk_size,
-        **transform.loss_keywords(),
-    )
+                transform: LogitTransform = IDENTITY, entropy_coef: float | None = None) -> GRPOLossConfig:
+    """The loss's options; ``transform``: the policy's logit transform (``grpo_fast.logits``);
+    ``entropy_coef``: the bonus's coefficient for this call (default: the config's)."""
+    options = {name: getattr(config, name) for name in LOSS_OPTIONS}
+    if entropy_coef is not None:
+        options["entropy_coef"] = entropy_coef
+    return GRPOLossConfig(**options, max_completion_length=config.max_completion_length,
+                          num_items_in_batch=num_items_in_batch, chunk_size=config.loss_chunk_size,
+                          **transform.loss_keywords())
+
+
+@dataclass
+class EntropyControl:
+    """The entropy bonus's coefficient: the config's, or with ``use_adaptive_entropy`` Skywork-OR1's
+    control as TRL implements it: the bonus applies while the last step's mean token entropy is at or
+    below ``entropy_target``, and the coefficient moves by ``entropy_coef_delta`` after each optimiser
+    step (up while at or below the target, down above it), within [entropy_coef_min, entropy_coef_max]."""
+
+    coef: float
+    last_entropy: float = math.inf
+
+    def applied(self, config: GRPOConfig) -> float:
+        if config.use_adaptive_entropy:
+            return self.coef if self.last_entropy <= config.entropy_target else 0.0
+        return self.coef
+
+    def update(self, entropy: float, config: GRPOConfig) -> None:
+        if not config.use_adaptive_entropy:
+            return
+        if entropy <= config.entropy_target:
+            self.coef = min(self.coef + config.entropy_coef_delta, config.entropy_coef_max)
+        else:
+            self.coef = max(self.coef - config.entropy_coef_delta, config.entropy_coef_min)
+        self.last_entropy = entropy
+
+    def state(self) -> dict[str, float]:
+        return {"entropy_coef": self.coef, "last_entropy": self.last_entropy}
 
 
 def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None) -> Generate:
     """``rollout_engine``: the engine (auto: on CUDA, where it pays) or Hugging Face ``generate``;
     ``tokenizer`` matches stop strings. The engine samples from global-RNG-drawn seeds, so resumed
     runs sample as uninterrupted ones."""
+    if config.importance_sampling_correction != "none" and config.rollout_engine == "auto" and device.type != "cuda":
+        raise ValueError("importance_sampling_correction: expected none when rollout_engine auto samples with "
+                         f"Hugging Face generate (on {device.type}), received {config.importance_sampling_correction!r};"
+                         " the correction uses the engine's sampled-token log-probs: set rollout_engine: engine")
     if config.rollout_engine == "engine" or (config.rollout_engine == "auto" and device.type == "cuda"):
         from .engine import RolloutEngine  # imports transformers: only when sampling with it
 
@@ -178,13 +203,33 @@ def sampling_params(config: GRPOConfig, tokenizer) -> SamplingParams:
 # --------------------------------------------------------------------------------------------
 
 
+def wants_sampler_logprobs(config: GRPOConfig) -> bool:
+    """The sampler's log-probs are used: the importance-sampling correction, the off-policy mask."""
+    return config.importance_sampling_correction != "none" or config.off_policy_mask_threshold is not None
+
+
 def generate_rollout(model, tokenizer, rows: list[dict], config: GRPOConfig, generate: Generate) -> Rollout:
+    """The completions, with the sampler's log-probs of its tokens when the loss uses them and the
+    sampler gives them (the engine's ``generate``)."""
     params = sampling_params(config, tokenizer)
     texts = render_prompts([row[config.prompt_column] for row in rows], tokenizer)
     prompt_ids = tokenize_prompts(texts, tokenizer)
-    completions = generate(model, prompt_ids, params)
-    return build_rollout(rows, config.prompt_column, prompt_ids, completions, tokenizer, params,
-                         mask_truncated=config.mask_truncated_completions)
+    sampled_logprobs = None
+    if wants_sampler_logprobs(config) and hasattr(generate, "generate"):
+        output = generate.generate(model, prompt_ids, params)
+        completions, sampled_logprobs = output.completion_ids, output.logprobs
+    elif config.importance_sampling_correction != "none":
+        raise ValueError("importance_sampling_correction: expected a sampler that returns its log-probs (the "
+                         f"rollout engine), received {type(generate).__name__}")
+    else:
+        completions = generate(model, prompt_ids, params)
+    rollout = build_rollout(rows, config.prompt_column, prompt_ids, completions, tokenizer, params,
+                            mask_truncated=config.mask_truncated_completions)
+    if sampled_logprobs is not None:
+        width = rollout.completion_ids.shape[1]
+        rollout.sampling_logps = torch.tensor([row + [0.0] * (width - len(row)) for row in sampled_logprobs],
+                                              dtype=torch.float32).reshape(len(rollout), width)
+    return rollout
 
 
 def score_rollout(functions: Sequence[RewardFunction], config: GRPOConfig, rollout: Rollout) -> Scores:
@@ -261,28 +306,59 @@ def loss_scale_figures(scaler: torch.amp.GradScaler, skipped: int) -> dict[str, 
     return {"grad_scale": scaler.get_scale(), "skipped_steps": skipped}
 
 
+def sampler_inputs(rollout: Rollout, old_logps: torch.Tensor | None, config: GRPOConfig):
+    """(importance-sampling ratio [B, C] or [B, 1] or None, the step's sampler figures)."""
+    if config.importance_sampling_correction == "none" or rollout.sampling_logps is None:
+        return None, {}
+    mask = rollout.completion_mask.float()
+    ratio = sampler_correction(old_logps, rollout.sampling_logps, mask, config.importance_sampling_correction,
+                               config.importance_sampling_clip_min, config.importance_sampling_clip_max)
+    gap = (old_logps - rollout.sampling_logps).abs()[mask.bool()]
+    values = ratio.expand_as(mask)[mask.bool()] if ratio.shape[1] > 1 else ratio.flatten()
+    figures = {}
+    if values.numel():
+        figures = {"sampling/importance_sampling_ratio/min": float(values.min()),
+                   "sampling/importance_sampling_ratio/mean": float(values.mean()),
+                   "sampling/importance_sampling_ratio/max": float(values.max()),
+                   "sampling/sampling_logp_difference/mean": float(gap.mean()),
+                   "sampling/sampling_logp_difference/max": float(gap.max())}
+    return ratio, figures
+
+
 def optimise(model, optimizer, scheduler, scaler: torch.amp.GradScaler, rollout: Rollout, advantages: torch.Tensor,
              old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None, config: GRPOConfig,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, importance_sampling_ratio: torch.Tensor | None = None,
+             entropy_control: EntropyControl | None = None) -> dict[str, float]:
     """``num_iterations`` optimiser steps on one rollout; returns the averaged loss figures."""
     active_tokens = float(rollout.completion_mask.sum())
     if active_tokens == 0:  # every completion masked out (all truncated): nothing to learn from
         return {"loss": 0.0, "grad_norm": 0.0, **loss_scale_figures(scaler, 0)}
-    # dapo: normalise by the whole batch's tokens so that micro-batches add up to TRL's loss;
-    # the other types normalise per call, so each micro-batch is weighted by its share of rows.
-    settings = loss_config(config, active_tokens if config.loss_type == "dapo" else None, logit_transform(model))
+    entropy_control = entropy_control or EntropyControl(config.entropy_coef)
+    # dapo, cispo, vespo: normalised by the whole batch's tokens, so that micro-batches add up to TRL's
+    # loss; the other types normalise per call, so each micro-batch is weighted by its share of rows.
+    token_normalised = config.loss_type in TOKEN_NORMALISED_LOSS_TYPES
+    transform = logit_transform(model)
     weight, bias = output_weight(model)
     parameters = list(trainable_parameters(model).values())
     model.train()
     sums: dict[str, float] = {}
+    extremes: dict[str, float] = {}
     grad_norms = []
+    sampling_logps = rollout.sampling_logps
     for _ in range(config.num_iterations):
+        coef = entropy_control.applied(config)
+        entropy_sum = entropy_count = 0.0
         for rows, batch in micro_batches(rollout, config.micro_batch_size, device):
             tokens = float(batch["completion_mask"].sum())
             if tokens == 0:
                 continue
             width = batch["completion_ids"].shape[1]
+            share = 1.0 if token_normalised else batch["completion_ids"].shape[0] / len(rollout)
+            # the bonus is the mean entropy over the whole batch's tokens: this micro-batch's share
+            settings = loss_config(config, active_tokens if token_normalised else None, transform,
+                                   entropy_coef=coef * tokens / (active_tokens * share))
             hidden = completion_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["prompt_length"])
+            ratio = None if importance_sampling_ratio is None else importance_sampling_ratio[rows]
             out = grpo_loss(
                 hidden, weight.to(hidden.dtype),
                 batch["completion_ids"], batch["completion_mask"],
@@ -290,25 +366,38 @@ def optimise(model, optimizer, scheduler, scaler: torch.amp.GradScaler, rollout:
                 old_logps=None if old_logps is None else old_logps[rows, :width].to(device),
                 ref_logps=None if ref_logps is None else ref_logps[rows, :width].to(device),
                 bias=bias, config=settings, backend=config.loss_backend,
+                importance_sampling_ratio=None if ratio is None else ratio[:, :width].to(device),
+                sampling_logps=None if sampling_logps is None else sampling_logps[rows, :width].to(device),
             )
-            share = 1.0 if config.loss_type == "dapo" else batch["completion_ids"].shape[0] / len(rollout)
             scaler.scale(out.loss * share).backward()
             sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * share
             for name, value in out.metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * tokens
+                if name.endswith("_min") or name.endswith("_max"):  # extremes over the micro-batches
+                    pick = min if name.endswith("_min") else max
+                    if not math.isnan(float(value)):
+                        extremes[name] = pick(extremes.get(name, float(value)), float(value))
+                else:
+                    sums[name] = sums.get(name, 0.0) + float(value) * tokens
             sums["_tokens"] = sums.get("_tokens", 0.0) + tokens
+            entropy_sum += float(out.entropy.sum())
+            entropy_count += tokens
         grad_norms.append(optimiser_step(optimizer, scheduler, scaler, parameters, config.max_grad_norm))
+        entropy_control.update(entropy_sum / max(entropy_count, 1.0), config)
     tokens = sums.pop("_tokens", 1.0)
     figures = {name: value / tokens for name, value in sums.items() if name != "loss"}
+    figures.update(extremes)
     figures["loss"] = sums.get("loss", 0.0) / config.num_iterations
     taken = [norm for norm in grad_norms if norm is not None]  # a skipped step's norm is inf / nan
     figures["grad_norm"] = sum(taken) / len(taken) if taken else math.nan
     figures.update(loss_scale_figures(scaler, len(grad_norms) - len(taken)))
+    if config.entropy_coef != 0.0 or config.use_adaptive_entropy:
+        figures["entropy_coef"] = entropy_control.coef
     return figures
 
 
 def train_step(model, reference_model, tokenizer, optimizer, scheduler, scaler, functions, rows: list[dict],
-               config: GRPOConfig, generate: Generate, device: torch.device) -> tuple[dict[str, Any], Rollout, Scores]:
+               config: GRPOConfig, generate: Generate, device: torch.device,
+               entropy_control: EntropyControl | None = None) -> tuple[dict[str, Any], Rollout, Scores]:
     """One generation batch: rollout -> rewards -> advantages -> old/ref log-probs -> optimise."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -318,9 +407,14 @@ def train_step(model, reference_model, tokenizer, optimizer, scheduler, scaler, 
     scores = score_rollout(functions, config, rollout)
     scored = time.perf_counter()
     advantages = compute_advantages(scores.total, config.num_generations, config.scale_rewards)
-    old_logps = batch_logprobs(model, rollout, config, device) if config.num_iterations > 1 else None
+    # the sampler correction compares the sampler's log-probs with the policy's at sampling time
+    need_old = config.num_iterations > 1 or config.importance_sampling_correction != "none"
+    old_logps = batch_logprobs(model, rollout, config, device) if need_old else None
+    ratio, sampler_figures = sampler_inputs(rollout, old_logps, config)
     ref_logps = reference_logprobs(model, reference_model, rollout, config, device) if config.beta > 0 else None
-    figures = optimise(model, optimizer, scheduler, scaler, rollout, advantages, old_logps, ref_logps, config, device)
+    figures = optimise(model, optimizer, scheduler, scaler, rollout, advantages, old_logps, ref_logps, config, device,
+                       importance_sampling_ratio=ratio, entropy_control=entropy_control)
+    figures.update(sampler_figures)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the optimiser step's queued kernels are this step's time
     finished = time.perf_counter()
@@ -433,6 +527,7 @@ def train(
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
     scaler = build_grad_scaler(config, model, device)
+    entropy_control = EntropyControl(config.entropy_coef)
 
     start_step, position = 0, 0
     if config.resume:
@@ -441,6 +536,9 @@ def train(
             raise ValueError(f"resume: expected a complete checkpoint under {str(run_dir)!r}, received none")
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler=scaler)
         start_step, position = state["step"], state["data_position"]
+        if state.get("entropy_control"):  # the adaptive coefficient where the run left it
+            entropy_control = EntropyControl(state["entropy_control"]["entropy_coef"],
+                                             state["entropy_control"]["last_entropy"])
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = MetricsLogger(run_dir, config, start_step=start_step)
     history = []
@@ -449,7 +547,7 @@ def train(
             indices = prompt_indices(position, config.prompts_per_step, len(dataset), config.seed, config.shuffle)
             rows = take_rows(dataset, indices)
             record, rollout, scores = train_step(model, reference_model, tokenizer, optimizer, scheduler, scaler,
-                                                 functions, rows, config, generate, device)
+                                                 functions, rows, config, generate, device, entropy_control)
             position += config.prompts_per_step
             record = {"step": step, "data_position": position, **record}
             if eval_rows and config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
@@ -464,7 +562,8 @@ def train(
                 logger.samples(step, rollout, scores, config.num_samples)
             if step == config.max_steps or (config.save_every and step % config.save_every == 0):
                 save_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer, scaler=scaler,
-                                data_position=position, config=config, keep_last=config.save_total_limit)
+                                data_position=position, config=config, keep_last=config.save_total_limit,
+                                extra_state={"entropy_control": entropy_control.state()})
     finally:
         logger.close()
     return TrainResult(run_dir=run_dir, history=history, model=model, tokenizer=tokenizer)

@@ -19,7 +19,8 @@ training pass equal those of `forward_logprobs` (old / reference policy) on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -27,7 +28,8 @@ from torch import Tensor
 
 from .config import KernelConfig
 from .matmul import Head
-from .token_math import LossSpec, TokenInputs, sequence_policy, slice_inputs, token_terms, transform_logits_
+from .token_math import (LossSpec, Policy, TokenInputs, inputs_entropy_grad, slice_inputs, token_terms,
+                         transform_logits_, whole_batch_policy)
 
 FP16_MAX = 65504.0
 
@@ -38,8 +40,24 @@ class FusedResult:
     logp: Tensor  # [n] fp32
     entropy: Tensor  # [n] fp32
     kl: Optional[Tensor]  # [n] fp32, None without ref_logps
-    clip_low: Tensor  # [n] (token level) or [B] (sequence level) fp32 0/1
-    clip_high: Tensor
+    clip_low: Tensor  # [n] (token level) or [B] (sequence level) fp32 0/1 (clip policies)
+    clip_high: Tensor  # likewise; cispo: its clip flags
+    policy_loss: Tensor  # scalar: the loss without the entropy bonus
+    phi: Tensor  # [B] vespo's sequence weights, else empty
+    flags_per_sequence: bool = False  # clip_low / clip_high hold one value per sequence
+
+
+def _result(loss, logp, entropy, kl, policy: Optional[Policy], low, high, entropy_grad, spec) -> FusedResult:
+    """Assemble a FusedResult: the clip flags from the whole-batch policy when there is one, else the rows'."""
+    per_sequence = False
+    if policy is not None:
+        per_sequence = spec.sequence_level and spec.policy != "vespo"
+        flags = [f.float() if f is not None else None for f in (policy.low, policy.high)]
+        shape_of = next((f for f in flags if f is not None), low)
+        low, high = (f if f is not None else torch.zeros_like(shape_of) for f in flags)
+    bonus = (entropy_grad * entropy).sum() if entropy_grad is not None else 0.0
+    phi = policy.phi if policy is not None and policy.phi is not None else logp.new_zeros(0)
+    return FusedResult(loss, logp, entropy, kl, low, high, (loss - bonus).detach(), phi, per_sequence)
 
 
 def chunk_tokens(n: int, vocab: int, bytes_per_logit: int, cfg: KernelConfig, chunk_size: Optional[int]) -> int:
@@ -134,77 +152,92 @@ def fp16_gradient_scale(grad: Tensor, spec: LossSpec) -> Tensor:
     return torch.exp2(torch.floor(torch.log2(FP16_MAX / bound))).clamp_(max=2.0 ** 100)
 
 
-def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, seq_ratio, out: dict,
-                grad_dtype: torch.dtype):
+def _gradient_scale_fn(spec: LossSpec, entropy: Tensor, entropy_grad: Optional[Tensor]):
+    """The fp16 gradient scale of a chunk from its g (and, with an entropy bonus, e and H: the bonus's
+    term e p_j (log p_j + H) is at most |e| (1/e + H), p |log p| <= 1/e)."""
+    def scale(grad: Tensor) -> Tensor:
+        bound = grad.abs()
+        if entropy_grad is not None:
+            bound = bound + entropy_grad.abs() * (math.exp(-1.0) + entropy.abs())
+        return fp16_gradient_scale(bound, spec)
+
+    return scale
+
+
+def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, policy: Optional[Policy], start: int,
+                out: dict, grad_dtype: torch.dtype):
     """PyTorch twin of the Triton row kernel on fp32 `logits` (consumed); returns (d_logits in
-    `grad_dtype`, the gradient scale S or None)."""
+    `grad_dtype`, the gradient scale S or None, the chunk's entropy gradient or None)."""
     inv_t = 1.0 / spec.temperature
     z, dz = transform_logits_(logits, spec.logit_scale, spec.logit_softcap, want_derivative=True)
     z.mul_(inv_t)
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(1, inputs.targets[:, None]).squeeze(1) - lse
     log_p = z.sub_(lse[:, None])
-    out["entropy"].copy_(-(log_p.exp() * log_p).sum(-1))
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    out["entropy"].copy_(entropy)
     out["logp"].copy_(logp)
-    terms = token_terms(logp, inputs, spec, seq_grad, seq_ratio)
+    terms = token_terms(logp, entropy, inputs, spec, policy, start)
     out["loss"].copy_(terms.loss)
     if terms.kl is not None:
         out["kl"].copy_(terms.kl)
     if terms.low is not None:
         out["low"].copy_(terms.low)
+    if terms.high is not None:
         out["high"].copy_(terms.high)
-    # d loss / d raw logit = S * g * (onehot - p) * dz/dx / T
+    # d loss / d raw logit = S [g (onehot - p) - e p (log p + H)] dz/dx / T
+    scale = None
+    if grad_dtype == torch.float16:
+        scale = _gradient_scale_fn(spec, entropy, terms.entropy_grad)(terms.grad)
+    if terms.entropy_grad is not None:
+        bonus = log_p.add(entropy[:, None]).mul_(log_p.exp()).mul_(terms.entropy_grad[:, None])
     p = log_p.exp_()
-    p.neg_().scatter_add_(1, inputs.targets[:, None], torch.ones_like(logp[:, None]))
-    coef = terms.grad * inv_t
+    p.neg_().scatter_add_(1, inputs.targets[:, None], torch.ones_like(logp[:, None])).mul_(terms.grad[:, None])
+    if terms.entropy_grad is not None:
+        p.sub_(bonus)
+        del bonus
+    p.mul_(dz if isinstance(dz, Tensor) else dz * inv_t)
     if isinstance(dz, Tensor):
-        p.mul_(dz)
-    else:
-        coef = coef * dz
-    scale = fp16_gradient_scale(terms.grad, spec) if grad_dtype == torch.float16 else None
+        p.mul_(inv_t)
     if scale is not None:
-        coef = coef * scale
-    p.mul_(coef[:, None])
-    return (p if p.dtype == grad_dtype else p.to(grad_dtype)), scale
+        p.mul_(scale)
+    return (p if p.dtype == grad_dtype else p.to(grad_dtype)), scale, terms.entropy_grad
 
 
-def _rows_triton(logits: Tensor, inputs: TokenInputs, spec: LossSpec, seq_grad, seq_ratio, out: dict, cfg,
-                 grad_dtype: torch.dtype):
+def _rows_triton(logits: Tensor, inputs: TokenInputs, spec: LossSpec, policy: Optional[Policy], start: int,
+                 out: dict, cfg, grad_dtype: torch.dtype):
     """The row kernel over fp32 `logits`; d_logits go over the chunk's own buffer (the first half of
-    each row for bf16 / fp16). Returns (d_logits, the gradient scale S or None)."""
+    each row for bf16 / fp16). Returns (d_logits, the gradient scale S or None, the entropy gradient)."""
     from .grpo_kernel import grpo_rows_triton
 
-    V = logits.shape[1]
+    n, V = logits.shape
+    end = start + n
     d_logits = logits if grad_dtype == torch.float32 else logits.view(grad_dtype)[:, :V]
+    if policy is not None:
+        entropy_grad = None if policy.entropy_grad is None else policy.entropy_grad[start:end]
+    else:
+        entropy_grad = inputs_entropy_grad(inputs, n, spec)
+    tensors = {
+        "targets": inputs.targets,
+        "weight": inputs.token_weight,
+        "policy_weight": inputs.policy_weight(spec),
+        "advantages": inputs.advantages,
+        "old": inputs.old_logps,
+        "ref": inputs.ref_logps,
+        "policy_grad": None if policy is None else policy.token_grad[start:end],
+        "seq_ratio": None if policy is None or policy.token_ratio is None else policy.token_ratio[start:end],
+        "entropy_grad": entropy_grad,
+    }
     scales = []
+    pick = _gradient_scale_fn(spec, out["entropy"], entropy_grad)
 
     def pick_scale(grad: Tensor) -> Tensor:
-        scales.append(fp16_gradient_scale(grad, spec))
+        scales.append(pick(grad))
         return scales[-1]
 
-    grpo_rows_triton(
-        logits,
-        d_logits,
-        inputs.targets,
-        inputs.token_weight,
-        inputs.advantages,
-        inputs.old_logps,
-        inputs.ref_logps,
-        seq_grad,
-        seq_ratio,
-        out,
-        beta=spec.beta,
-        kl_bias_correction=spec.kl_bias_correction,
-        epsilon_low=spec.epsilon_low,
-        epsilon_high=spec.epsilon_high,
-        delta=spec.delta,
-        temperature=spec.temperature,
-        logit_scale=spec.logit_scale,
-        logit_softcap=spec.logit_softcap,
-        grad_scale=pick_scale if grad_dtype == torch.float16 else None,
-        cfg=cfg,
-    )
-    return d_logits, (scales[0] if scales else None)
+    grpo_rows_triton(logits, d_logits, out, tensors, spec,
+                     grad_scale=pick_scale if grad_dtype == torch.float16 else None, cfg=cfg)
+    return d_logits, (scales[0] if scales else None), entropy_grad
 
 
 def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str, cfg: KernelConfig,
@@ -213,20 +246,23 @@ def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str
     V = weight.shape[0]
     device = hidden.device
     f32 = dict(device=device, dtype=torch.float32)
-
-    seq = None
-    if spec.sequence_level:
-        pre_logp, _ = forward_logprobs(hidden, weight, inputs.targets, bias, spec, backend, cfg, chunk_size)
-        seq = sequence_policy(pre_logp, inputs, spec)
+    if inputs.num_tokens is None:  # the entropy bonus's mean is over the call's tokens, not a chunk's
+        inputs = replace(inputs, num_tokens=n)
 
     if not (need_dh or need_dw or need_db):
         logp, entropy = forward_logprobs(hidden, weight, inputs.targets, bias, spec, backend, cfg, chunk_size)
-        terms = token_terms(logp, inputs, spec, None if seq is None else seq.token_grad,
-                            None if seq is None else seq.token_ratio)
-        loss = terms.loss.sum() + (seq.loss if seq is not None else 0.0)
-        low = seq.low.float() if seq is not None else terms.low.float()
-        high = seq.high.float() if seq is not None else terms.high.float()
-        return FusedResult(loss, logp, entropy, terms.kl, low, high), None, None, None
+        policy = whole_batch_policy(logp, entropy, inputs, spec) if spec.whole_batch else None
+        terms = token_terms(logp, entropy, inputs, spec, policy)
+        loss = terms.loss.sum() + (policy.loss if policy is not None else 0.0)
+        zeros = torch.zeros(n, **f32)
+        low = terms.low.float() if terms.low is not None else zeros
+        high = terms.high.float() if terms.high is not None else zeros
+        return _result(loss, logp, entropy, terms.kl, policy, low, high, terms.entropy_grad, spec), None, None, None
+
+    policy = None
+    if spec.whole_batch:  # every token's log-prob first: the same values the chunks below compute
+        pre_logp, pre_entropy = forward_logprobs(hidden, weight, inputs.targets, bias, spec, backend, cfg, chunk_size)
+        policy = whole_batch_policy(pre_logp, pre_entropy, inputs, spec)
 
     head = Head(weight, bias)
     out = {k: torch.zeros(n, **f32) for k in ("logp", "entropy", "loss", "low", "high")}
@@ -235,6 +271,7 @@ def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str
     d_hidden = torch.empty(n, H, **f32) if need_dh else None
     d_weight = torch.zeros(V, H, **f32) if need_dw else None
     d_bias = torch.zeros(V, **f32) if need_db else None
+    entropy_grads = []
 
     chunk = chunk_tokens(n, V, _bytes_per_logit(backend), cfg, chunk_size)
     for start in range(0, n, chunk):
@@ -243,11 +280,11 @@ def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str
         logits = head.logits(h)
         part = slice_inputs(inputs, start, end)
         part_out = {k: (v[start:end] if v is not None else None) for k, v in out.items()}
-        seq_grad = None if seq is None else seq.token_grad[start:end]
-        seq_ratio = None if seq is None else seq.token_ratio[start:end]
-        rows = _rows_triton if backend == "triton" else _rows_torch
-        extra = (cfg,) if backend == "triton" else ()
-        d_logits, scale = rows(logits, part, spec, seq_grad, seq_ratio, part_out, *extra, hidden.dtype)
+        if backend == "triton":
+            d_logits, scale, entropy_grad = _rows_triton(logits, part, spec, policy, start, part_out, cfg, hidden.dtype)
+        else:
+            d_logits, scale, entropy_grad = _rows_torch(logits, part, spec, policy, start, part_out, hidden.dtype)
+        entropy_grads.append(entropy_grad)
         del logits
         inv_scale = None if scale is None else 1.0 / scale
         if need_dh:
@@ -261,10 +298,9 @@ def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str
             d_bias.add_(column_sums if inv_scale is None else column_sums.mul_(inv_scale))
         del d_logits
 
-    loss = out["loss"].sum() + (seq.loss if seq is not None else 0.0)
-    low = seq.low.float() if seq is not None else out["low"]
-    high = seq.high.float() if seq is not None else out["high"]
-    result = FusedResult(loss, out["logp"], out["entropy"], out["kl"], low, high)
+    loss = out["loss"].sum() + (policy.loss if policy is not None else 0.0)
+    entropy_grad = None if not entropy_grads or entropy_grads[0] is None else torch.cat(entropy_grads)
+    result = _result(loss, out["logp"], out["entropy"], out["kl"], policy, out["low"], out["high"], entropy_grad, spec)
     return result, d_hidden, d_weight, d_bias
 
 
@@ -278,7 +314,8 @@ class _FusedGRPOFunction(torch.autograd.Function):
         # Kept on ctx (not save_for_backward): they are outputs of this forward, scaled in place once.
         ctx.grads = (d_hidden, d_weight, d_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        extras = [result.logp, result.entropy, result.clip_low, result.clip_high]
+        ctx.flags_per_sequence = result.flags_per_sequence
+        extras = [result.logp, result.entropy, result.clip_low, result.clip_high, result.policy_loss, result.phi]
         kl = result.kl if result.kl is not None else torch.zeros(0, device=hidden.device)
         ctx.mark_non_differentiable(*extras, kl)
         return (result.loss, *extras, kl)
@@ -313,9 +350,11 @@ def fused_grpo_loss(
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend: expected 'torch' or 'triton', got {backend!r}")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        loss, logp, entropy, low, high, kl = _FusedGRPOFunction.apply(
+        loss, logp, entropy, low, high, policy_loss, phi, kl = _FusedGRPOFunction.apply(
             hidden, weight, bias, inputs, spec, backend, cfg, chunk_size
         )
-        return FusedResult(loss, logp, entropy, kl if inputs.ref_logps is not None else None, low, high)
+        per_sequence = spec.sequence_level and spec.policy != "vespo"
+        return FusedResult(loss, logp, entropy, kl if inputs.ref_logps is not None else None, low, high, policy_loss,
+                           phi, per_sequence)
     result, _, _, _ = _run(hidden, weight, bias, inputs, spec, backend, cfg, chunk_size, False, False, False)
     return result

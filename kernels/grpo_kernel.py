@@ -4,24 +4,24 @@ For token n with raw logits x = h W^T + b (fp32, from a tensor-core matmul with 
 z = f(x) / T (f: the model's logit transform, kernels/tl_math.py; identity for most models):
 
 pass 1  online log-sum-exp, entropy and target logit:  lse, logp = z[y] - lse, H = lse - sum p z
-then    the GRPO terms of kernels/token_math.py in registers: ratio exp(logp - old), the clip to
-        [1 - eps_low, 1 + eps_high], the optional delta cap, the advantage of the token's sequence,
-        the k3 KL against ref (times the ratio with KL_CORRECTION; added only when beta != 0, so an
-        overflowing exp(ref - logp) cannot turn the loss into 0 * inf), the loss-normalisation weight
-        w, giving the token's loss contribution and g = d loss / d logp
-pass 2  d loss / d x_j = S * g * (1[j == y] - p_j) * f'(x_j) / T, written in the input dtype over the
-        first half of the token's own fp32 row (d_logits, row stride 2V in elements of 2 bytes), so
-        the caller's d_hidden = d_logits @ W (and d_W += d_logits^T @ h) reuse the chunk's buffer.
-        Pass 2 stores tile k at bytes [2 k B, 2 (k+1) B) of the row, which pass 2 has already read
-        (tile k reads [4 k B, 4 (k+1) B)): no later load sees a store.
+then    the GRPO terms of kernels/token_math.py in registers: the ratio c1 = exp(logp - old), the
+        policy surrogate (POLICY: the clipped one with its optional delta cap, CISPO's capped
+        detached ratio, or SAPO's soft gate; or a coefficient precomputed from the whole batch),
+        weighted by wp (the loss weight times the sampler IS ratio), the k3 KL against ref (times the
+        ratio with KL_CORRECTION; added only when beta != 0, so an overflowing exp(ref - logp) cannot
+        turn the loss into 0 * inf), weighted by w, and the entropy bonus e * H, giving the token's
+        loss contribution, g = d loss / d logp and e = d loss / d H
+pass 2  d loss / d x_j = S [g (1[j == y] - p_j) - e p_j (log p_j + H)] f'(x_j) / T (d H / d z_j =
+        -p_j (log p_j + H)), written in the input dtype over the first half of the token's own fp32
+        row (d_logits, row stride 2V in elements of 2 bytes), so the caller's d_hidden = d_logits @ W
+        (and d_W += d_logits^T @ h) reuse the chunk's buffer. Pass 2 stores tile k at bytes
+        [2 k B, 2 (k+1) B) of the row, which pass 2 has already read (tile k reads [4 k B, 4 (k+1) B)):
+        no later load sees a store.
 
 S is a power of two (1 unless the input is fp16): fp16 cannot hold the off-target terms w * p_j
 (~1e-9 for a batch of thousands of tokens), so they are written scaled to fill fp16's range and
 the caller divides the fp32 products by S. S depends on the largest g of the whole chunk, so for
 fp16 the passes run as two launches (PASS1, then PASS2 with S); otherwise as one.
-
-At sequence-level importance sampling the policy part of g depends on every token of the
-sequence; it is computed beforehand (forward-only pre-pass) and passed in as `seq_grad`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ from torch import Tensor
 from .config import KernelConfig
 from .tl_math import transform_logits
 
+# POLICY values (constexpr): the policy term's coefficient read from memory, or one of the surrogates
+PRECOMPUTED, CLIP, CISPO, SAPO = 0, 1, 2, 3
+INLINE_POLICIES = {"clip": CLIP, "cispo": CISPO, "sapo": SAPO}
+
 
 @triton.jit
 def _grpo_row_kernel(
@@ -44,18 +48,20 @@ def _grpo_row_kernel(
     dlogits_ptr,  # [n, V] out: d_logits in the input dtype (may alias logits_ptr's rows, see above)
     stride_drow,
     targets_ptr,  # [n] int64
-    weight_ptr,  # [n] fp32 loss-normalisation weight of each token
+    weight_ptr,  # [n] fp32 loss-normalisation weight w of each token (the KL's)
+    policy_weight_ptr,  # [n] fp32 weight wp of the policy term (w times the sampler IS ratio)
     adv_ptr,  # [n] fp32 advantage of the token's sequence
     old_ptr,  # [n] fp32 old log-probs (HAS_OLD)
     ref_ptr,  # [n] fp32 reference log-probs (HAS_REF)
-    seq_grad_ptr,  # [n] fp32 policy gradient coefficient (SEQUENCE_LEVEL)
-    seq_ratio_ptr,  # [n] fp32 the sequence's importance ratio (SEQUENCE_LEVEL and KL_CORRECTION)
+    policy_grad_ptr,  # [n] fp32 precomputed d policy / d logp (POLICY == PRECOMPUTED)
+    seq_ratio_ptr,  # [n] fp32 the sequence's importance ratio (SEQ_RATIO: the KL correction's)
+    entropy_grad_ptr,  # [n] fp32 e = d loss / d H (ENTROPY_BONUS)
     logp_ptr,  # [n] fp32 out: log-prob of the target
-    entropy_ptr,  # [n] fp32 out
-    loss_ptr,  # [n] fp32 out: weighted loss contribution
+    entropy_ptr,  # [n] fp32 out (read back by a separate pass 2 with ENTROPY_BONUS)
+    loss_ptr,  # [n] fp32 out: loss contribution
     kl_ptr,  # [n] fp32 out (HAS_REF)
-    low_ptr,  # [n] fp32 out: 1.0 where the low clip is active (token level)
-    high_ptr,  # [n] fp32 out: 1.0 where the high clip is active (token level)
+    low_ptr,  # [n] fp32 out: 1.0 where the low clip is active (CLIP)
+    high_ptr,  # [n] fp32 out: 1.0 where the high clip (CLIP) or CISPO's cap is active
     lse_ptr,  # [n] fp32: written by pass 1, read by pass 2 when they are separate launches
     grad_ptr,  # [n] fp32 g = d loss / d logp: likewise
     scale_ptr,  # [1] fp32 gradient scale S (SCALED)
@@ -67,14 +73,19 @@ def _grpo_row_kernel(
     clip_low,  # 1 - epsilon_low
     clip_high,  # 1 + epsilon_high
     delta,
+    cispo_max,  # CISPO's cap on the ratio (epsilon_high)
+    tau_pos,  # SAPO's temperature for A > 0
+    tau_neg,  # and for A <= 0
+    TERMS: tl.constexpr,  # False: log-probs and entropies only (the no-grad passes)
+    POLICY: tl.constexpr,
     HAS_OLD: tl.constexpr,
     HAS_REF: tl.constexpr,
     USE_KL: tl.constexpr,  # beta != 0: the KL enters the loss
     HAS_DELTA: tl.constexpr,
-    SEQUENCE_LEVEL: tl.constexpr,
+    SEQ_RATIO: tl.constexpr,
     KL_CORRECTION: tl.constexpr,
+    ENTROPY_BONUS: tl.constexpr,
     SOFTCAP: tl.constexpr,
-    TERMS: tl.constexpr,  # False: log-probs and entropies only (the no-grad passes)
     PASS1: tl.constexpr,
     PASS2: tl.constexpr,
     SCALED: tl.constexpr,
@@ -83,6 +94,7 @@ def _grpo_row_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
+    e_bonus = 0.0
 
     if PASS1:
         # ---- online log-sum-exp, entropy, target ----
@@ -111,50 +123,62 @@ def _grpo_row_kernel(
             w = tl.load(weight_ptr + row)
             loss = 0.0
             grad = 0.0
-            ratio = 1.0  # the importance ratio that multiplies the KL (KL_CORRECTION)
-            if SEQUENCE_LEVEL:
-                grad = tl.load(seq_grad_ptr + row)
-                if KL_CORRECTION:
-                    ratio = tl.load(seq_ratio_ptr + row)
+            log_ratio = 0.0
+            if HAS_OLD:
+                log_ratio = logp - tl.load(old_ptr + row)
+            if POLICY == 0:
+                grad = tl.load(policy_grad_ptr + row)
             else:
+                wp = tl.load(policy_weight_ptr + row)
                 adv = tl.load(adv_ptr + row)
-                log_ratio = 0.0
-                if HAS_OLD:
-                    log_ratio = logp - tl.load(old_ptr + row)
                 c1 = tl.exp(log_ratio)
-                ratio = c1
-                c2 = tl.minimum(tl.maximum(c1, clip_low), clip_high)
-                c1_used = c1
-                d1 = adv * c1
-                if HAS_DELTA:
-                    c1_used = tl.minimum(c1, delta)
-                    d1 = tl.where(c1 <= delta, d1, 0.0)
-                l1 = c1_used * adv
-                l2 = c2 * adv
-                d2 = tl.where((c1 >= clip_low) & (c1 <= clip_high), adv * c1, 0.0)
-                d_min = tl.where(l1 < l2, d1, tl.where(l1 > l2, d2, 0.5 * (d1 + d2)))
-                loss = -tl.minimum(l1, l2) * w
-                grad = -d_min * w
-                low = (c1_used < clip_low) & (adv < 0.0)
-                high = (c1_used > clip_high) & (adv > 0.0)
-                tl.store(low_ptr + row, tl.where(low, 1.0, 0.0))
-                tl.store(high_ptr + row, tl.where(high, 1.0, 0.0))
+                if POLICY == 1:
+                    c2 = tl.minimum(tl.maximum(c1, clip_low), clip_high)
+                    c1_used = c1
+                    d1 = adv * c1
+                    if HAS_DELTA:
+                        c1_used = tl.minimum(c1, delta)
+                        d1 = tl.where(c1 <= delta, d1, 0.0)
+                    l1 = c1_used * adv
+                    l2 = c2 * adv
+                    d2 = tl.where((c1 >= clip_low) & (c1 <= clip_high), adv * c1, 0.0)
+                    d_min = tl.where(l1 < l2, d1, tl.where(l1 > l2, d2, 0.5 * (d1 + d2)))
+                    loss = -tl.minimum(l1, l2) * wp
+                    grad = -d_min * wp
+                    low = (c1_used < clip_low) & (adv < 0.0)
+                    high = (c1_used > clip_high) & (adv > 0.0)
+                    tl.store(low_ptr + row, tl.where(low, 1.0, 0.0))
+                    tl.store(high_ptr + row, tl.where(high, 1.0, 0.0))
+                elif POLICY == 2:
+                    coefficient = -tl.minimum(c1, cispo_max) * adv * wp  # the ratio carries no gradient
+                    loss = coefficient * logp
+                    grad = coefficient
+                    tl.store(high_ptr + row, tl.where((c1 > cispo_max) & (adv > 0.0), 1.0, 0.0))
+                else:
+                    tau = tl.where(adv > 0.0, tau_pos, tau_neg)
+                    gate = 1.0 / (1.0 + tl.exp(-tau * (c1 - 1.0)))
+                    loss = -gate * 4.0 / tau * adv * wp
+                    grad = -4.0 * adv * gate * (1.0 - gate) * c1 * wp
             if HAS_REF:
                 diff = tl.load(ref_ptr + row) - logp
                 e_diff = tl.exp(diff)
                 kl = e_diff - diff - 1.0
                 d_kl = 1.0 - e_diff
                 if KL_CORRECTION:
-                    # token level: d(kl r)/d logp = r (d_kl + kl); sequence level: the ratio's share is in seq_grad
-                    if SEQUENCE_LEVEL:
+                    if SEQ_RATIO:  # the ratio's share of the gradient is in the precomputed policy coefficient
+                        ratio = tl.load(seq_ratio_ptr + row)
                         d_kl = ratio * d_kl
-                    else:
+                    else:  # d(kl r)/d logp = r (d_kl + kl)
+                        ratio = tl.exp(log_ratio)
                         d_kl = ratio * (d_kl + kl)
                     kl = kl * ratio
                 tl.store(kl_ptr + row, kl)
                 if USE_KL:
                     loss = loss + w * beta * kl
                     grad = grad + w * beta * d_kl
+            if ENTROPY_BONUS:
+                e_bonus = tl.load(entropy_grad_ptr + row)
+                loss = loss + e_bonus * entropy
         tl.store(logp_ptr + row, logp)
         tl.store(entropy_ptr + row, entropy)
         if TERMS:
@@ -165,49 +189,50 @@ def _grpo_row_kernel(
     else:
         lse = tl.load(lse_ptr + row)
         grad = tl.load(grad_ptr + row)
+        if ENTROPY_BONUS:
+            entropy = tl.load(entropy_ptr + row)
+            e_bonus = tl.load(entropy_grad_ptr + row)
 
     if PASS2:
         # ---- d_logits ----
         coef = grad * inv_temperature
+        e_coef = e_bonus * inv_temperature
         if SCALED:
             coef = coef * tl.load(scale_ptr)
+            e_coef = e_coef * tl.load(scale_ptr)
         d_base = dlogits_ptr + row * stride_drow
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_mask = cols < V
             x = tl.load(base + cols, mask=col_mask, other=0.0)
             z, dz = transform_logits(x, logit_scale, softcap, SOFTCAP)
-            p = tl.exp(z * inv_temperature - lse)
-            d = coef * (tl.where(cols == target, 1.0, 0.0) - p) * dz
+            log_p = z * inv_temperature - lse
+            p = tl.exp(log_p)
+            d = coef * (tl.where(cols == target, 1.0, 0.0) - p)
+            if ENTROPY_BONUS:
+                d = d - e_coef * p * (log_p + entropy)
+            d = d * dz
             tl.store(d_base + cols, d.to(dlogits_ptr.dtype.element_ty), mask=col_mask)
 
 
 def grpo_rows_triton(
     logits: Tensor,
     d_logits: Tensor,
-    targets: Tensor,
-    token_weight: Tensor,
-    advantages: Tensor,
-    old_logps: Optional[Tensor],
-    ref_logps: Optional[Tensor],
-    seq_grad: Optional[Tensor],
-    seq_ratio: Optional[Tensor],
     out: dict,
+    tensors: dict,
+    spec,
     *,
-    beta: float,
-    kl_bias_correction: bool,
-    epsilon_low: float,
-    epsilon_high: float,
-    delta: Optional[float],
-    temperature: float,
-    logit_scale: float,
-    logit_softcap: Optional[float],
-    grad_scale: Optional[Tensor],
+    grad_scale=None,
     cfg: KernelConfig,
 ) -> None:
     """Launcher. `logits` [n, V] fp32 (row-contiguous); `d_logits` [n, V] receives the gradient (in its
     own dtype; it may be `logits` itself, or the first half of each of its rows); per-token results go
     to the fp32 [n] tensors in `out` ("logp", "entropy", "loss", "kl", "low", "high").
+
+    `tensors`: the chunk's [n] inputs: "targets", "weight", "policy_weight", "advantages", and, each
+    optional (None), "old", "ref", "policy_grad" (the whole batch's precomputed policy coefficient),
+    "seq_ratio" (the sequence ratio for the KL correction), "entropy_grad" (the entropy bonus's
+    d loss / d H). `spec`: the kernels.token_math.LossSpec.
 
     `grad_scale`: None, or a callable (g [n] fp32 -> S [1] fp32) that picks the gradient scale S from
     the chunk's gradient coefficients; the passes then run as two launches."""
@@ -219,46 +244,37 @@ def grpo_rows_triton(
     split = grad_scale is not None
     lse = torch.empty(n, device=logits.device, dtype=torch.float32) if split else dummy
     grad = torch.empty(n, device=logits.device, dtype=torch.float32) if split else dummy
+
+    def given(name):
+        value = tensors.get(name)
+        return dummy if value is None else value
+
     args = [
-        logits,
-        logits.stride(0),
-        d_logits,
-        d_logits.stride(0),
-        targets,
-        token_weight,
-        advantages,
-        old_logps if old_logps is not None else dummy,
-        ref_logps if ref_logps is not None else dummy,
-        seq_grad if seq_grad is not None else dummy,
-        seq_ratio if seq_ratio is not None else dummy,
-        out["logp"],
-        out["entropy"],
-        out["loss"],
-        out["kl"] if ref_logps is not None else dummy,
-        out["low"],
-        out["high"],
-        lse,
-        grad,
+        logits, logits.stride(0), d_logits, d_logits.stride(0),
+        tensors["targets"], tensors["weight"], tensors["policy_weight"], tensors["advantages"],
+        given("old"), given("ref"), given("policy_grad"), given("seq_ratio"), given("entropy_grad"),
+        out["logp"], out["entropy"], out["loss"], out["kl"] if tensors.get("ref") is not None else dummy,
+        out["low"], out["high"], lse, grad,
     ]
     scalars = [
-        V,
-        1.0 / temperature,
-        float(logit_scale),
-        float(logit_softcap) if logit_softcap is not None else 1.0,
-        float(beta),
-        1.0 - epsilon_low,
-        1.0 + epsilon_high,
-        float(delta) if delta is not None else 0.0,
+        V, 1.0 / spec.temperature, float(spec.logit_scale),
+        float(spec.logit_softcap) if spec.logit_softcap is not None else 1.0,
+        float(spec.beta), 1.0 - spec.epsilon_low, 1.0 + spec.epsilon_high,
+        float(spec.delta) if spec.delta is not None else 0.0,
+        float(spec.epsilon_high), float(spec.sapo_temperature_pos), float(spec.sapo_temperature_neg),
     ]
+    has_ref = tensors.get("ref") is not None
     flags = dict(
         TERMS=True,
-        HAS_OLD=old_logps is not None,
-        HAS_REF=ref_logps is not None,
-        USE_KL=ref_logps is not None and beta != 0.0,
-        HAS_DELTA=delta is not None,
-        SEQUENCE_LEVEL=seq_grad is not None,
-        KL_CORRECTION=bool(kl_bias_correction) and ref_logps is not None,
-        SOFTCAP=logit_softcap is not None,
+        POLICY=PRECOMPUTED if tensors.get("policy_grad") is not None else INLINE_POLICIES[spec.policy],
+        HAS_OLD=tensors.get("old") is not None,
+        HAS_REF=has_ref,
+        USE_KL=has_ref and spec.beta != 0.0,
+        HAS_DELTA=spec.delta is not None,
+        SEQ_RATIO=tensors.get("seq_ratio") is not None,
+        KL_CORRECTION=bool(spec.kl_bias_correction) and has_ref,
+        ENTROPY_BONUS=tensors.get("entropy_grad") is not None,
+        SOFTCAP=spec.logit_softcap is not None,
         BLOCK_V=min(cfg.row_block_v, triton.next_power_of_2(V)),
         num_warps=cfg.row_num_warps,
     )
@@ -290,10 +306,10 @@ def logprob_rows_triton(
     assert logits.dtype == torch.float32 and logits.stride(1) == 1
     _grpo_row_kernel[(n,)](
         logits, logits.stride(0), logits, logits.stride(0), targets,
-        *([logp] * 6), logp, entropy, *([logp] * 7),
+        *([logp] * 8), logp, entropy, *([logp] * 7),
         V, 1.0 / temperature, float(logit_scale), float(logit_softcap) if logit_softcap is not None else 1.0,
-        0.0, 0.0, 0.0, 0.0,
-        TERMS=False, HAS_OLD=False, HAS_REF=False, USE_KL=False, HAS_DELTA=False, SEQUENCE_LEVEL=False,
-        KL_CORRECTION=False, SOFTCAP=logit_softcap is not None, PASS1=True, PASS2=False, SCALED=False,
-        BLOCK_V=min(cfg.row_block_v, triton.next_power_of_2(V)), num_warps=cfg.row_num_warps,
+        0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        TERMS=False, POLICY=CLIP, HAS_OLD=False, HAS_REF=False, USE_KL=False, HAS_DELTA=False, SEQ_RATIO=False,
+        KL_CORRECTION=False, ENTROPY_BONUS=False, SOFTCAP=logit_softcap is not None, PASS1=True, PASS2=False,
+        SCALED=False, BLOCK_V=min(cfg.row_block_v, triton.next_power_of_2(V)), num_warps=cfg.row_num_warps,
     )

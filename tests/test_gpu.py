@@ -72,6 +72,27 @@ def test_compiled_loss_matches_float64_at_a_7b_head(dtype):
         assert err_fused <= err_eager + RTOL[dtype] * scale + 1e-7, (key, err_fused, err_eager)
 
 
+@pytest.mark.parametrize("options", [
+    dict(loss_type="cispo", epsilon_high=1.3, beta=0.04),
+    dict(loss_type="sapo", entropy_coef=0.05),
+    dict(loss_type="grpo", importance_sampling_level="sequence", top_entropy_quantile=0.5, entropy_coef=0.02),
+    dict(loss_type="vespo", off_policy_mask_threshold=0.1, beta=0.04, kl_bias_correction=True),
+], ids=["cispo", "sapo-entropy", "seq-top-entropy", "vespo-off-policy"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_compiled_loss_types_match_float64(options, dtype):
+    case = _head_case(dtype, tokens=128, seed=3)
+    config = GRPOLossConfig(chunk_size=48, **options)
+    exact = _run("float64", *case, config)
+    eager = _run("reference", *case, config)
+    fused = _run("triton", *case, config)
+    for key in exact:
+        scale = exact[key].abs().max().item()
+        err_fused = (fused[key] - exact[key]).abs().max().item()
+        err_eager = (eager[key] - exact[key]).abs().max().item()
+        assert math.isfinite(err_fused), key
+        assert err_fused <= err_eager + RTOL[dtype] * scale + 1e-7, (key, err_fused, err_eager)
+
+
 def test_compiled_logit_transform_matches_float64():
     hidden, weight, ids = realistic_head(64, 512, 32000, 40.0, torch.bfloat16, seed=1, device=CUDA)
     mask = torch.ones_like(ids)

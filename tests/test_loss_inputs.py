@@ -71,7 +71,7 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize("field,value,pattern", [
-    ("loss_type", "ppo", r"loss_type: expected one of 'dapo', 'grpo', 'bnpo', 'dr_grpo', got 'ppo'"),
+    ("loss_type", "ppo", r"loss_type: expected one of 'dapo', 'grpo', 'bnpo', 'dr_grpo', 'cispo', 'sapo', 'luspo', 'vespo', got 'ppo'"),
     ("importance_sampling_level", "seq", r"importance_sampling_level: expected one of 'token', 'sequence', got 'seq'"),
     ("scale_rewards", True, r"scale_rewards: expected one of 'group', 'batch', 'none', got True"),
     ("beta", -0.1, r"beta: expected a value >= 0.0, got -0.1"),

@@ -25,7 +25,13 @@ def _trainable(model):
     return {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
-@pytest.mark.parametrize("extra", [{}, {"load_in_4bit": True, "lora_r": 4, "beta": 0.05}], ids=["full", "qlora"])
+ADAPTIVE = {"loss_type": "cispo", "epsilon_high": 5.0, "use_adaptive_entropy": True, "entropy_coef": 0.01,
+            "entropy_target": 10.0, "entropy_coef_delta": 0.01, "rollout_engine": "engine",
+            "importance_sampling_correction": "token_truncate"}
+
+
+@pytest.mark.parametrize("extra", [{}, {"load_in_4bit": True, "lora_r": 4, "beta": 0.05}, ADAPTIVE],
+                         ids=["full", "qlora", "adaptive-entropy-engine"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, extra):
     config = dict(FAST, output_dir=str(tmp_path), **extra)
     straight = train(GRPOConfig(run_name="straight", **config))
@@ -44,7 +50,11 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, extra):
     assert [record["step"] for record in resumed_log] == [1, 2, 3, 4]
     assert "grad_scale" not in straight_log[0]  # no loss scaling outside dtype float16
     assert not list((tmp_path / "straight" / "checkpoints").glob("*/scaler.pt"))
-    for key in ("data_position", "reward/mean", "completions/mean_length", "loss", "lr"):
+    keys = ["data_position", "reward/mean", "completions/mean_length", "loss", "lr"]
+    if extra is ADAPTIVE:  # the controller's coefficient moved every step and resumed where it was
+        keys.append("entropy_coef")
+        assert [record["entropy_coef"] for record in straight_log] == pytest.approx([0.03, 0.05, 0.07, 0.09])
+    for key in keys:
         assert [record[key] for record in resumed_log] == [record[key] for record in straight_log], key
     expected, received = _trainable(straight.model), _trainable(resumed.model)
     assert set(expected) == set(received)

@@ -81,30 +81,78 @@ def trainers(tmp_path_factory):
     return make_trainers(tmp_path_factory.mktemp("equivalence"), model_bias=True)
 
 
-@pytest.mark.parametrize(
-    "loss_type, level, beta, epsilon_high, delta, bias_correction",
-    [
-        ("dapo", "token", 0.0, 0.28, None, True),
-        ("dapo", "token", 0.04, 0.2, 1.5, False),
-        ("dapo", "token", 0.3, 0.2, 1.5, True),  # TRL's default use_bias_correction_kl with a KL term
-        ("grpo", "token", 0.04, 0.28, None, False),
-        ("grpo", "sequence", 0.0, 0.2, None, False),
-        ("grpo", "sequence", 0.3, 0.2, None, True),
-        ("bnpo", "token", 0.0, 0.2, 1.3, False),
-        ("bnpo", "sequence", 0.04, 0.28, None, False),
-        ("dr_grpo", "token", 0.04, 0.2, None, True),
-        ("dr_grpo", "sequence", 0.0, 0.28, 2.0, False),
-    ],
-)
-def test_same_loss_and_gradients_as_trl(trainers, loss_type, level, beta, epsilon_high, delta, bias_correction):
+CASES = [
+    # loss_type, importance_sampling_level, beta, epsilon_high, delta, use_bias_correction_kl, extra options
+    ("dapo", "token", 0.0, 0.28, None, True, {}),
+    ("dapo", "token", 0.04, 0.2, 1.5, False, {}),
+    ("dapo", "token", 0.3, 0.2, 1.5, True, {}),  # TRL's default use_bias_correction_kl with a KL term
+    ("grpo", "token", 0.04, 0.28, None, False, {}),
+    ("grpo", "sequence", 0.0, 0.2, None, False, {}),
+    ("grpo", "sequence", 0.3, 0.2, None, True, {}),
+    ("bnpo", "token", 0.0, 0.2, 1.3, False, {}),
+    ("bnpo", "sequence", 0.04, 0.28, None, False, {}),
+    ("dr_grpo", "token", 0.04, 0.2, None, True, {}),
+    ("dr_grpo", "sequence", 0.0, 0.28, 2.0, False, {}),
+    ("luspo", "sequence", 0.0, 0.28, None, False, {}),
+    ("luspo", "token", 0.04, 0.2, None, True, {}),
+    ("cispo", "token", 0.0, 1.2, None, False, {}),
+    ("cispo", "sequence", 0.04, 1.2, None, True, {}),
+    ("sapo", "token", 0.04, 0.2, None, False, {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 0.7}),
+    ("sapo", "sequence", 0.0, 0.2, None, False, {}),
+    ("vespo", "token", 0.0, 0.2, None, False, {"vespo_k_pos": 1.5, "vespo_lambda_neg": 2.5}),
+    ("vespo", "token", 0.04, 0.2, None, True, {"vllm": "token_truncate"}),
+    ("dapo", "token", 0.0, 0.28, None, True, {"entropy_coef": 0.05}),
+    ("grpo", "token", 0.04, 0.2, None, False, {"entropy_coef": 0.1, "top_entropy_quantile": 0.4}),
+    ("dapo", "sequence", 0.0, 0.2, None, False, {"top_entropy_quantile": 0.3}),
+    ("bnpo", "token", 0.0, 0.2, None, False, {"off_policy_mask_threshold": 0.05, "vllm": None}),
+    ("dapo", "token", 0.04, 0.28, None, True, {"vllm": "token_truncate"}),
+    ("grpo", "token", 0.0, 0.2, None, False, {"vllm": "sequence_mask"}),
+    ("cispo", "token", 0.0, 1.5, None, False, {"vllm": "sequence_truncate", "off_policy_mask_threshold": 0.1,
+                                               "entropy_coef": 0.02}),
+]
+
+
+def _sampler_inputs(inputs, mode, generator):
+    """TRL's sampler inputs for a vLLM run: the sampler's log-probs and the correction ratio of `mode`
+    (computed as GRPOTrainer does, from old - sampler log-prob differences)."""
+    mask = inputs["completion_mask"]
+    sampling = inputs["old_per_token_logps"] + 0.2 * torch.randn(mask.shape, generator=generator)
+    diff = (inputs["old_per_token_logps"] - sampling) * mask
+    if mode is None:  # only the sampler's log-probs (the off-policy mask reads them)
+        return {"sampling_per_token_logps": sampling}
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(max=1.3)
+    else:
+        ratio = ratio.masked_fill(ratio > 1.3, 0.0)
+    return {"sampling_per_token_logps": sampling, "importance_sampling_ratio": ratio}
+
+
+@pytest.mark.parametrize("loss_type, level, beta, epsilon_high, delta, bias_correction, extra", CASES)
+def test_same_loss_and_gradients_as_trl(trainers, loss_type, level, beta, epsilon_high, delta, bias_correction, extra):
     generator = torch.Generator().manual_seed(1)
     inputs = make_batch(trainers[0], generator)
+    extra = dict(extra)
+    use_vllm = "vllm" in extra
+    if use_vllm:
+        inputs.update(_sampler_inputs(inputs, extra.pop("vllm"), generator))
     results = []
     for trainer in trainers:
         # One pair of trainers serves every case: set the options TRL reads when computing the loss.
+        trainer._metrics["train"].clear()
         trainer.loss_type, trainer.importance_sampling_level, trainer.beta = loss_type, level, beta
         trainer.epsilon_high, trainer.args.delta = epsilon_high, delta
         trainer.args.use_bias_correction_kl = bias_correction
+        trainer.use_vllm = use_vllm
+        trainer.vllm_importance_sampling_correction = "importance_sampling_ratio" in inputs
+        trainer.top_entropy_quantile = extra.get("top_entropy_quantile", 1.0)
+        trainer.off_policy_mask_threshold = extra.get("off_policy_mask_threshold")
+        trainer.entropy_coef = extra.get("entropy_coef", 0.0)
+        trainer._entropy_bonus_enabled = trainer.entropy_coef != 0.0
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_neg"):
+            setattr(trainer.args, name, extra.get(name, trl.GRPOConfig.__dataclass_fields__[name].default))
         trainer.current_gradient_accumulation_steps = 2  # exercises TRL's accumulation scaling
         loss, grads = loss_and_grads(trainer, inputs)
         metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
@@ -114,11 +162,37 @@ def test_same_loss_and_gradients_as_trl(trainers, loss_type, level, beta, epsilo
     assert trl_grads.keys() == grads.keys() and "lm_head.bias" in grads
     for name in trl_grads:
         torch.testing.assert_close(grads[name], trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    names = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
-    names += ["kl"] if beta else []
-    for name in names:
-        assert metrics[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-6), name
-    assert trl_metrics["clip_ratio/region_mean"] > 0  # the batch does exercise the clip
+    assert metrics.keys() == trl_metrics.keys()  # every metric TRL logs, under its name
+    for name in trl_metrics:
+        assert metrics[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-6, nan_ok=True), name
+    if loss_type in ("dapo", "grpo", "bnpo", "dr_grpo", "luspo") and "off_policy_mask_threshold" not in extra:
+        assert trl_metrics["clip_ratio/region_mean"] > 0  # the batch does exercise the clip
+
+
+def test_adaptive_entropy_control_as_trl(tmp_path):
+    """TRL's controller: the bonus applies once the window's entropy is at or below the target, and the
+    coefficient moves by entropy_coef_delta at each optimiser step; three steps, both trainers."""
+    trainers = make_trainers(tmp_path, use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=100.0,
+                             entropy_coef_delta=0.02, top_entropy_quantile=0.5)
+    inputs = make_batch(trainers[0], torch.Generator().manual_seed(4))
+    history = []
+    for trainer in trainers:
+        trainer.current_gradient_accumulation_steps = 1
+        steps = []
+        for _ in range(3):
+            loss, grads = loss_and_grads(trainer, inputs)
+            steps.append((loss, grads, trainer.entropy_coef))
+        history.append((steps, {name: list(values) for name, values in trainer._metrics["train"].items()}))
+    (trl_steps, trl_metrics), (steps, metrics) = history
+    for (trl_loss, trl_grads, trl_coef), (loss, grads, coef) in zip(trl_steps, steps):
+        torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-7)
+        for name in trl_grads:
+            torch.testing.assert_close(grads[name], trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert coef == pytest.approx(trl_coef)
+    assert [round(c, 6) for _, _, c in steps] == [0.07, 0.09, 0.11]  # the coefficient moved each step
+    assert metrics.keys() == trl_metrics.keys()
+    for name in trl_metrics:
+        assert metrics[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-6, nan_ok=True), name
 
 
 def test_same_no_grad_logprobs_as_trl(trainers):
@@ -140,25 +214,12 @@ def test_same_no_grad_logprobs_as_trl(trainers):
     assert (logps[inputs["completion_mask"] == 0] == 0).all()
 
 
-@pytest.mark.parametrize(
-    "option, value",
-    [
-        ("loss_type", "cispo"), ("loss_type", "sapo"), ("top_entropy_quantile", 0.2), ("entropy_coef", 0.01),
-        ("off_policy_mask_threshold", 0.5), ("use_liger_kernel", True),
-    ],
-)
-def test_refuses_unsupported_options(tmp_path, option, value):
-    args = grpo_config(tmp_path, **{option: value})
-    with pytest.raises(ValueError, match=option):
+def test_refuses_only_what_cannot_be_fused(tmp_path):
+    assert unsupported_options(grpo_config(tmp_path, loss_type="vespo", top_entropy_quantile=0.2, entropy_coef=0.01,
+                                           use_adaptive_entropy=True, off_policy_mask_threshold=0.5)) == []
+    args = grpo_config(tmp_path, use_liger_kernel=True)
+    with pytest.raises(ValueError, match="use_liger_kernel"):
         FusedGRPOTrainer(model="unused: the options are checked first", reward_funcs=[length_reward], args=args)
-
-
-def test_refuses_vllm_correction(tmp_path):
-    assert unsupported_options(grpo_config(tmp_path, beta=0.1, use_bias_correction_kl=True)) == []
-    args = grpo_config(tmp_path)
-    args.use_vllm, args.vllm_importance_sampling_correction = True, True
-    assert any(p.startswith("vllm_importance_sampling_correction") for p in unsupported_options(args))
-    assert unsupported_options(grpo_config(tmp_path, beta=0.1)) == []
 
 
 def test_refuses_soft_capped_logits(tmp_path):

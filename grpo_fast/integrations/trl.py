@@ -23,18 +23,25 @@ Swap the class, keep the rest::
     )
     trainer.train()
 
-Supported: ``loss_type`` grpo / bnpo / dr_grpo / dapo, ``importance_sampling_level`` token /
-sequence, ``epsilon``, ``epsilon_high``, ``delta``, ``beta`` (k3 KL against TRL's reference
-log-probs; ``use_bias_correction_kl``, TRL 1.16's default, multiplies it by the importance ratio),
-``temperature``, ``cast_lm_head_to_fp32``, ``num_iterations`` > 1, gradient
+Supported: every option of TRL 1.16's loss: ``loss_type`` grpo / bnpo / dr_grpo / dapo / luspo /
+cispo / sapo (``sapo_temperature_pos`` / ``_neg``) / vespo (``vespo_k_*`` / ``vespo_lambda_*``),
+``importance_sampling_level`` token / sequence, ``epsilon``, ``epsilon_high``, ``delta``, ``beta``
+(k3 KL against TRL's reference log-probs; ``use_bias_correction_kl``, TRL 1.16's default, multiplies
+it by the importance ratio), ``entropy_coef`` and ``use_adaptive_entropy`` (the entropy bonus and
+its gradient inside the fused pass; TRL's controller), ``top_entropy_quantile`` (the quantile over
+every process's tokens, as TRL takes it), ``off_policy_mask_threshold`` and vLLM's
+importance-sampling correction (TRL's sampler log-probs and ratios, every mode), MoE router
+auxiliary losses, ``temperature``, ``cast_lm_head_to_fp32``, ``num_iterations`` > 1, gradient
 accumulation, PEFT / quantised models, an lm_head bias, and the logit transforms of
 ``grpo_fast.logits`` (Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
-``logits_scaling``, ...: the loss applies them as the model's forward does). Refused at
-construction, with a ValueError naming the option: the other loss types, ``use_liger_kernel``,
-``top_entropy_quantile`` < 1, an entropy bonus, ``off_policy_mask_threshold``,
-vLLM importance-sampling correction, MoE router auxiliary losses, and models of other families
-whose config sets a logit-transform field (named in the error). On its first forward the trainer
-checks that the model's own logits are the transformed head output of the hidden states it reads.
+``logits_scaling``, ...: the loss applies them as the model's forward does). Every metric TRL logs
+for the loss is logged under TRL's name with TRL's reduction across processes.
+
+Refused at construction, with a ValueError naming the option: ``use_liger_kernel`` (Liger's head
+would replace grpo-fast's, which is the point of this class), and models of other families whose
+config sets a logit-transform field (named in the error). Refused at the first batch: image inputs
+(the hidden-state forward is text-only). On its first forward the trainer checks that the model's
+own logits are the transformed head output of the hidden states it reads.
 
 Importing this module imports TRL (the ``trl`` extra: ``pip install 'grpo-fast[trl]'``);
 importing ``grpo_fast`` does not.
@@ -42,6 +49,7 @@ importing ``grpo_fast`` does not.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -54,9 +62,10 @@ except ImportError as error:  # the optional extra is missing: say how to get it
     ) from error
 
 from ..logits import check_logits, logit_transform
+from ..loss import TOKEN_NORMALISED_LOSS_TYPES as _TOKEN_NORMALISED
 from ..loss import GRPOLossConfig, grpo_loss, token_logprobs
 
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 
 # Inputs that carry images: the hidden-state forward below passes text inputs only.
 _MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
@@ -70,8 +79,8 @@ def unsupported_options(args: GRPOConfig) -> list[str]:
     >>> options = dict(output_dir="/tmp/grpo", report_to=[], use_cpu=True)
     >>> unsupported_options(GRPOConfig(loss_type="dapo", beta=0.04, **options))
     []
-    >>> unsupported_options(GRPOConfig(loss_type="cispo", beta=0.04, **options))
-    ["loss_type: expected one of ('grpo', 'bnpo', 'dr_grpo', 'dapo'), received 'cispo'"]
+    >>> unsupported_options(GRPOConfig(use_liger_kernel=True, **options))
+    ['use_liger_kernel: expected False (grpo-fast replaces the fused loss head), received True']
     """
     problems = []
 
@@ -84,19 +93,6 @@ def unsupported_options(args: GRPOConfig) -> list[str]:
         refuse("importance_sampling_level", "'token' or 'sequence'", args.importance_sampling_level)
     if getattr(args, "use_liger_kernel", False):
         refuse("use_liger_kernel", "False (grpo-fast replaces the fused loss head)", args.use_liger_kernel)
-    if args.top_entropy_quantile != 1.0:
-        refuse("top_entropy_quantile", "1.0 (no high-entropy token mask)", args.top_entropy_quantile)
-    if args.entropy_coef != 0.0:
-        refuse("entropy_coef", "0.0 (no entropy bonus: the fused loss has no entropy gradient)", args.entropy_coef)
-    if args.use_adaptive_entropy:
-        refuse("use_adaptive_entropy", "False", args.use_adaptive_entropy)
-    if args.off_policy_mask_threshold is not None:
-        refuse("off_policy_mask_threshold", "None", args.off_policy_mask_threshold)
-    if args.use_vllm and args.vllm_importance_sampling_correction:
-        refuse("vllm_importance_sampling_correction", "False when use_vllm=True",
-               args.vllm_importance_sampling_correction)
-    if args.router_aux_loss_coef:
-        refuse("router_aux_loss_coef", "None or 0 (no MoE auxiliary loss)", args.router_aux_loss_coef)
     return problems
 
 
@@ -153,56 +149,132 @@ class FusedGRPOTrainer(GRPOTrainer):
 
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        hidden = self._completion_hidden_states(model, input_ids, attention_mask, completion_ids.size(1))
-        weight, bias = self._lm_head(model)
-        hidden = hidden.to(weight.dtype)  # autocast or cast_lm_head_to_fp32 can leave them apart
+        outputs = self._model_outputs(model, input_ids, attention_mask, aux_loss=self.aux_loss_enabled)
+        hidden = self._completion_hidden(outputs, model, completion_ids.size(1))
 
         mode = "train" if self.model.training else "eval"
-        output = grpo_loss(
-            hidden,
-            weight,
-            completion_ids,
-            mask,
-            advantages=advantages.float(),
-            old_logps=inputs.get("old_per_token_logps"),
-            ref_logps=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-            bias=bias,
-            config=self._loss_config(inputs, mode),
-            backend=self.loss_backend,
-        )
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        sampler_correction = self.use_vllm and self.vllm_importance_sampling_correction
+        with self._gathered_head(model):
+            weight, bias = self._lm_head(model)
+            hidden = hidden.to(weight.dtype)  # autocast or cast_lm_head_to_fp32 can leave them apart
+            output = grpo_loss(
+                hidden,
+                weight,
+                completion_ids,
+                mask,
+                advantages=advantages.float(),
+                old_logps=inputs.get("old_per_token_logps"),
+                ref_logps=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+                bias=bias,
+                config=self._loss_config(inputs, mode, accumulation),
+                backend=self.loss_backend,
+                importance_sampling_ratio=inputs.get("importance_sampling_ratio") if sampler_correction else None,
+                sampling_logps=inputs.get("sampling_per_token_logps"),
+                entropy_threshold_fn=self._entropy_threshold if self.top_entropy_quantile < 1.0 else None,
+            )
         loss = output.loss
-        if self.loss_type != "dapo" and mode == "train":
+        if self.loss_type not in _TOKEN_NORMALISED:
             # HF's automatic accumulation scaling is off for GRPOTrainer; TRL divides here.
-            loss = loss / self.current_gradient_accumulation_steps
-        self._log_loss_metrics(output.metrics, mode)
+            loss = loss / accumulation
+        if self._entropy_bonus_enabled:
+            self._entropy_bonus_bookkeeping(output, mask, mode)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        self._log_loss_metrics(output, mask, mode)
         return loss
 
-    def _completion_hidden_states(self, model, input_ids, attention_mask, completion_length: int) -> torch.Tensor:
-        """[B, T, H] final (normed) hidden states at the positions that predict the completion."""
+    def _model_outputs(self, model, input_ids, attention_mask, aux_loss: bool = False):
         with self.accelerator.autocast():
             # Through the (possibly wrapped) model so DDP hooks, PEFT adapters and gradient
             # checkpointing all apply; logits_to_keep=1 keeps the model's own head to one position.
-            outputs = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                output_hidden_states=True,
-                logits_to_keep=1,
-                use_cache=False,
-            )
+            extra = {"output_router_logits": True} if aux_loss else {}
+            return model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                         logits_to_keep=1, use_cache=False, **extra)
+
+    def _completion_hidden(self, outputs, model, completion_length: int) -> torch.Tensor:
+        """[B, T, H] final (normed) hidden states at the positions that predict the completion."""
         # transformers ties hidden_states[-1] to the final-norm output (last_hidden_state).
         hidden = outputs.hidden_states[-1]
         if not self._final_hidden_state_checked:
             self._check_final_hidden_state(model, hidden[:, -1], outputs.logits[:, -1])
         return hidden[:, -completion_length - 1 : -1]
 
+    def _completion_hidden_states(self, model, input_ids, attention_mask, completion_length: int) -> torch.Tensor:
+        return self._completion_hidden(self._model_outputs(model, input_ids, attention_mask), model, completion_length)
+
+    def _entropy_threshold(self, local: torch.Tensor, quantile: float) -> torch.Tensor:
+        """The top-entropy threshold over every process's tokens, as TRL's get_high_entropy_mask."""
+        pad = -1e9  # entropies are >= 0, so the padding cannot collide with one
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=pad))
+        gathered = gathered[gathered != pad]
+        if gathered.numel() == 0:
+            return local.new_tensor(float("inf"))
+        return torch.quantile(gathered, quantile)
+
+    def _entropy_coefficient(self) -> float:
+        """TRL's applied coefficient: the static one, or with adaptive control the current one while the
+        last window's entropy is at or below the target (0 otherwise)."""
+        if not self._entropy_bonus_enabled:
+            return 0.0
+        if self.use_adaptive_entropy:
+            return self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+        return self.entropy_coef
+
+    def _entropy_bonus_bookkeeping(self, output, mask, mode: str) -> None:
+        """TRL's policy_loss metric, its adaptive entropy controller (the window's token-weighted
+        entropy of the bonus's tokens, reduced across processes at the optimiser step) and entropy_coef."""
+        policy_loss = output.metrics.get("policy_loss", output.loss.detach())
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss.reshape(1)).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            effective = mask.bool()
+            if self.top_entropy_quantile < 1.0:
+                threshold = self._entropy_threshold(output.entropy[effective].float(), 1.0 - self.top_entropy_quantile)
+                effective = effective & (output.entropy >= threshold)
+            stats = torch.stack([(output.entropy * effective).sum(), effective.sum().float()]).detach()
+            self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+            if self.accelerator.sync_gradients:
+                window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+                if world_entropy <= self.args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + self.args.entropy_coef_delta, self.args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - self.args.entropy_coef_delta, self.args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
     def _check_final_hidden_state(self, model, last_hidden: torch.Tensor, last_logits: torch.Tensor) -> None:
         """Once per run: the model's own logits at the last position must be the logit transform of
         ``hidden @ W.T + b``, or the hidden states are not what the lm_head reads (an architecture that
         does not tie hidden_states[-1] to the normed output) or the transform is not the model's, and
         the loss would be wrong."""
-        check_logits(self.accelerator.unwrap_model(model), last_hidden, last_logits, self.logit_transform,
-                     hidden_name="hidden_states[-1]", advice="; use trl.GRPOTrainer for this model")
+        with self._gathered_head(model):
+            check_logits(self.accelerator.unwrap_model(model), last_hidden, last_logits, self.logit_transform,
+                         hidden_name="hidden_states[-1]", advice="; use trl.GRPOTrainer for this model")
         self._final_hidden_state_checked = True
+
+    def _gathered_head(self, model):
+        """Under DeepSpeed ZeRO-3 the lm_head's parameters are partitioned across processes: gathered here
+        for the fused loss, which reads them only inside its forward (the gradient w.r.t. the hidden
+        states is computed there). A trainable head is refused: its gradient would have to reach the
+        partitioned parameter after the gather is released."""
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+        if not any(hasattr(p, "ds_id") for p in params):  # not a ZeRO-3 parameter
+            return contextlib.nullcontext()
+        if any(p.requires_grad for p in params):
+            raise ValueError("lm_head: expected a frozen lm_head under DeepSpeed ZeRO-3 (LoRA, or the head excluded "
+                             "from training), received a trainable one; use ZeRO-2 to train the head with the fused "
+                             "loss, or trl.GRPOTrainer")
+        if self.loss_backend == "reference":
+            raise ValueError("loss_backend: expected 'auto', 'torch' or 'triton' under DeepSpeed ZeRO-3 (the eager "
+                             "reference reads the gathered head again in backward), received 'reference'")
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def _lm_head(self, model) -> tuple[torch.Tensor, torch.Tensor | None]:
         lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
@@ -224,53 +296,95 @@ class FusedGRPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal_inputs,
             )
-        weight, bias = self._lm_head(model)
         batch_size = batch_size or input_ids.size(0)
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            hidden = self._completion_hidden_states(model, ids, mask, logits_to_keep).to(weight.dtype)
-            logps, entropy = token_logprobs(
-                hidden, weight, ids[:, -logits_to_keep:], bias=bias, temperature=self.temperature,
-                backend=self.loss_backend, completion_mask=mask[:, -logits_to_keep:], return_entropy=True,
-                chunk_size=self.loss_chunk_size, **self.logit_transform.loss_keywords(),
-            )
+            hidden = self._completion_hidden_states(model, ids, mask, logits_to_keep)
+            with self._gathered_head(model):
+                weight, bias = self._lm_head(model)
+                logps, entropy = token_logprobs(
+                    hidden.to(weight.dtype), weight, ids[:, -logits_to_keep:], bias=bias, temperature=self.temperature,
+                    backend=self.loss_backend, completion_mask=mask[:, -logits_to_keep:], return_entropy=True,
+                    chunk_size=self.loss_chunk_size, **self.logit_transform.loss_keywords(),
+                )
             all_logps.append(logps)
             all_entropies.append(entropy)
         entropies = torch.cat(all_entropies) if compute_entropy else None
         return torch.cat(all_logps), entropies, None
 
-    def _loss_config(self, inputs, mode: str) -> GRPOLossConfig:
+    def _loss_config(self, inputs, mode: str, accumulation: float = 1.0) -> GRPOLossConfig:
         num_items_in_batch = None
-        if self.loss_type == "dapo":
-            # TRL's dapo normaliser: the generation batch's active tokens, per process, rescaled to
-            # one accumulation window (grpo_loss then returns loss / this, already accumulation-scaled).
+        if self.loss_type in _TOKEN_NORMALISED:
+            # TRL's normaliser: the generation batch's active tokens, per process, rescaled to one
+            # accumulation window (grpo_loss then returns loss / this, already accumulation-scaled).
             normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
             num_items_in_batch = float(normaliser)
+        # TRL's bonus is the mean entropy over the accumulation steps; the other loss types are
+        # divided by them as a whole after the call
+        entropy_coef = self._entropy_coefficient()
+        if self.loss_type in _TOKEN_NORMALISED:
+            entropy_coef = entropy_coef / accumulation
+        args = self.args
         return GRPOLossConfig(
             loss_type=self.loss_type,
             beta=self.beta,
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,
-            delta=self.args.delta,
+            delta=args.delta,
             temperature=self.temperature,
             importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length,
             num_items_in_batch=num_items_in_batch,
             chunk_size=self.loss_chunk_size,
-            kl_bias_correction=bool(getattr(self.args, "use_bias_correction_kl", False)),
+            kl_bias_correction=bool(getattr(args, "use_bias_correction_kl", False)),
+            sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos,
+            vespo_lambda_pos=args.vespo_lambda_pos,
+            vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg,
+            entropy_coef=entropy_coef,
+            top_entropy_quantile=self.top_entropy_quantile,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
             **self.logit_transform.loss_keywords(),
         )
 
-    def _log_loss_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
-        names = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+    def _log_loss_metrics(self, output, mask, mode: str) -> None:
+        """TRL's loss metrics and reductions: masked means over every process's tokens (or sequences,
+        for per-sequence quantities), nanmin / nanmax of per-sequence clip fractions."""
+        metrics = output.metrics
+        tokens = mask.sum().float()
+        sequences = torch.tensor(float(mask.shape[0]), device=mask.device)
+        per_sequence = self.importance_sampling_level == "sequence"
+
+        def global_mean(name: str, count: torch.Tensor) -> None:
+            local = torch.stack([metrics[name].float() * count, count])
+            totals = self.accelerator.reduce(local, reduction="sum")
+            self._metrics[mode][name].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
         if self.beta != 0.0:
-            names.append("kl")
-        for name in names:
-            value = metrics[name].float().reshape(1)
-            self._metrics[mode][name].append(self.accelerator.gather(value).nanmean().item())
+            global_mean("kl", tokens)
+        global_mean("entropy", tokens)
+        count = sequences if per_sequence else tokens
+        if self.loss_type == "cispo":
+            global_mean("cispo_clip_ratio", count)
+        elif self.loss_type == "vespo":
+            global_mean("vespo/phi_seq_mean", sequences)
+        elif self.loss_type != "sapo":
+            for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+                global_mean(name, count)
+            gathered = self.accelerator.gather(metrics["clip_ratio/low_min"].float().reshape(1))
+            self._metrics[mode]["clip_ratio/low_min"].append(_nan_reduce(gathered, torch.min))
+            gathered = self.accelerator.gather(metrics["clip_ratio/high_max"].float().reshape(1))
+            self._metrics[mode]["clip_ratio/high_max"].append(_nan_reduce(gathered, torch.max))
+
+
+def _nan_reduce(values: torch.Tensor, reduce) -> float:
+    kept = values[~torch.isnan(values)]
+    return float("nan") if kept.numel() == 0 else reduce(kept).item()
 
 
 def _raise_if_unsupported(args: GRPOConfig) -> None:
