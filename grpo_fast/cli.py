@@ -4,6 +4,7 @@
     grpo-fast train --config run.yaml --learning_rate 5e-6 --max_steps 200
     grpo-fast train --config run.yaml --resume        # continue the latest run from its last checkpoint
     grpo-fast eval --model Qwen/Qwen2.5-0.5B-Instruct --adapter runs/<run>/checkpoints/step_000500/model --split test
+    grpo-fast plan --config examples/gsm8k_qwen2.5_7b.yaml  # estimated peak memory, longest completion per budget
 
 Any ``GRPOConfig`` field is an option ``--key value`` (or ``--key=value``); it overrides the YAML.
 Subcommands register in ``SUBCOMMANDS``; each adds its arguments and returns an exit code.
@@ -46,6 +47,32 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML file of GRPOConfig fields (as for train)")
+    parser.add_argument("--prompt-length", type=int, default=256, help="the longest prompt, in tokens (default 256)")
+    parser.set_defaults(takes_overrides=True)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .memory import GIB, memory_budget, plan_table, shape_of, size_to_budget
+
+    if args.prompt_length < 1:
+        raise ValueError(f"--prompt-length: expected a positive number of tokens, received {args.prompt_length}")
+    config = load_config(args.config, list(args.overrides))
+    shape = shape_of(config)
+    print(f"{config.model}: {shape.layers} layers, hidden {shape.hidden}, intermediate {shape.intermediate}, "
+          f"{shape.heads} heads / {shape.kv_heads} KV heads, vocabulary {shape.vocab}", flush=True)
+    print(plan_table(config, shape, args.prompt_length), flush=True)
+    if config.max_memory_gb is not None:
+        sized = size_to_budget(config, shape, memory_budget(config, __import__("torch").device("cpu")),
+                               args.prompt_length)
+        tokens = sized.micro_batch_tokens
+        print(f"with max_memory_gb {config.max_memory_gb:g}: "
+              + ("fits as configured" if sized is config else f"micro-batches of {tokens} tokens"), flush=True)
+    return 0
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from .evaluation import add_eval_arguments as add_arguments
 
@@ -62,6 +89,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "train": ("train a policy with GRPO", add_train_arguments, run_train),
     "eval": ("greedy-decoding accuracy and format rate of a model (+ adapter) on a dataset split",
              add_eval_arguments, run_eval),
+    "plan": ("the estimated peak memory of a config's step, and the longest completion per budget",
+             add_plan_arguments, run_plan),
 }
 
 

@@ -102,6 +102,9 @@ class GRPOConfig:
     scale_rewards: str = "group"  # advantage scaling: group | batch | none
     num_iterations: int = 2  # optimisation passes over each generation batch (>1 computes old log-probs)
     micro_batch_size: int = 16  # completions per forward/backward; gradients accumulate over the batch
+    micro_batch_tokens: int | None = None  # pack micro-batches by tokens (prompt + completion, padded) up to this many instead of micro_batch_size rows: a long completion trains alone, short ones together; None: rows (or sized to max_memory_gb)
+    max_memory_gb: float | None = None  # the device memory the run may use: micro-batches (and the check before the first step) size themselves to it; None: the device's free memory less 10% on CUDA, no limit on CPU
+    activation_offload: bool = False  # with gradient_checkpointing: keep the saved block inputs in pinned CPU memory until backward (very long sequences)
     loss_backend: str = "auto"  # fused-loss backend: auto | triton | torch | reference
     loss_chunk_size: int | None = None  # tokens per loss chunk (None: the loss's default memory budget)
 
@@ -170,6 +173,13 @@ def validate(config: GRPOConfig) -> None:
     _choice("loss_backend", config.loss_backend, ("auto", "triton", "torch", "reference"))
     _choice("rollout_engine", config.rollout_engine, ROLLOUT_ENGINES)
     _choice("importance_sampling_correction", config.importance_sampling_correction, SAMPLER_CORRECTIONS)
+    for key in ("micro_batch_tokens", "max_memory_gb"):
+        value = getattr(config, key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{key}: expected a positive number or null, received {value!r}")
+    if config.activation_offload and not config.gradient_checkpointing:
+        raise ValueError("activation_offload: expected gradient_checkpointing: true with it (it offloads the "
+                         "checkpointed blocks' saved inputs), received gradient_checkpointing: false")
     _positive(config, "max_steps", "prompts_per_step", "max_completion_length", "temperature",
               "num_iterations", "micro_batch_size", "lora_r", "save_total_limit")
     if config.num_generations < 2:

@@ -28,6 +28,7 @@ or ``grpo-fast train --config run.yaml``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -49,6 +50,7 @@ from .evaluation import generate_greedy
 from .logits import IDENTITY, LogitTransform, logit_transform
 from .loss import (TOKEN_NORMALISED_LOSS_TYPES, GRPOLossConfig, compute_advantages, grpo_loss, sampler_correction,
                    token_logprobs)
+from .memory import GIB, ModelShape, memory_budget, size_to_budget
 from .metrics import MetricsLogger, step_figures
 from .model import (check_model_logits, completion_hidden_states, is_peft_model, keep_nf4_layout_for_training,
                     load_model, output_weight, reference_policy, trainable_parameters)
@@ -136,6 +138,8 @@ def loss_config(config: GRPOConfig, num_items_in_batch: float | None,
     options = {name: getattr(config, name) for name in LOSS_OPTIONS}
     if entropy_coef is not None:
         options["entropy_coef"] = entropy_coef
+    if config.loss_type == "bnpo" and num_items_in_batch is not None:
+        options["loss_type"] = "dapo"  # bnpo over the whole batch's tokens: dapo's normaliser (see optimise)
     return GRPOLossConfig(**options, max_completion_length=config.max_completion_length,
                           num_items_in_batch=num_items_in_batch, chunk_size=config.loss_chunk_size,
                           **transform.loss_keywords())
@@ -237,12 +241,36 @@ def score_rollout(functions: Sequence[RewardFunction], config: GRPOConfig, rollo
                  rollout.completion_token_ids, rollout.columns)
 
 
-def micro_batches(rollout: Rollout, size: int, device: torch.device):
-    """Slices of the rollout, trimmed to the micro-batch's own prompt padding and completion length."""
+def micro_batch_rows(rollout: Rollout, config: GRPOConfig) -> list[torch.Tensor]:
+    """The rows of each micro-batch: ``micro_batch_size`` consecutive rows, or with ``micro_batch_tokens``
+    rows packed by their padded token count (prompt + completion): rows sorted by length, each
+    micro-batch as many as fit (a longer row alone). Every loss type's update is the same either way
+    (its normalisation does not depend on the grouping; bnpo uses the whole batch's tokens)."""
+    count = len(rollout)
+    if config.micro_batch_tokens is None:
+        return [torch.arange(start, min(start + config.micro_batch_size, count))
+                for start in range(0, count, config.micro_batch_size)]
+    prompt_lengths = rollout.prompt_mask.sum(dim=1)
+    lengths = prompt_lengths + rollout.completion_lengths
+    order = sorted(range(count), key=lambda row: (int(lengths[row]), row))  # similar lengths pad little
+    groups: list[list[int]] = []
+    for row in order:
+        if groups:
+            group = groups[-1] + [row]
+            width = int(prompt_lengths[group].max()) + int(rollout.completion_lengths[group].max())
+            if len(group) * width <= config.micro_batch_tokens:
+                groups[-1] = group
+                continue
+        groups.append([row])
+    return [torch.tensor(group) for group in groups]
+
+
+def micro_batches(rollout: Rollout, config: GRPOConfig, device: torch.device):
+    """The rollout's micro-batches (``micro_batch_rows``), each trimmed to its own prompt padding and
+    completion length; yields (row indices, tensors on ``device``)."""
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     prompt_width = rollout.prompt_ids.shape[1]
-    for start in range(0, len(rollout), size):
-        rows = slice(start, start + size)
+    for rows in micro_batch_rows(rollout, config):
         used = rollout.prompt_mask[rows].any(dim=0).nonzero()  # prompt columns that are not all padding
         first = int(used.min()) if used.numel() else prompt_width - 1
         width = max(1, int(rollout.completion_lengths[rows].max()))
@@ -264,7 +292,7 @@ def batch_logprobs(model, rollout: Rollout, config: GRPOConfig, device: torch.de
     was_training = model.training
     model.eval()  # no dropout in the sampling / reference policy
     try:
-        for rows, batch in micro_batches(rollout, config.micro_batch_size, device):
+        for rows, batch in micro_batches(rollout, config, device):
             hidden = completion_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["prompt_length"])
             values = token_logprobs(hidden, weight.to(hidden.dtype), batch["completion_ids"], bias=bias,
                                     temperature=config.temperature, backend=config.loss_backend,
@@ -306,6 +334,33 @@ def loss_scale_figures(scaler: torch.amp.GradScaler, skipped: int) -> dict[str, 
     return {"grad_scale": scaler.get_scale(), "skipped_steps": skipped}
 
 
+def saved_activations(config: GRPOConfig, device: torch.device):
+    """Where autograd keeps what the forward saves: with ``activation_offload``, in (pinned) host memory
+    until backward; with gradient checkpointing that is each block's input, the rest is recomputed."""
+    if config.activation_offload:
+        return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+    return contextlib.nullcontext()
+
+
+def fit_to_memory(config: GRPOConfig, model, tokenizer, dataset, device: torch.device) -> GRPOConfig:
+    """``config`` with micro-batches packed to the memory budget (``max_memory_gb``, or the free CUDA
+    memory) when the estimated step would not fit it as configured (``grpo_fast.memory``); a clear error
+    before the first step when nothing fits. Prompt lengths from the first rows of the dataset."""
+    budget = memory_budget(config, device)
+    if budget is None:
+        return config
+    sample = take_rows(dataset, range(min(len(dataset), 256)))
+    texts = render_prompts([row[config.prompt_column] for row in sample], tokenizer)
+    prompt_length = max(len(ids) for ids in tokenize_prompts(texts, tokenizer))
+    sized = size_to_budget(config, ModelShape.from_config(model.config.get_text_config()
+                                                          if hasattr(model.config, "get_text_config") else model.config),
+                           budget, prompt_length)
+    if sized is not config:
+        print(f"grpo-fast: micro-batches of up to {sized.micro_batch_tokens} tokens fit the memory budget of "
+              f"{budget / GIB:.1f} GiB (estimated)", flush=True)
+    return sized
+
+
 def sampler_inputs(rollout: Rollout, old_logps: torch.Tensor | None, config: GRPOConfig):
     """(importance-sampling ratio [B, C] or [B, 1] or None, the step's sampler figures)."""
     if config.importance_sampling_correction == "none" or rollout.sampling_logps is None:
@@ -335,8 +390,10 @@ def optimise(model, optimizer, scheduler, scaler: torch.amp.GradScaler, rollout:
         return {"loss": 0.0, "grad_norm": 0.0, **loss_scale_figures(scaler, 0)}
     entropy_control = entropy_control or EntropyControl(config.entropy_coef)
     # dapo, cispo, vespo: normalised by the whole batch's tokens, so that micro-batches add up to TRL's
-    # loss; the other types normalise per call, so each micro-batch is weighted by its share of rows.
-    token_normalised = config.loss_type in TOKEN_NORMALISED_LOSS_TYPES
+    # loss; so is bnpo (TRL's normalises each micro-batch by its own tokens, which makes the update
+    # depend on how rows are grouped); the other types normalise per sequence or per call, so each
+    # micro-batch is weighted by its share of rows.
+    token_normalised = config.loss_type in TOKEN_NORMALISED_LOSS_TYPES or config.loss_type == "bnpo"
     transform = logit_transform(model)
     weight, bias = output_weight(model)
     parameters = list(trainable_parameters(model).values())
@@ -348,7 +405,7 @@ def optimise(model, optimizer, scheduler, scaler: torch.amp.GradScaler, rollout:
     for _ in range(config.num_iterations):
         coef = entropy_control.applied(config)
         entropy_sum = entropy_count = 0.0
-        for rows, batch in micro_batches(rollout, config.micro_batch_size, device):
+        for rows, batch in micro_batches(rollout, config, device):
             tokens = float(batch["completion_mask"].sum())
             if tokens == 0:
                 continue
@@ -357,18 +414,20 @@ def optimise(model, optimizer, scheduler, scaler: torch.amp.GradScaler, rollout:
             # the bonus is the mean entropy over the whole batch's tokens: this micro-batch's share
             settings = loss_config(config, active_tokens if token_normalised else None, transform,
                                    entropy_coef=coef * tokens / (active_tokens * share))
-            hidden = completion_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["prompt_length"])
             ratio = None if importance_sampling_ratio is None else importance_sampling_ratio[rows]
-            out = grpo_loss(
-                hidden, weight.to(hidden.dtype),
-                batch["completion_ids"], batch["completion_mask"],
-                advantages=advantages[rows].to(device),
-                old_logps=None if old_logps is None else old_logps[rows, :width].to(device),
-                ref_logps=None if ref_logps is None else ref_logps[rows, :width].to(device),
-                bias=bias, config=settings, backend=config.loss_backend,
-                importance_sampling_ratio=None if ratio is None else ratio[:, :width].to(device),
-                sampling_logps=None if sampling_logps is None else sampling_logps[rows, :width].to(device),
-            )
+            with saved_activations(config, device):
+                hidden = completion_hidden_states(model, batch["input_ids"], batch["attention_mask"],
+                                                  batch["prompt_length"])
+                out = grpo_loss(
+                    hidden, weight.to(hidden.dtype),
+                    batch["completion_ids"], batch["completion_mask"],
+                    advantages=advantages[rows].to(device),
+                    old_logps=None if old_logps is None else old_logps[rows, :width].to(device),
+                    ref_logps=None if ref_logps is None else ref_logps[rows, :width].to(device),
+                    bias=bias, config=settings, backend=config.loss_backend,
+                    importance_sampling_ratio=None if ratio is None else ratio[:, :width].to(device),
+                    sampling_logps=None if sampling_logps is None else sampling_logps[rows, :width].to(device),
+                )
             scaler.scale(out.loss * share).backward()
             sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * share
             for name, value in out.metrics.items():
@@ -516,6 +575,7 @@ def train(
     else:
         check_prompt_column(dataset, config.prompt_column, "dataset argument")
     functions = load_reward_functions(reward_functions if reward_functions is not None else config.reward_functions)
+    config = fit_to_memory(config, model, tokenizer, dataset, device)
     if reward_functions is not None and config.reward_weights is not None and len(config.reward_weights) != len(functions):
         raise ValueError(f"reward_weights: expected {len(functions)} weights, received {len(config.reward_weights)}")
     eval_rows = None

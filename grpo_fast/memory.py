@@ -1,0 +1,386 @@
+"""Peak memory of a GRPO step, estimated from a config before anything loads (``grpo-fast plan``).
+
+A step's memory is what stays (the weights, the trainable state) plus the largest of its phases:
+the rollout (the KV cache of the rows decoding together, prefill activations, the sampling logits),
+the no-grad log-prob passes, and the training micro-batch (activations, the fused loss's chunk).
+Each term is a formula in the model's shape (its Hugging Face config) and the run's config:
+
+    weights      NF4 Linear weights 0.516 B / param (4 bits, 8-bit absmax per 64 with fp32 scales per
+                 256 blocks: double quantisation), everything else in the compute dtype
+    trainable    LoRA (or all) parameters: fp32 value + gradient + AdamW moments (16 B / param; 8-bit
+                 AdamW 10 B), in the parameters' dtype for full fine-tuning
+    rollout KV   rows x (prompt + completion, rounded to 64) x layers x 2 x kv_heads x head_dim x 2 B
+    activations  per token: layers x (a hidden + b intermediate + c kv_dim + d) + (e hidden + ...)
+                 bytes at the peak of forward + backward (the tensors autograd keeps for a Llama /
+                 Qwen2 block with LoRA on every Linear, SDPA attention: no tokens^2 term, plus the
+                 backward's transients); with gradient checkpointing the per-layer part is the saved
+                 block inputs and the rest one block recomputed
+    loss         the fused loss's fp32 logits chunk (512 MiB) + fp32 d_hidden + the hidden states
+
+The activation coefficients were measured with ``LiveTensorBytes`` (below) on tiny Llama blocks
+(tests/test_memory_model.py checks the formulas against measured peaks on held-out shapes, within
+10%); on a GPU the suite's CUDA allocator peaks check the whole estimate. Everything here is an
+estimate until measured: ``grpo-fast plan`` says so.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+GIB = 1024 ** 3
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# Peak bytes per token of a micro-batch's forward + backward (LoRA's own gradients excluded), as
+# L x (a H + b I + c kv + d) + (e H + f I + g kv + h) for L layers, hidden H, intermediate I, kv dim:
+# least squares over 20 measurements (5 shapes x 2 depths) of Llama blocks with LoRA r=8 on every
+# Linear and SDPA attention (no tokens^2 term), by LiveTensorBytes on CPU; max residual 1.6%. bf16
+# keeps a few fp32 copies (RMSNorm's upcast, SDPA's log-sum-exp), so it is not half of fp32. With
+# checkpointing the per-layer part is the saved block input; the rest is one block recomputed.
+ACTIVATION_COEFFICIENTS = {
+    # dtype bytes: {checkpointing: ((a, b, c, d) per layer, (e, f, g, h) per token)}
+    2: {False: ((35.28, 9.75, 3.76, 252.9), (19.29, 2.26, 3.30, -961.2)),
+        True: ((0.75, 0.25, 0.17, 0.0), (48.92, 13.51, 3.88, 205.3))},
+    4: {False: ((22.53, 15.50, 7.59, 252.9), (14.75, 8.73, 10.65, -3002.0)),
+        True: ((2.42, -0.34, -0.12, -68.2), (25.06, 24.03, 8.29, 253.9))},
+}
+# The published configs of the models the README's table uses (no download needed to plan for them).
+KNOWN_SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of a decoder-only transformer (a Hugging Face config's fields)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+    head_dim: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        """From a transformers config object or a dict of its fields (config.json's names)."""
+        get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+        heads = get("num_attention_heads")
+        return cls(layers=get("num_hidden_layers"), hidden=get("hidden_size"), intermediate=get("intermediate_size"),
+                   heads=heads, kv_heads=get("num_key_value_heads") or heads, vocab=get("vocab_size"),
+                   tied=bool(get("tie_word_embeddings", False)), head_dim=get("head_dim"))
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of one block's Linear layers: q, k, v, o, gate, up, down."""
+        h, i = self.hidden, self.intermediate
+        return [(h, self.q_dim), (h, self.kv_dim), (h, self.kv_dim), (self.q_dim, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, the head (when untied), norms."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * 2 * self.hidden + self.hidden
+
+    def lora_params(self, rank: int) -> int:
+        return self.layers * sum(rank * (a + b) for a, b in self.linear_shapes())
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return self.layers * 2 * self.kv_dim * dtype_bytes
+
+    def activation_bytes_per_token(self, dtype_bytes: int, checkpointing: bool) -> float:
+        """Peak bytes a micro-batch's forward + backward holds per token (ACTIVATION_COEFFICIENTS)."""
+        per_layer, per_token = ACTIVATION_COEFFICIENTS[dtype_bytes][checkpointing]
+        return self.layers * _apply(per_layer, self) + _apply(per_token, self)
+
+
+def _apply(coefficients, shape: ModelShape) -> float:
+    a, b, c, d = coefficients
+    return a * shape.hidden + b * shape.intermediate + c * shape.kv_dim + d
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of each term; ``peak`` is what stays plus the largest phase."""
+
+    terms: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, list[str]] = field(default_factory=dict)  # phase -> the transient terms it holds
+
+    @property
+    def resident(self) -> float:
+        transient = {name for names in self.phases.values() for name in names}
+        return sum(value for name, value in self.terms.items() if name not in transient)
+
+    def phase_bytes(self, phase: str) -> float:
+        return sum(self.terms[name] for name in self.phases[phase])
+
+    @property
+    def peak(self) -> float:
+        return self.resident + max((self.phase_bytes(phase) for phase in self.phases), default=0.0)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phase_bytes)
+
+
+def _dtype_bytes(config) -> int:
+    if config.dtype == "float32":
+        return 4
+    if config.dtype == "auto":
+        return 2 if torch.cuda.is_available() and config.model != "tiny" else 4
+    return 2
+
+
+_CONFIGURED = object()
+
+
+def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_length: Optional[int] = None,
+             micro_batch_tokens=_CONFIGURED, dtype_bytes: Optional[int] = None,
+             loss_chunk_bytes: int = 512 * 1024 ** 2) -> MemoryEstimate:
+    """The memory terms of one step of ``config`` (a grpo_fast.config.GRPOConfig) on a model of ``shape``.
+
+    ``prompt_length``: the longest prompt in tokens (the engine pads a step's prompts to it);
+    ``completion_length``, ``micro_batch_tokens``: default the config's."""
+    from .config import lora_enabled
+
+    completion = completion_length or config.max_completion_length
+    width = math.ceil((prompt_length + completion) / 64) * 64  # the engine's cache length multiple
+    dtype_bytes = dtype_bytes or _dtype_bytes(config)
+    compute = dtype_bytes
+    rows = config.prompts_per_step * config.num_generations
+    terms: dict[str, float] = {}
+    if config.load_in_4bit:
+        terms["weights"] = shape.linear_params * NF4_BYTES_PER_PARAM + shape.other_params * compute
+    else:
+        terms["weights"] = (shape.linear_params + shape.other_params) * dtype_bytes
+    optimizer_bytes = 2 if config.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
+    if lora_enabled(config):
+        terms["trainable state"] = shape.lora_params(config.lora_r) * (4 + 4 + optimizer_bytes)
+    else:  # gradients and AdamW moments in the parameters' dtype
+        terms["trainable state"] = (shape.linear_params + shape.other_params) * dtype_bytes * (1 + 2)
+    # rollout: every row's KV at once (the engine decodes a step's rows together), the prompts' prefill
+    terms["rollout KV cache"] = rows * width * shape.kv_bytes_per_token(2 if compute == 2 else 4)
+    # no-grad prefill: about one block's activations at a time
+    terms["rollout prefill"] = config.prompts_per_step * prompt_length * _apply(
+        ACTIVATION_COEFFICIENTS[compute][False][0], shape)
+    terms["sampling logits"] = rows * shape.vocab * 4 * 3  # fp32 logits, scaled, filtered probabilities
+    # training: one micro-batch (prompt + completion tokens) forward and backward
+    row_tokens = prompt_length + completion
+    batch_rows = min(config.micro_batch_size, rows)
+    micro_batch_tokens = config.micro_batch_tokens if micro_batch_tokens is _CONFIGURED else micro_batch_tokens
+    if micro_batch_tokens is not None:
+        batch_rows = max(1, min(rows, micro_batch_tokens // row_tokens))
+    tokens = batch_rows * row_tokens
+    per_token = shape.activation_bytes_per_token(compute, config.gradient_checkpointing)
+    if config.activation_offload:  # the saved block inputs wait in host memory: one block's activations stay
+        per_token -= shape.layers * _apply(ACTIVATION_COEFFICIENTS[compute][True][0], shape)
+    terms["training activations"] = tokens * per_token
+    completion_tokens = batch_rows * completion
+    # the fused loss: one chunk of fp32 logits (the triton backend writes its gradient over it; the
+    # torch backend also holds fp32 temporaries), fp32 d_hidden and the hidden states
+    torch_backend = config.loss_backend == "torch" or (config.loss_backend == "auto" and not torch.cuda.is_available())
+    chunk = min(loss_chunk_bytes, completion_tokens * shape.vocab * (12 if torch_backend else 4))
+    terms["loss"] = chunk + completion_tokens * shape.hidden * (compute + 4)
+    phases = {"rollout": ["rollout KV cache", "rollout prefill", "sampling logits"],
+              "training": ["training activations", "loss"]}
+    return MemoryEstimate(terms, phases)
+
+
+def longest_completion(config, shape: ModelShape, budget_bytes: float, prompt_length: int = 256,
+                       limit: int = 1 << 17) -> int:
+    """The longest completion (a multiple of 64 tokens) whose step fits ``budget_bytes`` with the
+    micro-batches sized to the budget (``size_to_budget``: one row per micro-batch at the least); 0 if none."""
+    def fits(length: int) -> bool:
+        return estimate(config, shape, prompt_length=prompt_length, completion_length=length,
+                        micro_batch_tokens=prompt_length + length).peak <= budget_bytes
+
+    low, high = 0, limit // 64
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle * 64) else (low, middle - 1)
+    return low * 64
+
+
+README_MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "llama-3.1-8b")
+README_BUDGETS_GB = (16, 24, 40, 80)
+
+
+def readme_table() -> str:
+    """The README's table: the longest completion per model and GPU memory for 8 prompts x 8
+    completions, NF4 + LoRA r16, gradient checkpointing, the Triton loss, prompts of 256 tokens
+    (estimated)."""
+    from .config import GRPOConfig
+
+    header = "| model | " + " | ".join(f"{budget} GB" for budget in README_BUDGETS_GB) + " |"
+    lines = [header, "|---|" + "---:|" * len(README_BUDGETS_GB)]
+    for name in README_MODELS:
+        config = GRPOConfig(model=name, load_in_4bit=True, dtype="bfloat16", lora_r=16, prompts_per_step=8,
+                            num_generations=8, gradient_checkpointing=True, loss_backend="triton")
+        shape = ModelShape.from_config(KNOWN_SHAPES[name])
+        cells = [f"{longest_completion(config, shape, budget * GIB):,}" for budget in README_BUDGETS_GB]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(readme_table())
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring on a CPU: the peak of live tensor bytes
+# ----------------------------------------------------------------------------------------------
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The peak bytes of the tensor storages that ATen ops make under it and that are still alive: on a
+    CPU, the stand-in for CUDA's peak allocated memory (tensors made before entering are not counted).
+
+    >>> with LiveTensorBytes() as meter:
+    ...     x = torch.ones(256)          # 1 KiB
+    ...     y = x * 2                    # 1 KiB more
+    ...     del x, y
+    ...     z = torch.ones(128)
+    >>> meter.peak, meter.current
+    (2048, 512)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._live: dict[int, list[int]] = {}  # storage address -> [bytes, tensors holding it]
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, address: int) -> None:
+        entry = self._live.get(address)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self._live[address]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+                continue
+            address = tensor.untyped_storage().data_ptr()
+            if address == 0 or (address in inputs and address not in self._live):
+                continue  # an input's storage (in place, out=, a view of something older)
+            entry = self._live.get(address)
+            if entry is None:
+                entry = self._live[address] = [tensor.untyped_storage().nbytes(), 0]
+                self.current += entry[0]
+                self.peak = max(self.peak, self.current)
+            entry[1] += 1
+            weakref.finalize(tensor, self._release, address)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# sizing a run to a budget
+# ----------------------------------------------------------------------------------------------
+
+
+def memory_budget(config, device: torch.device) -> Optional[float]:
+    """Bytes the run may use: ``max_memory_gb``, else on CUDA the device's free memory less 10%; None
+    (no limit) on a CPU without ``max_memory_gb``."""
+    if config.max_memory_gb is not None:
+        return config.max_memory_gb * GIB
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.9 * free
+    return None
+
+
+def size_to_budget(config, shape: ModelShape, budget: float, prompt_length: int):
+    """``config``, or a copy whose micro-batches are packed by tokens to fit ``budget`` bytes: the most
+    tokens (a multiple of 64, at least one row) whose estimated step fits. Raises a ValueError naming
+    max_memory_gb when even one row per micro-batch, or the rollout, does not fit."""
+    import dataclasses
+
+    current = estimate(config, shape, prompt_length=prompt_length)
+    if current.peak <= budget:
+        return config
+    need = current.resident + current.phase_bytes("rollout")
+    if need > budget:
+        raise ValueError(f"max_memory_gb: expected room for the rollout of {config.prompts_per_step} prompts x "
+                         f"{config.num_generations} completions of up to {config.max_completion_length} tokens "
+                         f"(estimated {need / GIB:.1f} GiB with the weights), received a budget of "
+                         f"{budget / GIB:.1f} GiB; lower max_completion_length, num_generations or prompts_per_step")
+    row = prompt_length + config.max_completion_length
+    best = None
+    for tokens in range(math.ceil(row / 64) * 64, row * config.prompts_per_step * config.num_generations + 64, 64):
+        if estimate(config, shape, prompt_length=prompt_length, micro_batch_tokens=tokens).peak > budget:
+            break
+        best = tokens
+    if best is None:
+        one_row = estimate(config, shape, prompt_length=prompt_length, micro_batch_tokens=row)
+        hint = "" if config.gradient_checkpointing else "; gradient_checkpointing: true keeps less"
+        raise ValueError(f"max_memory_gb: expected room for one completion per micro-batch (estimated "
+                         f"{one_row.peak / GIB:.1f} GiB), received a budget of {budget / GIB:.1f} GiB{hint}")
+    return dataclasses.replace(config, micro_batch_tokens=best)
+
+
+def shape_of(config) -> ModelShape:
+    """The shape of ``config.model``: a known model (by name), the tiny demo model, or its config.json
+    (a local folder, or the Hugging Face cache / hub)."""
+    name = config.model.lower().replace("_", "-")
+    for known, fields in KNOWN_SHAPES.items():
+        if known in name:  # e.g. "Qwen/Qwen2.5-7B-Instruct", "meta-llama/Llama-3.1-8B"
+            return ModelShape.from_config(fields)
+    if config.model == "tiny":
+        from .model import build_tiny_model, tiny_tokenizer
+        from .tasks import ALPHABET, SEPARATOR
+
+        return ModelShape.from_config(build_tiny_model(tiny_tokenizer(ALPHABET + SEPARATOR)).config)
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"model: expected a local model folder, a cached or reachable hub id, or one of "
+                         f"{', '.join(KNOWN_SHAPES)}, received {config.model!r} ({error})") from None
+    return ModelShape.from_config(hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config)
+
+
+def plan_table(config, shape: ModelShape, prompt_length: int, budgets_gb=(16, 24, 40, 80)) -> str:
+    """``grpo-fast plan``'s report: each term, the peak and its phase, the longest completion per budget."""
+    result = estimate(config, shape, prompt_length=prompt_length)
+    lines = [f"estimated memory of one step (prompts of {prompt_length} tokens, completions of "
+             f"{config.max_completion_length}; an estimate: the GPU suite measures the truth)", ""]
+    transient = {name: phase for phase, names in result.phases.items() for name in names}
+    for name, value in result.terms.items():
+        where = f"  ({transient[name]})" if name in transient else ""
+        lines.append(f"  {name:<22} {value / GIB:8.2f} GiB{where}")
+    lines.append(f"  {'peak':<22} {result.peak / GIB:8.2f} GiB  (resident + {result.peak_phase})")
+    lines += ["", "longest completion that fits:"]
+    for budget in budgets_gb:
+        lines.append(f"  {budget:>4} GB: {longest_completion(config, shape, budget * GIB, prompt_length):>7} tokens")
+    return "\n".join(lines)

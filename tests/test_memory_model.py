@@ -1,0 +1,111 @@
+"""The memory model's terms (grpo_fast.memory) against what the code allocates, measured on CPU with
+LiveTensorBytes: training activations of Llama blocks with LoRA (held-out shapes, not the ones the
+coefficients were measured on), the fused loss's chunk, the rollout engine's KV cache, the weights;
+and `grpo-fast plan` on the example configs."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from grpo_fast.memory import GIB, KNOWN_SHAPES, LiveTensorBytes, ModelShape, estimate, longest_completion
+
+
+def _lora_llama(hidden, intermediate, heads, kv_heads, layers, dtype, checkpointing):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, attn_implementation="sdpa")
+    model = get_peft_model(LlamaForCausalLM(config).to(dtype),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    if checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model.train(), ModelShape.from_config(config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
+@pytest.mark.parametrize("dims", [(160, 448, 5, 1), (224, 288, 7, 7)], ids=["gqa", "mha"])
+def test_activation_term_matches_measured(dims, checkpointing, dtype):
+    hidden, intermediate, heads, kv_heads = dims
+    model, shape = _lora_llama(hidden, intermediate, heads, kv_heads, 3, dtype, checkpointing)
+    ids = torch.randint(0, 300, (2, 96))
+    with LiveTensorBytes() as meter:
+        model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state.float().pow(2).mean().backward()
+        # the peak of a checkpointed step comes in backward (one block recomputed); stored: after the forward
+    tokens = ids.numel()
+    dtype_bytes = 2 if dtype == torch.bfloat16 else 4
+    estimated = tokens * shape.activation_bytes_per_token(dtype_bytes, checkpointing)
+    lora = shape.lora_params(8) * (4 if dtype == torch.float32 else 2)  # LoRA gradients made in backward
+    measured = meter.peak - lora
+    assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
+
+
+def test_loss_term_matches_measured():
+    from grpo_fast import GRPOLossConfig, grpo_loss
+
+    n, H, V = 600, 64, 4000
+    hidden = torch.randn(1, n, H, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.bfloat16) * 0.05
+    ids = torch.randint(0, V, (1, n))
+    chunk_bytes = 256 * V * 12  # the torch backend's budget per chunk of 256 tokens: fp32 logits + temporaries
+    with LiveTensorBytes() as meter:
+        out = grpo_loss(hidden, weight, ids, torch.ones_like(ids), advantages=torch.ones(1),
+                        config=GRPOLossConfig(chunk_size=256), backend="torch")
+        out.loss.backward()
+    estimated = chunk_bytes + n * H * (2 + 4) + V * H * 4  # chunk, d_hidden (fp32 + its bf16 copy), fp32 head
+    assert abs(estimated - meter.peak) <= 0.10 * meter.peak, (estimated, meter.peak)
+
+
+def test_kv_term_is_the_engines_cache():
+    from grpo_fast.engine import RolloutEngine
+    from grpo_fast.rollout import SamplingParams
+    from tiny_lm import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, hidden_size=64).eval()
+    shape = ModelShape.from_config(model.config)
+    prompts = [tokenizer.encode(text) for text in ("hello there", "a b c d e f")]
+    params = SamplingParams(num_generations=4, max_completion_length=40, min_completion_length=40, top_k=1,
+                            eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+    engine = RolloutEngine(compact=False)
+    with LiveTensorBytes() as meter:
+        engine.generate(model, prompts, params)
+    width = 64  # the longest prompt (11 tokens) + 40, rounded up to 64
+    kv = 8 * width * shape.kv_bytes_per_token(4)
+    assert kv <= meter.peak <= 1.10 * kv + 8 * shape.vocab * 4 * 4, (kv, meter.peak)
+
+
+def test_weights_term_counts_the_parameters():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=500, tie_word_embeddings=False)
+    shape = ModelShape.from_config(config)
+    model = Qwen2ForCausalLM(config)
+    biases = sum(p.numel() for name, p in model.named_parameters() if name.endswith("bias"))
+    assert shape.linear_params + shape.other_params == sum(p.numel() for p in model.parameters()) - biases
+
+
+def test_estimate_grows_with_completions_and_the_budget_search_is_monotone():
+    from grpo_fast.config import GRPOConfig
+
+    shape = ModelShape.from_config(KNOWN_SHAPES["qwen2.5-7b"])
+    config = GRPOConfig(model="qwen", load_in_4bit=True, dtype="bfloat16", prompts_per_step=8, num_generations=8,
+                        max_completion_length=4096, micro_batch_size=1, gradient_checkpointing=True, lora_r=16)
+    short = estimate(config, shape, completion_length=1024)
+    long = estimate(config, shape, completion_length=4096)
+    assert long.peak > short.peak and long.terms["weights"] == short.terms["weights"]
+    # the 7B NF4 weights: ~5.5 GB (3.4 GB of 4-bit Linear weights, 2.2 GB of bf16 embeddings and head)
+    assert 5.0 * GIB < long.terms["weights"] < 6.0 * GIB
+    fit16, fit24 = longest_completion(config, shape, 16 * GIB), longest_completion(config, shape, 24 * GIB)
+    assert 0 < fit16 < fit24
+    assert estimate(config, shape, completion_length=fit24).peak <= 24 * GIB
+    assert estimate(config, shape, completion_length=fit24 + 64).peak > 24 * GIB

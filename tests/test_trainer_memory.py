@@ -1,0 +1,134 @@
+"""Training to a memory budget: micro-batches packed by tokens give the update that row micro-batches
+give, for every loss type; activation offload changes nothing but where saved tensors wait; the
+trainer sizes its micro-batches to max_memory_gb (or refuses, naming it, before the first step);
+`grpo-fast plan` prints the estimate."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from grpo_fast.config import GRPOConfig
+from grpo_fast.memory import ModelShape, estimate
+from grpo_fast.model import build_tiny_model, tiny_tokenizer
+from grpo_fast.rollout import Rollout, build_rollout, SamplingParams
+from grpo_fast.tasks import ALPHABET, SEPARATOR
+from grpo_fast.trainer import build_grad_scaler, micro_batch_rows, optimise
+
+
+class _RecordGradients(torch.optim.Optimizer):
+    """An optimiser whose step keeps the gradients (and changes nothing)."""
+
+    def __init__(self, parameters):
+        super().__init__(parameters, {"lr": 0.0})
+        self.gradients = []
+
+    def step(self, closure=None):
+        self.gradients.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+
+
+def _rollout(tokenizer, lengths, seed=0) -> Rollout:
+    """8 rows (2 prompts x 4) with completions of the given lengths (no EOS), random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 9)]
+    completions = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+    params = SamplingParams(num_generations=4, max_completion_length=max(lengths), eos_token_ids=(1,), pad_token_id=0)
+    rows = [{"prompt": "p"}, {"prompt": "q"}]
+    return build_rollout(rows, "prompt", prompts, completions, tokenizer, params)
+
+
+def _gradients(config, rollout, seed=0):
+    tokenizer = tiny_tokenizer(ALPHABET + SEPARATOR)
+    model = build_tiny_model(tokenizer, seed=seed).train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _RecordGradients(parameters)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    g = torch.Generator().manual_seed(1)
+    advantages = torch.randn(len(rollout), generator=g)
+    old = torch.randn(rollout.completion_ids.shape, generator=g) * 0.1 - 3.0
+    ref = old + 0.1 * torch.randn(rollout.completion_ids.shape, generator=g)
+    optimise(model, optimizer, scheduler, build_grad_scaler(config, model, torch.device("cpu")), rollout, advantages,
+             old, ref, config, torch.device("cpu"))
+    return optimizer.gradients[0]
+
+
+LENGTHS = [12, 3, 7, 1, 12, 5, 2, 9]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo", "vespo"])
+def test_token_packing_gives_the_row_batches_update(loss_type):
+    tokenizer = tiny_tokenizer(ALPHABET + SEPARATOR)
+    rollout = _rollout(tokenizer, LENGTHS)
+    base = GRPOConfig(loss_type=loss_type, micro_batch_size=3, num_iterations=1, max_grad_norm=0.0, beta=0.05,
+                      epsilon_high=2.0 if loss_type == "cispo" else 0.28, max_completion_length=12,
+                      num_generations=4, prompts_per_step=2, entropy_coef=0.01)
+    packed = dataclasses.replace(base, micro_batch_tokens=40)
+    groups = micro_batch_rows(rollout, packed)
+    assert sorted(int(r) for g in groups for r in g) == list(range(8))  # every row once
+    assert len(groups) > 1 and any(len(g) == 1 for g in groups) and any(len(g) > 2 for g in groups)
+    expected, received = _gradients(base, rollout), _gradients(packed, rollout)
+    for index, (a, b) in enumerate(zip(expected, received)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7, msg=f"{loss_type}: parameter {index}")
+
+
+def test_packing_respects_the_token_budget():
+    tokenizer = tiny_tokenizer(ALPHABET + SEPARATOR)
+    rollout = _rollout(tokenizer, LENGTHS)
+    config = GRPOConfig(micro_batch_tokens=40, max_completion_length=12, num_generations=4, prompts_per_step=2)
+    prompt_lengths = rollout.prompt_mask.sum(1)
+    for group in micro_batch_rows(rollout, config):
+        width = int(prompt_lengths[group].max()) + int(rollout.completion_lengths[group].max())
+        assert len(group) == 1 or len(group) * width <= 40
+
+
+def test_activation_offload_keeps_the_update():
+    tokenizer = tiny_tokenizer(ALPHABET + SEPARATOR)
+    rollout = _rollout(tokenizer, LENGTHS)
+    base = GRPOConfig(micro_batch_size=4, num_iterations=1, max_grad_norm=0.0, gradient_checkpointing=True,
+                      max_completion_length=12, num_generations=4, prompts_per_step=2)
+    offload = dataclasses.replace(base, activation_offload=True)
+    for a, b in zip(_gradients(base, rollout), _gradients(offload, rollout)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+
+
+def test_activation_offload_needs_checkpointing():
+    with pytest.raises(ValueError, match="activation_offload: expected gradient_checkpointing: true"):
+        GRPOConfig(activation_offload=True)
+
+
+def test_trainer_sizes_micro_batches_to_the_budget(tmp_path, capsys):
+    from grpo_fast.trainer import train
+
+    shape = ModelShape.from_config(build_tiny_model(tiny_tokenizer(ALPHABET + SEPARATOR)).config)
+    fast = dict(max_steps=1, prompts_per_step=2, num_generations=4, max_completion_length=6, progress_bar=False,
+                plot=False, save_every=0, output_dir=str(tmp_path), micro_batch_size=8)
+    config = GRPOConfig(run_name="sized", **fast)
+    as_configured = estimate(config, shape, prompt_length=12)
+    budget = as_configured.resident + as_configured.phase_bytes("rollout") * 1.01  # rows do not fit together
+    sized = GRPOConfig(run_name="sized", max_memory_gb=budget / 2 ** 30, **fast)
+    result = train(sized)
+    assert len(result.history) == 1
+    assert "micro-batches of up to" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="max_memory_gb: expected room for the rollout"):
+        train(GRPOConfig(run_name="too-small", max_memory_gb=as_configured.resident / 2 ** 30 / 2, **fast))
+    assert not (tmp_path / "too-small" / "log.jsonl").exists()  # refused before the first step
+
+
+def test_plan_command_prints_the_estimate(capsys):
+    from grpo_fast.cli import main
+
+    assert main(["plan", "--config", "examples/qwen2.5_7b_qlora.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "rollout KV cache" in out and "peak" in out and "longest completion that fits" in out
+    assert "24 GB:" in out
+
+
+def test_readme_table_is_the_memory_models():
+    from pathlib import Path
+
+    from grpo_fast.memory import readme_table
+
+    assert readme_table() in (Path(__file__).resolve().parents[1] / "README.md").read_text()
