@@ -6,7 +6,10 @@ the optimiser in a YAML file (see ``examples/qwen2.5_7b_qlora.yaml``)::
 
     config = load_config("run.yaml", overrides=["--learning_rate", "5e-6", "--max_steps=200"])
 
-Unknown keys and values of the wrong type are errors naming the key.
+Every key's type and range, and the rules across keys, are checked when a ``GRPOConfig`` is built,
+before anything is loaded or written: unknown keys, values of the wrong type, NaN or infinite
+floats and out-of-range values are ``ValueError``s naming the key, the expected and the received
+value (a YAML syntax error names the file, line and column).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("cosine", "constant")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ROLLOUT_ENGINES = ("auto", "engine", "hf")
+NONFINITE_ACTIONS = ("stop", "skip")
+SEED_LIMIT = 2**32  # NumPy's seeds are 32-bit
 
 
 @dataclass
@@ -37,6 +42,7 @@ class GRPOConfig:
     seed: int = 0  # seeds Python, NumPy and torch (sampling, data order, LoRA init)
     max_steps: int = 80  # generation batches to train on (each gives num_iterations optimiser steps)
     resume: bool = False  # continue from the run directory's latest complete checkpoint
+    overwrite: bool = False  # start a new run in a run directory that holds one, deleting its logs and checkpoints
 
     # ---- model --------------------------------------------------------------------------------
     model: str = "tiny"  # Hugging Face hub id or local folder; "tiny": a small model + char tokenizer built in code
@@ -114,6 +120,7 @@ class GRPOConfig:
     warmup_ratio: float = 0.05  # fraction of optimiser steps with a linear warm-up from 0
     lr_scheduler: str = "cosine"  # cosine (to 0 at the last step) | constant (after warm-up)
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables clipping (the norm is still logged)
+    on_nonfinite: str = "stop"  # a NaN / inf loss or gradient norm: stop (the last checkpoint kept) | skip (that optimiser step, counted in the log)
 
     # ---- held-out evaluation -----------------------------------------------------------------
     eval_every: int = 0  # greedy-decode the held-out rows and score them with the reward functions every N steps (and at the end); 0: never
@@ -157,8 +164,32 @@ def _positive(config: GRPOConfig, *keys: str) -> None:
             raise ValueError(f"{key}: expected a positive number, received {getattr(config, key)!r}")
 
 
+def _at_least_zero(config: GRPOConfig, *keys: str, why: str = "") -> None:
+    for key in keys:
+        if getattr(config, key) < 0:
+            raise ValueError(f"{key}: expected >= 0{why}, received {getattr(config, key)!r}")
+
+
+def _fraction(config: GRPOConfig, *keys: str) -> None:
+    """Values in [0, 1): probabilities and decay rates."""
+    for key in keys:
+        if not 0.0 <= getattr(config, key) < 1.0:
+            raise ValueError(f"{key}: expected a value in [0, 1), received {getattr(config, key)!r}")
+
+
+def check_run_name(run_name: str | None) -> None:
+    """One folder name: a run directory stays inside output_dir."""
+    if run_name is None:
+        return
+    # a leading "." refuses ".." too
+    if run_name.startswith(".") or any(character in run_name for character in "/\\\0"):
+        raise ValueError(f"run_name: expected a folder name (no '/', '\\' or leading '.': the run directory is "
+                         f"output_dir/run_name), received {run_name!r}")
+
+
 def validate(config: GRPOConfig) -> None:
-    """Range and choice checks; each error names the key, the expected and the received value."""
+    """Type, range and choice checks of every key and the rules across keys; each error names the
+    key, the expected and the received value."""
     for item in dataclasses.fields(config):
         _check_type(item.name, getattr(config, item.name), _field_types()[item.name])
     _choice("loss_type", config.loss_type, LOSS_TYPES)
@@ -170,8 +201,25 @@ def validate(config: GRPOConfig) -> None:
     _choice("loss_backend", config.loss_backend, ("auto", "triton", "torch", "reference"))
     _choice("rollout_engine", config.rollout_engine, ROLLOUT_ENGINES)
     _choice("importance_sampling_correction", config.importance_sampling_correction, SAMPLER_CORRECTIONS)
+    _choice("on_nonfinite", config.on_nonfinite, NONFINITE_ACTIONS)
+    check_run_name(config.run_name)
+    if config.resume and config.overwrite:
+        raise ValueError("overwrite: expected false with resume (resume continues the run that overwrite would "
+                         "delete), received true")
+    if not 0 <= config.seed < SEED_LIMIT:
+        raise ValueError(f"seed: expected an integer in [0, 2**32), received {config.seed}")
     _positive(config, "max_steps", "prompts_per_step", "max_completion_length", "temperature",
-              "num_iterations", "micro_batch_size", "lora_r", "save_total_limit")
+              "num_iterations", "micro_batch_size", "lora_r", "lora_alpha", "save_total_limit", "learning_rate",
+              "num_samples")
+    _at_least_zero(config, "save_every", "sample_every", "eval_every", why=" (0: never)")
+    _at_least_zero(config, "max_grad_norm", why=" (0: no clipping)")
+    _at_least_zero(config, "weight_decay")
+    _fraction(config, "lora_dropout", "adam_beta1", "adam_beta2")
+    if config.loss_chunk_size is not None and config.loss_chunk_size <= 0:
+        raise ValueError(f"loss_chunk_size: expected a positive number or null, received {config.loss_chunk_size}")
+    if config.lora_target_modules is not None and not config.lora_target_modules:
+        raise ValueError("lora_target_modules: expected module names or null (every Linear of the blocks), "
+                         "received []")
     if config.num_generations < 2:
         raise ValueError(f"num_generations: expected at least 2 (advantages compare completions of a group), "
                          f"received {config.num_generations}")
@@ -194,8 +242,6 @@ def validate(config: GRPOConfig) -> None:
             f"reward_weights: expected one weight per reward function ({len(config.reward_functions)}), "
             f"received {len(config.reward_weights)}"
         )
-    if config.eval_every < 0:
-        raise ValueError(f"eval_every: expected >= 0 (0 disables), received {config.eval_every}")
     for key in ("eval_limit", "eval_max_completion_length"):
         if getattr(config, key) is not None and getattr(config, key) <= 0:
             raise ValueError(f"{key}: expected a positive number or null, received {getattr(config, key)}")
@@ -275,6 +321,8 @@ def _type_name(annotation: Any) -> str:
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> None:
+    """The annotation's type, and two rules for every key: floats are finite (a NaN would pass every
+    range check), strings are not empty."""
     base, optional = _split_optional(annotation)
     if value is None:
         if optional:
@@ -284,9 +332,19 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
         (item_type,) = typing.get_args(base)
         if not isinstance(value, list) or not all(_is_instance(item, item_type) for item in value):
             raise ValueError(f"{key}: expected a list of {item_type.__name__}, received {value!r}")
+        for item in value:
+            _check_value(key, item, f"a list of {_type_name(item_type)}", value)
         return
     if not _is_instance(value, base):
         raise ValueError(f"{key}: expected {_type_name(annotation)}, received {value!r} ({type(value).__name__})")
+    _check_value(key, value, _type_name(annotation), value)
+
+
+def _check_value(key: str, item: Any, expected: str, received: Any) -> None:
+    if isinstance(item, float) and not math.isfinite(item):
+        raise ValueError(f"{key}: expected {expected} (finite), received {received!r}")
+    if isinstance(item, str) and not item.strip():
+        raise ValueError(f"{key}: expected {expected} (not empty), received {received!r}")
 
 
 def _is_instance(value: Any, expected: type) -> bool:
@@ -363,6 +421,24 @@ def parse_overrides(arguments: Sequence[str]) -> dict[str, Any]:
     return values
 
 
+def read_yaml(path: Path) -> Any:
+    """The YAML document at ``path``; a syntax error, an unreadable or non-text file is a ValueError
+    naming the file (and the line and column of a syntax error)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = error.problem or error.context or "syntax error"
+        raise ValueError(f"config: expected valid YAML in {str(path)!r}, received {problem}{where}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"config: expected valid YAML in {str(path)!r}, received {' '.join(str(error).split())}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config: expected a UTF-8 text YAML file, received {str(path)!r} (not text)") from None
+    except OSError as error:
+        raise ValueError(f"config: expected a readable YAML file, received {str(path)!r} ({error.strerror})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] | dict[str, Any] = ()) -> GRPOConfig:
     """Defaults, then the YAML file at ``path``, then ``overrides`` (command-line strings or a dict)."""
     values: dict[str, Any] = {}
@@ -370,7 +446,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | dict[
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config: expected an existing YAML file, received {str(path)!r} (not found)")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config: expected a YAML mapping of key: value in {str(path)!r}, received {type(loaded).__name__}")
         names = {item.name for item in dataclasses.fields(GRPOConfig)}

@@ -60,6 +60,14 @@ def _result(loss, logp, entropy, kl, policy: Optional[Policy], low, high, entrop
     return FusedResult(loss, logp, entropy, kl, low, high, (loss - bonus).detach(), phi, per_sequence)
 
 
+def log_sum_exp(z: Tensor) -> Tensor:
+    """Row-wise max + log(sum(exp(z - max))), as the Triton kernel and log_softmax compute it: a row with
+    an infinite logit gives NaN (torch.logsumexp gives inf there, and the target's log-prob would be a
+    plausible -inf instead of NaN)."""
+    m = z.amax(dim=-1, keepdim=True)
+    return m.squeeze(-1) + torch.log(torch.exp(z - m).sum(dim=-1))
+
+
 def chunk_tokens(n: int, vocab: int, bytes_per_logit: int, cfg: KernelConfig, chunk_size: Optional[int]) -> int:
     if chunk_size is not None:
         return max(1, min(n, chunk_size))
@@ -80,7 +88,7 @@ def _logprobs_torch(head: Head, hidden, targets, spec: LossSpec, chunk) -> tuple
         end = min(n, start + chunk)
         z, _ = transform_logits_(head.logits(hidden[start:end]), spec.logit_scale, spec.logit_softcap)
         z.mul_(1.0 / spec.temperature)
-        lse = torch.logsumexp(z, dim=-1)
+        lse = log_sum_exp(z)
         logp[start:end] = z.gather(1, targets[start:end, None]).squeeze(1) - lse
         log_p = z.sub_(lse[:, None])
         entropy[start:end] = -(log_p.exp() * log_p).sum(-1)
@@ -171,7 +179,7 @@ def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, policy: Opt
     inv_t = 1.0 / spec.temperature
     z, dz = transform_logits_(logits, spec.logit_scale, spec.logit_softcap, want_derivative=True)
     z.mul_(inv_t)
-    lse = torch.logsumexp(z, dim=-1)
+    lse = log_sum_exp(z)
     logp = z.gather(1, inputs.targets[:, None]).squeeze(1) - lse
     log_p = z.sub_(lse[:, None])
     entropy = -(log_p.exp() * log_p).sum(-1)

@@ -123,7 +123,8 @@ def _grpo_row_kernel(
             w = tl.load(weight_ptr + row)
             loss = 0.0
             grad = 0.0
-            log_ratio = 0.0
+            # on-policy: logp - sg(logp), 0 unless logp is NaN / inf, which must reach the loss
+            log_ratio = logp - logp
             if HAS_OLD:
                 log_ratio = logp - tl.load(old_ptr + row)
             if POLICY == 0:
@@ -137,20 +138,22 @@ def _grpo_row_kernel(
                     c1_used = c1
                     d1 = adv * c1
                     if HAS_DELTA:
-                        c1_used = tl.minimum(c1, delta)
+                        c1_used = tl.minimum(c1, delta, propagate_nan=tl.PropagateNan.ALL)
                         d1 = tl.where(c1 <= delta, d1, 0.0)
                     l1 = c1_used * adv
                     l2 = c2 * adv
                     d2 = tl.where((c1 >= clip_low) & (c1 <= clip_high), adv * c1, 0.0)
                     d_min = tl.where(l1 < l2, d1, tl.where(l1 > l2, d2, 0.5 * (d1 + d2)))
-                    loss = -tl.minimum(l1, l2) * wp
+                    # min / max drop a NaN operand unless told otherwise: a NaN ratio must make the loss NaN
+                    loss = -tl.minimum(l1, l2, propagate_nan=tl.PropagateNan.ALL) * wp
                     grad = -d_min * wp
                     low = (c1_used < clip_low) & (adv < 0.0)
                     high = (c1_used > clip_high) & (adv > 0.0)
                     tl.store(low_ptr + row, tl.where(low, 1.0, 0.0))
                     tl.store(high_ptr + row, tl.where(high, 1.0, 0.0))
                 elif POLICY == 2:
-                    coefficient = -tl.minimum(c1, cispo_max) * adv * wp  # the ratio carries no gradient
+                    # the ratio carries no gradient
+                    coefficient = -tl.minimum(c1, cispo_max, propagate_nan=tl.PropagateNan.ALL) * adv * wp
                     loss = coefficient * logp
                     grad = coefficient
                     tl.store(high_ptr + row, tl.where((c1 > cispo_max) & (adv > 0.0), 1.0, 0.0))

@@ -36,7 +36,7 @@ def test_local_jsonl_and_missing_prompt_column(tmp_path):
 
 
 def test_dataset_errors(tmp_path):
-    with pytest.raises(ValueError, match="dataset: expected an existing file"):
+    with pytest.raises(ValueError, match=r"dataset: expected an existing \.jsonl/\.json/\.parquet file, received .*missing.jsonl. \(not found\)"):
         load_prompts(GRPOConfig(dataset=str(tmp_path / "missing.jsonl")))
     with pytest.raises(ValueError, match="dataset: module 'grpo_fast.tasks' has no attribute 'nope'"):
         load_prompts(GRPOConfig(dataset="grpo_fast.tasks:nope"))
