@@ -15,6 +15,7 @@ value (a YAML syntax error names the file, line and column).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -38,8 +39,8 @@ SEED_LIMIT = 2**32  # NumPy's seeds are 32-bit
 class GRPOConfig:
     # ---- run ----------------------------------------------------------------------------------
     output_dir: str = "runs"  # parent folder of run directories
-    run_name: str | None = None  # run directory name under output_dir; None: "grpo-<UTC time>" (with resume: the latest run)
-    seed: int = 0  # seeds Python, NumPy and torch (sampling, data order, LoRA init)
+    run_name: str | None = None  # run directory name under output_dir (a folder name); None: "grpo-<UTC time>" (with resume: the run written to last)
+    seed: int = 0  # seeds Python, NumPy and torch (sampling, data order, LoRA init); 0 <= seed < 2**32
     max_steps: int = 80  # generation batches to train on (each gives num_iterations optimiser steps)
     resume: bool = False  # continue from the run directory's latest complete checkpoint
     overwrite: bool = False  # start a new run in a run directory that holds one, deleting its logs and checkpoints
@@ -303,8 +304,9 @@ def lora_enabled(config: GRPOConfig) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
 def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(GRPOConfig)
+    return typing.get_type_hints(GRPOConfig)  # evaluates every annotation: once
 
 
 def _split_optional(annotation: Any) -> tuple[Any, bool]:

@@ -40,6 +40,7 @@ from .fsio import append_lines, write_text_atomic
 from .rollout import Rollout
 from .scoring import Scores
 
+LOG_FILES = ("log.jsonl", "samples.jsonl", "eval.jsonl")  # JSONL logs with a "step" per record
 BAR_KEYS = {"reward/mean": "reward", "completions/mean_length": "len", "kl": "kl", "loss": "loss"}
 
 
@@ -88,9 +89,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, config: GRPOConfig, start_step: int = 0):
         self.run_dir = Path(run_dir)
         self.config = config
-        self.log_path = self.run_dir / "log.jsonl"
-        self.samples_path = self.run_dir / "samples.jsonl"
-        self.eval_path = self.run_dir / "eval.jsonl"
+        self.log_path, self.samples_path, self.eval_path = (self.run_dir / name for name in LOG_FILES)
         if start_step == 0:  # a fresh run starts fresh files; a resumed one drops steps after its checkpoint
             for path in (self.log_path, self.samples_path, self.eval_path):
                 path.unlink(missing_ok=True)

@@ -136,15 +136,16 @@ def _from_pretrained(source: str, config: GRPOConfig, device: torch.device):
 
 
 def check_model_source(config: GRPOConfig) -> None:
-    """``model`` resolves before anything loads: "tiny", a local folder with a config.json, or a hub id
-    whose config transformers can fetch (or finds in its cache); else a ValueError naming ``model``."""
+    """``model`` resolves before anything loads: "tiny", a local model (or peft adapter) folder, or a hub
+    id whose config transformers can fetch (or finds in its cache); else a ValueError naming ``model``."""
     model = config.model
     if model == TINY_MODEL:
         return
     path = Path(model).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model: expected a model folder holding a config.json, received {model!r} without one")
+        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise ValueError(f"model: expected a model folder holding a config.json (or a peft adapter's "
+                             f"adapter_config.json), received {model!r} without one")
         return
     if path.exists() or model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1:
         found = "a file" if path.exists() else "no such folder"

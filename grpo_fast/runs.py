@@ -7,7 +7,8 @@ loads and before anything is written:
 - a new run needs a directory that holds no run: one that does is refused unless ``overwrite``
   (its files are deleted by ``start_run``, only once every other input was checked), so a reused
   ``run_name`` never mixes two runs' logs and checkpoints;
-- ``resume`` continues the run's latest complete checkpoint. Without ``run_name`` it takes the run
+- ``resume`` continues the run's latest complete checkpoint (its logs must be readable, a torn
+  last line aside). Without ``run_name`` it takes the run
   under ``output_dir`` written to most recently, and refuses when that run has no checkpoint
   rather than silently continuing an older run. The checkpoint's config must equal the run's on
   every key that decides what is trained; the keys in ``RESUMABLE`` (how long, how often to save,
@@ -29,9 +30,9 @@ from pathlib import Path
 
 from .checkpoint import CHECKPOINT_PATTERN, latest_checkpoint
 from .config import GRPOConfig, config_to_dict
+from .metrics import LOG_FILES, read_records
 
-RUN_FILES = ("config.json", "log.jsonl", "samples.jsonl", "eval.jsonl", "reward_length.png", "checkpoints",
-             "tensorboard")
+RUN_FILES = ("config.json", *LOG_FILES, "reward_length.png", "checkpoints", "tensorboard")
 
 # keys a resumed run may change: its length, what it saves, logs and evaluates, and how (not what) it computes
 RESUMABLE = frozenset({
@@ -139,7 +140,11 @@ def plan_run(config: GRPOConfig) -> RunPlan:
             raise ValueError(f"resume: expected a complete checkpoint under {str(run_dir)!r}, received none ({why}); "
                              "set run_name to resume another run, or start this one again with overwrite")
         check_output_dir(run_dir)
-        return RunPlan(run_dir, checkpoint, check_resumable(config, checkpoint))
+        step = check_resumable(config, checkpoint)
+        for name in LOG_FILES:  # a damaged line is refused now; a torn last one is dropped when the run starts
+            if (run_dir / name).exists():
+                read_records(run_dir / name)
+        return RunPlan(run_dir, checkpoint, step)
     run_dir = output_dir / (config.run_name or new_run_name(output_dir))
     check_output_dir(run_dir)
     replaces = holds_run(run_dir)

@@ -19,6 +19,12 @@ Then log the step, show samples, evaluate on held-out prompts every ``eval_every
 completions scored by the same reward functions, logged as ``eval/...`` in the step's record and
 per example in ``eval.jsonl``), and checkpoint every ``save_every`` steps and at the end.
 
+Before anything loads, every input is resolved (``grpo_fast.runs`` for the run directory, the
+datasets, the reward functions, the model's source). A run stops early only in ways it can be
+resumed from (``RunLoop``): SIGINT / SIGTERM save the last finished step (``grpo_fast.interrupts``);
+a NaN / inf loss or gradient norm stops before that update, the last checkpoint intact
+(``on_nonfinite: skip`` skips the update instead).
+
     from grpo_fast.trainer import train
     from grpo_fast.config import GRPOConfig
     result = train(GRPOConfig(max_steps=40))      # the embedded demo; result.run_dir holds the log
@@ -33,7 +39,7 @@ import functools
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -517,6 +523,83 @@ class StepStart:
         return cls(position, rng_state(), scaler.state_dict(), entropy_control.state())
 
 
+@dataclass
+class RunLoop:
+    """One run's steps (rollout, update, log, evaluate, checkpoint on schedule) and the ways it stops
+    early, each leaving the run resumable: an interrupt, a non-finite step."""
+
+    config: GRPOConfig
+    run_dir: Path
+    model: Any
+    reference_model: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    entropy_control: EntropyControl
+    functions: Sequence[RewardFunction]
+    dataset: Any
+    eval_rows: list[dict[str, Any]] | None
+    generate: Generate
+    device: torch.device
+    logger: MetricsLogger
+    position: int = 0  # prompts consumed
+    saved: int | None = None  # the last step with a checkpoint
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def step(self, step: int) -> None:
+        config = self.config
+        indices = prompt_indices(self.position, config.prompts_per_step, len(self.dataset), config.seed, config.shuffle)
+        record, rollout, scores = train_step(self.model, self.reference_model, self.tokenizer, self.optimizer,
+                                             self.scheduler, self.scaler, self.functions,
+                                             take_rows(self.dataset, indices), config, self.generate, self.device,
+                                             self.entropy_control)
+        self.position += config.prompts_per_step
+        record = {"step": step, "data_position": self.position, **record}
+        if self.eval_rows and config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
+            started = time.perf_counter()
+            figures, examples = evaluate_held_out(self.model, self.tokenizer, self.eval_rows, self.functions, config)
+            record.update(figures)
+            record["time/eval"] = time.perf_counter() - started
+            self.logger.eval_examples(step, examples)
+        self.history.append(record)
+        self.logger.log(record)
+        if config.sample_every and step % config.sample_every == 0:
+            self.logger.samples(step, rollout, scores, config.num_samples)
+        if step == config.max_steps or (config.save_every and step % config.save_every == 0):
+            self.save(step)
+
+    def save(self, step: int, start: StepStart | None = None) -> None:
+        """The live state as ``step``'s checkpoint; with ``start``, the states a step began with (the
+        weights and optimiser still the step before's)."""
+        save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler, self.tokenizer,
+                        scaler=self.scaler, data_position=start.position if start else self.position,
+                        config=self.config, keep_last=self.config.save_total_limit,
+                        extra_state={"entropy_control": start.entropy_control if start else self.entropy_control.state()},
+                        rng=start.rng if start else None, scaler_state=start.scaler if start else None)
+        self.saved = step
+
+    def stopped(self, step: int, signal_number: int) -> TrainingInterrupted:
+        """The first signal: ``step`` finished; it is saved (if its schedule did not)."""
+        if self.saved != step:
+            self.save(step)
+        return TrainingInterrupted(run_dir=self.run_dir, step=step, signal_number=signal_number,
+                                   what=f"step {step} finished")
+
+    def abandoned(self, step: int, start: StepStart, signal_number: int, updated: bool) -> TrainingInterrupted:
+        """The second signal, inside ``step``: the step before is saved if this one had not updated the
+        weights yet (with the RNG and loss-scale states this one started from)."""
+        if not updated and step > 1 and self.saved != step - 1:
+            self.save(step - 1, start)
+        return TrainingInterrupted(run_dir=self.run_dir, step=self.saved, signal_number=signal_number,
+                                   what=f"step {step} abandoned")
+
+    def non_finite(self, step: int, error: NonFiniteError) -> NonFiniteError:
+        kept = f"the last checkpoint, step {self.saved}, is intact" if self.saved is not None else "no checkpoint was saved"
+        return NonFiniteError(f"step {step}: {error}; stopped without saving step {step} ({kept}); set "
+                              "on_nonfinite: skip to skip such optimiser steps instead")
+
+
 def train(
     config: GRPOConfig,
     *,
@@ -579,59 +662,23 @@ def train(
         print(f"resuming run {plan.run_dir} from step {plan.step} ({plan.checkpoint.name}); training steps "
               f"{plan.step + 1}-{config.max_steps}", flush=True)
     start_run(plan)
-    logger = MetricsLogger(plan.run_dir, config, start_step=plan.step)
-
-    def save(step: int, data_position: int, start: StepStart | None = None) -> Path:
-        return save_checkpoint(plan.run_dir, step, model, optimizer, scheduler, tokenizer, scaler=scaler,
-                               data_position=data_position, config=config, keep_last=config.save_total_limit,
-                               extra_state={"entropy_control": start.entropy_control if start else entropy_control.state()},
-                               rng=start.rng if start else None, scaler_state=start.scaler if start else None)
-
-    history = []
-    saved = plan.step if plan.checkpoint is not None else None  # the last step with a checkpoint
+    loop = RunLoop(config, plan.run_dir, model, reference_model, tokenizer, optimizer, scheduler, scaler,
+                   entropy_control, functions, dataset, eval_rows, generate, device,
+                   MetricsLogger(plan.run_dir, config, start_step=plan.step), position,
+                   saved=plan.step if plan.checkpoint is not None else None)
     try:
         with InterruptGuard() as interrupts, UpdateCounter(optimizer) as updates:
             for step in range(plan.step + 1, config.max_steps + 1):
-                start = StepStart.capture(position, scaler, entropy_control)
+                start = StepStart.capture(loop.position, scaler, loop.entropy_control)
                 updates.reset()
                 try:
-                    indices = prompt_indices(position, config.prompts_per_step, len(dataset), config.seed, config.shuffle)
-                    rows = take_rows(dataset, indices)
-                    record, rollout, scores = train_step(model, reference_model, tokenizer, optimizer, scheduler,
-                                                         scaler, functions, rows, config, generate, device,
-                                                         entropy_control)
-                    position += config.prompts_per_step
-                    record = {"step": step, "data_position": position, **record}
-                    if eval_rows and config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
-                        started = time.perf_counter()
-                        figures, examples = evaluate_held_out(model, tokenizer, eval_rows, functions, config)
-                        record.update(figures)
-                        record["time/eval"] = time.perf_counter() - started
-                        logger.eval_examples(step, examples)
-                    history.append(record)
-                    logger.log(record)
-                    if config.sample_every and step % config.sample_every == 0:
-                        logger.samples(step, rollout, scores, config.num_samples)
-                    if step == config.max_steps or (config.save_every and step % config.save_every == 0):
-                        save(step, position)
-                        saved = step
+                    loop.step(step)
                 except StepAbandoned as abandoned:
-                    if updates.count == 0 and step - 1 >= 1 and saved != step - 1:  # the weights are step - 1's
-                        save(step - 1, start.position, start)
-                        saved = step - 1
-                    raise TrainingInterrupted(run_dir=plan.run_dir, step=saved, signal_number=abandoned.signal_number,
-                                              what=f"step {step} abandoned") from None
+                    raise loop.abandoned(step, start, abandoned.signal_number, updated=updates.count > 0) from None
                 except NonFiniteError as error:
-                    kept = (f"the last checkpoint, step {saved}, is intact" if saved is not None
-                            else "no checkpoint was saved")
-                    raise NonFiniteError(f"step {step}: {error}; stopped without saving step {step} ({kept}); "
-                                         "set on_nonfinite: skip to skip such optimiser steps instead") from None
+                    raise loop.non_finite(step, error) from None
                 if interrupts.requested:
-                    if saved != step:
-                        save(step, position)
-                        saved = step
-                    raise TrainingInterrupted(run_dir=plan.run_dir, step=saved, signal_number=interrupts.signal_number,
-                                              what=f"step {step} finished")
+                    raise loop.stopped(step, interrupts.signal_number)
     finally:
-        logger.close()
-    return TrainResult(run_dir=plan.run_dir, history=history, model=model, tokenizer=tokenizer)
+        loop.logger.close()
+    return TrainResult(run_dir=plan.run_dir, history=loop.history, model=model, tokenizer=tokenizer)

@@ -196,8 +196,13 @@ def _nan(prompts, completions, completion_ids, **columns):
     return [float("nan"), 1.0]
 
 
+def _fails_on_b(prompts, completions, completion_ids, **columns):
+    return [1.0 / (completion != "b") for completion in completions]
+
+
 @pytest.mark.parametrize("function, message", [
-    (_raises, r"reward function '_raises' raised KeyError"),
+    (_raises, r"reward function '_raises' raised KeyError: 'answer' on completion 0: 'a'"),
+    (_fails_on_b, r"reward function '_fails_on_b' raised ZeroDivisionError: float division by zero on completion 1: 'b'"),
     (_short, r"reward function '_short': expected 2 values \(one per completion\), received 1"),
     (_text, r"reward function '_text': expected a finite number or None for completion 1, received 'high'"),
     (_nan, r"reward function '_nan': expected a finite number or None for completion 0, received nan"),
