@@ -211,13 +211,11 @@ def validate(config: GRPOConfig) -> None:
         raise ValueError(f"seed: expected an integer in [0, 2**32), received {config.seed}")
     _positive(config, "max_steps", "prompts_per_step", "max_completion_length", "temperature",
               "num_iterations", "micro_batch_size", "lora_r", "lora_alpha", "save_total_limit", "learning_rate",
-              "num_samples")
+              "num_samples", "eval_batch_size")
     _at_least_zero(config, "save_every", "sample_every", "eval_every", why=" (0: never)")
     _at_least_zero(config, "max_grad_norm", why=" (0: no clipping)")
     _at_least_zero(config, "weight_decay")
     _fraction(config, "lora_dropout", "adam_beta1", "adam_beta2")
-    if config.loss_chunk_size is not None and config.loss_chunk_size <= 0:
-        raise ValueError(f"loss_chunk_size: expected a positive number or null, received {config.loss_chunk_size}")
     if config.lora_target_modules is not None and not config.lora_target_modules:
         raise ValueError("lora_target_modules: expected module names or null (every Linear of the blocks), "
                          "received []")
@@ -228,8 +226,6 @@ def validate(config: GRPOConfig) -> None:
         raise ValueError(f"top_p: expected a value in (0, 1], received {config.top_p}")
     if not 0.0 <= config.min_p <= 1.0:
         raise ValueError(f"min_p: expected a value in [0, 1] (0 disables), received {config.min_p}")
-    if config.stop_strings is not None and not all(config.stop_strings):
-        raise ValueError(f"stop_strings: expected non-empty strings, received {config.stop_strings!r}")
     if config.top_k < 0:
         raise ValueError(f"top_k: expected >= 0 (0 disables), received {config.top_k}")
     if not 0.0 <= config.warmup_ratio < 1.0:
@@ -243,18 +239,17 @@ def validate(config: GRPOConfig) -> None:
             f"reward_weights: expected one weight per reward function ({len(config.reward_functions)}), "
             f"received {len(config.reward_weights)}"
         )
-    for key in ("eval_limit", "eval_max_completion_length"):
+    for key in ("eval_limit", "eval_max_completion_length", "loss_chunk_size"):
         if getattr(config, key) is not None and getattr(config, key) <= 0:
             raise ValueError(f"{key}: expected a positive number or null, received {getattr(config, key)}")
-    _positive(config, "eval_batch_size")
     if config.load_in_4bit and config.use_lora is False:
         raise ValueError("use_lora: expected True or None with load_in_4bit=True (4-bit weights cannot be "
                          "trained directly), received False")
     _check_loss_options(config)
     for key in ("importance_sampling_clip_min", "importance_sampling_clip_max"):
         value = getattr(config, key)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{key}: expected a finite number >= 0 or null, received {value!r}")
+        if value is not None and value < 0:
+            raise ValueError(f"{key}: expected a number >= 0 or null, received {value!r}")
     if (config.importance_sampling_clip_min is not None and config.importance_sampling_clip_max is not None
             and config.importance_sampling_clip_min > config.importance_sampling_clip_max):
         raise ValueError(f"importance_sampling_clip_min: expected <= importance_sampling_clip_max "
@@ -267,9 +262,7 @@ def validate(config: GRPOConfig) -> None:
         raise ValueError("importance_sampling_correction: expected none with rollout_engine hf (the correction "
                          "uses the engine's sampled-token log-probs), received "
                          f"{config.importance_sampling_correction!r}; set rollout_engine: engine")
-    for key in ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"):
-        if not math.isfinite(getattr(config, key)) or getattr(config, key) < 0:
-            raise ValueError(f"{key}: expected a finite number >= 0, received {getattr(config, key)!r}")
+    _at_least_zero(config, "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target")
     if config.entropy_coef_min > config.entropy_coef_max:
         raise ValueError(f"entropy_coef_min: expected <= entropy_coef_max ({config.entropy_coef_max}), "
                          f"received {config.entropy_coef_min}")
@@ -324,7 +317,7 @@ def _type_name(annotation: Any) -> str:
 
 def _check_type(key: str, value: Any, annotation: Any) -> None:
     """The annotation's type, and two rules for every key: floats are finite (a NaN would pass every
-    range check), strings are not empty."""
+    range check), strings are not empty (nor blank, but for stop strings: "\\n" is one)."""
     base, optional = _split_optional(annotation)
     if value is None:
         if optional:
@@ -345,7 +338,7 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
 def _check_value(key: str, item: Any, expected: str, received: Any) -> None:
     if isinstance(item, float) and not math.isfinite(item):
         raise ValueError(f"{key}: expected {expected} (finite), received {received!r}")
-    if isinstance(item, str) and not item.strip():
+    if isinstance(item, str) and not (item if key == "stop_strings" else item.strip()):  # "\n\n" stops
         raise ValueError(f"{key}: expected {expected} (not empty), received {received!r}")
 
 

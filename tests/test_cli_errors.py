@@ -179,3 +179,10 @@ def test_a_reward_function_that_raises_is_one_line_naming_it_and_the_completion(
     assert lines[0].startswith("grpo-fast train: stopped: reward function 'picky' raised KeyError: 'answer' on "
                                "completion "), lines[0]
     assert lines[0].endswith(f": {cli_picky_reward.TARGET[0]!r}"), lines[0]
+
+
+def test_whitespace_stop_strings_are_accepted():
+    """A blank line is a common stop string: only the empty string is refused there."""
+    assert GRPOConfig(stop_strings=["\n\n", " "]).stop_strings == ["\n\n", " "]
+    with pytest.raises(ValueError, match="^model: expected"):
+        GRPOConfig(model="  ")

@@ -118,27 +118,32 @@ def _state(tmp_path, **options):
 
 
 def test_a_checkpoint_is_on_disk_before_its_rename(tmp_path, monkeypatch):
-    events = []
+    events = []  # ("fsync", (device, inode)) and ("replace", target), in order
     fsync, replace = os.fsync, os.replace
 
     def recording_fsync(descriptor):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        status = os.fstat(descriptor)
+        events.append(("fsync", (status.st_dev, status.st_ino)))
         fsync(descriptor)
 
     def recording_replace(source, target):
         events.append(("replace", str(target)))
         replace(source, target)
 
+    def identity(path):
+        status = os.stat(path)
+        return status.st_dev, status.st_ino
+
     model, tokenizer, optimizer, scheduler = _state(tmp_path)
     monkeypatch.setattr(fsio_module.os, "fsync", recording_fsync)
     monkeypatch.setattr(checkpoint_module.os, "replace", recording_replace)
     final = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, tokenizer, data_position=2)
     renamed = events.index(("replace", str(final)))
-    synced_before = {Path(path).name for kind, path in events[:renamed] if kind == "fsync"}
-    files = {path.name for path in final.rglob("*") if path.is_file()}
-    assert {"trainable.safetensors", "optimizer.pt", "rng.json", "trainer_state.json"} <= files
-    assert files <= synced_before, files - synced_before
-    assert ("fsync", str(final.parent)) in events[renamed:]  # the rename itself, flushed
+    synced_before = {value for kind, value in events[:renamed] if kind == "fsync"}
+    files = {path.name: identity(path) for path in final.rglob("*") if path.is_file()}
+    assert {"trainable.safetensors", "optimizer.pt", "rng.json", "trainer_state.json"} <= set(files)
+    assert not [name for name, inode in files.items() if inode not in synced_before]  # an inode survives a rename
+    assert ("fsync", identity(final.parent)) in events[renamed:]  # the rename itself, flushed
 
 
 class _Payload:
