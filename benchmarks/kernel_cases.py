@@ -120,11 +120,12 @@ def loss_chunk_tokens() -> int:
     return chunk_tokens(10 ** 9, HEAD_7B[1], _bytes_per_logit("triton"), KernelConfig(), None)
 
 
-def _row_case(name, launch, n, V, read_passes, written_bytes_per_logit, hot=True, **params) -> "Case":
-    block_v = launch.kwargs["BLOCK_V"]
-    return Case("rows", name, launch, hot, "bandwidth", "logit", V, (math.ceil(V / block_v),),
-                kernel_bytes=n * V * (4 * read_passes + written_bytes_per_logit),
-                useful_bytes=n * V * (4 * read_passes + written_bytes_per_logit), params=dict(tokens=n, V=V, **params))
+def _row_case(name, launch, n, V, read_passes, written_bytes_per_logit, **params) -> Case:
+    """A row-kernel launch over n rows of V fp32 logits, read `read_passes` times, writing d_logits of
+    `written_bytes_per_logit` (0: none): all of its traffic is useful (nothing else reads it)."""
+    traffic = n * V * (4 * read_passes + written_bytes_per_logit)
+    return Case("rows", name, launch, True, "bandwidth", "logit", V, (math.ceil(V / launch.kwargs["BLOCK_V"]),),
+                kernel_bytes=traffic, useful_bytes=traffic, params=dict(tokens=n, V=V, **params))
 
 
 def row_cases(full: bool) -> list[Case]:
@@ -240,7 +241,7 @@ def nf4_cases(full: bool, sms: int) -> list[Case]:
                 "nf4", f"{name} {n}x{k}, {m} rows", launch, True, "bandwidth", "weight",
                 plan["block_n"] * plan["k_per_split"], (plan["k_per_split"] // plan["block_k"],),
                 kernel_bytes=weight_bytes + m * k * 2 + out_bytes, useful_bytes=n * k / 2, extra_bytes=extra,
-                extra_kernels=2 if splits > 1 else 0, goal=0.6 if m <= 16 else 0.5,
+                extra_kernels=2 if splits > 1 else 0, goal=0.6 if m <= 16 else 0.5,  # issue 15's goals
                 params=dict(shape=name, N=n, K=k, rows=m, **plan)))
     return cases
 

@@ -81,8 +81,8 @@ def _tool_versions() -> dict:
 
 def _variant_row(compiled, device, sass_dir: Optional[Path], key: str) -> dict:
     """The compiled kernel's resources and code features (per variant, independent of the case's shape)."""
-    loop_ops = Counter(i.opcode for i in compiled.instructions if i.depth and i.depth == max(
-        (j.depth for j in compiled.instructions), default=0))
+    deepest = max((i.depth for i in compiled.instructions), default=0)
+    loop_ops = Counter(i.opcode for i in compiled.instructions if deepest and i.depth == deepest)
     row = dict(
         kernel=compiled.name, capability=compiled.capability, num_warps=compiled.num_warps,
         num_stages=compiled.num_stages, registers=compiled.registers, stack_bytes=compiled.stack_bytes,

@@ -136,7 +136,8 @@ def _loss(payload: dict) -> list[str]:
     for c in payload["cases"]:
         if c["group"] == "logprob":
             rows.append([c["device"], str(c["programs"]), _num(c.get("tensor_cycles"), ".0f"),
-                         _num(c.get("main_loop_cycles"), ".0f"), _num(c.get("epilogue_cycles"), ".0f"), _pct(c["ceiling"]), "yes" if c["spills"] else "no"])
+                         _num(c.get("main_loop_cycles"), ".0f"), _num(c.get("epilogue_cycles"), ".0f"),
+                         _pct(c["ceiling"]), "yes" if c["spills"] else "no"])
     if rows:
         lines += ["The forward-only on-chip kernel (`token_logprobs(..., on_chip=True)`), per program: tensor-core "
                   "cycles, main-loop cycles (the larger of tensor and its instructions), epilogue cycles (the "
