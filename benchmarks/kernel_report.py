@@ -40,13 +40,14 @@ from .static_compile import compile_launch, specialization_key  # noqa: E402
 
 OUT_DIR = common.RESULTS_DIR / "static"
 GEMM_FRACTIONS = (0.90, 0.95, 1.00)  # the fp32-result chunk GEMM's rate / the bf16 matmul rate (assumed range)
-# Measured fractions of the matmul rate to hold the model against (device key, what, fraction, where from).
+# Measured fractions of the matmul rate to hold the model against: (device key, figure: "route:<pass>"
+# or a case group, its label, the measured fraction, where it comes from).
 H100_RESULTS = "benchmarks/results/nvidia-h100-80gb-hbm3/2026-11-23-first-loss-measurements.md"
 CALIBRATION = (
-    ("h100", "route:training", 612 / 748, f"612 of 748 TFLOP/s, fwd+bwd at 16,384 tokens ({H100_RESULTS}; an earlier "
-                                          "harness and an earlier row kernel)"),
-    ("h100", "logprob", 470 / 748, f"~470 of 748 TFLOP/s at 16,384 tokens ({H100_RESULTS}); 470-515 of 750 in "
-                                  "kernels/config.py"),
+    ("h100", "route:training", "loss fwd+bwd: cuBLAS chunks + row kernel", 612 / 748,
+     f"612 of 748 TFLOP/s at 16,384 tokens ({H100_RESULTS}; an earlier harness and an earlier row kernel)"),
+    ("h100", "logprob", "no-grad log-probs: the on-chip kernel", 470 / 748,
+     f"~470 of 748 TFLOP/s at 16,384 tokens ({H100_RESULTS}); 470-515 of 750 in kernels/config.py"),
 )
 
 
@@ -194,7 +195,7 @@ def run(args) -> dict:
 def _calibration(devices: list[str], rows: list[dict], routes: list[dict]) -> list[dict]:
     """The model's figure beside each CALIBRATION measurement on a device the report modelled."""
     found = []
-    for key, what, measured, source in CALIBRATION:
+    for key, what, label, measured, source in CALIBRATION:
         if key not in devices:
             continue
         name = model.DEVICES[key].name
@@ -203,7 +204,7 @@ def _calibration(devices: list[str], rows: list[dict], routes: list[dict]) -> li
                            if r["device"] == name and r["route"] == what.split(":")[1]), None)
         else:
             figure = next((r["ceiling"] for r in rows if r["device"] == name and r["group"] == what), None)
-        found.append(dict(device=name, what=what, model=figure, measured=measured, source=source))
+        found.append(dict(device=name, what=what, label=label, model=figure, measured=measured, source=source))
     return found
 
 

@@ -55,7 +55,7 @@ def _goals(payload: dict) -> list[str]:
 
 
 def _calibration(payload: dict) -> list[str]:
-    rows = [[c["device"], c["what"], _pct(c["model"]), _pct(c["measured"]), c["source"]] for c in payload["calibration"]]
+    rows = [[c["device"], c["label"], _pct(c["model"]), _pct(c["measured"]), c["source"]] for c in payload["calibration"]]
     if not rows:
         return []
     return ["## The model against measurements", "",
