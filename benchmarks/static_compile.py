@@ -72,12 +72,12 @@ def _run(*command: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _specialize(value: Any) -> tuple[str, Any]:
+def _specialize(name: str, value: Any) -> tuple[str, Any]:
     """(signature type, attribute or constexpr value) of one non-constexpr argument, by the runtime's
     rules: tensors are aligned pointers, an int 1 becomes a constexpr, ints divisible by 16 say so."""
     if isinstance(value, torch.Tensor):
         if value.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"tensor argument: expected one of {sorted(map(str, _TRITON_DTYPES))}, received {value.dtype}")
+            raise ValueError(f"{name}: expected a tensor of {sorted(map(str, _TRITON_DTYPES))}, received {value.dtype}")
         return "*" + _TRITON_DTYPES[value.dtype], "D"
     if isinstance(value, bool):
         return "u1", None
@@ -90,7 +90,7 @@ def _specialize(value: Any) -> tuple[str, Any]:
         return "fp32", None
     if value is None:
         return "constexpr", None
-    raise ValueError(f"kernel argument: expected a tensor, int, float, bool or None, received {type(value).__name__}")
+    raise ValueError(f"{name}: expected a tensor, int, float, bool or None, received {type(value).__name__}")
 
 
 def bound_arguments(launch) -> tuple[dict, dict]:
@@ -112,7 +112,7 @@ def launch_signature(launch) -> tuple[dict, dict, dict, dict]:
             signature[param.name] = "constexpr"
             constexprs[(index,)] = value
             continue
-        kind, extra = _specialize(value)
+        kind, extra = _specialize(param.name, value)
         if param.do_not_specialize and kind == "constexpr":
             kind, extra = "i32", ""
         signature[param.name] = kind
