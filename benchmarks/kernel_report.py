@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import os
 
-# Kernels must be compiled, not interpreted: the switch is read when their modules are imported.
-os.environ.pop("TRITON_INTERPRET", None)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# A run of the report compiles the kernels, so they must not be interpreted: the switch is read when
+# their modules are imported. Imported as a library (the tests' parsers), the process is left alone:
+# kernels defined later in a process that interprets would no longer be callable from interpreted ones.
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
