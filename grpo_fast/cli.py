@@ -8,19 +8,33 @@
 
 Any ``GRPOConfig`` field is an option ``--key value`` (or ``--key=value``); it overrides the YAML.
 Subcommands register in ``SUBCOMMANDS``; each adds its arguments and returns an exit code.
+
+A mistake is one line on stderr, not a traceback: the project's input errors (``ValueError``s
+naming the key or file, exit code 2), a run stopped on purpose (``grpo_fast.errors.RunError``:
+a reward function raised, a NaN loss; exit code 1) and the libraries' errors a user can cause
+(YAML, datasets, the hub, the OS: a missing file, no permission, a full disk; exit code 1).
+Ctrl-C / SIGTERM print how to resume (exit code 128 + the signal's number). ``--debug`` or
+``GRPO_FAST_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Callable, Sequence
+
+from .errors import RunError, TrainingInterrupted, one_line
+
+DEBUG_VARIABLE = "GRPO_FAST_DEBUG"
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML file of GRPOConfig fields")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a run directory that holds one, deleting its logs and checkpoints")
     parser.set_defaults(takes_overrides=True)  # any other --key value pairs override config fields
     parser.epilog = ("Any GRPOConfig field is also an option, --key value or --key=value, overriding the "
                      "YAML (e.g. --learning_rate 1e-5 --reward_functions mod:f,mod:g). With no options: "
@@ -37,6 +51,8 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("--resume")
+    if args.overwrite:
+        overrides.append("--overwrite")
     config = load_config(args.config, overrides)
     result = train(config)
     print(f"run directory: {result.run_dir}", flush=True)
@@ -100,12 +116,44 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, add_arguments, handler) in SUBCOMMANDS.items():
         subparser = subparsers.add_parser(name, help=help_text, allow_abbrev=False)
         add_arguments(subparser)
+        subparser.add_argument("--debug", action="store_true",
+                               help=f"show tracebacks instead of one-line errors (or set {DEBUG_VARIABLE}=1)")
         subparser.set_defaults(handler=handler)
     return parser
 
 
+def resume_command(argv: Sequence[str], run_name: str, flag: str = "--resume") -> str:
+    """The train command line that continues (``--resume``) or restarts (``--overwrite``) ``run_name``:
+    the original options, with the run named."""
+    kept, skip = [], False
+    for index, argument in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        key = argument.split("=", 1)[0].replace("-", "_")
+        if key in ("__resume", "__overwrite"):
+            following = argv[index + 1] if index + 1 < len(argv) else ""
+            skip = "=" not in argument and following.lower() in ("true", "false", "1", "0", "yes", "no")
+            continue
+        kept.append(argument)
+    if not any(argument.split("=", 1)[0].replace("-", "_") == "__run_name" for argument in kept):
+        kept += ["--run_name", run_name]
+    return shlex.join(["grpo-fast", *kept, flag])
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """The errors of libraries a user's input can cause, among those already imported (importing
+    datasets only to catch its errors would cost seconds)."""
+    errors: list[type[BaseException]] = [OSError, ImportError]  # the hub's and transformers' are OSErrors
+    for module, name in (("yaml", "YAMLError"), ("datasets.exceptions", "DatasetsError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code (2 for bad arguments or inputs)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # Config overrides are open-ended (every GRPOConfig field), so they are the arguments the
     # subcommand's parser does not know; the config loader checks each key.
@@ -113,11 +161,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     args.overrides = overrides
+    prefix = f"grpo-fast {args.command}"
+    if args.debug or os.environ.get(DEBUG_VARIABLE, "").lower() in ("1", "true", "yes"):
+        return args.handler(args)
     try:
         return args.handler(args)
+    except TrainingInterrupted as stop:
+        advice = "continue with" if stop.step is not None else "start again with"
+        flag = "--resume" if stop.step is not None else "--overwrite"
+        print(f"{prefix}: {stop.summary}; {advice}: {resume_command(argv, stop.run_dir.name, flag)}",
+              file=sys.stderr, flush=True)
+        return 128 + stop.signal_number
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr, flush=True)
+        return 130
     except ValueError as error:
-        print(f"grpo-fast {args.command}: error: {error}", file=sys.stderr, flush=True)
+        print(f"{prefix}: error: {one_line(error)}", file=sys.stderr, flush=True)
         return 2
+    except RunError as error:
+        print(f"{prefix}: stopped: {one_line(error)}", file=sys.stderr, flush=True)
+        return 1
+    except _library_errors() as error:
+        print(f"{prefix}: error: {type(error).__name__}: {one_line(error)} (--debug shows the traceback)",
+              file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,12 +6,16 @@ the optimiser in a YAML file (see ``examples/qwen2.5_7b_qlora.yaml``)::
 
     config = load_config("run.yaml", overrides=["--learning_rate", "5e-6", "--max_steps=200"])
 
-Unknown keys and values of the wrong type are errors naming the key.
+Every key's type and range, and the rules across keys, are checked when a ``GRPOConfig`` is built,
+before anything is loaded or written: unknown keys, values of the wrong type, NaN or infinite
+floats and out-of-range values are ``ValueError``s naming the key, the expected and the received
+value (a YAML syntax error names the file, line and column).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -27,16 +31,19 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("cosine", "constant")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ROLLOUT_ENGINES = ("auto", "engine", "hf")
+NONFINITE_ACTIONS = ("stop", "skip")
+SEED_LIMIT = 2**32  # NumPy's seeds are 32-bit
 
 
 @dataclass
 class GRPOConfig:
     # ---- run ----------------------------------------------------------------------------------
     output_dir: str = "runs"  # parent folder of run directories
-    run_name: str | None = None  # run directory name under output_dir; None: "grpo-<UTC time>" (with resume: the latest run)
-    seed: int = 0  # seeds Python, NumPy and torch (sampling, data order, LoRA init)
+    run_name: str | None = None  # run directory name under output_dir (a folder name); None: "grpo-<UTC time>" (with resume: the run written to last)
+    seed: int = 0  # seeds Python, NumPy and torch (sampling, data order, LoRA init); 0 <= seed < 2**32
     max_steps: int = 80  # generation batches to train on (each gives num_iterations optimiser steps)
     resume: bool = False  # continue from the run directory's latest complete checkpoint
+    overwrite: bool = False  # start a new run in a run directory that holds one, deleting its logs and checkpoints
 
     # ---- model --------------------------------------------------------------------------------
     model: str = "tiny"  # Hugging Face hub id or local folder; "tiny": a small model + char tokenizer built in code
@@ -117,6 +124,7 @@ class GRPOConfig:
     warmup_ratio: float = 0.05  # fraction of optimiser steps with a linear warm-up from 0
     lr_scheduler: str = "cosine"  # cosine (to 0 at the last step) | constant (after warm-up)
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables clipping (the norm is still logged)
+    on_nonfinite: str = "stop"  # a NaN / inf loss or gradient norm: stop (the last checkpoint kept) | skip (that optimiser step, counted in the log)
 
     # ---- held-out evaluation -----------------------------------------------------------------
     eval_every: int = 0  # greedy-decode the held-out rows and score them with the reward functions every N steps (and at the end); 0: never
@@ -160,8 +168,32 @@ def _positive(config: GRPOConfig, *keys: str) -> None:
             raise ValueError(f"{key}: expected a positive number, received {getattr(config, key)!r}")
 
 
+def _at_least_zero(config: GRPOConfig, *keys: str, why: str = "") -> None:
+    for key in keys:
+        if getattr(config, key) < 0:
+            raise ValueError(f"{key}: expected >= 0{why}, received {getattr(config, key)!r}")
+
+
+def _fraction(config: GRPOConfig, *keys: str) -> None:
+    """Values in [0, 1): probabilities and decay rates."""
+    for key in keys:
+        if not 0.0 <= getattr(config, key) < 1.0:
+            raise ValueError(f"{key}: expected a value in [0, 1), received {getattr(config, key)!r}")
+
+
+def check_run_name(run_name: str | None) -> None:
+    """One folder name: a run directory stays inside output_dir."""
+    if run_name is None:
+        return
+    # a leading "." refuses ".." too
+    if run_name.startswith(".") or any(character in run_name for character in "/\\\0"):
+        raise ValueError(f"run_name: expected a folder name (no '/', '\\' or leading '.': the run directory is "
+                         f"output_dir/run_name), received {run_name!r}")
+
+
 def validate(config: GRPOConfig) -> None:
-    """Range and choice checks; each error names the key, the expected and the received value."""
+    """Type, range and choice checks of every key and the rules across keys; each error names the
+    key, the expected and the received value."""
     for item in dataclasses.fields(config):
         _check_type(item.name, getattr(config, item.name), _field_types()[item.name])
     _choice("loss_type", config.loss_type, LOSS_TYPES)
@@ -173,6 +205,13 @@ def validate(config: GRPOConfig) -> None:
     _choice("loss_backend", config.loss_backend, ("auto", "triton", "torch", "reference"))
     _choice("rollout_engine", config.rollout_engine, ROLLOUT_ENGINES)
     _choice("importance_sampling_correction", config.importance_sampling_correction, SAMPLER_CORRECTIONS)
+    _choice("on_nonfinite", config.on_nonfinite, NONFINITE_ACTIONS)
+    check_run_name(config.run_name)
+    if config.resume and config.overwrite:
+        raise ValueError("overwrite: expected false with resume (resume continues the run that overwrite would "
+                         "delete), received true")
+    if not 0 <= config.seed < SEED_LIMIT:
+        raise ValueError(f"seed: expected an integer in [0, 2**32), received {config.seed}")
     for key in ("micro_batch_tokens", "max_memory_gb"):
         value = getattr(config, key)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -181,7 +220,15 @@ def validate(config: GRPOConfig) -> None:
         raise ValueError("activation_offload: expected gradient_checkpointing: true with it (it offloads the "
                          "checkpointed blocks' saved inputs), received gradient_checkpointing: false")
     _positive(config, "max_steps", "prompts_per_step", "max_completion_length", "temperature",
-              "num_iterations", "micro_batch_size", "lora_r", "save_total_limit")
+              "num_iterations", "micro_batch_size", "lora_r", "lora_alpha", "save_total_limit", "learning_rate",
+              "num_samples", "eval_batch_size")
+    _at_least_zero(config, "save_every", "sample_every", "eval_every", why=" (0: never)")
+    _at_least_zero(config, "max_grad_norm", why=" (0: no clipping)")
+    _at_least_zero(config, "weight_decay")
+    _fraction(config, "lora_dropout", "adam_beta1", "adam_beta2")
+    if config.lora_target_modules is not None and not config.lora_target_modules:
+        raise ValueError("lora_target_modules: expected module names or null (every Linear of the blocks), "
+                         "received []")
     if config.num_generations < 2:
         raise ValueError(f"num_generations: expected at least 2 (advantages compare completions of a group), "
                          f"received {config.num_generations}")
@@ -189,8 +236,6 @@ def validate(config: GRPOConfig) -> None:
         raise ValueError(f"top_p: expected a value in (0, 1], received {config.top_p}")
     if not 0.0 <= config.min_p <= 1.0:
         raise ValueError(f"min_p: expected a value in [0, 1] (0 disables), received {config.min_p}")
-    if config.stop_strings is not None and not all(config.stop_strings):
-        raise ValueError(f"stop_strings: expected non-empty strings, received {config.stop_strings!r}")
     if config.top_k < 0:
         raise ValueError(f"top_k: expected >= 0 (0 disables), received {config.top_k}")
     if not 0.0 <= config.warmup_ratio < 1.0:
@@ -204,20 +249,17 @@ def validate(config: GRPOConfig) -> None:
             f"reward_weights: expected one weight per reward function ({len(config.reward_functions)}), "
             f"received {len(config.reward_weights)}"
         )
-    if config.eval_every < 0:
-        raise ValueError(f"eval_every: expected >= 0 (0 disables), received {config.eval_every}")
-    for key in ("eval_limit", "eval_max_completion_length"):
+    for key in ("eval_limit", "eval_max_completion_length", "loss_chunk_size"):
         if getattr(config, key) is not None and getattr(config, key) <= 0:
             raise ValueError(f"{key}: expected a positive number or null, received {getattr(config, key)}")
-    _positive(config, "eval_batch_size")
     if config.load_in_4bit and config.use_lora is False:
         raise ValueError("use_lora: expected True or None with load_in_4bit=True (4-bit weights cannot be "
                          "trained directly), received False")
     _check_loss_options(config)
     for key in ("importance_sampling_clip_min", "importance_sampling_clip_max"):
         value = getattr(config, key)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{key}: expected a finite number >= 0 or null, received {value!r}")
+        if value is not None and value < 0:
+            raise ValueError(f"{key}: expected a number >= 0 or null, received {value!r}")
     if (config.importance_sampling_clip_min is not None and config.importance_sampling_clip_max is not None
             and config.importance_sampling_clip_min > config.importance_sampling_clip_max):
         raise ValueError(f"importance_sampling_clip_min: expected <= importance_sampling_clip_max "
@@ -230,9 +272,7 @@ def validate(config: GRPOConfig) -> None:
         raise ValueError("importance_sampling_correction: expected none with rollout_engine hf (the correction "
                          "uses the engine's sampled-token log-probs), received "
                          f"{config.importance_sampling_correction!r}; set rollout_engine: engine")
-    for key in ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"):
-        if not math.isfinite(getattr(config, key)) or getattr(config, key) < 0:
-            raise ValueError(f"{key}: expected a finite number >= 0, received {getattr(config, key)!r}")
+    _at_least_zero(config, "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target")
     if config.entropy_coef_min > config.entropy_coef_max:
         raise ValueError(f"entropy_coef_min: expected <= entropy_coef_max ({config.entropy_coef_max}), "
                          f"received {config.entropy_coef_min}")
@@ -267,8 +307,9 @@ def lora_enabled(config: GRPOConfig) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
 def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(GRPOConfig)
+    return typing.get_type_hints(GRPOConfig)  # evaluates every annotation: once
 
 
 def _split_optional(annotation: Any) -> tuple[Any, bool]:
@@ -285,6 +326,8 @@ def _type_name(annotation: Any) -> str:
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> None:
+    """The annotation's type, and two rules for every key: floats are finite (a NaN would pass every
+    range check), strings are not empty (nor blank, but for stop strings: "\\n" is one)."""
     base, optional = _split_optional(annotation)
     if value is None:
         if optional:
@@ -294,9 +337,19 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
         (item_type,) = typing.get_args(base)
         if not isinstance(value, list) or not all(_is_instance(item, item_type) for item in value):
             raise ValueError(f"{key}: expected a list of {item_type.__name__}, received {value!r}")
+        for item in value:
+            _check_value(key, item, f"a list of {_type_name(item_type)}", value)
         return
     if not _is_instance(value, base):
         raise ValueError(f"{key}: expected {_type_name(annotation)}, received {value!r} ({type(value).__name__})")
+    _check_value(key, value, _type_name(annotation), value)
+
+
+def _check_value(key: str, item: Any, expected: str, received: Any) -> None:
+    if isinstance(item, float) and not math.isfinite(item):
+        raise ValueError(f"{key}: expected {expected} (finite), received {received!r}")
+    if isinstance(item, str) and not (item if key == "stop_strings" else item.strip()):  # "\n\n" stops
+        raise ValueError(f"{key}: expected {expected} (not empty), received {received!r}")
 
 
 def _is_instance(value: Any, expected: type) -> bool:
@@ -373,6 +426,24 @@ def parse_overrides(arguments: Sequence[str]) -> dict[str, Any]:
     return values
 
 
+def read_yaml(path: Path) -> Any:
+    """The YAML document at ``path``; a syntax error, an unreadable or non-text file is a ValueError
+    naming the file (and the line and column of a syntax error)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = error.problem or error.context or "syntax error"
+        raise ValueError(f"config: expected valid YAML in {str(path)!r}, received {problem}{where}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"config: expected valid YAML in {str(path)!r}, received {' '.join(str(error).split())}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config: expected a UTF-8 text YAML file, received {str(path)!r} (not text)") from None
+    except OSError as error:
+        raise ValueError(f"config: expected a readable YAML file, received {str(path)!r} ({error.strerror})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] | dict[str, Any] = ()) -> GRPOConfig:
     """Defaults, then the YAML file at ``path``, then ``overrides`` (command-line strings or a dict)."""
     values: dict[str, Any] = {}
@@ -380,7 +451,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | dict[
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config: expected an existing YAML file, received {str(path)!r} (not found)")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config: expected a YAML mapping of key: value in {str(path)!r}, received {type(loaded).__name__}")
         names = {item.name for item in dataclasses.fields(GRPOConfig)}

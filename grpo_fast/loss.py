@@ -427,7 +427,7 @@ def grpo_loss(
         entropy_threshold_fn=entropy_threshold_fn,
         num_tokens=int(active.numel()),
     )
-    hidden_active = hidden.reshape(B * T, -1).index_select(0, active)
+    hidden_active = hidden.reshape(B * T, hidden.shape[-1]).index_select(0, active)  # B or T may be 0
     result = fused_grpo_loss(
         hidden_active, weight, bias, inputs, config.spec(), backend,
         default_kernel_config(device, hidden.dtype), config.chunk_size,
@@ -514,12 +514,14 @@ def token_logprobs(
         raise ValueError(f"on_chip: True needs the triton backend, got backend {backend!r}")
     with torch.no_grad():
         if backend == "reference":
-            from .reference import reference_logprobs
+            from .reference import neutral_at_masked, reference_logprobs
 
+            keep = None if completion_mask is None else completion_mask.bool()
+            if keep is not None:  # as the fused backends, never read masked positions (NaN, id -100)
+                hidden, completion_ids = neutral_at_masked(keep, hidden, completion_ids)
             logps, entropy = reference_logprobs(hidden, weight, completion_ids, bias, temperature,
                                                 logit_scale, logit_softcap)
-            if completion_mask is not None:
-                keep = completion_mask.bool()
+            if keep is not None:
                 logps, entropy = logps * keep, entropy * keep
         else:
             flat = hidden.reshape(B * T, H)

@@ -9,6 +9,10 @@ Files under the run directory:
 - ``reward_length.png``: mean reward and mean completion length over steps (at the end);
 - ``tensorboard/``: the same scalars, with ``tensorboard: true``.
 
+Each line is on disk when ``log`` returns (``fsync``), so a crash can tear only the line being
+written; a resumed run drops such a torn last line (and says so) with the records of steps after
+its checkpoint. A damaged line elsewhere is an error naming the file and the line.
+
 Per-step keys: ``reward/mean``, ``reward/std``, ``reward/<function>/mean|std``,
 ``frac_reward_zero_std`` (groups whose completions all scored the same: no signal),
 ``completions/mean_length|min_length|max_length``, ``completions/clipped_ratio`` (hit
@@ -16,22 +20,27 @@ max_completion_length), ``kl`` (beta > 0), ``entropy``, ``clip_ratio/low_mean|hi
 ``loss``, ``grad_norm`` (unscaled; averaged over the optimiser steps taken), ``lr``, ``grad_scale`` and
 ``skipped_steps`` (``dtype: float16``: the loss scale after the step, the optimiser steps skipped for
 overflowing gradients), ``time/generation|scoring|training|step``, ``tokens_per_second``,
-``peak_memory_gb`` and ``peak_memory_reserved_gb`` (CUDA allocator, this step; null on CPU).
+``peak_memory_gb`` and ``peak_memory_reserved_gb`` (CUDA allocator, this step; null on CPU),
+``nonfinite_skipped`` (``on_nonfinite: skip``: the optimiser steps skipped for a NaN / inf loss or
+gradient norm).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import GRPOConfig, config_to_dict
+from .fsio import append_lines, write_text_atomic
 from .rollout import Rollout
 from .scoring import Scores
 
+LOG_FILES = ("log.jsonl", "samples.jsonl", "eval.jsonl")  # JSONL logs with a "step" per record
 BAR_KEYS = {"reward/mean": "reward", "completions/mean_length": "len", "kl": "kl", "loss": "loss"}
 
 
@@ -80,15 +89,13 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, config: GRPOConfig, start_step: int = 0):
         self.run_dir = Path(run_dir)
         self.config = config
-        self.log_path = self.run_dir / "log.jsonl"
-        self.samples_path = self.run_dir / "samples.jsonl"
-        self.eval_path = self.run_dir / "eval.jsonl"
+        self.log_path, self.samples_path, self.eval_path = (self.run_dir / name for name in LOG_FILES)
         if start_step == 0:  # a fresh run starts fresh files; a resumed one drops steps after its checkpoint
             for path in (self.log_path, self.samples_path, self.eval_path):
                 path.unlink(missing_ok=True)
         else:
             self._truncate_after(start_step)
-        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+        write_text_atomic(self.run_dir / "config.json", json.dumps(config_to_dict(config), indent=2))
         self.writer = None
         if config.tensorboard:
             try:
@@ -106,13 +113,18 @@ class MetricsLogger:
 
     def _truncate_after(self, step: int) -> None:
         for path in (self.log_path, self.samples_path, self.eval_path):
-            if path.exists():
-                kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-                path.write_text("".join(line + "\n" for line in kept))
+            if not path.exists():
+                continue
+            records, torn = read_records(path)
+            if torn is not None:
+                print(f"{path}: dropped its last line, torn by a crash mid-write ({torn[:60]!r}...)",
+                      file=sys.stderr, flush=True)
+            kept = [record for record in records if record["step"] <= step]
+            if torn is not None or len(kept) < len(records):
+                write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, record: dict[str, Any]) -> None:
-        with self.log_path.open("a") as handle:
-            handle.write(json.dumps({key: _json_safe(value) for key, value in record.items()}) + "\n")
+        append_lines(self.log_path, [json.dumps({key: _json_safe(value) for key, value in record.items()})])
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step" and value is not None and math.isfinite(value):
@@ -132,9 +144,7 @@ class MetricsLogger:
                 "reward": float(scores.total[row]),
                 **{name: _json_safe(float(values[row])) for name, values in scores.per_function.items()},
             })
-        with self.samples_path.open("a") as handle:
-            for sample in rows:
-                handle.write(json.dumps(sample) + "\n")
+        append_lines(self.samples_path, [json.dumps(sample) for sample in rows])
         if self.bar is not None:
             for sample in rows:
                 self.bar.write(f"[step {step}] reward {sample['reward']:.3f} | {str(sample['prompt'])[-60:]!r} -> "
@@ -142,9 +152,8 @@ class MetricsLogger:
 
     def eval_examples(self, step: int, examples: list[dict[str, Any]]) -> None:
         """Every held-out example of one evaluation, tagged with the step, appended to ``eval.jsonl``."""
-        with self.eval_path.open("a") as handle:
-            for example in examples:
-                handle.write(json.dumps({"step": step, **{key: _json_safe(value) for key, value in example.items()}}) + "\n")
+        append_lines(self.eval_path, [json.dumps({"step": step, **{key: _json_safe(value) for key, value in example.items()}})
+                                      for example in examples])
 
     def close(self) -> None:
         if self.bar is not None:
@@ -155,8 +164,29 @@ class MetricsLogger:
             plot_history(read_log(self.log_path), self.run_dir / "reward_length.png")
 
 
+def read_records(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """(the records of a JSONL log, its torn last line or None). A last line that is not a whole JSON
+    record is what a crash mid-write leaves; any other bad line is a ValueError naming file and line."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except ValueError as error:
+            if number == len(lines):
+                return records, line
+            raise ValueError(f"{path}: expected one JSON record with a 'step' per line, received line {number} "
+                             f"({line[:60]!r}: {error}); remove or repair that line") from None
+        records.append(record)
+    return records, None
+
+
 def read_log(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return read_records(path)[0]
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:

@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import tempfile
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from .config import GRPOConfig, lora_enabled
+from .errors import one_line
 from .logits import LogitTransform, check_logits
 
 TINY_MODEL = "tiny"
@@ -133,6 +135,30 @@ def _from_pretrained(source: str, config: GRPOConfig, device: torch.device):
     return model if config.load_in_4bit else model.to(device)
 
 
+def check_model_source(config: GRPOConfig) -> None:
+    """``model`` resolves before anything loads: "tiny", a local model (or peft adapter) folder, or a hub
+    id whose config transformers can fetch (or finds in its cache); else a ValueError naming ``model``."""
+    model = config.model
+    if model == TINY_MODEL:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise ValueError(f"model: expected a model folder holding a config.json (or a peft adapter's "
+                             f"adapter_config.json), received {model!r} without one")
+        return
+    if path.exists() or model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1:
+        found = "a file" if path.exists() else "no such folder"
+        raise ValueError(f"model: expected a local model folder or a hub id 'org/name', received {model!r} ({found})")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:  # not found, offline, gated, unknown architecture
+        raise ValueError(f"model: expected a hub id or local folder transformers can load, received {model!r} "
+                         f"({type(error).__name__}: {one_line(error)})") from error
+
+
 def load_model(config: GRPOConfig, device: torch.device | None = None):
     """(policy, tokenizer) for ``config``: LoRA-wrapped when ``lora_enabled(config)``."""
     from transformers import AutoTokenizer
@@ -149,6 +175,9 @@ def load_model(config: GRPOConfig, device: torch.device | None = None):
                 model = _from_pretrained(folder, config, device)
         else:
             model = model.to(device=device, dtype=weights_dtype(config, device))
+        # a model built in code has no source a saved adapter could name as its base (not the deleted
+        # temporary folder; an empty name also keeps peft from looking it up on the hub at every save)
+        model.name_or_path = model.config.name_or_path = ""
     else:
         tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
         model = _from_pretrained(config.model, config, device)

@@ -2,6 +2,8 @@
 
 This is today's baseline and the test oracle for the fused backends: plain PyTorch, autograd for
 the gradients, every intermediate of size [B, T, V] kept (logits in the input dtype, then fp32).
+Like the fused backends, which compute only the active tokens, it never reads a masked position:
+those are set to neutral values first, so a NaN there, or TRL's padding id -100, changes nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ def reference_logprobs(hidden: Tensor, weight: Tensor, completion_ids: Tensor, b
     logps = log_probs.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     return logps, entropy
+
+
+def neutral_at_masked(mask: Tensor, *tensors: Optional[Tensor], fill: float = 0.0) -> list[Optional[Tensor]]:
+    """Each [B, T, ...] tensor with ``fill`` where ``mask`` [B, T] (bool) is False (None stays None);
+    differentiable (no gradient reaches the masked positions)."""
+    neutral = []
+    for tensor in tensors:
+        if tensor is None:
+            neutral.append(None)
+            continue
+        keep = mask.reshape(mask.shape + (1,) * (tensor.dim() - mask.dim()))
+        neutral.append(torch.where(keep, tensor, torch.full((), fill, dtype=tensor.dtype, device=tensor.device)))
+    return neutral
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -79,6 +94,11 @@ def reference_grpo_loss(hidden, weight, completion_ids, mask, advantages, old_lo
     from .loss import GRPOLossOutput
 
     B, T = mask.shape
+    hidden, completion_ids, old_logps, ref_logps, sampling_logps = neutral_at_masked(
+        mask, hidden, completion_ids, old_logps, ref_logps, sampling_logps)
+    if importance_sampling_ratio is not None and importance_sampling_ratio.shape == mask.shape:
+        # 1, not 0: vespo sums the ratio's log over every position of a sequence, as TRL does
+        (importance_sampling_ratio,) = neutral_at_masked(mask, importance_sampling_ratio, fill=1.0)
     logps, entropy = reference_logprobs(hidden, weight, completion_ids, bias, config.temperature,
                                         config.logit_scale, config.logit_softcap)
     mask = mask.to(logps.dtype)
@@ -145,15 +165,18 @@ def reference_grpo_loss(hidden, weight, completion_ids, mask, advantages, old_lo
         per_token_loss = per_token_loss + config.beta * per_token_kl
     per_token_loss = per_token_loss.expand(B, T) if per_token_loss.shape[1] == 1 else per_token_loss
 
+    # TRL's means over sequences, as sums over max(B, 1): an empty batch (B = 0 or T = 0) adds 0, as an
+    # all-masked one does, where a mean over no sequence would be NaN
+    sequences = max(B, 1)
     if loss_type in ("grpo", "sapo"):
-        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / sequences
     elif loss_type == "bnpo":
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     elif loss_type == "dr_grpo":
         length = config.max_completion_length if config.max_completion_length is not None else T
-        loss = (per_token_loss * mask).sum() / (B * length)
+        loss = (per_token_loss * mask).sum() / max(B * length, 1)
     elif loss_type == "luspo":
-        loss = (per_token_loss * mask).sum(-1).mean()
+        loss = (per_token_loss * mask).sum(-1).sum() / sequences
     else:  # dapo, cispo, vespo
         normaliser = config.num_items_in_batch if config.num_items_in_batch is not None else mask.sum().clamp(min=1.0)
         loss = (per_token_loss * mask).sum() / normaliser

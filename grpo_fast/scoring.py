@@ -8,7 +8,9 @@ with one entry per completion (prompts repeated per completion, rows of a group 
 the dataset's other columns repeated the same way. ``None`` means "cannot score this one": it is
 left out of that function's mean and counts as 0 in the weighted sum (TRL's nansum). A function
 that raises, returns the wrong number of values, or a value that is not a finite number (or None)
-stops the run with an error naming the function and the offending completion.
+stops the run with an error naming the function and the offending completion: when the batch call
+raises, the function is called again on one completion at a time to find the first it fails on
+(``RewardFunctionError``).
 
 The reward library lives in ``grpo_fast.rewards``; the config names functions by import path
 (``"grpo_fast.rewards:accuracy_reward"``, ``"my_rewards:length_penalty"``).
@@ -24,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .data import import_object
+from .errors import RewardFunctionError, one_line
 
 RewardFunction = Callable[..., Sequence[Any]]
 
@@ -57,7 +60,12 @@ def call_reward(function: RewardFunction, prompts, completions, completion_ids, 
     try:
         values = function(prompts=list(prompts), completions=list(completions), completion_ids=completion_ids, **columns)
     except Exception as error:
-        raise RuntimeError(f"reward function {name!r} raised {type(error).__name__}: {error}") from error
+        index = _failing_completion(function, prompts, completions, completion_ids, columns)
+        where = (f"on completion {index}: {str(completions[index])[:80]!r}" if index is not None else
+                 f"on the batch of {len(completions)} completions (on none of them alone; the first: "
+                 f"{str(completions[0])[:80]!r})" if len(completions) else "on an empty batch")
+        raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {one_line(error)} "
+                                  f"{where}") from error
     try:
         values = list(values)
     except TypeError:
@@ -82,6 +90,19 @@ def call_reward(function: RewardFunction, prompts, completions, completion_ids, 
             )
         floats.append(float(value))
     return torch.tensor(floats, dtype=torch.float32)
+
+
+def _failing_completion(function: RewardFunction, prompts, completions, completion_ids,
+                        columns: dict[str, list]) -> int | None:
+    """The first completion the function raises on when called with it alone (None: none does)."""
+    for index in range(len(completions)):
+        try:
+            function(prompts=[prompts[index]], completions=[completions[index]],
+                     completion_ids=None if completion_ids is None else [completion_ids[index]],
+                     **{key: [values[index]] for key, values in columns.items()})
+        except Exception:
+            return index
+    return None
 
 
 def score(

@@ -19,6 +19,12 @@ Then log the step, show samples, evaluate on held-out prompts every ``eval_every
 completions scored by the same reward functions, logged as ``eval/...`` in the step's record and
 per example in ``eval.jsonl``), and checkpoint every ``save_every`` steps and at the end.
 
+Before anything loads, every input is resolved (``grpo_fast.runs`` for the run directory, the
+datasets, the reward functions, the model's source). A run stops early only in ways it can be
+resumed from (``RunLoop``): SIGINT / SIGTERM save the last finished step (``grpo_fast.interrupts``);
+a NaN / inf loss or gradient norm stops before that update, the last checkpoint intact
+(``on_nonfinite: skip`` skips the update instead).
+
     from grpo_fast.trainer import train
     from grpo_fast.config import GRPOConfig
     result = train(GRPOConfig(max_steps=40))      # the embedded demo; result.run_dir holds the log
@@ -34,27 +40,29 @@ import functools
 import math
 import random
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint
 from .config import LOSS_OPTIONS, GRPOConfig
 from .data import (check_prompt_column, load_prompts, load_rows, prompt_indices, render_prompts, take_rows,
                    tokenize_prompts)
+from .errors import NonFiniteError, TrainingInterrupted
 from .evaluation import generate_greedy
+from .interrupts import InterruptGuard, StepAbandoned, UpdateCounter
 from .logits import IDENTITY, LogitTransform, logit_transform
 from .loss import (TOKEN_NORMALISED_LOSS_TYPES, GRPOLossConfig, compute_advantages, grpo_loss, sampler_correction,
                    token_logprobs)
 from .memory import GIB, ModelShape, memory_budget, size_to_budget
 from .metrics import MetricsLogger, step_figures
-from .model import (check_model_logits, completion_hidden_states, is_peft_model, keep_nf4_layout_for_training,
-                    load_model, output_weight, reference_policy, trainable_parameters)
+from .model import (check_model_logits, check_model_source, completion_hidden_states, is_peft_model,
+                    keep_nf4_layout_for_training, load_model, output_weight, reference_policy, trainable_parameters)
 from .rollout import Generate, Rollout, SamplingParams, build_rollout, cut_at_stop_strings, hf_generate
+from .runs import plan_run, start_run
 from .scoring import RewardFunction, Scores, load_reward_functions, score
 
 
@@ -75,22 +83,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_run_dir(config: GRPOConfig) -> Path:
-    """<output_dir>/<run_name>; without a run_name: a new timestamped one, or (resume) the latest run."""
-    output_dir = Path(config.output_dir)
-    if config.run_name is not None:
-        return output_dir / config.run_name
-    if config.resume:
-        runs = sorted(
-            (path for path in output_dir.glob("*") if latest_checkpoint(path) is not None),
-            key=lambda path: latest_checkpoint(path).stat().st_mtime,
-        )
-        if not runs:
-            raise ValueError(f"resume: expected a run with a checkpoint under {str(output_dir)!r}, received none")
-        return runs[-1]
-    return output_dir / f"grpo-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
 def build_optimizer(config: GRPOConfig, model) -> torch.optim.Optimizer:
@@ -265,6 +257,12 @@ def micro_batch_rows(rollout: Rollout, config: GRPOConfig) -> list[torch.Tensor]
     return [torch.tensor(group) for group in groups]
 
 
+def _row_list(rows: torch.Tensor) -> str:
+    """Row indices for a message: "4, 5, 9" (the first eight, then "...")."""
+    shown = ", ".join(str(int(row)) for row in rows[:8])
+    return shown + (", ..." if len(rows) > 8 else "")
+
+
 def micro_batches(rollout: Rollout, config: GRPOConfig, device: torch.device):
     """The rollout's micro-batches (``micro_batch_rows``), each trimmed to its own prompt padding and
     completion length; yields (row indices, tensors on ``device``)."""
@@ -313,10 +311,13 @@ def reference_logprobs(model, reference_model, rollout: Rollout, config: GRPOCon
 
 def optimiser_step(optimizer, scheduler, scaler: torch.amp.GradScaler, parameters, max_grad_norm: float) -> float | None:
     """Clip, step and advance the schedule; returns the gradient norm, or None for a step the scaler
-    skipped (fp16 gradients overflowed: the loss scale halves, and the schedule waits for an update)."""
+    skipped (fp16 gradients overflowed: the loss scale halves, and the schedule waits for an update).
+    Without loss scaling a NaN / inf norm raises ``NonFiniteError`` before the weights change."""
     scaler.unscale_(optimizer)  # clipping and the logged norm see the real gradients
     max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
     norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    if not scaler.is_enabled() and not math.isfinite(norm):  # with loss scaling an overflow is the scaler's
+        raise NonFiniteError(f"grad_norm is {norm}")
     scale = scaler.get_scale()
     scaler.step(optimizer)  # no update when a gradient is inf / nan
     scaler.update()
@@ -384,10 +385,13 @@ def optimise(model, optimizer, scheduler, scaler: torch.amp.GradScaler, rollout:
              old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None, config: GRPOConfig,
              device: torch.device, importance_sampling_ratio: torch.Tensor | None = None,
              entropy_control: EntropyControl | None = None) -> dict[str, float]:
-    """``num_iterations`` optimiser steps on one rollout; returns the averaged loss figures."""
+    """``num_iterations`` optimiser steps on one rollout; returns the averaged loss figures. A NaN / inf
+    loss or gradient norm raises ``NonFiniteError`` before the weights change (``on_nonfinite: stop``)
+    or skips that optimiser step (``skip``: counted as ``nonfinite_skipped``)."""
     active_tokens = float(rollout.completion_mask.sum())
     if active_tokens == 0:  # every completion masked out (all truncated): nothing to learn from
-        return {"loss": 0.0, "grad_norm": 0.0, **loss_scale_figures(scaler, 0)}
+        skipped = {"nonfinite_skipped": 0} if config.on_nonfinite == "skip" else {}
+        return {"loss": 0.0, "grad_norm": 0.0, **loss_scale_figures(scaler, 0), **skipped}
     entropy_control = entropy_control or EntropyControl(config.entropy_coef)
     # dapo, cispo, vespo: normalised by the whole batch's tokens, so that micro-batches add up to TRL's
     # loss; so is bnpo (TRL's normalises each micro-batch by its own tokens, which makes the update
@@ -401,23 +405,27 @@ def optimise(model, optimizer, scheduler, scaler: torch.amp.GradScaler, rollout:
     sums: dict[str, float] = {}
     extremes: dict[str, float] = {}
     grad_norms = []
+    nonfinite_skipped = 0
     sampling_logps = rollout.sampling_logps
-    for _ in range(config.num_iterations):
+    for iteration in range(config.num_iterations):
         coef = entropy_control.applied(config)
         entropy_sum = entropy_count = 0.0
-        for rows, batch in micro_batches(rollout, config, device):
-            tokens = float(batch["completion_mask"].sum())
-            if tokens == 0:
-                continue
-            width = batch["completion_ids"].shape[1]
-            share = 1.0 if token_normalised else batch["completion_ids"].shape[0] / len(rollout)
-            # the bonus is the mean entropy over the whole batch's tokens: this micro-batch's share
-            settings = loss_config(config, active_tokens if token_normalised else None, transform,
-                                   entropy_coef=coef * tokens / (active_tokens * share))
-            ratio = None if importance_sampling_ratio is None else importance_sampling_ratio[rows]
-            with saved_activations(config, device):
-                hidden = completion_hidden_states(model, batch["input_ids"], batch["attention_mask"],
-                                                  batch["prompt_length"])
+        pass_sums: dict[str, float] = {}  # merged into sums only if the pass's update is taken
+        pass_extremes: dict[str, float] = {}
+        try:
+            for rows, batch in micro_batches(rollout, config, device):
+                tokens = float(batch["completion_mask"].sum())
+                if tokens == 0:
+                    continue
+                width = batch["completion_ids"].shape[1]
+                share = 1.0 if token_normalised else batch["completion_ids"].shape[0] / len(rollout)
+                # the bonus is the mean entropy over the whole batch's tokens: this micro-batch's share
+                settings = loss_config(config, active_tokens if token_normalised else None, transform,
+                                       entropy_coef=coef * tokens / (active_tokens * share))
+                with saved_activations(config, device):
+                    hidden = completion_hidden_states(model, batch["input_ids"], batch["attention_mask"],
+                                                      batch["prompt_length"])
+                ratio = None if importance_sampling_ratio is None else importance_sampling_ratio[rows]
                 out = grpo_loss(
                     hidden, weight.to(hidden.dtype),
                     batch["completion_ids"], batch["completion_mask"],
@@ -428,30 +436,51 @@ def optimise(model, optimizer, scheduler, scaler: torch.amp.GradScaler, rollout:
                     importance_sampling_ratio=None if ratio is None else ratio[:, :width].to(device),
                     sampling_logps=None if sampling_logps is None else sampling_logps[rows, :width].to(device),
                 )
-            scaler.scale(out.loss * share).backward()
-            sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * share
-            for name, value in out.metrics.items():
-                if name.endswith("_min") or name.endswith("_max"):  # extremes over the micro-batches
-                    pick = min if name.endswith("_min") else max
-                    if not math.isnan(float(value)):
-                        extremes[name] = pick(extremes.get(name, float(value)), float(value))
-                else:
-                    sums[name] = sums.get(name, 0.0) + float(value) * tokens
-            sums["_tokens"] = sums.get("_tokens", 0.0) + tokens
-            entropy_sum += float(out.entropy.sum())
-            entropy_count += tokens
-        grad_norms.append(optimiser_step(optimizer, scheduler, scaler, parameters, config.max_grad_norm))
+                scaler.scale(out.loss * share).backward()
+                loss_value = float(out.loss.detach())  # the host reads it after queuing the backward
+                if not math.isfinite(loss_value):
+                    raise NonFiniteError(f"loss is {loss_value} (completions {_row_list(rows)})")
+                pass_sums["loss"] = pass_sums.get("loss", 0.0) + loss_value * share
+                for name, value in out.metrics.items():
+                    if name.endswith("_min") or name.endswith("_max"):
+                        _keep_extreme(pass_extremes, name, float(value))
+                    else:
+                        pass_sums[name] = pass_sums.get(name, 0.0) + float(value) * tokens
+                pass_sums["_tokens"] = pass_sums.get("_tokens", 0.0) + tokens
+                entropy_sum += float(out.entropy.sum())
+                entropy_count += tokens
+            norm = optimiser_step(optimizer, scheduler, scaler, parameters, config.max_grad_norm)
+        except NonFiniteError as error:
+            optimizer.zero_grad(set_to_none=True)  # the weights are as the last update left them
+            if config.on_nonfinite == "stop":
+                raise NonFiniteError(f"{error} in optimisation pass {iteration + 1} of {config.num_iterations}") from None
+            nonfinite_skipped += 1
+            continue
+        grad_norms.append(norm)
+        for name, value in pass_sums.items():
+            sums[name] = sums.get(name, 0.0) + value
+        for name, value in pass_extremes.items():
+            _keep_extreme(extremes, name, value)
         entropy_control.update(entropy_sum / max(entropy_count, 1.0), config)
     tokens = sums.pop("_tokens", 1.0)
     figures = {name: value / tokens for name, value in sums.items() if name != "loss"}
     figures.update(extremes)
-    figures["loss"] = sums.get("loss", 0.0) / config.num_iterations
+    figures["loss"] = sums["loss"] / len(grad_norms) if grad_norms else math.nan
     taken = [norm for norm in grad_norms if norm is not None]  # a skipped step's norm is inf / nan
     figures["grad_norm"] = sum(taken) / len(taken) if taken else math.nan
     figures.update(loss_scale_figures(scaler, len(grad_norms) - len(taken)))
+    if config.on_nonfinite == "skip":
+        figures["nonfinite_skipped"] = nonfinite_skipped
     if config.entropy_coef != 0.0 or config.use_adaptive_entropy:
         figures["entropy_coef"] = entropy_control.coef
     return figures
+
+
+def _keep_extreme(extremes: dict[str, float], name: str, value: float) -> None:
+    """The smallest ``*_min`` / largest ``*_max`` metric over micro-batches and passes (NaN: none)."""
+    if not math.isnan(value):
+        pick = min if name.endswith("_min") else max
+        extremes[name] = pick(extremes.get(name, value), value)
 
 
 def train_step(model, reference_model, tokenizer, optimizer, scheduler, scaler, functions, rows: list[dict],
@@ -493,10 +522,10 @@ def load_eval_rows(config: GRPOConfig, rows=None) -> list[dict[str, Any]]:
     if rows is None:
         source = config.eval_dataset
         rows = load_rows(config.eval_dataset, config_name=config.eval_dataset_config or config.dataset_config,
-                         split=config.eval_dataset_split)
+                         split=config.eval_dataset_split, key="eval_dataset")
     if len(rows) == 0:
         raise ValueError("eval_dataset: expected at least one held-out row, received an empty dataset")
-    check_prompt_column(rows, config.prompt_column, source)
+    check_prompt_column(rows, config.prompt_column, source, key="eval_dataset")
     count = len(rows) if config.eval_limit is None else min(config.eval_limit, len(rows))
     return take_rows(rows, range(count))
 
@@ -543,6 +572,98 @@ def evaluate_held_out(model, tokenizer, rows: list[dict[str, Any]], functions: S
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StepStart:
+    """What a step changes besides the weights, as it was before the step: enough to save the step
+    before it when the step is abandoned before its first update (``interrupts.UpdateCounter``)."""
+
+    position: int
+    rng: dict[str, Any]
+    scaler: dict[str, Any]
+    entropy_control: dict[str, float]
+
+    @classmethod
+    def capture(cls, position: int, scaler: torch.amp.GradScaler, entropy_control: EntropyControl) -> "StepStart":
+        return cls(position, rng_state(), scaler.state_dict(), entropy_control.state())
+
+
+@dataclass
+class RunLoop:
+    """One run's steps (rollout, update, log, evaluate, checkpoint on schedule) and the ways it stops
+    early, each leaving the run resumable: an interrupt, a non-finite step."""
+
+    config: GRPOConfig
+    run_dir: Path
+    model: Any
+    reference_model: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    entropy_control: EntropyControl
+    functions: Sequence[RewardFunction]
+    dataset: Any
+    eval_rows: list[dict[str, Any]] | None
+    generate: Generate
+    device: torch.device
+    logger: MetricsLogger
+    position: int = 0  # prompts consumed
+    saved: int | None = None  # the last step with a checkpoint
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def step(self, step: int) -> None:
+        config = self.config
+        indices = prompt_indices(self.position, config.prompts_per_step, len(self.dataset), config.seed, config.shuffle)
+        record, rollout, scores = train_step(self.model, self.reference_model, self.tokenizer, self.optimizer,
+                                             self.scheduler, self.scaler, self.functions,
+                                             take_rows(self.dataset, indices), config, self.generate, self.device,
+                                             self.entropy_control)
+        self.position += config.prompts_per_step
+        record = {"step": step, "data_position": self.position, **record}
+        if self.eval_rows and config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
+            started = time.perf_counter()
+            figures, examples = evaluate_held_out(self.model, self.tokenizer, self.eval_rows, self.functions, config)
+            record.update(figures)
+            record["time/eval"] = time.perf_counter() - started
+            self.logger.eval_examples(step, examples)
+        self.history.append(record)
+        self.logger.log(record)
+        if config.sample_every and step % config.sample_every == 0:
+            self.logger.samples(step, rollout, scores, config.num_samples)
+        if step == config.max_steps or (config.save_every and step % config.save_every == 0):
+            self.save(step)
+
+    def save(self, step: int, start: StepStart | None = None) -> None:
+        """The live state as ``step``'s checkpoint; with ``start``, the states a step began with (the
+        weights and optimiser still the step before's)."""
+        save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler, self.tokenizer,
+                        scaler=self.scaler, data_position=start.position if start else self.position,
+                        config=self.config, keep_last=self.config.save_total_limit,
+                        extra_state={"entropy_control": start.entropy_control if start else self.entropy_control.state()},
+                        rng=start.rng if start else None, scaler_state=start.scaler if start else None)
+        self.saved = step
+
+    def stopped(self, step: int, signal_number: int) -> TrainingInterrupted:
+        """The first signal: ``step`` finished; it is saved (if its schedule did not)."""
+        if self.saved != step:
+            self.save(step)
+        return TrainingInterrupted(run_dir=self.run_dir, step=step, signal_number=signal_number,
+                                   what=f"step {step} finished")
+
+    def abandoned(self, step: int, start: StepStart, signal_number: int, updated: bool) -> TrainingInterrupted:
+        """The second signal, inside ``step``: the step before is saved if this one had not updated the
+        weights yet (with the RNG and loss-scale states this one started from)."""
+        if not updated and step > 1 and self.saved != step - 1:
+            self.save(step - 1, start)
+        return TrainingInterrupted(run_dir=self.run_dir, step=self.saved, signal_number=signal_number,
+                                   what=f"step {step} abandoned")
+
+    def non_finite(self, step: int, error: NonFiniteError) -> NonFiniteError:
+        kept = f"the last checkpoint, step {self.saved}, is intact" if self.saved is not None else "no checkpoint was saved"
+        return NonFiniteError(f"step {step}: {error}; stopped without saving step {step} ({kept}); set "
+                              "on_nonfinite: skip to skip such optimiser steps instead")
+
+
 def train(
     config: GRPOConfig,
     *,
@@ -555,32 +676,39 @@ def train(
 ) -> TrainResult:
     """Train with ``config``. ``model``/``tokenizer``, ``dataset`` and ``eval_dataset`` (rows with
     ``prompt_column``) and ``reward_functions`` (callables or import paths) override the config's
-    when given."""
+    when given.
+
+    Every input is resolved before the model loads (run directory, datasets, reward functions, model
+    source); errors are ``ValueError``s naming the key. During training a reward function that
+    raises is a ``RewardFunctionError``, a NaN / inf loss or gradient norm a ``NonFiniteError``
+    (``on_nonfinite: stop``), and SIGINT / SIGTERM a ``TrainingInterrupted`` after the last finished
+    step was saved (``grpo_fast.interrupts``)."""
     if config.eval_every > 0 and config.eval_dataset is None and eval_dataset is None:
         raise ValueError("eval_dataset: expected held-out rows (config or argument) with eval_every > 0, received None")
-    seed_everything(config.seed)
-    run_dir = resolve_run_dir(config)
     if (model is None) != (tokenizer is None):
         raise ValueError("model / tokenizer: expected both or neither, received only one")
-    if model is None:
-        model, tokenizer = load_model(config)
-    keep_nf4_layout_for_training(model)  # also for models passed in (see its docstring)
-    # the loss's log-probs are the model's: its logit transform known (else refused) and checked once
-    check_model_logits(model, logit_transform(model))
-    device = next(model.parameters()).device
-    if generate is None:
-        generate = rollout_sampler(config, device, tokenizer)
+    plan = plan_run(config)
+    seed_everything(config.seed)
     if dataset is None:
         dataset = load_prompts(config)
     else:
         check_prompt_column(dataset, config.prompt_column, "dataset argument")
     functions = load_reward_functions(reward_functions if reward_functions is not None else config.reward_functions)
-    config = fit_to_memory(config, model, tokenizer, dataset, device)
     if reward_functions is not None and config.reward_weights is not None and len(config.reward_weights) != len(functions):
         raise ValueError(f"reward_weights: expected {len(functions)} weights, received {len(config.reward_weights)}")
     eval_rows = None
     if eval_dataset is not None or config.eval_every > 0:
         eval_rows = load_eval_rows(config, eval_dataset)
+    if model is None:
+        check_model_source(config)
+        model, tokenizer = load_model(config)
+    keep_nf4_layout_for_training(model)  # also for models passed in (see its docstring)
+    # the loss's log-probs are the model's: its logit transform known (else refused) and checked once
+    check_model_logits(model, logit_transform(model))
+    device = next(model.parameters()).device
+    config = fit_to_memory(config, model, tokenizer, dataset, device)  # before anything is sized from it
+    if generate is None:
+        generate = rollout_sampler(config, device, tokenizer)
     reference_model = None
     if config.beta > 0 and not is_peft_model(model):  # full fine-tuning: a frozen copy is the reference
         reference_model = copy.deepcopy(model).requires_grad_(False).eval()
@@ -589,41 +717,33 @@ def train(
     scaler = build_grad_scaler(config, model, device)
     entropy_control = EntropyControl(config.entropy_coef)
 
-    start_step, position = 0, 0
-    if config.resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise ValueError(f"resume: expected a complete checkpoint under {str(run_dir)!r}, received none")
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler=scaler)
-        start_step, position = state["step"], state["data_position"]
+    position = 0
+    if plan.checkpoint is not None:
+        state = load_checkpoint(plan.checkpoint, model, optimizer, scheduler, scaler=scaler)
+        position = state["data_position"]
         if state.get("entropy_control"):  # the adaptive coefficient where the run left it
             entropy_control = EntropyControl(state["entropy_control"]["entropy_coef"],
                                              state["entropy_control"]["last_entropy"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = MetricsLogger(run_dir, config, start_step=start_step)
-    history = []
+        print(f"resuming run {plan.run_dir} from step {plan.step} ({plan.checkpoint.name}); training steps "
+              f"{plan.step + 1}-{config.max_steps}", flush=True)
+    start_run(plan)
+    loop = RunLoop(config, plan.run_dir, model, reference_model, tokenizer, optimizer, scheduler, scaler,
+                   entropy_control, functions, dataset, eval_rows, generate, device,
+                   MetricsLogger(plan.run_dir, config, start_step=plan.step), position,
+                   saved=plan.step if plan.checkpoint is not None else None)
     try:
-        for step in range(start_step + 1, config.max_steps + 1):
-            indices = prompt_indices(position, config.prompts_per_step, len(dataset), config.seed, config.shuffle)
-            rows = take_rows(dataset, indices)
-            record, rollout, scores = train_step(model, reference_model, tokenizer, optimizer, scheduler, scaler,
-                                                 functions, rows, config, generate, device, entropy_control)
-            position += config.prompts_per_step
-            record = {"step": step, "data_position": position, **record}
-            if eval_rows and config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
-                started = time.perf_counter()
-                figures, examples = evaluate_held_out(model, tokenizer, eval_rows, functions, config)
-                record.update(figures)
-                record["time/eval"] = time.perf_counter() - started
-                logger.eval_examples(step, examples)
-            history.append(record)
-            logger.log(record)
-            if config.sample_every and step % config.sample_every == 0:
-                logger.samples(step, rollout, scores, config.num_samples)
-            if step == config.max_steps or (config.save_every and step % config.save_every == 0):
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer, scaler=scaler,
-                                data_position=position, config=config, keep_last=config.save_total_limit,
-                                extra_state={"entropy_control": entropy_control.state()})
+        with InterruptGuard() as interrupts, UpdateCounter(optimizer) as updates:
+            for step in range(plan.step + 1, config.max_steps + 1):
+                start = StepStart.capture(loop.position, scaler, loop.entropy_control)
+                updates.reset()
+                try:
+                    loop.step(step)
+                except StepAbandoned as abandoned:
+                    raise loop.abandoned(step, start, abandoned.signal_number, updated=updates.count > 0) from None
+                except NonFiniteError as error:
+                    raise loop.non_finite(step, error) from None
+                if interrupts.requested:
+                    raise loop.stopped(step, interrupts.signal_number)
     finally:
-        logger.close()
-    return TrainResult(run_dir=run_dir, history=history, model=model, tokenizer=tokenizer)
+        loop.logger.close()
+    return TrainResult(run_dir=plan.run_dir, history=loop.history, model=model, tokenizer=tokenizer)

@@ -60,11 +60,30 @@ def _result(loss, logp, entropy, kl, policy: Optional[Policy], low, high, entrop
     return FusedResult(loss, logp, entropy, kl, low, high, (loss - bonus).detach(), phi, per_sequence)
 
 
+def log_sum_exp(z: Tensor) -> Tensor:
+    """Row-wise max + log(sum(exp(z - max))), as the Triton kernel and log_softmax compute it: a row with
+    an infinite logit gives NaN (torch.logsumexp gives inf there, and the target's log-prob would be a
+    plausible -inf instead of NaN)."""
+    m = z.amax(dim=-1, keepdim=True)
+    return m.squeeze(-1) + torch.log(torch.exp(z - m).sum(dim=-1))
+
+
+# The token tile of the chunk's GEMMs (cuBLAS's and Triton's largest M tile): a chunk that is not a
+# multiple of it ends in a partly empty row of tiles (882 tokens = 6.9 tiles of 128).
+GEMM_TILE_TOKENS = 128
+
+
 def chunk_tokens(n: int, vocab: int, bytes_per_logit: int, cfg: KernelConfig, chunk_size: Optional[int]) -> int:
+    """Tokens per chunk: `chunk_size`, else as many as `cfg.chunk_bytes` holds, rounded down to a
+    multiple of GEMM_TILE_TOKENS when it holds more than one tile (so never above the budget). The
+    training and no-grad passes both chunk with this, so they read the same logits."""
     if chunk_size is not None:
         return max(1, min(n, chunk_size))
     per_token = max(1, vocab * bytes_per_logit)
-    return max(1, min(n, cfg.chunk_bytes // per_token))
+    budget = cfg.chunk_bytes // per_token
+    if budget > GEMM_TILE_TOKENS:
+        budget -= budget % GEMM_TILE_TOKENS
+    return max(1, min(n, budget))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +99,7 @@ def _logprobs_torch(head: Head, hidden, targets, spec: LossSpec, chunk) -> tuple
         end = min(n, start + chunk)
         z, _ = transform_logits_(head.logits(hidden[start:end]), spec.logit_scale, spec.logit_softcap)
         z.mul_(1.0 / spec.temperature)
-        lse = torch.logsumexp(z, dim=-1)
+        lse = log_sum_exp(z)
         logp[start:end] = z.gather(1, targets[start:end, None]).squeeze(1) - lse
         log_p = z.sub_(lse[:, None])
         entropy[start:end] = -(log_p.exp() * log_p).sum(-1)
@@ -171,7 +190,7 @@ def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, policy: Opt
     inv_t = 1.0 / spec.temperature
     z, dz = transform_logits_(logits, spec.logit_scale, spec.logit_softcap, want_derivative=True)
     z.mul_(inv_t)
-    lse = torch.logsumexp(z, dim=-1)
+    lse = log_sum_exp(z)
     logp = z.gather(1, inputs.targets[:, None]).squeeze(1) - lse
     log_p = z.sub_(lse[:, None])
     entropy = -(log_p.exp() * log_p).sum(-1)

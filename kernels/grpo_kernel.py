@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .config import KernelConfig
+from .launch import launch
 from .tl_math import transform_logits
 
 # POLICY values (constexpr): the policy term's coefficient read from memory, or one of the surrogates
@@ -123,7 +124,8 @@ def _grpo_row_kernel(
             w = tl.load(weight_ptr + row)
             loss = 0.0
             grad = 0.0
-            log_ratio = 0.0
+            # on-policy: logp - sg(logp), 0 unless logp is NaN / inf, which must reach the loss
+            log_ratio = logp - logp
             if HAS_OLD:
                 log_ratio = logp - tl.load(old_ptr + row)
             if POLICY == 0:
@@ -137,20 +139,22 @@ def _grpo_row_kernel(
                     c1_used = c1
                     d1 = adv * c1
                     if HAS_DELTA:
-                        c1_used = tl.minimum(c1, delta)
+                        c1_used = tl.minimum(c1, delta, propagate_nan=tl.PropagateNan.ALL)
                         d1 = tl.where(c1 <= delta, d1, 0.0)
                     l1 = c1_used * adv
                     l2 = c2 * adv
                     d2 = tl.where((c1 >= clip_low) & (c1 <= clip_high), adv * c1, 0.0)
                     d_min = tl.where(l1 < l2, d1, tl.where(l1 > l2, d2, 0.5 * (d1 + d2)))
-                    loss = -tl.minimum(l1, l2) * wp
+                    # min / max drop a NaN operand unless told otherwise: a NaN ratio must make the loss NaN
+                    loss = -tl.minimum(l1, l2, propagate_nan=tl.PropagateNan.ALL) * wp
                     grad = -d_min * wp
                     low = (c1_used < clip_low) & (adv < 0.0)
                     high = (c1_used > clip_high) & (adv > 0.0)
                     tl.store(low_ptr + row, tl.where(low, 1.0, 0.0))
                     tl.store(high_ptr + row, tl.where(high, 1.0, 0.0))
                 elif POLICY == 2:
-                    coefficient = -tl.minimum(c1, cispo_max) * adv * wp  # the ratio carries no gradient
+                    # the ratio carries no gradient
+                    coefficient = -tl.minimum(c1, cispo_max, propagate_nan=tl.PropagateNan.ALL) * adv * wp
                     loss = coefficient * logp
                     grad = coefficient
                     tl.store(high_ptr + row, tl.where((c1 > cispo_max) & (adv > 0.0), 1.0, 0.0))
@@ -279,11 +283,11 @@ def grpo_rows_triton(
         num_warps=cfg.row_num_warps,
     )
     if not split:
-        _grpo_row_kernel[(n,)](*args, dummy, *scalars, PASS1=True, PASS2=True, SCALED=False, **flags)
+        launch(_grpo_row_kernel, (n,), *args, dummy, *scalars, PASS1=True, PASS2=True, SCALED=False, **flags)
         return
-    _grpo_row_kernel[(n,)](*args, dummy, *scalars, PASS1=True, PASS2=False, SCALED=False, **flags)
+    launch(_grpo_row_kernel, (n,), *args, dummy, *scalars, PASS1=True, PASS2=False, SCALED=False, **flags)
     scale = grad_scale(grad)
-    _grpo_row_kernel[(n,)](*args, scale, *scalars, PASS1=False, PASS2=True, SCALED=True, **flags)
+    launch(_grpo_row_kernel, (n,), *args, scale, *scalars, PASS1=False, PASS2=True, SCALED=True, **flags)
 
 
 def logprob_rows_triton(
@@ -304,8 +308,8 @@ def logprob_rows_triton(
     if n == 0:
         return
     assert logits.dtype == torch.float32 and logits.stride(1) == 1
-    _grpo_row_kernel[(n,)](
-        logits, logits.stride(0), logits, logits.stride(0), targets,
+    launch(
+        _grpo_row_kernel, (n,), logits, logits.stride(0), logits, logits.stride(0), targets,
         *([logp] * 8), logp, entropy, *([logp] * 7),
         V, 1.0 / temperature, float(logit_scale), float(logit_softcap) if logit_softcap is not None else 1.0,
         0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,

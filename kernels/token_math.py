@@ -167,6 +167,13 @@ def gamma_weight(seq_log_ratio_sum: Tensor, advantages: Tensor, spec: LossSpec) 
     return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def log_importance_ratio(logp: Tensor, old_logps: Optional[Tensor]) -> Tensor:
+    """logp - old; on-policy (no old) logp - sg(logp) as TRL: 0 for a finite log-prob, NaN for a NaN or
+    infinite one, so that a non-finite log-prob reaches the loss (a constant 0 would leave the loss
+    finite beside NaN gradients)."""
+    return logp - (logp if old_logps is None else old_logps)
+
+
 def kl_terms(logp: Tensor, ref_logps: Tensor):
     """k3 KL estimate per token and its derivative w.r.t. logp."""
     diff = ref_logps - logp
@@ -215,7 +222,7 @@ def whole_batch_policy(logp: Tensor, entropy: Tensor, inputs: TokenInputs, spec:
     adv = inputs.advantages
     seq_adv = torch.zeros(inputs.num_sequences, device=logp.device, dtype=torch.float32)
     seq_adv[idx] = adv
-    log_ratio = torch.zeros_like(logp) if inputs.old_logps is None else logp - inputs.old_logps
+    log_ratio = log_importance_ratio(logp, inputs.old_logps)
 
     multiplier = torch.ones_like(logp)  # the masks on the policy term
     entropy_mask = None
@@ -304,7 +311,7 @@ def token_terms(logp: Tensor, entropy: Tensor, inputs: TokenInputs, spec: LossSp
     with `spec.whole_batch`, `policy` is `whole_batch_policy` of all tokens and `start` the slice's offset."""
     w = inputs.token_weight
     n = logp.shape[0]
-    log_ratio = torch.zeros_like(logp) if inputs.old_logps is None else logp - inputs.old_logps
+    log_ratio = log_importance_ratio(logp, inputs.old_logps)
     if policy is not None:
         end = start + n
         loss = torch.zeros_like(logp)

@@ -136,6 +136,24 @@ def test_compiled_trained_head_accumulates_in_fp32():
     test_trained_head_gradient_accumulates_in_fp32("triton")
 
 
+@pytest.mark.parametrize("options", [{}, {"delta": 1.5}, {"loss_type": "cispo", "epsilon_high": 5.0},
+                                     {"loss_type": "sapo"}], ids=["clip", "delta", "cispo", "sapo"])
+@pytest.mark.parametrize("poison", ["hidden-nan", "hidden-inf", "old-nan"])
+def test_compiled_loss_is_non_finite_for_non_finite_inputs(options, poison):
+    """Compiled Triton's minimum / maximum return the other operand of a NaN unless told to propagate
+    it (the interpreter's numpy fmin does the same): the bf16 loss must still turn non-finite."""
+    hidden, weight, ids, mask, advantages, old, _ = _head_case(torch.bfloat16, tokens=64)
+    hidden = hidden.clone()
+    if poison == "old-nan":
+        old = old.clone()
+        old[0, 3] = math.nan
+    else:
+        hidden[0, 3, 5] = math.nan if poison == "hidden-nan" else math.inf
+    out = grpo_loss(hidden.requires_grad_(True), weight, ids, mask, advantages=advantages, old_logps=old,
+                    config=GRPOLossConfig(**options), backend="triton")
+    assert not math.isfinite(float(out.loss)), (options, poison, float(out.loss))
+
+
 # ----------------------------------------------------------------------------------------------
 # The NF4 matmul and the rollout engine
 # ----------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_local_jsonl_and_missing_prompt_column(tmp_path):
 
 
 def test_dataset_errors(tmp_path):
-    with pytest.raises(ValueError, match="dataset: expected an existing file"):
+    with pytest.raises(ValueError, match=r"dataset: expected an existing \.jsonl/\.json/\.parquet file, received .*missing.jsonl. \(not found\)"):
         load_prompts(GRPOConfig(dataset=str(tmp_path / "missing.jsonl")))
     with pytest.raises(ValueError, match="dataset: module 'grpo_fast.tasks' has no attribute 'nope'"):
         load_prompts(GRPOConfig(dataset="grpo_fast.tasks:nope"))
@@ -196,8 +196,13 @@ def _nan(prompts, completions, completion_ids, **columns):
     return [float("nan"), 1.0]
 
 
+def _fails_on_b(prompts, completions, completion_ids, **columns):
+    return [1.0 / (completion != "b") for completion in completions]
+
+
 @pytest.mark.parametrize("function, message", [
-    (_raises, r"reward function '_raises' raised KeyError"),
+    (_raises, r"reward function '_raises' raised KeyError: 'answer' on completion 0: 'a'"),
+    (_fails_on_b, r"reward function '_fails_on_b' raised ZeroDivisionError: float division by zero on completion 1: 'b'"),
     (_short, r"reward function '_short': expected 2 values \(one per completion\), received 1"),
     (_text, r"reward function '_text': expected a finite number or None for completion 1, received 'high'"),
     (_nan, r"reward function '_nan': expected a finite number or None for completion 0, received nan"),
