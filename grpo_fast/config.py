@@ -110,7 +110,7 @@ class GRPOConfig:
     num_iterations: int = 2  # optimisation passes over each generation batch (>1 computes old log-probs)
     micro_batch_size: int = 16  # completions per forward/backward; gradients accumulate over the batch
     micro_batch_tokens: int | None = None  # pack micro-batches by tokens (prompt + completion, padded) up to this many instead of micro_batch_size rows: a long completion trains alone, short ones together; None: rows (or sized to max_memory_gb)
-    max_memory_gb: float | None = None  # the device memory the run may use: micro-batches (and the check before the first step) size themselves to it; None: the device's free memory less 10% on CUDA, no limit on CPU
+    max_memory_gb: float | None = None  # the device memory the run may use: the rollout's waves and the micro-batches (and the check before the first step) size themselves to it; None: on CUDA the model's memory plus the free memory less 10%, no limit on CPU
     activation_offload: bool = False  # with gradient_checkpointing: keep the saved block inputs in pinned CPU memory until backward (very long sequences)
     loss_backend: str = "auto"  # fused-loss backend: auto | triton | torch | reference
     loss_chunk_size: int | None = None  # tokens per loss chunk (None: the loss's default memory budget)

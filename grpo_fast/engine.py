@@ -33,7 +33,11 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    ``sync_every`` checks; a matched row stops and every completion is finally cut right after the
    token that completes its first stop string (``rollout.cut_at_stop_strings``), so the result is
    as if it had stopped there; the tokens sampled in between are discarded.
-6. **On CUDA**: the one-token decode step is compiled with ``torch.compile(mode="reduce-overhead")``
+6. **Within a KV budget** (``max_kv_bytes``): when the cache for all of a call's rows would not fit,
+   the prompts decode in waves of as many whole groups as the budget holds, one cache reused by
+   every wave (a group's rows share their prompt's prefill, so a group never splits). Greedy
+   tokens equal one big batch's; sampled ones come from the same generator, continued.
+7. **On CUDA**: the one-token decode step is compiled with ``torch.compile(mode="reduce-overhead")``
    (CUDA graphs; falls back to eager with a warning when compiling fails), and the decode loop runs
    inside ``grpo_fast.nf4.fused_nf4_decode`` (the NF4 matmul that dequantises on chip) when that
    module is present. Both are off on CPU.
@@ -332,13 +336,17 @@ class RolloutEngine:
     ``cuda_graphs``: compile the decode step on CUDA; ``fused_nf4``: decode NF4 layers with the fused
     matmul on CUDA; ``seed``: seeds the engine's generator once (None: each call draws a seed from
     torch's global RNG, so ``torch.manual_seed`` and a restored RNG state reproduce runs);
-    ``tokenizer``: needed for stop strings.
+    ``tokenizer``: needed for stop strings; ``max_kv_bytes``: the KV cache's budget in bytes (None: all
+    of a call's rows at once), the prompts decode in waves of whole groups that fit it.
     """
 
     def __init__(self, *, sync_every: int = 8, compact: bool = True, cuda_graphs: bool = True,
-                 fused_nf4: bool = True, seed: int | None = None, tokenizer=None):
+                 fused_nf4: bool = True, seed: int | None = None, tokenizer=None, max_kv_bytes: int | None = None):
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every: expected an integer >= 1, received {sync_every!r}")
+        if max_kv_bytes is not None and not (isinstance(max_kv_bytes, (int, float)) and max_kv_bytes > 0):
+            raise ValueError(f"max_kv_bytes: expected a positive number of bytes or None, received {max_kv_bytes!r}")
+        self.max_kv_bytes = max_kv_bytes
         self.sync_every, self.compact = sync_every, compact
         self.cuda_graphs, self.fused_nf4 = cuda_graphs, fused_nf4
         self.seed, self.tokenizer = seed, tokenizer
@@ -429,16 +437,25 @@ class RolloutEngine:
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
+        prompts_per_wave = self.prompts_per_wave(decoder.config, prompt_ids, params,
+                                                 decoder.get_input_embeddings().weight.dtype)
+        generator = self._generator_for(device, seed)
+        waves = []
         try:
             with _mask_friendly_attention(model) as implementation:
-                tokens, logprobs, slots = self._decode(decoder, head, transform, prompt_ids, params, implementation,
-                                                       device, self._generator_for(device, seed), tokenizer)
+                for start in range(0, len(prompt_ids), prompts_per_wave):
+                    waves.append(self._decode(decoder, head, transform, prompt_ids[start:start + prompts_per_wave],
+                                              params, implementation, device, generator, tokenizer,
+                                              capacity=min(prompts_per_wave, len(prompt_ids)) * params.num_generations))
         finally:
             model.train(was_training)
             if not self._uses_cuda_graphs(device):
                 # Without CUDA graphs nothing needs the buffers' addresses to stay: free them for the
                 # training pass. With graphs they stay (a replay reads and writes them in place).
                 self.release()
+        tokens = torch.cat([wave[0] for wave in waves])
+        logprobs = torch.cat([wave[1] for wave in waves])
+        slots = [count for wave in waves for count in wave[2]]
         completions, completion_logprobs = [], []
         for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
             ids = cut_at_eos(row, params.eos_token_ids, params.max_completion_length)
@@ -448,9 +465,28 @@ class RolloutEngine:
             completion_logprobs.append(row_logprobs[: len(ids)])
         return EngineOutput(completions, completion_logprobs, slots)
 
+    def prompts_per_wave(self, config, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
+                         dtype: torch.dtype) -> int:
+        """How many prompts (with their groups) decode together: all, or as many as ``max_kv_bytes``
+        holds at the call's cache length (the longest prompt plus ``max_completion_length``)."""
+        if self.max_kv_bytes is None:
+            return max(1, len(prompt_ids))
+        width = max(len(prompt) for prompt in prompt_ids)
+        length = -(-(width + params.max_completion_length) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        group_bytes = (params.num_generations * config.num_hidden_layers * 2 * kv_heads * head_dim * length
+                       * torch.empty((), dtype=dtype).element_size())
+        prompts = int(self.max_kv_bytes // group_bytes)
+        if prompts < 1:
+            raise ValueError(f"max_kv_bytes: expected room for one group's KV cache ({params.num_generations} rows "
+                             f"x {length} tokens: {group_bytes:,} bytes), received {int(self.max_kv_bytes):,}; "
+                             "lower max_completion_length or num_generations, or raise the budget")
+        return min(prompts, len(prompt_ids))
+
     def _decode(self, decoder, head, transform: LogitTransform, prompt_ids, params: SamplingParams,
                 implementation: str, device: torch.device, generator: torch.Generator,
-                tokenizer) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                tokenizer, capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         group, max_new = params.num_generations, params.max_completion_length
         ids, prompt_mask = (tensor.to(device) for tensor in pad(prompt_ids, params.pad_token_id, left=True))
         prompts, width = ids.shape
@@ -458,7 +494,7 @@ class RolloutEngine:
         _check_full_attention(decoder.config, width + max_new)
         length = -(-(width + max_new) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
         num_layers = decoder.config.num_hidden_layers
-        cache = self._cache_for(num_layers, rows, length, device)
+        cache = self._cache_for(num_layers, max(rows, capacity), length, device)  # a wave's rows: a prefix
         length = cache.length
         cache_keyword = _cache_keyword(decoder)
         dtype = decoder.get_input_embeddings().weight.dtype

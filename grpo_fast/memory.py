@@ -9,7 +9,9 @@ Each term is a formula in the model's shape (its Hugging Face config) and the ru
                  256 blocks: double quantisation), everything else in the compute dtype
     trainable    LoRA (or all) parameters: fp32 value + gradient + AdamW moments (16 B / param; 8-bit
                  AdamW 10 B), in the parameters' dtype for full fine-tuning
-    rollout KV   rows x (prompt + completion, rounded to 64) x layers x 2 x kv_heads x head_dim x 2 B
+    rollout KV   rows decoding together x (prompt + completion, rounded to 64) x layers x 2 x kv_heads
+                 x head_dim x 2 B: all of a step's rows, or within a budget the waves of whole groups
+                 the engine decodes (``rollout_rows``: at least one group)
     activations  per token: layers x (a hidden + b intermediate + c kv_dim + d) + (e hidden + ...)
                  bytes at the peak of forward + backward (the tensors autograd keeps for a Llama /
                  Qwen2 block with LoRA on every Linear, SDPA attention: no tokens^2 term, plus the
@@ -159,11 +161,12 @@ _CONFIGURED = object()
 
 def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_length: Optional[int] = None,
              micro_batch_tokens=_CONFIGURED, dtype_bytes: Optional[int] = None,
-             loss_chunk_bytes: int = 512 * 1024 ** 2) -> MemoryEstimate:
+             loss_chunk_bytes: int = 512 * 1024 ** 2, rollout_rows: Optional[int] = None) -> MemoryEstimate:
     """The memory terms of one step of ``config`` (a grpo_fast.config.GRPOConfig) on a model of ``shape``.
 
     ``prompt_length``: the longest prompt in tokens (the engine pads a step's prompts to it);
-    ``completion_length``, ``micro_batch_tokens``: default the config's."""
+    ``completion_length``, ``micro_batch_tokens``: default the config's; ``rollout_rows``: the rows the
+    engine decodes together (default all of the step's; fewer when it decodes in waves)."""
     from .config import lora_enabled
 
     completion = completion_length or config.max_completion_length
@@ -181,12 +184,13 @@ def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_
         terms["trainable state"] = shape.lora_params(config.lora_r) * (4 + 4 + optimizer_bytes)
     else:  # gradients and AdamW moments in the parameters' dtype
         terms["trainable state"] = (shape.linear_params + shape.other_params) * dtype_bytes * (1 + 2)
-    # rollout: every row's KV at once (the engine decodes a step's rows together), the prompts' prefill
-    terms["rollout KV cache"] = rows * width * shape.kv_bytes_per_token(2 if compute == 2 else 4)
+    # rollout: the KV of the rows decoding together (a wave of whole groups), their prompts' prefill
+    wave = rows if rollout_rows is None else max(config.num_generations, min(rows, rollout_rows))
+    terms["rollout KV cache"] = wave * width * shape.kv_bytes_per_token(2 if compute == 2 else 4)
     # no-grad prefill: about one block's activations at a time
-    terms["rollout prefill"] = config.prompts_per_step * prompt_length * _apply(
+    terms["rollout prefill"] = (wave // config.num_generations) * prompt_length * _apply(
         ACTIVATION_COEFFICIENTS[compute][False][0], shape)
-    terms["sampling logits"] = rows * shape.vocab * 4 * 3  # fp32 logits, scaled, filtered probabilities
+    terms["sampling logits"] = wave * shape.vocab * 4 * 3  # fp32 logits, scaled, filtered probabilities
     # training: one micro-batch (prompt + completion tokens) forward and backward
     row_tokens = prompt_length + completion
     batch_rows = min(config.micro_batch_size, rows)
@@ -212,10 +216,12 @@ def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_
 def longest_completion(config, shape: ModelShape, budget_bytes: float, prompt_length: int = 256,
                        limit: int = 1 << 17) -> int:
     """The longest completion (a multiple of 64 tokens) whose step fits ``budget_bytes`` with the
-    micro-batches sized to the budget (``size_to_budget``: one row per micro-batch at the least); 0 if none."""
+    rollout in waves and the micro-batches sized to the budget (``size_to_budget``: one group per wave,
+    one row per micro-batch at the least); 0 if none."""
     def fits(length: int) -> bool:
         return estimate(config, shape, prompt_length=prompt_length, completion_length=length,
-                        micro_batch_tokens=prompt_length + length).peak <= budget_bytes
+                        micro_batch_tokens=prompt_length + length,
+                        rollout_rows=config.num_generations).peak <= budget_bytes
 
     low, high = 0, limit // 64
     while low < high:
@@ -224,6 +230,7 @@ def longest_completion(config, shape: ModelShape, budget_bytes: float, prompt_le
     return low * 64
 
 
+SEARCH_LIMIT = 1 << 17  # the table's longest completion searched (tokens)
 README_MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "llama-3.1-8b")
 README_BUDGETS_GB = (16, 24, 40, 80)
 
@@ -240,7 +247,10 @@ def readme_table() -> str:
         config = GRPOConfig(model=name, load_in_4bit=True, dtype="bfloat16", lora_r=16, prompts_per_step=8,
                             num_generations=8, gradient_checkpointing=True, loss_backend="triton")
         shape = ModelShape.from_config(KNOWN_SHAPES[name])
-        cells = [f"{longest_completion(config, shape, budget * GIB):,}" for budget in README_BUDGETS_GB]
+        cells = []
+        for budget in README_BUDGETS_GB:
+            longest = longest_completion(config, shape, budget * GIB, limit=SEARCH_LIMIT)
+            cells.append(f"{longest:,}+" if longest >= SEARCH_LIMIT else f"{longest:,}")  # +: the search's end
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -309,14 +319,38 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def memory_budget(config, device: torch.device) -> Optional[float]:
-    """Bytes the run may use: ``max_memory_gb``, else on CUDA the device's free memory less 10%; None
-    (no limit) on a CPU without ``max_memory_gb``."""
+    """Bytes the run may use: ``max_memory_gb``, else on CUDA what this process holds (the model,
+    when loaded) plus the device's free memory less 10%; None (no limit) on a CPU without
+    ``max_memory_gb``."""
     if config.max_memory_gb is not None:
         return config.max_memory_gb * GIB
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return 0.9 * free
+        return 0.9 * free + torch.cuda.memory_allocated(device)
     return None
+
+
+def rollout_rows(config, shape: ModelShape, budget: float, prompt_length: int) -> int:
+    """The rows the engine may decode together within ``budget`` bytes: whole groups, all of the
+    step's rows when they fit, at least one group (``size_to_budget`` refuses a budget without room
+    for it)."""
+    group, rows = config.num_generations, config.prompts_per_step * config.num_generations
+    fitting = [count for count in range(group, rows + 1, group)
+               if _rollout_bytes(config, shape, prompt_length, count) <= budget]
+    return fitting[-1] if fitting else group
+
+
+def _rollout_bytes(config, shape: ModelShape, prompt_length: int, rows: int) -> float:
+    result = estimate(config, shape, prompt_length=prompt_length, rollout_rows=rows)
+    return result.resident + result.phase_bytes("rollout")
+
+
+def kv_budget_bytes(config, shape: ModelShape, budget: float, prompt_length: int) -> float:
+    """The engine's ``max_kv_bytes`` within ``budget``: the KV cache of the rows ``rollout_rows``
+    allows (at the longest prompt and completion), what the estimate charges for it."""
+    result = estimate(config, shape, prompt_length=prompt_length,
+                      rollout_rows=rollout_rows(config, shape, budget, prompt_length))
+    return result.terms["rollout KV cache"]
 
 
 def size_to_budget(config, shape: ModelShape, budget: float, prompt_length: int):
@@ -325,23 +359,26 @@ def size_to_budget(config, shape: ModelShape, budget: float, prompt_length: int)
     max_memory_gb when even one row per micro-batch, or the rollout, does not fit."""
     import dataclasses
 
-    current = estimate(config, shape, prompt_length=prompt_length)
+    need = _rollout_bytes(config, shape, prompt_length, config.num_generations)
+    if need > budget:
+        raise ValueError(f"max_memory_gb: expected room for the rollout of one group ({config.num_generations} "
+                         f"completions of up to {config.max_completion_length} tokens; estimated {need / GIB:.1f} "
+                         f"GiB with the weights), received a budget of {budget / GIB:.1f} GiB; lower "
+                         "max_completion_length or num_generations")
+    wave = rollout_rows(config, shape, budget, prompt_length)
+    current = estimate(config, shape, prompt_length=prompt_length, rollout_rows=wave)
     if current.peak <= budget:
         return config
-    need = current.resident + current.phase_bytes("rollout")
-    if need > budget:
-        raise ValueError(f"max_memory_gb: expected room for the rollout of {config.prompts_per_step} prompts x "
-                         f"{config.num_generations} completions of up to {config.max_completion_length} tokens "
-                         f"(estimated {need / GIB:.1f} GiB with the weights), received a budget of "
-                         f"{budget / GIB:.1f} GiB; lower max_completion_length, num_generations or prompts_per_step")
     row = prompt_length + config.max_completion_length
     best = None
-    for tokens in range(math.ceil(row / 64) * 64, row * config.prompts_per_step * config.num_generations + 64, 64):
-        if estimate(config, shape, prompt_length=prompt_length, micro_batch_tokens=tokens).peak > budget:
+    first = math.ceil(row / 64) * 64  # one row exactly, then multiples of 64 tokens
+    for tokens in [row, *range(first if first > row else first + 64, row * config.generation_batch_size + 64, 64)]:
+        if estimate(config, shape, prompt_length=prompt_length, micro_batch_tokens=tokens,
+                    rollout_rows=wave).peak > budget:
             break
         best = tokens
     if best is None:
-        one_row = estimate(config, shape, prompt_length=prompt_length, micro_batch_tokens=row)
+        one_row = estimate(config, shape, prompt_length=prompt_length, micro_batch_tokens=row, rollout_rows=wave)
         hint = "" if config.gradient_checkpointing else "; gradient_checkpointing: true keeps less"
         raise ValueError(f"max_memory_gb: expected room for one completion per micro-batch (estimated "
                          f"{one_row.peak / GIB:.1f} GiB), received a budget of {budget / GIB:.1f} GiB{hint}")

@@ -57,7 +57,7 @@ from .interrupts import InterruptGuard, StepAbandoned, UpdateCounter
 from .logits import IDENTITY, LogitTransform, logit_transform
 from .loss import (TOKEN_NORMALISED_LOSS_TYPES, GRPOLossConfig, compute_advantages, grpo_loss, sampler_correction,
                    token_logprobs)
-from .memory import GIB, ModelShape, memory_budget, size_to_budget
+from .memory import GIB, ModelShape, kv_budget_bytes, memory_budget, rollout_rows, size_to_budget
 from .metrics import MetricsLogger, step_figures
 from .model import (check_model_logits, check_model_source, completion_hidden_states, is_peft_model,
                     keep_nf4_layout_for_training, load_model, output_weight, reference_policy, trainable_parameters)
@@ -165,9 +165,10 @@ class EntropyControl:
         return {"entropy_coef": self.coef, "last_entropy": self.last_entropy}
 
 
-def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None) -> Generate:
+def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None,
+                    max_kv_bytes: float | None = None) -> Generate:
     """``rollout_engine``: the engine (auto: on CUDA, where it pays) or Hugging Face ``generate``;
-    ``tokenizer`` matches stop strings. The engine samples from global-RNG-drawn seeds, so resumed
+    ``tokenizer`` matches stop strings; ``max_kv_bytes``: the engine's KV budget (it decodes in waves). The engine samples from global-RNG-drawn seeds, so resumed
     runs sample as uninterrupted ones."""
     if config.importance_sampling_correction != "none" and config.rollout_engine == "auto" and device.type != "cuda":
         raise ValueError("importance_sampling_correction: expected none when rollout_engine auto samples with "
@@ -176,7 +177,7 @@ def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None) ->
     if config.rollout_engine == "engine" or (config.rollout_engine == "auto" and device.type == "cuda"):
         from .engine import RolloutEngine  # imports transformers: only when sampling with it
 
-        return RolloutEngine(tokenizer=tokenizer)
+        return RolloutEngine(tokenizer=tokenizer, max_kv_bytes=max_kv_bytes)
     return functools.partial(hf_generate, tokenizer=tokenizer)
 
 
@@ -343,23 +344,30 @@ def saved_activations(config: GRPOConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def fit_to_memory(config: GRPOConfig, model, tokenizer, dataset, device: torch.device) -> GRPOConfig:
-    """``config`` with micro-batches packed to the memory budget (``max_memory_gb``, or the free CUDA
-    memory) when the estimated step would not fit it as configured (``grpo_fast.memory``); a clear error
-    before the first step when nothing fits. Prompt lengths from the first rows of the dataset."""
+def fit_to_memory(config: GRPOConfig, model, tokenizer, dataset,
+                  device: torch.device) -> tuple[GRPOConfig, float | None]:
+    """Within the memory budget (``max_memory_gb``, or the CUDA memory this process may use): ``config``
+    with micro-batches packed by tokens when the estimated step would not fit as configured, and the
+    engine's KV budget in bytes (its rollout decodes in waves of the groups that fit; None: no budget).
+    A clear error before the first step when nothing fits (``grpo_fast.memory``). Prompt lengths from
+    the first rows of the dataset."""
     budget = memory_budget(config, device)
     if budget is None:
-        return config
+        return config, None
     sample = take_rows(dataset, range(min(len(dataset), 256)))
     texts = render_prompts([row[config.prompt_column] for row in sample], tokenizer)
     prompt_length = max(len(ids) for ids in tokenize_prompts(texts, tokenizer))
-    sized = size_to_budget(config, ModelShape.from_config(model.config.get_text_config()
-                                                          if hasattr(model.config, "get_text_config") else model.config),
-                           budget, prompt_length)
+    shape = ModelShape.from_config(model.config.get_text_config() if hasattr(model.config, "get_text_config")
+                                   else model.config)
+    sized = size_to_budget(config, shape, budget, prompt_length)
     if sized is not config:
         print(f"grpo-fast: micro-batches of up to {sized.micro_batch_tokens} tokens fit the memory budget of "
               f"{budget / GIB:.1f} GiB (estimated)", flush=True)
-    return sized
+    wave = rollout_rows(sized, shape, budget, prompt_length)
+    if wave < sized.generation_batch_size:
+        print(f"grpo-fast: the rollout decodes {wave} of a step's {sized.generation_batch_size} completions at a "
+              f"time within the memory budget of {budget / GIB:.1f} GiB (estimated)", flush=True)
+    return sized, kv_budget_bytes(sized, shape, budget, prompt_length)
 
 
 def sampler_inputs(rollout: Rollout, old_logps: torch.Tensor | None, config: GRPOConfig):
@@ -706,9 +714,9 @@ def train(
     # the loss's log-probs are the model's: its logit transform known (else refused) and checked once
     check_model_logits(model, logit_transform(model))
     device = next(model.parameters()).device
-    config = fit_to_memory(config, model, tokenizer, dataset, device)  # before anything is sized from it
+    config, kv_bytes = fit_to_memory(config, model, tokenizer, dataset, device)  # before anything is sized
     if generate is None:
-        generate = rollout_sampler(config, device, tokenizer)
+        generate = rollout_sampler(config, device, tokenizer, max_kv_bytes=kv_bytes)
     reference_model = None
     if config.beta > 0 and not is_peft_model(model):  # full fine-tuning: a frozen copy is the reference
         reference_model = copy.deepcopy(model).requires_grad_(False).eval()

@@ -102,6 +102,44 @@ def test_greedy_equals_hf_generate_with_padding_and_eos(request, tokenizer, whic
     assert output.slots_per_step[0] == rows and output.slots_per_step[-1] < rows, output.slots_per_step
 
 
+def _group_kv_bytes(model, prompts, params) -> int:
+    """One group's cache at the call's length, counted here from the model config (not the engine's code)."""
+    config = model.config
+    length = -(-(max(map(len, prompts)) + params.max_completion_length) // 64) * 64
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return params.num_generations * config.num_hidden_layers * 2 * kv_heads * head_dim * length * 4  # fp32
+
+
+@pytest.mark.parametrize("groups_per_wave", [1, 3])
+def test_waves_within_a_kv_budget_equal_one_batch(tokenizer, full_model, groups_per_wave):
+    """A budget that holds 1 or 3 groups' KV: the prompts decode in waves (slot counts show it), the
+    greedy tokens and their log-probs are those of one big batch, in the prompts' order."""
+    prompts = _prompts(tokenizer)
+    eos_ids = _eos_mid_generation(full_model, prompts, tokenizer.pad_token_id)
+    params = _params(tokenizer, num_generations=2, eos_token_ids=eos_ids)
+    whole = RolloutEngine(sync_every=2).generate(full_model, prompts, params)
+    budget = groups_per_wave * _group_kv_bytes(full_model, prompts, params) + 1
+    engine = RolloutEngine(sync_every=2, max_kv_bytes=budget)
+    assert engine.prompts_per_wave(full_model.config, prompts, params, torch.float32) == groups_per_wave
+    waves = engine.generate(full_model, prompts, params)
+    assert waves.completion_ids == whole.completion_ids
+    for got, expected in zip(waves.logprobs, whole.logprobs):
+        assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-5)
+    assert max(waves.slots_per_step) == 2 * groups_per_wave < max(whole.slots_per_step)
+    assert len(waves.slots_per_step) > len(whole.slots_per_step)  # decoded wave after wave
+
+
+def test_a_kv_budget_below_one_group_is_refused(tokenizer, full_model):
+    prompts = _prompts(tokenizer)[:2]
+    params = _params(tokenizer, num_generations=4)
+    engine = RolloutEngine(max_kv_bytes=_group_kv_bytes(full_model, prompts, params) - 1)
+    with pytest.raises(ValueError, match="max_kv_bytes: expected room for one group's KV cache"):
+        engine(full_model, prompts, params)
+    with pytest.raises(ValueError, match="max_kv_bytes: expected a positive number"):
+        RolloutEngine(max_kv_bytes=0)
+
+
 def test_nf4_lora_adapter_is_used(tokenizer, nf4_lora_model):
     prompts = _prompts(tokenizer)
     params = _params(tokenizer)

@@ -107,5 +107,8 @@ def test_estimate_grows_with_completions_and_the_budget_search_is_monotone():
     assert 5.0 * GIB < long.terms["weights"] < 6.0 * GIB
     fit16, fit24 = longest_completion(config, shape, 16 * GIB), longest_completion(config, shape, 24 * GIB)
     assert 0 < fit16 < fit24
-    assert estimate(config, shape, completion_length=fit24).peak <= 24 * GIB
-    assert estimate(config, shape, completion_length=fit24 + 64).peak > 24 * GIB
+    # the rollout in waves of one group (the engine's within a budget), micro-batches of one row
+    assert estimate(config, shape, completion_length=fit24, rollout_rows=8).peak <= 24 * GIB
+    assert estimate(config, shape, completion_length=fit24 + 64, rollout_rows=8).peak > 24 * GIB
+    waves = estimate(config, shape, completion_length=4096, rollout_rows=8)
+    assert waves.terms["rollout KV cache"] * 8 == long.terms["rollout KV cache"]  # one group of the eight

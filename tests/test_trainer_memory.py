@@ -117,6 +117,27 @@ def test_trainer_sizes_micro_batches_to_the_budget(tmp_path, capsys):
     assert not (tmp_path / "too-small" / "log.jsonl").exists()  # refused before the first step
 
 
+def test_a_rollout_over_the_budget_decodes_in_waves(tmp_path, capsys, monkeypatch):
+    """A budget with room for one group's KV but not the step's two: the engine decodes the groups
+    one wave at a time instead of failing (each wave one call of its decode loop)."""
+    from grpo_fast.engine import RolloutEngine
+    from grpo_fast.trainer import train
+
+    shape = ModelShape.from_config(build_tiny_model(tiny_tokenizer(ALPHABET + SEPARATOR)).config)
+    fast = dict(max_steps=1, prompts_per_step=2, num_generations=4, max_completion_length=6, progress_bar=False,
+                plot=False, save_every=0, output_dir=str(tmp_path), rollout_engine="engine")
+    one_group = estimate(GRPOConfig(**fast), shape, prompt_length=12, rollout_rows=4)
+    both = estimate(GRPOConfig(**fast), shape, prompt_length=12)
+    budget = one_group.resident + one_group.phase_bytes("rollout") * 1.01
+    assert budget < both.resident + both.phase_bytes("rollout")
+    waves = []
+    decode = RolloutEngine._decode
+    monkeypatch.setattr(RolloutEngine, "_decode", lambda self, *a, **k: waves.append(len(a[3])) or decode(self, *a, **k))
+    result = train(GRPOConfig(run_name="waves", max_memory_gb=budget / 2 ** 30, **fast))
+    assert len(result.history) == 1 and waves == [1, 1]  # two waves of one prompt (its group of 4)
+    assert "the rollout decodes 4 of a step's 8 completions at a time" in capsys.readouterr().out
+
+
 def test_plan_command_prints_the_estimate(capsys):
     from grpo_fast.cli import main
 
