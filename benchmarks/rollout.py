@@ -1,5 +1,7 @@
 """Rollout throughput: grpo-fast's engine against Hugging Face ``generate`` on the same model.
 
+(and, with ``--providers engine,hf,hf_cb``, transformers' continuous batching, ``generate_batch``)
+
     python -m benchmarks.rollout                                  # Qwen2.5-7B shape, NF4 + LoRA r16, 8..64 sequences
     python -m benchmarks.rollout --model qwen2.5-0.5b --quant none --lora-r 0
     python -m benchmarks.rollout --tiny --out-dir /tmp/rollout    # the same code path on CPU, in seconds
@@ -36,7 +38,8 @@ from benchmarks.models import BLOCK_LINEARS, EOS_ID, PAD_ID, SHAPES, build_rando
 from grpo_fast.engine import RolloutEngine
 from grpo_fast.rollout import SamplingParams, hf_generate
 
-PROVIDERS = ("engine", "hf")
+PROVIDERS = ("engine", "hf", "hf_cb")
+DEFAULT_PROVIDERS = ("engine", "hf")  # hf_cb on request (--providers engine,hf,hf_cb)
 COLUMNS = [
     ["provider", "provider", "s"], ["concurrency", "sequences", "d"], ["status", "status", "s"],
     ["tokens_per_s", "tokens/s", ".1f"], ["speedup_vs_hf", "x HF", ".2f"], ["ms_per_step", "ms/step", ".2f"],
@@ -104,7 +107,44 @@ def random_prompts(count: int, length: int, vocab_size: int, seed: int = 0) -> l
 def providers(args) -> dict[str, Callable]:
     engine = RolloutEngine(sync_every=args.sync_every, cuda_graphs=not args.no_cuda_graphs,
                            fused_nf4=not args.no_fused_nf4, seed=0)
-    return {"engine": engine, "hf": hf_generate}
+    return {"engine": engine, "hf": hf_generate, "hf_cb": continuous_batching_generate}
+
+
+def _continuous_batching_config(requests: list[list[int]], max_new: int) -> dict:
+    """A paged cache sized to the call's requests (its defaults on a CPU size the cache, and a mask
+    beside it, to tens of GB); {} where this transformers has no ContinuousBatchingConfig."""
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    except ImportError:
+        return {}
+    page = 32
+    pages = sum(-(-(len(request) + max_new) // page) for request in requests)
+    fields = ContinuousBatchingConfig.__dataclass_fields__ if dataclasses.is_dataclass(ContinuousBatchingConfig) else {}
+    size = {"page_size": page} if "page_size" in fields else {"block_size": page}
+    tokens = min(sum(len(request) for request in requests) + len(requests), 8192)
+    return {"continuous_batching_config": ContinuousBatchingConfig(num_blocks=pages + 1, max_batch_tokens=tokens,
+                                                                   **size)}
+
+
+def continuous_batching_generate(model, prompt_ids, params: SamplingParams) -> list[list[int]]:
+    """transformers' continuous batching (``model.generate_batch``: a paged KV cache, requests
+    scheduled as slots free) as a ``Generate``, a peer to compare with, not a sampler grpo-fast trains
+    with: it renormalises log-probs after filtering, drops ``min_new_tokens``, has no stop strings
+    and seeds torch's global RNG. Each completion is its own request (the prompt repeated
+    ``num_generations`` times). Forced lengths: with ``min_completion_length`` equal to the length,
+    EOS is not given to it, so every request runs ``max_completion_length`` tokens."""
+    from transformers import GenerationConfig
+
+    forced = params.min_completion_length >= params.max_completion_length
+    config = GenerationConfig(
+        max_new_tokens=params.max_completion_length, do_sample=params.top_k != 1, temperature=params.temperature,
+        top_k=params.top_k or None, top_p=params.top_p, min_p=params.min_p or None,
+        eos_token_id=None if forced else list(params.eos_token_ids), pad_token_id=params.pad_token_id)
+    requests = [list(prompt) for prompt in prompt_ids for _ in range(params.num_generations)]
+    outputs = model.generate_batch(inputs=requests, generation_config=config, progress_bar=False,
+                                   **_continuous_batching_config(requests, params.max_completion_length))
+    order = sorted(outputs, key=lambda request: int(str(request).rsplit("_", 1)[-1]))  # req_0, req_1, ...
+    return [list(outputs[request].generated_tokens) for request in order]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +216,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hf-completion-length", type=int, default=None,
                         help="forced tokens per completion for HF generate (default --completion-length): "
                              "shorter where its full length would not fit a time budget")
-    parser.add_argument("--providers", type=common.comma_list, default=list(PROVIDERS))
+    parser.add_argument("--providers", type=common.comma_list, default=list(DEFAULT_PROVIDERS),
+                        help="engine, hf (generate), hf_cb (transformers' continuous batching: generate_batch)")
     parser.add_argument("--reps", type=int, default=1, help="timed calls per measurement (after one warm-up call)")
     parser.add_argument("--sync-every", type=int, default=8, help="engine: decode steps between host checks")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="engine: eager decode step")
@@ -222,7 +263,7 @@ def main(argv=None) -> dict:
     weights, kv_per_token = weight_bytes(model), kv_bytes_per_token(model)
     log(f"{model_name}, {quant}, LoRA r{args.lora_r}: {weights / 2**20:.0f} MiB of weights read per decode step, "
         f"{kv_per_token / 2**10:.1f} KiB of KV per token")
-    lengths = {name: hf_length if name == "hf" else completion_length for name in PROVIDERS}
+    lengths = {name: hf_length if name in ("hf", "hf_cb") else completion_length for name in PROVIDERS}
     params = {name: SamplingParams(num_generations=args.num_generations, max_completion_length=length,
                                    eos_token_ids=(EOS_ID,), pad_token_id=PAD_ID, min_completion_length=length)
               for name, length in lengths.items()}

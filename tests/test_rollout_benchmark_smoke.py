@@ -43,3 +43,23 @@ def test_rollout_benchmark_rejects_bad_concurrency(capsys):
     with pytest.raises(SystemExit):
         rollout_bench.main(["--tiny", "--concurrency", "12"])
     assert "--concurrency: expected multiples of --num-generations=8, received 12" in capsys.readouterr().err
+
+
+def test_continuous_batching_peer_matches_the_engine_greedily():
+    """The hf_cb peer (transformers' generate_batch) returns a Generate's rows in order: its greedy
+    completions are the engine's (fp32, CPU), with and without forced lengths."""
+    from grpo_fast.engine import RolloutEngine
+    from grpo_fast.rollout import SamplingParams
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_lm import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, hidden_size=64).eval()
+    prompts = [tokenizer.encode(text) for text in ("hello there", "a", "abc def ghi")]
+    for minimum in (0, 10):
+        params = SamplingParams(num_generations=2, max_completion_length=10, min_completion_length=minimum, top_k=1,
+                                eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+        peer = rollout_bench.continuous_batching_generate(model, prompts, params)
+        assert peer == RolloutEngine()(model, prompts, params)
+        assert len(peer) == 6 and (minimum == 0 or all(len(row) == 10 for row in peer))
