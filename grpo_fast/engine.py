@@ -35,8 +35,11 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    as if it had stopped there; the tokens sampled in between are discarded.
 6. **On CUDA**: the one-token decode step is compiled with ``torch.compile(mode="reduce-overhead")``
    (CUDA graphs; falls back to eager with a warning when compiling fails), and the decode loop runs
-   inside ``grpo_fast.nf4.fused_nf4_decode`` (the NF4 matmul that dequantises on chip) when that
-   module is present. Both are off on CPU.
+   inside ``grpo_fast.nf4.fused_nf4_decode`` when that module is present: NF4 layers (with their
+   plain LoRA adapters, q/k/v and gate/up grouped) run through the NF4 decode kernel on a repacked
+   copy of the weights (0.5625 bytes per weight). With CUDA graphs the copy is kept between calls
+   (the graphs read it at fixed addresses; ``keep_nf4_repack``), else it is freed after each call.
+   Both are off on CPU.
 
 Attention runs through ``decode_attention`` (transformers' sdpa, with grouped-query decode on the
 KV heads) or, for a model loaded with ``eager``, eager attention, with masks built here; the
@@ -60,9 +63,9 @@ from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_
                       stop_strings_tokenizer)
 
 try:  # the fused NF4 decode matmul (CUDA); absent or inapplicable means the bitsandbytes path
-    from .nf4 import fused_nf4_decode
+    from .nf4 import NF4DecodeCache, fused_nf4_decode
 except ImportError:
-    fused_nf4_decode = None
+    NF4DecodeCache = fused_nf4_decode = None
 
 CACHE_LENGTH_MULTIPLE = 64  # cache lengths are rounded up to this: few distinct shapes across steps
 # Graphs of the decode step: one per (batch size, cache length). Batch sizes halve down to 8 and the
@@ -330,30 +333,42 @@ class RolloutEngine:
     ``sync_every``: decode steps between host checks of the done-mask (finished rows leave, stop
     strings are matched); ``compact``: move live rows to the front when they fit in half the batch;
     ``cuda_graphs``: compile the decode step on CUDA; ``fused_nf4``: decode NF4 layers with the fused
-    matmul on CUDA; ``seed``: seeds the engine's generator once (None: each call draws a seed from
-    torch's global RNG, so ``torch.manual_seed`` and a restored RNG state reproduce runs);
-    ``tokenizer``: needed for stop strings.
+    matmul on CUDA; ``keep_nf4_repack``: keep the repacked NF4 copy (``nf4_repack_bytes``) between
+    calls (None: with CUDA graphs, whose replays read it in place); ``seed``: seeds the engine's
+    generator once (None: each call draws a seed from torch's global RNG, so ``torch.manual_seed``
+    and a restored RNG state reproduce runs); ``tokenizer``: needed for stop strings.
     """
 
     def __init__(self, *, sync_every: int = 8, compact: bool = True, cuda_graphs: bool = True,
-                 fused_nf4: bool = True, seed: int | None = None, tokenizer=None):
+                 fused_nf4: bool = True, keep_nf4_repack: bool | None = None, seed: int | None = None,
+                 tokenizer=None):
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every: expected an integer >= 1, received {sync_every!r}")
         self.sync_every, self.compact = sync_every, compact
         self.cuda_graphs, self.fused_nf4 = cuda_graphs, fused_nf4
         self.seed, self.tokenizer = seed, tokenizer
+        self.keep_nf4_repack = keep_nf4_repack
         self._generator: torch.Generator | None = None
         self._cache: SlotCache | None = None
         self._compiled_step = None
+        self._nf4_cache = NF4DecodeCache() if NF4DecodeCache is not None else None
 
     def __call__(self, model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         return self.generate(model, prompt_ids, params).completion_ids
 
     def release(self) -> None:
-        """Free a KV cache kept for CUDA graphs and the compiled decode step (the next call allocates
-        and compiles anew; ``torch._dynamo.reset()`` also frees the graphs' memory pools)."""
+        """Free a KV cache and repacked NF4 weights kept for CUDA graphs and the compiled decode step
+        (the next call allocates and compiles anew; ``torch._dynamo.reset()`` also frees the graphs'
+        memory pools)."""
         self._cache = None
         self._compiled_step = None
+        if self._nf4_cache is not None:
+            self._nf4_cache.clear()
+
+    @property
+    def nf4_repack_bytes(self) -> int:
+        """Bytes of the repacked NF4 weights (and LoRA snapshot) kept between calls."""
+        return self._nf4_cache.nbytes if self._nf4_cache is not None else 0
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -410,8 +425,15 @@ class RolloutEngine:
     def _nf4_decode(self, decoder, device: torch.device):
         """The fused NF4 decode matmul around the decode loop (CUDA; the one call site)."""
         if self.fused_nf4 and fused_nf4_decode is not None and device.type == "cuda":
-            return fused_nf4_decode(decoder)
+            return fused_nf4_decode(decoder, cache=self._kept_nf4(device))
         return contextlib.nullcontext()
+
+    def _kept_nf4(self, device: torch.device):
+        """The cache of repacked NF4 weights when they are kept between calls, else None (freed on exit)."""
+        keep = self._uses_cuda_graphs(device) if self.keep_nf4_repack is None else self.keep_nf4_repack
+        if not keep and self._nf4_cache is not None:
+            self._nf4_cache.clear()
+        return self._nf4_cache if keep else None
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -436,9 +458,9 @@ class RolloutEngine:
         finally:
             model.train(was_training)
             if not self._uses_cuda_graphs(device):
-                # Without CUDA graphs nothing needs the buffers' addresses to stay: free them for the
+                # Without CUDA graphs nothing needs the KV buffers' addresses to stay: free them for the
                 # training pass. With graphs they stay (a replay reads and writes them in place).
-                self.release()
+                self._cache = None
         completions, completion_logprobs = [], []
         for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
             ids = cut_at_eos(row, params.eos_token_ids, params.max_completion_length)

@@ -223,8 +223,9 @@ def test_decode_step_traces_as_one_graph_nf4_lora(tokenizer, nf4_lora_model):
 
 def test_decode_step_with_the_fused_nf4_matmul_traces_as_one_graph(tokenizer, nf4_lora_model, monkeypatch):
     """As on CUDA: the decode loop inside fused_nf4_decode (forced here: the Triton interpreter), every
-    NF4 linear one opaque op in the single traced graph, the tokens those of the plain engine."""
-    import grpo_fast.kernels.nf4_matmul as kernel_module
+    NF4 linear (LoRA included, q/k/v and gate/up grouped) one opaque op in the single traced graph,
+    the tokens those of the plain engine."""
+    import grpo_fast.kernels.nf4_decode as kernel_module
     from grpo_fast.nf4 import fused_nf4_decode
 
     class FusedTraced(_TracedEngine):
