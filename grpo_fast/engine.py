@@ -58,6 +58,9 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .kernels.config import triton_available
+from .kernels.decode_attention import attention_supported
+from .kernels.decode_attention import decode_attention as fused_decode_attention
 from .logits import LogitTransform, logit_transform
 from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
                       stop_strings_tokenizer)
@@ -188,6 +191,8 @@ class _SlotLayer(CacheLayerMixin):
                 grouped = buffer[: prompts * group].view(prompts, group, heads, self.cache.length, -1)
                 grouped[:, :, :, :width].copy_(states[:, None])
             return key_states, value_states
+        if self.cache.fused_attention:
+            return key_states, value_states  # the decode attention kernel writes them as it reads the cache
         keys, values = self.views[self.cache.batch]
         keys.index_copy_(2, self.cache.position, key_states)
         values.index_copy_(2, self.cache.position, value_states)
@@ -211,6 +216,11 @@ class SlotCache(Cache):
         self.prefill_group: int | None = None  # set during prefill: rows per prompt
         self.batch = capacity  # rows decoded now (a prefix of the buffers)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # the column decode writes
+        # With the decode attention kernel: each row's first prompt column (its left padding), the
+        # kernel's split tickets; the kernel writes the new keys and values (update() does not).
+        self.fused_attention = False
+        self.row_start = torch.zeros(capacity, dtype=torch.int32, device=device)
+        self.tickets = torch.zeros(0, dtype=torch.int32, device=device)
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
 
     def fits(self, num_layers: int, capacity: int, length: int, device: torch.device) -> bool:
@@ -231,7 +241,18 @@ class SlotCache(Cache):
         for layer in self.layers:
             for buffer in (layer.keys, layer.values):
                 buffer[:size] = buffer[: self.batch].index_select(0, order)
+        self.row_start[:size] = self.row_start[: self.batch].index_select(0, order)
         self.set_batch(size)
+
+    def use_fused_attention(self, row_start: torch.Tensor, kv_heads: int) -> None:
+        """Decode through the attention kernel from now on; ``row_start`` [rows]: each row's first column."""
+        self.row_start[: len(row_start)] = row_start
+        if self.tickets.numel() < self.capacity * kv_heads:
+            self.tickets = torch.zeros(self.capacity * kv_heads, dtype=torch.int32, device=self.row_start.device)
+        if self.row_start.is_cuda:  # graph replays read them in place
+            for tensor in (self.row_start, self.tickets):
+                torch._dynamo.mark_static_address(tensor)
+        self.fused_attention = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,17 +265,28 @@ def _base_model(model):
 
 
 DECODE_ATTENTION = "grpo_fast_decode"  # sdpa, with grouped-query decode on the KV heads (registered on first use)
+SLOT_CACHE_KEYWORD = "grpo_slot_cache"  # the model keyword argument that brings the cache to decode_attention
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' sdpa attention, except for one query token with grouped-query attention: the
     query heads of a group attend as rows of their KV head, so the cache is read once per KV head.
     (With a mask, transformers expands K and V to every query head under torch.compile: for
-    Qwen2.5-7B seven extra copies of the whole cache per decode step.)"""
+    Qwen2.5-7B seven extra copies of the whole cache per decode step.) Given the engine's cache
+    (``slot_cache``, passed through the model's keyword arguments) in fused mode, one token per row
+    runs ``kernels.decode_attention`` instead: only each row's written columns are read, and the new
+    token's key and value (``key``, ``value`` here) are written into the cache by the same kernel."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    cache = kwargs.pop(SLOT_CACHE_KEYWORD, None)
     batch, heads, query_length, head_dim = query.shape
     kv_heads = key.shape[1]
+    if cache is not None and cache.fused_attention and query_length == 1:
+        layer = cache.layers[module.layer_idx]
+        scale = scaling if scaling is not None else head_dim ** -0.5
+        out = fused_decode_attention(query[:, :, 0], key[:, :, 0], value[:, :, 0], layer.keys, layer.values,
+                                     cache.row_start, cache.position, cache.tickets, scale)
+        return out[:, None], None
     if query_length != 1 or heads == kv_heads:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -428,6 +460,13 @@ class RolloutEngine:
             return fused_nf4_decode(decoder, cache=self._kept_nf4(device))
         return contextlib.nullcontext()
 
+    def _fused_attention(self, config, implementation: str, device: torch.device) -> bool:
+        """Decode attention through the kernel (CUDA, the engine's sdpa path, a head size it takes)."""
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return (device.type == "cuda" and triton_available() and implementation == "sdpa"
+                and attention_supported(head_dim, heads, config.num_key_value_heads))
+
     def _kept_nf4(self, device: torch.device):
         """The cache of repacked NF4 weights when they are kept between calls, else None (freed on exit)."""
         keep = self._uses_cuda_graphs(device) if self.keep_nf4_repack is None else self.keep_nf4_repack
@@ -496,6 +535,10 @@ class RolloutEngine:
         finally:
             cache.prefill_group = None
         cache.set_batch(rows)
+        cache.fused_attention = False
+        if self._fused_attention(decoder.config, implementation, device):
+            padding = (width - prompt_mask.sum(-1)).to(torch.int32).repeat_interleave(group)
+            cache.use_fused_attention(padding, decoder.config.num_key_value_heads)
         logits = transform.apply(head(hidden[:, -1])).repeat_interleave(group, dim=0)
 
         # Per-row decode state, all on the device; `row_ids` maps cache rows to output rows.
@@ -557,6 +600,7 @@ def _decode_step(decoder, head, transform: LogitTransform, cache: SlotCache, cac
                  input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """float32 logits [B, V] of the next token (the model's, ``transform`` applied), the new token's
     KV written into ``cache``."""
+    kwargs = {cache_keyword: cache, **({SLOT_CACHE_KEYWORD: cache} if cache.fused_attention else {})}
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=True, **{cache_keyword: cache}).last_hidden_state
+                     use_cache=True, **kwargs).last_hidden_state
     return transform.apply(head(hidden[:, -1]))
