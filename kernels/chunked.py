@@ -60,11 +60,22 @@ def _result(loss, logp, entropy, kl, policy: Optional[Policy], low, high, entrop
     return FusedResult(loss, logp, entropy, kl, low, high, (loss - bonus).detach(), phi, per_sequence)
 
 
+# The token tile of the chunk's GEMMs (cuBLAS's and Triton's largest M tile): a chunk that is not a
+# multiple of it ends in a partly empty row of tiles (882 tokens = 6.9 tiles of 128).
+GEMM_TILE_TOKENS = 128
+
+
 def chunk_tokens(n: int, vocab: int, bytes_per_logit: int, cfg: KernelConfig, chunk_size: Optional[int]) -> int:
+    """Tokens per chunk: `chunk_size`, else as many as `cfg.chunk_bytes` holds, rounded down to a
+    multiple of GEMM_TILE_TOKENS when it holds more than one tile (so never above the budget). The
+    training and no-grad passes both chunk with this, so they read the same logits."""
     if chunk_size is not None:
         return max(1, min(n, chunk_size))
     per_token = max(1, vocab * bytes_per_logit)
-    return max(1, min(n, cfg.chunk_bytes // per_token))
+    budget = cfg.chunk_bytes // per_token
+    if budget > GEMM_TILE_TOKENS:
+        budget -= budget % GEMM_TILE_TOKENS
+    return max(1, min(n, budget))
 
 
 # ----------------------------------------------------------------------------------------------

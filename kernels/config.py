@@ -57,7 +57,8 @@ class KernelConfig:
     # fused row kernel (streaming over the vocabulary)
     row_block_v: int = 4096
     row_num_warps: int = 8
-    # budget for one chunk of logits in the training pass, in bytes of the logits dtype
+    # budget for one chunk of logits, in bytes of the logits dtype (kernels/chunked.py rounds the chunk
+    # down to whole GEMM tiles of 128 tokens)
     chunk_bytes: int = 512 * 1024 * 1024
 
 

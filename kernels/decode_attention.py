@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .config import interpreting
+from .launch import launch
 from .logprob_kernel import _num_sms
 
 MIN_DOT = 16  # tl.dot's smallest side: query heads of a KV head are padded to it
@@ -159,7 +160,8 @@ def _launch(q: Tensor, k_new: Tensor, v_new: Tensor, keys: Tensor, values: Tenso
         splits = attention_splits(rows, kv_heads, length, block, _num_sms(q.device))
     part = (torch.empty(rows, kv_heads, splits, max(MIN_DOT, triton.next_power_of_2(group)), head_dim + 2,
                         device=q.device, dtype=torch.float32) if splits > 1 else out)
-    _decode_attention_kernel[(rows, kv_heads, splits)](
+    launch(
+        _decode_attention_kernel, (rows, kv_heads, splits),
         q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0), v_new.stride(1),
         keys, values, start, position, out, out.stride(0), out.stride(1), part, counters,
         kv_heads, length, scale,

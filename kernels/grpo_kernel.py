@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .config import KernelConfig
+from .launch import launch
 from .tl_math import transform_logits
 
 # POLICY values (constexpr): the policy term's coefficient read from memory, or one of the surrogates
@@ -279,11 +280,11 @@ def grpo_rows_triton(
         num_warps=cfg.row_num_warps,
     )
     if not split:
-        _grpo_row_kernel[(n,)](*args, dummy, *scalars, PASS1=True, PASS2=True, SCALED=False, **flags)
+        launch(_grpo_row_kernel, (n,), *args, dummy, *scalars, PASS1=True, PASS2=True, SCALED=False, **flags)
         return
-    _grpo_row_kernel[(n,)](*args, dummy, *scalars, PASS1=True, PASS2=False, SCALED=False, **flags)
+    launch(_grpo_row_kernel, (n,), *args, dummy, *scalars, PASS1=True, PASS2=False, SCALED=False, **flags)
     scale = grad_scale(grad)
-    _grpo_row_kernel[(n,)](*args, scale, *scalars, PASS1=False, PASS2=True, SCALED=True, **flags)
+    launch(_grpo_row_kernel, (n,), *args, scale, *scalars, PASS1=False, PASS2=True, SCALED=True, **flags)
 
 
 def logprob_rows_triton(
@@ -304,8 +305,8 @@ def logprob_rows_triton(
     if n == 0:
         return
     assert logits.dtype == torch.float32 and logits.stride(1) == 1
-    _grpo_row_kernel[(n,)](
-        logits, logits.stride(0), logits, logits.stride(0), targets,
+    launch(
+        _grpo_row_kernel, (n,), logits, logits.stride(0), logits, logits.stride(0), targets,
         *([logp] * 8), logp, entropy, *([logp] * 7),
         V, 1.0 / temperature, float(logit_scale), float(logit_softcap) if logit_softcap is not None else 1.0,
         0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,

@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .config import KernelConfig, interpreting
+from .launch import launch
 from .tl_math import transform_logits
 
 
@@ -167,7 +168,9 @@ def logprobs_triton(
     num_splits = triton.cdiv(V, v_per_split)
     parts = torch.empty(4, num_splits, N, device=device, dtype=torch.float32)
     grid = (n_blocks * num_splits,)
-    _logprob_fwd_kernel[grid](
+    launch(
+        _logprob_fwd_kernel,
+        grid,
         hidden,
         hidden.stride(0),
         hidden.stride(1),

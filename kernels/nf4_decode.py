@@ -63,6 +63,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .config import interpreting
+from .launch import launch
 from .logprob_kernel import _num_sms
 from .nf4_matmul import NF4Weight
 from .tl_math import round_to_bf16_bits
@@ -239,7 +240,7 @@ def _nf4_decode_kernel(
         ticket = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
         if ticket == SPLITS - 1:  # the last split of this tile to finish: reduce in split order
             total = tl.zeros([BLOCK_N, BLOCK_MX], tl.float32)
-            for s in tl.static_range(SPLITS):
+            for s in range(SPLITS):  # a loop, not unrolled: SPLITS tiles of loads in flight would spill
                 total += tl.load(parts + s * M * N_pad, mask=xmask[None, :], other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(count_ptr + tile, 0)
             _epilogue(total, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr,
@@ -355,6 +356,7 @@ class DecodeConfig:
     bytes_per_sm_cycle: float = 14.0  # DRAM bytes per SM clock (H100 ~12, H200 ~16, A100 ~12)
     max_splits: int = 32
     splits: Optional[int] = None  # force (tests); None: plan_launch chooses
+    num_sms: Optional[int] = None  # SMs to plan for; None: the device's (the static kernel report sets it)
 
 
 @dataclass(frozen=True)
@@ -484,7 +486,7 @@ def _launch(x: Tensor, weight: DecodeNF4Weight, xa: Optional[Tensor], lora_b: Op
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
-    plan = plan_launch(n, weight.in_features, weight.chunk, m, cfg, _num_sms(x.device))
+    plan = plan_launch(n, weight.in_features, weight.chunk, m, cfg, cfg.num_sms or _num_sms(x.device))
     splits = plan.splits
     n_tiles = triton.cdiv(n, plan.block_n)
     m_tiles = triton.cdiv(m, cfg.block_mx)
@@ -496,7 +498,8 @@ def _launch(x: Tensor, weight: DecodeNF4Weight, xa: Optional[Tensor], lora_b: Op
     lora = xa is not None
     members = len(weight.segments) - 1
     use_asm = weight.standard_levels and (x.dtype, cfg.pack) in _ASM and not interpreting()
-    _nf4_decode_kernel[(n_tiles, splits, m_tiles)](
+    launch(
+        _nf4_decode_kernel, (n_tiles, splits, m_tiles),
         x, x.stride(0),
         weight.qweight, weight.scales, weight.tables[x.dtype],
         weight.bias if weight.bias is not None else weight.scales,

@@ -58,6 +58,48 @@ def test_training_logps_equal_no_grad_logps(backend, max_logit, dtype, wide_inte
     assert (out.logps.double() - exact).abs().max().item() <= 1e-4
 
 
+def test_default_chunks_are_whole_gemm_tiles_within_the_budget():
+    from grpo_fast.kernels.chunked import chunk_tokens
+    from grpo_fast.kernels.config import KernelConfig
+
+    budget = KernelConfig().chunk_bytes
+    for vocab in (152064, 151936, 128256, 32000):
+        for bytes_per_logit in (4, 12):  # triton (fp32 chunk), torch (with its fp32 temporaries)
+            chunk = chunk_tokens(10 ** 6, vocab, bytes_per_logit, KernelConfig(), None)
+            assert chunk % 128 == 0, (vocab, bytes_per_logit, chunk)
+            # the largest multiple of 128 tokens the budget holds: its meaning is unchanged
+            assert chunk * vocab * bytes_per_logit <= budget < (chunk + 128) * vocab * bytes_per_logit
+    # a budget of at most one tile is taken as it is, and fewer tokens than a chunk are one chunk
+    assert chunk_tokens(10 ** 6, 1000, 4, KernelConfig(chunk_bytes=100 * 1000 * 4), None) == 100
+    assert chunk_tokens(300, 152064, 4, KernelConfig(), None) == 300
+    assert chunk_tokens(300, 152064, 4, KernelConfig(), 7) == 7
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_default_chunking_is_the_same_in_training_and_no_grad_passes(backend):
+    from dataclasses import replace
+
+    from grpo_fast.kernels import LossSpec, TokenInputs, forward_logprobs, fused_grpo_loss
+    from grpo_fast.kernels.chunked import _bytes_per_logit, chunk_tokens
+    from grpo_fast.kernels.config import default_kernel_config
+
+    n, H, V = 200, 8, 64
+    hidden, weight, ids = realistic_head(n, H, V, 18.0, torch.bfloat16, seed=4)
+    hidden, targets = hidden.reshape(n, H), ids.reshape(n)
+    # a budget of 200 tokens: rounded down to one tile of 128, so the tokens span two chunks (one
+    # vocabulary tile per row keeps the interpreter's 200 programs cheap)
+    cfg = replace(default_kernel_config(DEVICE), chunk_bytes=n * V * _bytes_per_logit(backend), row_block_v=V)
+    assert chunk_tokens(n, V, _bytes_per_logit(backend), cfg, None) == 128
+    spec = LossSpec(beta=0.04)
+    no_grad, _ = forward_logprobs(hidden, weight, targets, None, spec, backend, cfg)
+    ones = torch.ones(n, device=DEVICE)
+    inputs = TokenInputs(targets=targets, token_weight=ones / n, advantages=ones, seq_index=torch.zeros_like(targets),
+                         num_sequences=1, old_logps=no_grad, ref_logps=no_grad)
+    result = fused_grpo_loss(hidden.clone().requires_grad_(True), weight, None, inputs, spec, backend, cfg)
+    assert torch.equal(result.logp, no_grad)  # the same chunks: the same fp32 logits, read by the same code
+    assert result.kl.abs().max().item() == 0.0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_on_chip_logps_close_to_training_logps(dtype, wide_interpreter_tiles):
     hidden, weight, ids = realistic_head(24, 64, 2000, 32.0, dtype, seed=6)

@@ -1,0 +1,336 @@
+"""What the static kernel report compiles: every Triton kernel of the project, found in its modules,
+and the launches (goal shapes, launch options) each kernel is compiled and modelled at.
+
+Kernels are discovered, not listed: every module of grpo_fast and grpo_fast.kernels whose source
+has `@triton.jit` is imported and each JIT function defined there that calls `tl.program_id` is a
+kernel (the others are helpers inlined into kernels). A kernel without a case here is reported as
+not covered (and `--check` fails), so a new kernel cannot leave the report silently: add a
+builder to CASE_BUILDERS.
+
+Launches come from the launchers themselves: each launcher goes through kernels.launch.launch and
+is called on meta tensors of the goal shape inside `recording()`, so the report compiles exactly the
+arguments, constexprs and options production passes (launchers that size their launch by the SM
+count take the modelled device's: the NF4 decode config's `num_sms`, the attention's `splits`).
+
+Goal shapes: Qwen2.5-7B's lm_head (H=3584, V=152064) in chunks of the default budget (768 tokens
+for the triton backend); its block Linears (benchmarks/nf4.py's shapes, and the engine's grouped
+launches: q/k/v with biases and gate/up, LoRA r16 in the epilogue) at 1, 4, 16 and 64 rows (--full:
+1-64); its decode attention (28 query heads, 4 KV heads of 128) over a bf16 cache.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .nf4 import QWEN_7B_SHAPES
+from .static_compile import bound_arguments
+
+HEAD_7B = (3584, 152064)  # Qwen2.5-7B's lm_head (H, V), as benchmarks/loss.py's HEADS
+GROUPED_7B_SHAPES = {"qkv (grouped)": (3584 + 2 * 512, 3584), "gate_up (grouped)": (2 * 18944, 3584)}
+ROWS_FULL = (1, 2, 4, 8, 16, 32, 64)
+ROWS_QUICK = (1, 4, 16, 64)
+LOSS_TOKENS_ON_CHIP = 16384  # the suite's loss case
+META = torch.device("meta")
+
+
+@dataclass
+class Case:
+    """One modelled launch of one kernel."""
+
+    group: str  # report section: "nf4", "rows", "logprob"
+    name: str
+    launch: object  # kernels.launch.Launch
+    hot: bool  # on a default training / decode path: spills fail the check
+    kind: str  # "bandwidth" or "matmul"
+    unit: str  # what "per unit" counts: "weight", "logit"
+    units_per_program: float
+    trips: tuple[int, ...]  # loop trip counts by nesting depth
+    kernel_bytes: float = 0.0  # DRAM bytes the kernel moves
+    useful_bytes: float = 0.0  # the bytes the copy-bandwidth fraction is of
+    extra_bytes: float = 0.0  # PyTorch kernels after it (split-K reduction)
+    extra_kernels: int = 0
+    flops_per_program: float = 0.0
+    goal: Optional[float] = None  # fraction of copy bandwidth (bandwidth) or of the matmul rate (matmul)
+    later_trips: Optional[float] = None  # per program, of the top-level loops after the main one (split-K reduction)
+    params: dict = field(default_factory=dict)
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.launch.grid)
+
+    @property
+    def kernel(self) -> str:
+        return self.launch.kernel.fn.__qualname__
+
+
+# ----------------------------------------------------------------------------------------------
+# discovery
+# ----------------------------------------------------------------------------------------------
+
+
+def _module_names() -> list[str]:
+    import grpo_fast
+    import grpo_fast.kernels
+
+    names = []
+    for package in (grpo_fast, grpo_fast.kernels):
+        for path in sorted(Path(package.__file__).parent.glob("*.py")):
+            if "@triton.jit" in path.read_text(encoding="utf-8"):
+                names.append(f"{package.__name__}.{path.stem}")
+    return names
+
+
+def discover_kernels() -> dict[str, object]:
+    """{"module:qualname": JITFunction} of every kernel defined in the project's modules."""
+    from triton.runtime.jit import JITFunction
+
+    kernels = {}
+    for name in _module_names():
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            if isinstance(value, JITFunction) and value.fn.__module__ == name and "program_id" in inspect.getsource(value.fn):
+                kernels[f"{name}:{value.fn.__qualname__}"] = value
+    return kernels
+
+
+def kernel_id(jit_function) -> str:
+    return f"{jit_function.fn.__module__}:{jit_function.fn.__qualname__}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss: row kernel (no-grad and training chunk) and the forward-only on-chip kernel
+# ----------------------------------------------------------------------------------------------
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, device=META, dtype=dtype)
+
+
+def loss_chunk_tokens() -> int:
+    """Tokens per chunk at Qwen2.5-7B's head with the default budget (triton backend: fp32 logits)."""
+    from grpo_fast.kernels.chunked import _bytes_per_logit, chunk_tokens
+    from grpo_fast.kernels.config import KernelConfig
+
+    return chunk_tokens(10 ** 9, HEAD_7B[1], _bytes_per_logit("triton"), KernelConfig(), None)
+
+
+def _row_case(name, launch, n, V, read_passes, written_bytes_per_logit, **params) -> Case:
+    """A row-kernel launch over n rows of V fp32 logits, read `read_passes` times, writing d_logits of
+    `written_bytes_per_logit` (0: none): all of its traffic is useful (nothing else reads it)."""
+    traffic = n * V * (4 * read_passes + written_bytes_per_logit)
+    return Case("rows", name, launch, True, "bandwidth", "logit", V, (math.ceil(V / launch.kwargs["BLOCK_V"]),),
+                kernel_bytes=traffic, useful_bytes=traffic, params=dict(tokens=n, V=V, **params))
+
+
+def row_cases(full: bool) -> list[Case]:
+    from grpo_fast.kernels.chunked import _rows_triton
+    from grpo_fast.kernels.config import KernelConfig
+    from grpo_fast.kernels.grpo_kernel import logprob_rows_triton
+    from grpo_fast.kernels.launch import recording
+    from grpo_fast.kernels.token_math import LossSpec, TokenInputs
+
+    n, V = loss_chunk_tokens(), HEAD_7B[1]
+    cfg = KernelConfig()
+
+    def no_grad(softcap=None):
+        with recording() as launches:
+            logprob_rows_triton(_meta(n, V), _meta(n, dtype=torch.int64), _meta(n), _meta(n), temperature=1.0,
+                                logit_scale=1.0, logit_softcap=softcap, cfg=cfg)
+        return launches
+
+    def training(spec, dtype, ref=False):
+        inputs = TokenInputs(targets=_meta(n, dtype=torch.int64), token_weight=_meta(n), advantages=_meta(n),
+                             seq_index=_meta(n, dtype=torch.int64), num_sequences=8, old_logps=_meta(n),
+                             ref_logps=_meta(n) if ref else None, num_tokens=n)
+        out = {k: _meta(n) for k in ("logp", "entropy", "loss", "low", "high", "kl")}
+        with recording() as launches:
+            _rows_triton(_meta(n, V), inputs, spec, None, 0, out, cfg, dtype)
+        return launches
+
+    dapo = LossSpec(epsilon_low=0.2, epsilon_high=0.28)
+    cases = [
+        _row_case("no-grad log-probs (first pass)", no_grad()[0], n, V, 1, 0, route="no-grad"),
+        _row_case("training, dapo, bf16 (both passes)", training(dapo, torch.bfloat16)[0], n, V, 2, 2, route="training"),
+    ]
+    if full:
+        kl = LossSpec(beta=0.04, epsilon_low=0.2, epsilon_high=0.28)
+        first, second = training(dapo, torch.float16)
+        cases += [
+            _row_case("no-grad log-probs, logit softcap", no_grad(30.0)[0], n, V, 1, 0),
+            _row_case("training, dapo + KL (beta 0.04), bf16", training(kl, torch.bfloat16, ref=True)[0], n, V, 2, 2),
+            _row_case("training, dapo, fp16: pass 1", first, n, V, 1, 0),
+            _row_case("training, dapo, fp16: pass 2 (scaled)", second, n, V, 1, 2),
+        ]
+    return cases
+
+
+def logprob_cases(full: bool) -> list[Case]:
+    from grpo_fast.kernels.config import KernelConfig
+    from grpo_fast.kernels.launch import recording
+    from grpo_fast.kernels.logprob_kernel import logprobs_triton
+
+    H, V = HEAD_7B
+    n = LOSS_TOKENS_ON_CHIP
+    with recording() as launches:
+        logprobs_triton(_meta(n, H, dtype=torch.bfloat16), _meta(V, H, dtype=torch.bfloat16),
+                        _meta(n, dtype=torch.int64), None, 1.0, KernelConfig())
+    launch = launches[0]
+    args, _ = bound_arguments(launch)
+    v_per_split, block_n = args["v_per_split"], args["BLOCK_N"]
+    trips = (math.ceil(v_per_split / args["BLOCK_V"]), math.ceil(H / args["BLOCK_H"]))
+    return [Case("logprob", "forward-only log-probs on chip (on_chip=True)", launch, False, "matmul", "logit",
+                 block_n * v_per_split, trips, flops_per_program=2.0 * block_n * v_per_split * H, goal=0.8,
+                 params=dict(tokens=n, H=H, V=V))]
+
+
+# ----------------------------------------------------------------------------------------------
+# the NF4 decode matmul (kernels/nf4_decode.py, on the repacked layout)
+# ----------------------------------------------------------------------------------------------
+
+
+LORA_RANK = 16  # the engine's LoRA cases: r16, B in the kernel's epilogue
+
+
+def _nf4_decode_launch(n: int, k: int, m: int, device, members: int = 1, bias: bool = False, lora: bool = False):
+    """The launch kernels/nf4_decode._launch makes for bf16 x [m, k] and a repacked weight of `members`
+    Linears (n features together), recorded on meta tensors with the device's SM count."""
+    import dataclasses
+
+    from grpo_fast.kernels.launch import recording
+    from grpo_fast.kernels.nf4_decode import (MAX_CHUNK, ROW_ALIGN, ROW_TILE, DecodeNF4Weight, _launch,
+                                              default_decode_config)
+
+    n_pad = -(-n // ROW_ALIGN) * ROW_ALIGN
+    chunk = MAX_CHUNK  # bitsandbytes' default blocksize 64
+    per = n // members
+    weight = DecodeNF4Weight(
+        qweight=_meta(n_pad * k // 2, dtype=torch.uint8), scales=_meta(k // chunk, n_pad), levels=_meta(16),
+        in_features=k, segments=tuple(per * i for i in range(members)) + (n,), chunk=chunk,
+        bias=_meta(n) if bias else None, counters=_meta(4 * n_pad // ROW_TILE, dtype=torch.int32),
+        tables={torch.bfloat16: _meta(16, dtype=torch.bfloat16)})
+    cfg = default_decode_config(m, META, capability=divmod(device.capability, 10))
+    cfg = dataclasses.replace(cfg, num_sms=device.sms)
+    xa = _meta(m, members * LORA_RANK, dtype=torch.bfloat16) if lora else None
+    lora_b = _meta(n_pad, LORA_RANK, dtype=torch.bfloat16) if lora else None
+    with recording() as launches:
+        _launch(_meta(m, k, dtype=torch.bfloat16), weight, xa, lora_b, cfg)
+    (record,) = launches
+    args, _ = bound_arguments(record)
+    block_n, cpi, splits = args["BLOCK_N"], args["CPI"], args["SPLITS"]
+    chunks_per_split = args["chunks_per_split"]
+    # DRAM: the repacked weight (nibbles and fp32 scales of the padded rows), x, the output, the fp32
+    # partials of split-K (written and read once), LoRA's x @ A.T and B
+    traffic = n_pad * k * (0.5 + 4 / chunk) + m * k * 2 + m * n * 2 + (2 * 4 * splits * m * n_pad if splits > 1 else 0)
+    if lora:
+        traffic += m * members * LORA_RANK * 2 + n_pad * LORA_RANK * 2
+    path = "wgmma" if args["PACK"] == 2 else "mma.sync"
+    plan = dict(path=f"{path}, {cfg.num_warps} warps, BLOCK_N {block_n}", splits=splits, block_n=block_n,
+                block_mx=cfg.block_mx, chunks_per_split=chunks_per_split, lora_rank=LORA_RANK if lora else 0,
+                bias=bias)
+    return record, plan, traffic, (chunks_per_split // cpi,), block_n * chunks_per_split * chunk
+
+
+def nf4_cases(full: bool, device) -> list[Case]:
+    """Each 7B Linear alone (the goal shapes: no bias, no LoRA), and the engine's grouped launches
+    (q/k/v with their biases, gate/up) with LoRA r16 in the epilogue."""
+    shapes = {name: (n, k, 1, False, False) for name, (n, k, _) in QWEN_7B_SHAPES.items()}
+    shapes.update({"qkv (grouped) + LoRA": (3584 + 2 * 512, 3584, 3, True, True),
+                   "gate_up (grouped) + LoRA": (2 * 18944, 3584, 2, False, True)})
+    cases = []
+    for name, (n, k, members, bias, lora) in shapes.items():
+        for m in ROWS_FULL if full else ROWS_QUICK:
+            launch, plan, traffic, trips, weights_per_program = _nf4_decode_launch(n, k, m, device, members, bias, lora)
+            cases.append(Case(
+                "nf4", f"{name} {n}x{k}, {m} rows", launch, True, "bandwidth", "weight", weights_per_program, trips,
+                kernel_bytes=traffic, useful_bytes=n * k / 2, goal=0.6 if m <= 16 else 0.5,  # issue 15's goals
+                # the split-K reduction loop: SPLITS trips in the one program of a tile that takes the last ticket
+                later_trips=1.0 if plan["splits"] > 1 else None,
+                params=dict(shape=name, N=n, K=k, rows=m, **plan)))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# decode attention (kernels/decode_attention.py)
+# ----------------------------------------------------------------------------------------------
+
+QWEN_7B_ATTENTION = (28, 4, 128)  # query heads, KV heads, head_dim
+# (rows decoded, cache columns, columns each row has written): a GRPO decode batch mid-completion,
+# and a few long rows
+ATTENTION_CASES = ((64, 2048, 1024), (8, 8192, 6144))
+
+
+def attention_cases(full: bool, device) -> list[Case]:
+    """A decode step's attention over bf16 K/V: the useful bytes are the written columns' keys and
+    values (each read once per KV head), the ceiling their fraction of copy bandwidth."""
+    from grpo_fast.kernels.decode_attention import _launch, attention_splits
+    from grpo_fast.kernels.launch import recording
+
+    heads, kv_heads, d = QWEN_7B_ATTENTION
+    cases = []
+    for rows, length, written in ATTENTION_CASES:
+        block = 64
+        splits = attention_splits(rows, kv_heads, length, block, device.sms)
+        bf16 = dict(dtype=torch.bfloat16)
+        with recording() as launches:
+            _launch(_meta(rows, heads, d, **bf16), _meta(rows, kv_heads, d, **bf16), _meta(rows, kv_heads, d, **bf16),
+                    _meta(rows, kv_heads, length, d, **bf16), _meta(rows, kv_heads, length, d, **bf16),
+                    _meta(rows, dtype=torch.int32), _meta(1, dtype=torch.int64),
+                    _meta(rows * kv_heads, dtype=torch.int32), d ** -0.5, splits=splits)
+        (record,) = launches
+        args, _ = bound_arguments(record)
+        per_split = math.ceil(math.ceil(written / splits) / args["BLOCK_C"]) * args["BLOCK_C"]
+        cache_bytes = rows * kv_heads * written * d * 2 * 2  # K and V, bf16
+        traffic = cache_bytes + rows * heads * d * 2 * 2 + rows * kv_heads * d * 2 * 2 * 2  # + q, out, new K/V in and out
+        if splits > 1:
+            traffic += 2 * rows * kv_heads * splits * args["GQ_PAD"] * (d + 2) * 4
+        cases.append(Case(
+            "attention", f"{rows} rows, {written} of {length} columns written", record, True, "bandwidth", "KV value",
+            per_split * d * 2, (per_split // args["BLOCK_C"],), kernel_bytes=traffic, useful_bytes=cache_bytes,
+            params=dict(rows=rows, length=length, written=written, heads=heads, kv_heads=kv_heads, head_dim=d,
+                        splits=splits, block_c=args["BLOCK_C"])))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling (kernels/sampling.py): one pass over a decode step's logits
+# ----------------------------------------------------------------------------------------------
+
+
+def sampling_cases(full: bool, device) -> list[Case]:
+    """A decode step's categorical draw (and greedy, --full) over fp32 logits of Qwen2.5-7B's vocabulary."""
+    from grpo_fast.kernels.launch import recording
+    from grpo_fast.kernels.sampling import sample_block, sample_fused, sample_splits
+
+    rows, vocab = 64, HEAD_7B[1]
+    cases = []
+    for greedy in (False, True) if full else (False,):
+        splits = sample_splits(rows, vocab, sample_block(), device.sms)
+        with recording() as launches:
+            sample_fused(_meta(rows, vocab), 1.0, _meta(1, dtype=torch.int64), False, greedy, 0, 0,
+                         _meta(rows, dtype=torch.int32), splits=splits)
+        (record,) = launches
+        args, _ = bound_arguments(record)
+        per_split = args["v_per_split"]
+        traffic = rows * vocab * 4
+        cases.append(Case("sampling", f"{'greedy' if greedy else 'categorical draw'}, {rows} rows x {vocab} logits",
+                          record, True, "bandwidth", "logit", per_split, (math.ceil(per_split / args["BLOCK_V"]),),
+                          kernel_bytes=traffic, useful_bytes=traffic,
+                          params=dict(rows=rows, V=vocab, greedy=greedy, splits=record.grid[1])))
+    return cases
+
+
+# "module:qualname" -> builder(full, device) returning its cases
+CASE_BUILDERS: dict[str, Callable] = {
+    "grpo_fast.kernels.grpo_kernel:_grpo_row_kernel": lambda full, device: row_cases(full),
+    "grpo_fast.kernels.logprob_kernel:_logprob_fwd_kernel": lambda full, device: logprob_cases(full),
+    "grpo_fast.kernels.nf4_decode:_nf4_decode_kernel": lambda full, device: nf4_cases(full, device),
+    "grpo_fast.kernels.decode_attention:_decode_attention_kernel": lambda full, device: attention_cases(full, device),
+    "grpo_fast.kernels.sampling:_sample_kernel": lambda full, device: sampling_cases(full, device),
+}
