@@ -28,7 +28,10 @@ NF4 bitsandbytes weights stay packed; no weight copy):
 4. **Sampling on the device** (``sample_tokens``): EOS suppressed before
    ``min_completion_length``, temperature, top-k, top-p, min-p (Hugging Face's order and
    semantics), then an exponential-race draw (``argmax(p / Exp(1))``, a categorical sample with no
-   host sync) from a seeded ``torch.Generator``. ``top_k=1`` is greedy decoding.
+   host sync) from a seeded ``torch.Generator``. ``top_k=1`` is greedy decoding. On CUDA without
+   top-k (other than 1), top-p or min-p, one Triton pass over the logits does all of it instead
+   (``kernels/sampling.py``: a Gumbel-max draw from Philox uniforms keyed by a seed the generator
+   gives once per call, the step, the row and the token).
 5. **Stop strings** are matched on the host, on each live row's decoded completion, at the
    ``sync_every`` checks; a matched row stops and every completion is finally cut right after the
    token that completes its first stop string (``rollout.cut_at_stop_strings``), so the result is
@@ -49,6 +52,7 @@ model's own implementation (e.g. flash_attention_2) is restored after the call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import warnings
@@ -61,6 +65,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .kernels.config import triton_available
 from .kernels.decode_attention import attention_supported
 from .kernels.decode_attention import decode_attention as fused_decode_attention
+from .kernels.sampling import MAX_EOS, sample_fused
 from .logits import LogitTransform, logit_transform
 from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
                       stop_strings_tokenizer)
@@ -467,6 +472,10 @@ class RolloutEngine:
         return (device.type == "cuda" and triton_available() and implementation == "sdpa"
                 and attention_supported(head_dim, heads, config.num_key_value_heads))
 
+    def _fused_sampling(self, params: SamplingParams, device: torch.device) -> bool:
+        """Sample with the one-pass kernel (CUDA; no top-k other than 1, no top-p, no min-p)."""
+        return device.type == "cuda" and triton_available() and fused_sampling_supported(params)
+
     def _kept_nf4(self, device: torch.device):
         """The cache of repacked NF4 weights when they are kept between calls, else None (freed on exit)."""
         keep = self._uses_cuda_graphs(device) if self.keep_nf4_repack is None else self.keep_nf4_repack
@@ -551,9 +560,17 @@ class RolloutEngine:
         out_logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
         step_function = self._step_function(device)
         slots = []
+        sample = functools.partial(sample_tokens, params=params, eos_ids=eos_ids, generator=generator)
+        if self._fused_sampling(params, device) and logits.dtype == torch.float32:
+            greedy = params.top_k == 1
+            # greedy draws nothing; else one seed from the generator per call (its only host read)
+            seed = 0 if greedy else int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device))
+            tickets = torch.zeros(rows, dtype=torch.int32, device=device)
+            sample = functools.partial(_sample_one_pass, params=params, eos_ids=eos_ids, greedy=greedy, seed=seed,
+                                       tickets=tickets)
         with self._nf4_decode(decoder, device):
             for step in range(max_new):
-                tokens, logprobs = sample_tokens(logits, params, step, eos_ids, generator)
+                tokens, logprobs = sample(logits, step=step)
                 tokens = tokens.masked_fill(done, params.pad_token_id)
                 out_tokens[row_ids, step] = tokens
                 out_logprobs[row_ids, step] = logprobs.masked_fill(done, 0.0)
@@ -594,6 +611,20 @@ class RolloutEngine:
         if not stopped:
             return done
         return done | torch.isin(row_ids, torch.tensor(stopped, device=row_ids.device))
+
+
+def fused_sampling_supported(params: SamplingParams) -> bool:
+    """Whether kernels/sampling.py draws what ``sample_tokens`` does for ``params``: no filtering
+    (top-k off or 1, top-p 1, min-p 0), at most MAX_EOS EOS ids."""
+    return (params.top_k in (0, 1) and params.top_p >= 1.0 and params.min_p == 0.0
+            and 1 <= len(params.eos_token_ids) <= MAX_EOS)
+
+
+def _sample_one_pass(logits: torch.Tensor, step: int, params: SamplingParams, eos_ids: torch.Tensor, greedy: bool,
+                     seed: int, tickets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_tokens`` as one kernel pass over fp32 ``logits`` (see fused_sampling_supported)."""
+    return sample_fused(logits.contiguous(), params.temperature, eos_ids, step < params.min_completion_length,
+                        greedy, seed, step, tickets)
 
 
 def _decode_step(decoder, head, transform: LogitTransform, cache: SlotCache, cache_keyword: str,

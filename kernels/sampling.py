@@ -9,8 +9,9 @@ the running argmax of s + Gumbel noise (of s alone when greedy), EOS excluded wh
 suppressed. argmax(s + G) with G = -log(-log U) draws token i with probability softmax(s)_i: the
 engine's exponential race argmax(p / E), E = -log U, written in logs. The uniforms come from
 Triton's counter-based generator (Philox) keyed by (seed, step, row, token), so a seed reproduces
-a run. The last slice of a row to finish merges the slices' states in slice order (a fixed order);
-ties go to the lowest token id, as torch.argmax's.
+a run (the engine draws the seed from its generator once per call). The last slice of a row to
+finish merges the slices' states in slice order (a fixed order); ties go to the lowest token id,
+as torch.argmax's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .launch import launch
 from .logprob_kernel import _num_sms
 
 MAX_EOS = 8  # EOS ids the kernel masks (SamplingParams.eos_token_ids)
+STREAM_ROWS = 1 << 16  # rows per step in the random stream's numbering (a call takes at most this many)
 
 
 @triton.jit
@@ -34,7 +36,9 @@ def _sample_kernel(
     state_ptr,  # [B, SPLITS, 4] fp32: max, sum of exp, best key, best token (dummy when SPLITS == 1)
     count_ptr,  # [B] int32 tickets, zero between calls
     tokens_ptr, logprobs_ptr,  # [B] int64, [B] fp32
-    V, v_per_split, inv_temperature, seed, step, suppress_eos,
+    V, v_per_split, inv_temperature, seed,
+    stream,  # step * STREAM_ROWS: this step's first row in the random stream (an int64 from step 32768)
+    suppress_eos,
     NUM_EOS: tl.constexpr, EOS_PAD: tl.constexpr, GREEDY: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -52,11 +56,15 @@ def _sample_kernel(
         valid = tokens < hi
         s = tl.load(logits_ptr + row * stride_b + tokens, mask=valid, other=float("-inf")) * inv_temperature
         m_new = tl.maximum(m, s)
-        total = total * tl.exp(m - m_new) + tl.where(valid, tl.exp(s - m_new), 0.0)
-        m = tl.where(m_new == float("-inf"), m, m_new)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # -inf logits (so far) add exp(-inf) = 0, not NaN
+        total = total * tl.exp(m - shift) + tl.where(valid, tl.exp(s - shift), 0.0)
+        m = m_new
         key = s
         if not GREEDY:
-            uniform = tl.rand(seed, (step * tl.num_programs(0) + row).to(tl.int64) * V + tokens)
+            # one uniform per (step, row, token) (rows of a step below STREAM_ROWS: streams never overlap),
+            # kept inside (0, 1): u = 0 or 1 (fp32 rounding of Philox's integers) would give an infinite key
+            uniform = tl.rand(seed, (stream + row).to(tl.int64) * V + tokens)
+            uniform = tl.minimum(tl.maximum(uniform, 1.1754944e-38), 0.99999994)
             key = s - tl.log(-tl.log(uniform))
         is_eos = tl.max((tokens[:, None] == eos[None, :]).to(tl.int32), 1) > 0
         key = tl.where(valid & ~(is_eos & (suppress_eos != 0)), key, float("-inf"))
@@ -92,9 +100,10 @@ def _sample_kernel(
                 part_key = tl.load(part + 2, cache_modifier=".cg")
                 part_token = tl.load(part + 3, cache_modifier=".cg").to(tl.int32, bitcast=True)
                 new_max = tl.maximum(merged_max, part_max)
-                merged_total = (merged_total * tl.exp(merged_max - new_max)
-                                + tl.where(part_max == float("-inf"), 0.0, part_total * tl.exp(part_max - new_max)))
-                merged_max = tl.where(new_max == float("-inf"), merged_max, new_max)
+                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                merged_total = (merged_total * tl.exp(merged_max - shift)
+                                + tl.where(part_max == float("-inf"), 0.0, part_total * tl.exp(part_max - shift)))
+                merged_max = new_max
                 take = part_key > merged_key  # slices come in token order: ties keep the earlier one
                 merged_token = tl.where(take, part_token, merged_token)
                 merged_key = tl.where(take, part_key, merged_key)
@@ -111,6 +120,8 @@ def sample_fused(logits: Tensor, temperature: float, eos_ids: Tensor, suppress_e
     if logits.dim() != 2 or logits.dtype != torch.float32 or logits.stride(1) != 1:
         raise ValueError(f"logits: expected a [B, V] float32 tensor with unit stride along V, received "
                          f"{list(logits.shape)} {logits.dtype} strides {logits.stride()}")
+    if logits.shape[0] > STREAM_ROWS:
+        raise ValueError(f"logits: expected at most {STREAM_ROWS} rows, received {logits.shape[0]}")
     if not 1 <= eos_ids.numel() <= MAX_EOS:
         raise ValueError(f"eos_ids: expected 1 to {MAX_EOS} token ids, received {eos_ids.numel()}")
     rows, vocab = logits.shape
@@ -127,7 +138,7 @@ def sample_fused(logits: Tensor, temperature: float, eos_ids: Tensor, suppress_e
     launch(
         _sample_kernel, (rows, splits),
         logits, logits.stride(0), eos_ids, state, tickets, tokens, logprobs,
-        vocab, per_split, 1.0 / temperature, seed, step, int(suppress_eos),
+        vocab, per_split, 1.0 / temperature, seed, step * STREAM_ROWS, int(suppress_eos),
         NUM_EOS=eos_ids.numel(), EOS_PAD=triton.next_power_of_2(eos_ids.numel()), GREEDY=greedy, SPLITS=splits, BLOCK_V=block,
         num_warps=1 if interpreting() else 8,
     )
