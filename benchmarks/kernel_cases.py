@@ -7,15 +7,15 @@ kernel (the others are helpers inlined into kernels). A kernel without a case he
 not covered (and `--check` fails), so a new kernel cannot leave the report silently: add a
 builder to CASE_BUILDERS.
 
-Launches come from the launchers themselves wherever they go through kernels.launch.launch: the
-launcher is called on meta tensors of the goal shape inside `recording()`, so the report compiles
-exactly the arguments, constexprs and options production passes. The NF4 matmul's launcher
-(kernels/nf4_matmul._launch) calls its kernel directly, so its case rebuilds the launch by the same
-rules (`_nf4_launch`); switching that launcher to `launch` would let the case record it instead.
+Launches come from the launchers themselves: each launcher goes through kernels.launch.launch and
+is called on meta tensors of the goal shape inside `recording()`, so the report compiles exactly the
+arguments, constexprs and options production passes (launchers that size their launch by the SM
+count take the modelled device's: the NF4 decode config's `num_sms`, the attention's `splits`).
 
 Goal shapes: Qwen2.5-7B's lm_head (H=3584, V=152064) in chunks of the default budget (768 tokens
-for the triton backend) and its block Linears (benchmarks/nf4.py's shapes, plus q/k/v and gate/up
-grouped into one weight as a grouped launch would read them) at 1-64 rows.
+for the triton backend); its block Linears (benchmarks/nf4.py's shapes, and the engine's grouped
+launches: q/k/v with biases and gate/up, LoRA r16 in the epilogue) at 1, 4, 16 and 64 rows (--full:
+1-64); its decode attention (28 query heads, 4 KV heads of 128) over a bf16 cache.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .static_compile import bound_arguments
 HEAD_7B = (3584, 152064)  # Qwen2.5-7B's lm_head (H, V), as benchmarks/loss.py's HEADS
 GROUPED_7B_SHAPES = {"qkv (grouped)": (3584 + 2 * 512, 3584), "gate_up (grouped)": (2 * 18944, 3584)}
 ROWS_FULL = (1, 2, 4, 8, 16, 32, 64)
-ROWS_QUICK = (1, 16, 64)
+ROWS_QUICK = (1, 4, 16, 64)
 LOSS_TOKENS_ON_CHIP = 16384  # the suite's loss case
 META = torch.device("meta")
 
@@ -58,6 +58,7 @@ class Case:
     extra_kernels: int = 0
     flops_per_program: float = 0.0
     goal: Optional[float] = None  # fraction of copy bandwidth (bandwidth) or of the matmul rate (matmul)
+    later_trips: Optional[float] = None  # per program, of the top-level loops after the main one (split-K reduction)
     params: dict = field(default_factory=dict)
 
     @property
@@ -190,59 +191,138 @@ def logprob_cases(full: bool) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------------------------
-# the NF4 decode matmul
+# the NF4 decode matmul (kernels/nf4_decode.py, on the repacked layout)
 # ----------------------------------------------------------------------------------------------
 
 
-def _nf4_launch(n: int, k: int, m: int, sms: int, blocksize: int = 64):
-    """The launch kernels/nf4_matmul._launch makes for bf16 x [m, k] and a double-quantised NF4 weight
-    [n, k] on a GPU with `sms` SMs (its rules, restated: that launcher does not go through launch())."""
-    from grpo_fast.kernels.launch import Launch
-    from grpo_fast.kernels.nf4_matmul import NF4MatmulConfig, _nf4_matmul_kernel
-    import triton
-    import triton.language as tl
-
-    cfg = NF4MatmulConfig()
-    use_dot = m > cfg.gemv_max_rows
-    block_m = min(cfg.max_block_m, max(16 if use_dot else 1, triton.next_power_of_2(m)))
-    block_n = cfg.dot_block_n if use_dot else cfg.gemv_block_n
-    block_k = min(cfg.block_k, blocksize)
-    m_tiles, n_tiles = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
-    k_tiles = k // block_k
-    want = triton.cdiv(cfg.programs_per_sm * sms, m_tiles * n_tiles)
-    splits = max(1, min(want, k_tiles, max(1, k // (8 * min(m, block_m)))))
-    k_per_split = triton.cdiv(k_tiles, splits) * block_k
-    splits = triton.cdiv(k, k_per_split)
-    blocks = n * k // blocksize
-    absmax = _meta(blocks, dtype=torch.uint8)
-    target = _meta(splits, m, n) if splits > 1 else _meta(1, m, n, dtype=torch.bfloat16)
-    args = (_meta(m, k, dtype=torch.bfloat16), k, 1, _meta(n * k // 2, dtype=torch.uint8), absmax, _meta(256),
-            _meta(math.ceil(blocks / 256)), _meta(1), _meta(16), absmax, target, m * n, n, 1, m, n, k, k_per_split, 256)
-    kwargs = dict(BLOCKSIZE=blocksize, HAS_BIAS=False, NESTED=True, SPLIT=splits > 1, USE_DOT=use_dot, UPCAST=False,
-                  IEEE_FP32=False, W_DTYPE=tl.bfloat16, BF16_BY_BITS=False, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return Launch(_nf4_matmul_kernel, (n_tiles, splits, m_tiles), args, kwargs), dict(
-        splits=splits, k_per_split=k_per_split, block_n=block_n, block_k=block_k, path="tl.dot" if use_dot else "FMA")
+LORA_RANK = 16  # the engine's LoRA cases: r16, B in the kernel's epilogue
 
 
-def nf4_cases(full: bool, sms: int) -> list[Case]:
-    shapes = {name: (n, k) for name, (n, k, _) in QWEN_7B_SHAPES.items()}
-    shapes.update(GROUPED_7B_SHAPES)
+def _nf4_decode_launch(n: int, k: int, m: int, device, members: int = 1, bias: bool = False, lora: bool = False):
+    """The launch kernels/nf4_decode._launch makes for bf16 x [m, k] and a repacked weight of `members`
+    Linears (n features together), recorded on meta tensors with the device's SM count."""
+    import dataclasses
+
+    from grpo_fast.kernels.launch import recording
+    from grpo_fast.kernels.nf4_decode import (MAX_CHUNK, ROW_ALIGN, ROW_TILE, DecodeNF4Weight, _launch,
+                                              default_decode_config)
+
+    n_pad = -(-n // ROW_ALIGN) * ROW_ALIGN
+    chunk = MAX_CHUNK  # bitsandbytes' default blocksize 64
+    per = n // members
+    weight = DecodeNF4Weight(
+        qweight=_meta(n_pad * k // 2, dtype=torch.uint8), scales=_meta(k // chunk, n_pad), levels=_meta(16),
+        in_features=k, segments=tuple(per * i for i in range(members)) + (n,), chunk=chunk,
+        bias=_meta(n) if bias else None, counters=_meta(4 * n_pad // ROW_TILE, dtype=torch.int32),
+        tables={torch.bfloat16: _meta(16, dtype=torch.bfloat16)})
+    cfg = default_decode_config(m, META, capability=divmod(device.capability, 10))
+    cfg = dataclasses.replace(cfg, num_sms=device.sms)
+    xa = _meta(m, members * LORA_RANK, dtype=torch.bfloat16) if lora else None
+    lora_b = _meta(n_pad, LORA_RANK, dtype=torch.bfloat16) if lora else None
+    with recording() as launches:
+        _launch(_meta(m, k, dtype=torch.bfloat16), weight, xa, lora_b, cfg)
+    (record,) = launches
+    args, _ = bound_arguments(record)
+    block_n, cpi, splits = args["BLOCK_N"], args["CPI"], args["SPLITS"]
+    chunks_per_split = args["chunks_per_split"]
+    # DRAM: the repacked weight (nibbles and fp32 scales of the padded rows), x, the output, the fp32
+    # partials of split-K (written and read once), LoRA's x @ A.T and B
+    traffic = n_pad * k * (0.5 + 4 / chunk) + m * k * 2 + m * n * 2 + (2 * 4 * splits * m * n_pad if splits > 1 else 0)
+    if lora:
+        traffic += m * members * LORA_RANK * 2 + n_pad * LORA_RANK * 2
+    path = "wgmma" if args["PACK"] == 2 else "mma.sync"
+    plan = dict(path=f"{path}, {cfg.num_warps} warps, BLOCK_N {block_n}", splits=splits, block_n=block_n,
+                block_mx=cfg.block_mx, chunks_per_split=chunks_per_split, lora_rank=LORA_RANK if lora else 0,
+                bias=bias)
+    return record, plan, traffic, (chunks_per_split // cpi,), block_n * chunks_per_split * chunk
+
+
+def nf4_cases(full: bool, device) -> list[Case]:
+    """Each 7B Linear alone (the goal shapes: no bias, no LoRA), and the engine's grouped launches
+    (q/k/v with their biases, gate/up) with LoRA r16 in the epilogue."""
+    shapes = {name: (n, k, 1, False, False) for name, (n, k, _) in QWEN_7B_SHAPES.items()}
+    shapes.update({"qkv (grouped) + LoRA": (3584 + 2 * 512, 3584, 3, True, True),
+                   "gate_up (grouped) + LoRA": (2 * 18944, 3584, 2, False, True)})
     cases = []
-    for name, (n, k) in shapes.items():
+    for name, (n, k, members, bias, lora) in shapes.items():
         for m in ROWS_FULL if full else ROWS_QUICK:
-            launch, plan = _nf4_launch(n, k, m, sms)
-            splits = plan["splits"]
-            weight_bytes = n * k / 2 + n * k / 64 + 4 * math.ceil(n * k / 64 / 256)  # packed, absmax, nested absmax
-            out_bytes = splits * m * n * 4 if splits > 1 else m * n * 2
-            # split: target.sum(0) reads the partials and writes fp32; out.copy_ reads it and writes bf16
-            extra = (splits * m * n * 4 + m * n * 4 + m * n * 4 + m * n * 2) if splits > 1 else 0.0
+            launch, plan, traffic, trips, weights_per_program = _nf4_decode_launch(n, k, m, device, members, bias, lora)
             cases.append(Case(
-                "nf4", f"{name} {n}x{k}, {m} rows", launch, True, "bandwidth", "weight",
-                plan["block_n"] * plan["k_per_split"], (plan["k_per_split"] // plan["block_k"],),
-                kernel_bytes=weight_bytes + m * k * 2 + out_bytes, useful_bytes=n * k / 2, extra_bytes=extra,
-                extra_kernels=2 if splits > 1 else 0, goal=0.6 if m <= 16 else 0.5,  # issue 15's goals
+                "nf4", f"{name} {n}x{k}, {m} rows", launch, True, "bandwidth", "weight", weights_per_program, trips,
+                kernel_bytes=traffic, useful_bytes=n * k / 2, goal=0.6 if m <= 16 else 0.5,  # issue 15's goals
+                # the split-K reduction loop: SPLITS trips in the one program of a tile that takes the last ticket
+                later_trips=1.0 if plan["splits"] > 1 else None,
                 params=dict(shape=name, N=n, K=k, rows=m, **plan)))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# decode attention (kernels/decode_attention.py)
+# ----------------------------------------------------------------------------------------------
+
+QWEN_7B_ATTENTION = (28, 4, 128)  # query heads, KV heads, head_dim
+# (rows decoded, cache columns, columns each row has written): a GRPO decode batch mid-completion,
+# and a few long rows
+ATTENTION_CASES = ((64, 2048, 1024), (8, 8192, 6144))
+
+
+def attention_cases(full: bool, device) -> list[Case]:
+    """A decode step's attention over bf16 K/V: the useful bytes are the written columns' keys and
+    values (each read once per KV head), the ceiling their fraction of copy bandwidth."""
+    from grpo_fast.kernels.decode_attention import _launch, attention_splits
+    from grpo_fast.kernels.launch import recording
+
+    heads, kv_heads, d = QWEN_7B_ATTENTION
+    cases = []
+    for rows, length, written in ATTENTION_CASES:
+        block = 64
+        splits = attention_splits(rows, kv_heads, length, block, device.sms)
+        bf16 = dict(dtype=torch.bfloat16)
+        with recording() as launches:
+            _launch(_meta(rows, heads, d, **bf16), _meta(rows, kv_heads, d, **bf16), _meta(rows, kv_heads, d, **bf16),
+                    _meta(rows, kv_heads, length, d, **bf16), _meta(rows, kv_heads, length, d, **bf16),
+                    _meta(rows, dtype=torch.int32), _meta(1, dtype=torch.int64),
+                    _meta(rows * kv_heads, dtype=torch.int32), d ** -0.5, splits=splits)
+        (record,) = launches
+        args, _ = bound_arguments(record)
+        per_split = math.ceil(math.ceil(written / splits) / args["BLOCK_C"]) * args["BLOCK_C"]
+        cache_bytes = rows * kv_heads * written * d * 2 * 2  # K and V, bf16
+        traffic = cache_bytes + rows * heads * d * 2 * 2 + rows * kv_heads * d * 2 * 2 * 2  # + q, out, new K/V in and out
+        if splits > 1:
+            traffic += 2 * rows * kv_heads * splits * args["GQ_PAD"] * (d + 2) * 4
+        cases.append(Case(
+            "attention", f"{rows} rows, {written} of {length} columns written", record, True, "bandwidth", "KV value",
+            per_split * d * 2, (per_split // args["BLOCK_C"],), kernel_bytes=traffic, useful_bytes=cache_bytes,
+            params=dict(rows=rows, length=length, written=written, heads=heads, kv_heads=kv_heads, head_dim=d,
+                        splits=splits, block_c=args["BLOCK_C"])))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling (kernels/sampling.py): one pass over a decode step's logits
+# ----------------------------------------------------------------------------------------------
+
+
+def sampling_cases(full: bool, device) -> list[Case]:
+    """A decode step's categorical draw (and greedy, --full) over fp32 logits of Qwen2.5-7B's vocabulary."""
+    from grpo_fast.kernels.launch import recording
+    from grpo_fast.kernels.sampling import sample_block, sample_fused, sample_splits
+
+    rows, vocab = 64, HEAD_7B[1]
+    cases = []
+    for greedy in (False, True) if full else (False,):
+        splits = sample_splits(rows, vocab, sample_block(), device.sms)
+        with recording() as launches:
+            sample_fused(_meta(rows, vocab), 1.0, _meta(1, dtype=torch.int64), False, greedy, 0, 0,
+                         _meta(rows, dtype=torch.int32), splits=splits)
+        (record,) = launches
+        args, _ = bound_arguments(record)
+        per_split = args["v_per_split"]
+        traffic = rows * vocab * 4
+        cases.append(Case("sampling", f"{'greedy' if greedy else 'categorical draw'}, {rows} rows x {vocab} logits",
+                          record, True, "bandwidth", "logit", per_split, (math.ceil(per_split / args["BLOCK_V"]),),
+                          kernel_bytes=traffic, useful_bytes=traffic,
+                          params=dict(rows=rows, V=vocab, greedy=greedy, splits=record.grid[1])))
     return cases
 
 
@@ -250,5 +330,7 @@ def nf4_cases(full: bool, sms: int) -> list[Case]:
 CASE_BUILDERS: dict[str, Callable] = {
     "grpo_fast.kernels.grpo_kernel:_grpo_row_kernel": lambda full, device: row_cases(full),
     "grpo_fast.kernels.logprob_kernel:_logprob_fwd_kernel": lambda full, device: logprob_cases(full),
-    "grpo_fast.kernels.nf4_matmul:_nf4_matmul_kernel": lambda full, device: nf4_cases(full, device.sms),
+    "grpo_fast.kernels.nf4_decode:_nf4_decode_kernel": lambda full, device: nf4_cases(full, device),
+    "grpo_fast.kernels.decode_attention:_decode_attention_kernel": lambda full, device: attention_cases(full, device),
+    "grpo_fast.kernels.sampling:_sample_kernel": lambda full, device: sampling_cases(full, device),
 }

@@ -106,10 +106,11 @@ def _variant_row(compiled, device, sass_dir: Optional[Path], key: str) -> dict:
 
 
 def _case_row(case, compiled, device) -> dict:
-    cost = model.program_cost(compiled, case.trips)
+    cost = model.program_cost(compiled, case.trips, case.later_trips)
     resident = model.occupancy(device, compiled)
     row = dict(group=case.group, case=case.name, kernel=case.kernel, device=device.name, hot=case.hot, kind=case.kind,
                params=case.params, programs=case.programs, unit=case.unit, trips=list(case.trips),
+               later_trips=case.later_trips,
                warp_instructions_per_unit=cost.total / case.units_per_program,
                loop_warp_instructions_per_unit=cost.loop_total / case.units_per_program,
                per_pipe_per_unit={k: v / case.units_per_program for k, v in sorted(cost.per_pipe.items())},

@@ -26,8 +26,8 @@ def _goals(payload: dict) -> list[str]:
     rows = []
     for device in payload["devices"].values():
         nf4 = [c for c in payload["cases"] if c["group"] == "nf4" and c["device"] == device["name"]]
-        for label, select in (("NF4 matmul >= 60% of copy bandwidth, 1-16 rows, every 7B shape", lambda r: r <= 16),
-                              ("NF4 matmul >= 50% of copy bandwidth at 64 rows, every 7B shape", lambda r: r == 64)):
+        for label, select in (("NF4 decode matmul >= 60% of copy bandwidth, 1-16 rows, every 7B shape", lambda r: r <= 16),
+                              ("NF4 decode matmul >= 50% of copy bandwidth at 64 rows, every 7B shape", lambda r: r == 64)):
             chosen = [c for c in nf4 if select(c["params"]["rows"]) and "grouped" not in c["params"]["shape"]]
             if not chosen:
                 continue
@@ -93,10 +93,12 @@ def _nf4(payload: dict) -> list[str]:
         if not cases:
             continue
         lines += [f"## NF4 decode matmul on {device['name']} (estimates)", "",
-                  "Per case: the launch plan (path, programs, K splits), warp-instructions per weight (the K loop / "
-                  "the whole program), the pipe that bounds compute, times at the model's rates (kernel compute, "
-                  "kernel memory, the PyTorch split-K reduction after it) and the ceiling: packed weight bytes / copy "
-                  "bandwidth over that time (benchmarks/nf4.py's \"of copy\").", ""]
+                  "kernels/nf4_decode.py on the repacked layout. Per case: the launch plan (tensor-core path, warps "
+                  "and features per program; programs; K splits, reduced in the kernel), warp-instructions per "
+                  "weight (the K loop / the whole program), the pipe that bounds compute, times at the model's rates "
+                  "(kernel compute, kernel memory: repacked weight and scales, x, output, split-K partials, LoRA) and "
+                  "the ceiling: packed weight bytes (N*K/2) / copy bandwidth over that time (benchmarks/nf4.py's "
+                  "\"of copy\"). The single Linears are the goal shapes; the grouped launches are the engine's.", ""]
         rows = []
         for c in cases:
             p = c["params"]
@@ -107,6 +109,26 @@ def _nf4(payload: dict) -> list[str]:
                          _pct(c["ceiling"]), _pct(c["goal"]), _met(c["met"])])
         lines += _table(["shape", "rows", "path", "programs", "splits", "loop instr/weight", "instr/weight", "limiter",
                          "loop loads", "compute µs", "memory µs", "reduction µs", "ceiling", "goal", ""], rows) + [""]
+    return lines
+
+
+def _decode_others(payload: dict) -> list[str]:
+    """Decode attention and sampling: fraction of copy bandwidth of the bytes they must read."""
+    lines = []
+    for device in payload["devices"].values():
+        cases = [c for c in payload["cases"] if c["group"] in ("attention", "sampling") and c["device"] == device["name"]]
+        if not cases:
+            continue
+        lines += [f"## Decode attention and sampling on {device['name']} (estimates)", "",
+                  "Decode attention (kernels/decode_attention.py, Qwen2.5-7B's 28 query / 4 KV heads of 128, bf16 "
+                  "cache): the useful bytes are the keys and values of each row's written columns; sampling "
+                  "(kernels/sampling.py): the fp32 logits, read once. Ceiling: those bytes / copy bandwidth over the "
+                  "modelled time.", ""]
+        rows = [[c["group"], c["case"], str(c["programs"]), str(c["params"].get("splits", "–")),
+                 _num(c["loop_warp_instructions_per_unit"], ".3f"), c["unit"], c["limiter"], _num(c.get("t_compute_us")),
+                 _num(c.get("t_memory_us")), _pct(c["ceiling"])] for c in cases]
+        lines += _table(["kernel", "case", "programs", "splits", "loop instr/unit", "unit", "limiter", "compute µs",
+                         "memory µs", "ceiling"], rows) + [""]
     return lines
 
 
@@ -166,7 +188,8 @@ def markdown(payload: dict) -> str:
                                          f"{d['dram_tbs']} TB/s (copy {_pct(d['copy_fraction'])}), "
                                          f"matmul {d['matmul_tflops']:.0f} TFLOP/s. {d['source']}."
                                          for d in payload["devices"].values()] + [""]
-    lines += _goals(payload) + _calibration(payload) + _nf4(payload) + _loss(payload) + _variants(payload)
+    lines += (_goals(payload) + _calibration(payload) + _nf4(payload) + _decode_others(payload) + _loss(payload)
+              + _variants(payload))
     if payload["uncovered_kernels"] or payload["compile_failures"]:
         lines += ["## Not covered", ""]
         lines += [f"- {k}: no launch case (benchmarks/kernel_cases.py)" for k in payload["uncovered_kernels"]]

@@ -9,7 +9,8 @@ gate/up 18944x3584, down 3584x18944; NF4, blocksize 64, double quantisation, bf1
 and each number of rows M (decode: one row per live sequence), three providers on the same
 weight and inputs:
 
-  fused   grpo_fast.kernels.nf4_matmul: packed weight read once, dequantised on chip
+  fused   grpo_fast.kernels.nf4_decode on the weight repacked once for it (as the engine's decode
+          steps run it): packed weight read once, dequantised in registers
   bnb     bitsandbytes' Linear4bit forward (what a 4-bit model runs today: its gemv kernel for one
           row; for more rows bitsandbytes >= 0.50 picks per GPU between its own fused 4-bit GEMM
           and dequantising to bf16 followed by cuBLAS)
@@ -120,8 +121,8 @@ def main(argv=None) -> dict:
             raise SystemExit("benchmarks.nf4: the NF4 decode matmul benchmark needs a CUDA device; "
                              "use --tiny for a CPU smoke run")
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is first imported
+    from grpo_fast.kernels.nf4_decode import nf4_decode_matmul, repack_nf4
     from grpo_fast.nf4 import nf4_weight_of
-    from grpo_fast.kernels.nf4_matmul import nf4_matmul
 
     env = common.env_info(device, None if argv is None else [__file__, *argv])
     if env["git_commit"] is None and args.commit:
@@ -155,13 +156,13 @@ def main(argv=None) -> dict:
     for shape in args.shapes:
         n, k, per_block = shapes[shape]
         layer = make_layer(n, k, device)
-        weight = nf4_weight_of(layer)  # taken before bnb runs: on CPU it may repack its own copy
+        weight = repack_nf4([nf4_weight_of(layer)])  # read before bnb runs: on CPU it may repack its own copy
         dense = _dequantize(layer)  # bf16 [n, k]: the bf16 provider's weight and the check's reference
         for m in args.rows:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             expected = torch.nn.functional.linear(x, dense).float()
             calls = {
-                "fused": lambda: nf4_matmul(x, weight),
+                "fused": lambda: nf4_decode_matmul(x, weight),
                 "bnb": lambda: layer(x),
                 "bf16": lambda: torch.nn.functional.linear(x, dense),
             }

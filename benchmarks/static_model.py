@@ -172,22 +172,28 @@ class ProgramCost:
         return max(options, key=options.get)
 
 
-def program_cost(compiled, trips: tuple[int, ...]) -> ProgramCost:
+def program_cost(compiled, trips: tuple[int, ...], later_trips: Optional[float] = None) -> ProgramCost:
     """Count a compiled kernel's SASS for one program: an instruction at loop depth d runs
     trips[0] * ... * trips[d-1] times per warp (deeper loops than `trips` covers run trips' product:
-    the figure is then a lower bound, flagged by modelled_depth < kernel_depth)."""
+    the figure is then a lower bound, flagged by modelled_depth < kernel_depth). `later_trips`: the
+    top-level loops after the first (in address order, e.g. a split-K reduction after the main loop)
+    run that many times per program on average instead of trips[0], and count as outer code."""
     deepest = max((inst.depth for inst in compiled.instructions), default=0)
+    top = sorted((loop for loop in compiled.loops if loop.depth == 1), key=lambda loop: loop.start)
+    later = [loop for loop in top[1:]] if later_trips is not None else []
     per_pipe: dict = {}
     loop_pipe: dict = {}
     outer_pipe: dict = {}
     widths: dict = {}
     for inst in compiled.instructions:
-        runs = math.prod(trips[:inst.depth]) * compiled.num_warps
+        in_later = any(loop.start <= inst.address <= loop.end for loop in later)
+        runs = (later_trips * math.prod(trips[1:inst.depth]) if in_later else math.prod(trips[:inst.depth])) * compiled.num_warps
         pipe = pipe_of(inst.base)
         per_pipe[pipe] = per_pipe.get(pipe, 0.0) + runs
-        target = loop_pipe if inst.depth == deepest and deepest > 0 else outer_pipe
+        innermost = inst.depth == deepest and deepest > 0 and not in_later
+        target = loop_pipe if innermost else outer_pipe
         target[pipe] = target.get(pipe, 0.0) + runs
-        if inst.base == "LDG" and inst.depth == deepest and deepest > 0:
+        if inst.base == "LDG" and innermost:
             width = next((_LDG_BYTES[m] for m in inst.opcode.split(".")[1:] if m in _LDG_BYTES), 4)
             widths[width] = widths.get(width, 0) + 1
     return ProgramCost(per_pipe, sum(per_pipe.values()), sum(loop_pipe.values()), sum(outer_pipe.values()),

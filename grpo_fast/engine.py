@@ -28,7 +28,10 @@ NF4 bitsandbytes weights stay packed; no weight copy):
 4. **Sampling on the device** (``sample_tokens``): EOS suppressed before
    ``min_completion_length``, temperature, top-k, top-p, min-p (Hugging Face's order and
    semantics), then an exponential-race draw (``argmax(p / Exp(1))``, a categorical sample with no
-   host sync) from a seeded ``torch.Generator``. ``top_k=1`` is greedy decoding.
+   host sync) from a seeded ``torch.Generator``. ``top_k=1`` is greedy decoding. On CUDA without
+   top-k (other than 1), top-p or min-p, one Triton pass over the logits does all of it instead
+   (``kernels/sampling.py``: a Gumbel-max draw from Philox uniforms keyed by a seed the generator
+   gives once per call, the step, the row and the token).
 5. **Stop strings** are matched on the host, on each live row's decoded completion, at the
    ``sync_every`` checks; a matched row stops and every completion is finally cut right after the
    token that completes its first stop string (``rollout.cut_at_stop_strings``), so the result is
@@ -39,8 +42,11 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    tokens equal one big batch's; sampled ones come from the same generator, continued.
 7. **On CUDA**: the one-token decode step is compiled with ``torch.compile(mode="reduce-overhead")``
    (CUDA graphs; falls back to eager with a warning when compiling fails), and the decode loop runs
-   inside ``grpo_fast.nf4.fused_nf4_decode`` (the NF4 matmul that dequantises on chip) when that
-   module is present. Both are off on CPU.
+   inside ``grpo_fast.nf4.fused_nf4_decode`` when that module is present: NF4 layers (with their
+   plain LoRA adapters, q/k/v and gate/up grouped) run through the NF4 decode kernel on a repacked
+   copy of the weights (0.5625 bytes per weight). With CUDA graphs the copy is kept between calls
+   (the graphs read it at fixed addresses; ``keep_nf4_repack``), else it is freed after each call.
+   Both are off on CPU.
 
 Attention runs through ``decode_attention`` (transformers' sdpa, with grouped-query decode on the
 KV heads) or, for a model loaded with ``eager``, eager attention, with masks built here; the
@@ -50,6 +56,7 @@ model's own implementation (e.g. flash_attention_2) is restored after the call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import warnings
@@ -59,14 +66,18 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .kernels.config import triton_available
+from .kernels.decode_attention import attention_supported
+from .kernels.decode_attention import decode_attention as fused_decode_attention
+from .kernels.sampling import MAX_EOS, sample_fused
 from .logits import LogitTransform, logit_transform
 from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
                       stop_strings_tokenizer)
 
 try:  # the fused NF4 decode matmul (CUDA); absent or inapplicable means the bitsandbytes path
-    from .nf4 import fused_nf4_decode
+    from .nf4 import NF4DecodeCache, fused_nf4_decode
 except ImportError:
-    fused_nf4_decode = None
+    NF4DecodeCache = fused_nf4_decode = None
 
 CACHE_LENGTH_MULTIPLE = 64  # cache lengths are rounded up to this: few distinct shapes across steps
 # Graphs of the decode step: one per (batch size, cache length). Batch sizes halve down to 8 and the
@@ -189,6 +200,8 @@ class _SlotLayer(CacheLayerMixin):
                 grouped = buffer[: prompts * group].view(prompts, group, heads, self.cache.length, -1)
                 grouped[:, :, :, :width].copy_(states[:, None])
             return key_states, value_states
+        if self.cache.fused_attention:
+            return key_states, value_states  # the decode attention kernel writes them as it reads the cache
         keys, values = self.views[self.cache.batch]
         keys.index_copy_(2, self.cache.position, key_states)
         values.index_copy_(2, self.cache.position, value_states)
@@ -212,6 +225,11 @@ class SlotCache(Cache):
         self.prefill_group: int | None = None  # set during prefill: rows per prompt
         self.batch = capacity  # rows decoded now (a prefix of the buffers)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # the column decode writes
+        # With the decode attention kernel: each row's first prompt column (its left padding), the
+        # kernel's split tickets; the kernel writes the new keys and values (update() does not).
+        self.fused_attention = False
+        self.row_start = torch.zeros(capacity, dtype=torch.int32, device=device)
+        self.tickets = torch.zeros(0, dtype=torch.int32, device=device)
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
 
     def fits(self, num_layers: int, capacity: int, length: int, device: torch.device) -> bool:
@@ -232,7 +250,18 @@ class SlotCache(Cache):
         for layer in self.layers:
             for buffer in (layer.keys, layer.values):
                 buffer[:size] = buffer[: self.batch].index_select(0, order)
+        self.row_start[:size] = self.row_start[: self.batch].index_select(0, order)
         self.set_batch(size)
+
+    def use_fused_attention(self, row_start: torch.Tensor, kv_heads: int) -> None:
+        """Decode through the attention kernel from now on; ``row_start`` [rows]: each row's first column."""
+        self.row_start[: len(row_start)] = row_start
+        if self.tickets.numel() < self.capacity * kv_heads:
+            self.tickets = torch.zeros(self.capacity * kv_heads, dtype=torch.int32, device=self.row_start.device)
+        if self.row_start.is_cuda:  # graph replays read them in place
+            for tensor in (self.row_start, self.tickets):
+                torch._dynamo.mark_static_address(tensor)
+        self.fused_attention = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,17 +274,28 @@ def _base_model(model):
 
 
 DECODE_ATTENTION = "grpo_fast_decode"  # sdpa, with grouped-query decode on the KV heads (registered on first use)
+SLOT_CACHE_KEYWORD = "grpo_slot_cache"  # the model keyword argument that brings the cache to decode_attention
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' sdpa attention, except for one query token with grouped-query attention: the
     query heads of a group attend as rows of their KV head, so the cache is read once per KV head.
     (With a mask, transformers expands K and V to every query head under torch.compile: for
-    Qwen2.5-7B seven extra copies of the whole cache per decode step.)"""
+    Qwen2.5-7B seven extra copies of the whole cache per decode step.) Given the engine's cache
+    (``slot_cache``, passed through the model's keyword arguments) in fused mode, one token per row
+    runs ``kernels.decode_attention`` instead: only each row's written columns are read, and the new
+    token's key and value (``key``, ``value`` here) are written into the cache by the same kernel."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    cache = kwargs.pop(SLOT_CACHE_KEYWORD, None)
     batch, heads, query_length, head_dim = query.shape
     kv_heads = key.shape[1]
+    if cache is not None and cache.fused_attention and query_length == 1:
+        layer = cache.layers[module.layer_idx]
+        scale = scaling if scaling is not None else head_dim ** -0.5
+        out = fused_decode_attention(query[:, :, 0], key[:, :, 0], value[:, :, 0], layer.keys, layer.values,
+                                     cache.row_start, cache.position, cache.tickets, scale)
+        return out[:, None], None
     if query_length != 1 or heads == kv_heads:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -334,14 +374,17 @@ class RolloutEngine:
     ``sync_every``: decode steps between host checks of the done-mask (finished rows leave, stop
     strings are matched); ``compact``: move live rows to the front when they fit in half the batch;
     ``cuda_graphs``: compile the decode step on CUDA; ``fused_nf4``: decode NF4 layers with the fused
-    matmul on CUDA; ``seed``: seeds the engine's generator once (None: each call draws a seed from
-    torch's global RNG, so ``torch.manual_seed`` and a restored RNG state reproduce runs);
-    ``tokenizer``: needed for stop strings; ``max_kv_bytes``: the KV cache's budget in bytes (None: all
-    of a call's rows at once), the prompts decode in waves of whole groups that fit it.
+    matmul on CUDA; ``keep_nf4_repack``: keep the repacked NF4 copy (``nf4_repack_bytes``) between
+    calls (None: with CUDA graphs, whose replays read it in place); ``seed``: seeds the engine's
+    generator once (None: each call draws a seed from torch's global RNG, so ``torch.manual_seed``
+    and a restored RNG state reproduce runs); ``tokenizer``: needed for stop strings;
+    ``max_kv_bytes``: the KV cache's budget in bytes (None: all of a call's rows at once), the
+    prompts decode in waves of whole groups that fit it.
     """
 
     def __init__(self, *, sync_every: int = 8, compact: bool = True, cuda_graphs: bool = True,
-                 fused_nf4: bool = True, seed: int | None = None, tokenizer=None, max_kv_bytes: int | None = None):
+                 fused_nf4: bool = True, keep_nf4_repack: bool | None = None, seed: int | None = None,
+                 tokenizer=None, max_kv_bytes: int | None = None):
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every: expected an integer >= 1, received {sync_every!r}")
         if max_kv_bytes is not None and not (isinstance(max_kv_bytes, (int, float)) and max_kv_bytes > 0):
@@ -350,18 +393,28 @@ class RolloutEngine:
         self.sync_every, self.compact = sync_every, compact
         self.cuda_graphs, self.fused_nf4 = cuda_graphs, fused_nf4
         self.seed, self.tokenizer = seed, tokenizer
+        self.keep_nf4_repack = keep_nf4_repack
         self._generator: torch.Generator | None = None
         self._cache: SlotCache | None = None
         self._compiled_step = None
+        self._nf4_cache = NF4DecodeCache() if NF4DecodeCache is not None else None
 
     def __call__(self, model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         return self.generate(model, prompt_ids, params).completion_ids
 
     def release(self) -> None:
-        """Free a KV cache kept for CUDA graphs and the compiled decode step (the next call allocates
-        and compiles anew; ``torch._dynamo.reset()`` also frees the graphs' memory pools)."""
+        """Free a KV cache and repacked NF4 weights kept for CUDA graphs and the compiled decode step
+        (the next call allocates and compiles anew; ``torch._dynamo.reset()`` also frees the graphs'
+        memory pools)."""
         self._cache = None
         self._compiled_step = None
+        if self._nf4_cache is not None:
+            self._nf4_cache.clear()
+
+    @property
+    def nf4_repack_bytes(self) -> int:
+        """Bytes of the repacked NF4 weights (and LoRA snapshot) kept between calls."""
+        return self._nf4_cache.nbytes if self._nf4_cache is not None else 0
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -418,8 +471,26 @@ class RolloutEngine:
     def _nf4_decode(self, decoder, device: torch.device):
         """The fused NF4 decode matmul around the decode loop (CUDA; the one call site)."""
         if self.fused_nf4 and fused_nf4_decode is not None and device.type == "cuda":
-            return fused_nf4_decode(decoder)
+            return fused_nf4_decode(decoder, cache=self._kept_nf4(device))
         return contextlib.nullcontext()
+
+    def _fused_attention(self, config, implementation: str, device: torch.device) -> bool:
+        """Decode attention through the kernel (CUDA, the engine's sdpa path, a head size it takes)."""
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return (device.type == "cuda" and triton_available() and implementation == "sdpa"
+                and attention_supported(head_dim, heads, config.num_key_value_heads))
+
+    def _fused_sampling(self, params: SamplingParams, device: torch.device) -> bool:
+        """Sample with the one-pass kernel (CUDA; no top-k other than 1, no top-p, no min-p)."""
+        return device.type == "cuda" and triton_available() and fused_sampling_supported(params)
+
+    def _kept_nf4(self, device: torch.device):
+        """The cache of repacked NF4 weights when they are kept between calls, else None (freed on exit)."""
+        keep = self._uses_cuda_graphs(device) if self.keep_nf4_repack is None else self.keep_nf4_repack
+        if not keep and self._nf4_cache is not None:
+            self._nf4_cache.clear()
+        return self._nf4_cache if keep else None
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -450,9 +521,9 @@ class RolloutEngine:
         finally:
             model.train(was_training)
             if not self._uses_cuda_graphs(device):
-                # Without CUDA graphs nothing needs the buffers' addresses to stay: free them for the
+                # Without CUDA graphs nothing needs the KV buffers' addresses to stay: free them for the
                 # training pass. With graphs they stay (a replay reads and writes them in place).
-                self.release()
+                self._cache = None
         tokens = torch.cat([wave[0] for wave in waves])
         logprobs = torch.cat([wave[1] for wave in waves])
         slots = [count for wave in waves for count in wave[2]]
@@ -510,6 +581,10 @@ class RolloutEngine:
         finally:
             cache.prefill_group = None
         cache.set_batch(rows)
+        cache.fused_attention = False
+        if self._fused_attention(decoder.config, implementation, device):
+            padding = (width - prompt_mask.sum(-1)).to(torch.int32).repeat_interleave(group)
+            cache.use_fused_attention(padding, decoder.config.num_key_value_heads)
         logits = transform.apply(head(hidden[:, -1])).repeat_interleave(group, dim=0)
 
         # Per-row decode state, all on the device; `row_ids` maps cache rows to output rows.
@@ -522,9 +597,17 @@ class RolloutEngine:
         out_logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
         step_function = self._step_function(device)
         slots = []
+        sample = functools.partial(sample_tokens, params=params, eos_ids=eos_ids, generator=generator)
+        if self._fused_sampling(params, device) and logits.dtype == torch.float32:
+            greedy = params.top_k == 1
+            # greedy draws nothing; else one seed from the generator per call (its only host read)
+            seed = 0 if greedy else int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device))
+            tickets = torch.zeros(rows, dtype=torch.int32, device=device)
+            sample = functools.partial(_sample_one_pass, params=params, eos_ids=eos_ids, greedy=greedy, seed=seed,
+                                       tickets=tickets)
         with self._nf4_decode(decoder, device):
             for step in range(max_new):
-                tokens, logprobs = sample_tokens(logits, params, step, eos_ids, generator)
+                tokens, logprobs = sample(logits, step=step)
                 tokens = tokens.masked_fill(done, params.pad_token_id)
                 out_tokens[row_ids, step] = tokens
                 out_logprobs[row_ids, step] = logprobs.masked_fill(done, 0.0)
@@ -567,10 +650,25 @@ class RolloutEngine:
         return done | torch.isin(row_ids, torch.tensor(stopped, device=row_ids.device))
 
 
+def fused_sampling_supported(params: SamplingParams) -> bool:
+    """Whether kernels/sampling.py draws what ``sample_tokens`` does for ``params``: no filtering
+    (top-k off or 1, top-p 1, min-p 0), at most MAX_EOS EOS ids."""
+    return (params.top_k in (0, 1) and params.top_p >= 1.0 and params.min_p == 0.0
+            and 1 <= len(params.eos_token_ids) <= MAX_EOS)
+
+
+def _sample_one_pass(logits: torch.Tensor, step: int, params: SamplingParams, eos_ids: torch.Tensor, greedy: bool,
+                     seed: int, tickets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_tokens`` as one kernel pass over fp32 ``logits`` (see fused_sampling_supported)."""
+    return sample_fused(logits.contiguous(), params.temperature, eos_ids, step < params.min_completion_length,
+                        greedy, seed, step, tickets)
+
+
 def _decode_step(decoder, head, transform: LogitTransform, cache: SlotCache, cache_keyword: str,
                  input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """float32 logits [B, V] of the next token (the model's, ``transform`` applied), the new token's
     KV written into ``cache``."""
+    kwargs = {cache_keyword: cache, **({SLOT_CACHE_KEYWORD: cache} if cache.fused_attention else {})}
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=True, **{cache_keyword: cache}).last_hidden_state
+                     use_cache=True, **kwargs).last_hidden_state
     return transform.apply(head(hidden[:, -1]))

@@ -1,4 +1,5 @@
-"""Triton helpers shared by the kernels: the model's logit transform and its derivative.
+"""Triton helpers shared by the kernels: the model's logit transform and its derivative, and
+round-to-nearest bf16 under the interpreter.
 
 Some models change the logits after the lm_head (transformers' CausalLM forwards):
 
@@ -31,3 +32,12 @@ def transform_logits(x, logit_scale, softcap, SOFTCAP: tl.constexpr):
         return softcap * t, logit_scale * (1.0 - t * t)
     else:
         return u, logit_scale
+
+
+@triton.jit
+def round_to_bf16_bits(value):
+    """fp32 -> nearest-even bf16, kept in fp32, by integer arithmetic. The interpreter truncates
+    its fp32 -> bf16 casts, while compiled kernels (and torch) round to nearest even."""
+    bits = value.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)

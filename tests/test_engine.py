@@ -259,27 +259,42 @@ def test_decode_step_traces_as_one_graph_nf4_lora(tokenizer, nf4_lora_model):
         assert counters["stats"]["unique_graphs"] == 0
 
 
-def test_decode_step_with_the_fused_nf4_matmul_traces_as_one_graph(tokenizer, nf4_lora_model, monkeypatch):
-    """As on CUDA: the decode loop inside fused_nf4_decode (forced here: the Triton interpreter), every
-    NF4 linear one opaque op in the single traced graph, the tokens those of the plain engine."""
-    import grpo_fast.kernels.nf4_matmul as kernel_module
+def test_fused_decode_step_traces_as_one_graph_of_at_most_15_kernels_per_layer(tokenizer, nf4_lora_model,
+                                                                                 monkeypatch):
+    """As on CUDA: the decode loop inside fused_nf4_decode and with the decode attention kernel (forced
+    here: the Triton interpreter), every NF4 linear (LoRA included, q/k/v and gate/up grouped) and the
+    attention one opaque op of the single traced graph, the tokens those of the plain engine; the
+    step's kernels per layer, counted from that graph (benchmarks.step_kernels), at most 15 (the plain
+    engine's step: twice that)."""
+    import grpo_fast.kernels.decode_attention as attention_module
+    import grpo_fast.kernels.nf4_decode as kernel_module
+    from benchmarks.step_kernels import count_kernels, decode_step_graphs
     from grpo_fast.nf4 import fused_nf4_decode
 
-    class FusedTraced(_TracedEngine):
+    class Fused(RolloutEngine):
         def _nf4_decode(self, decoder, device):
             return fused_nf4_decode(decoder, force=True)
 
+        def _fused_attention(self, config, implementation, device):
+            return implementation == "sdpa"
+
     prompts = _prompts(tokenizer)[:2]
-    params = _params(tokenizer, num_generations=2, max_completion_length=4)
-    expected = RolloutEngine()(nf4_lora_model, prompts, params)
+    params = _params(tokenizer, max_completion_length=3)
     launches = []
-    launch = kernel_module._launch
-    monkeypatch.setattr(kernel_module, "_launch", lambda *a: launches.append(1) or launch(*a))
-    engine = FusedTraced(sync_every=2)
+    for module in (kernel_module, attention_module):
+        launch = module._launch
+        monkeypatch.setattr(module, "_launch", lambda *a, launch=launch, **k: launches.append(1) or launch(*a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback to eager
-        assert engine(nf4_lora_model, prompts, params) == expected
-    assert engine._compiled_step is not None and launches
+        fused, completions = decode_step_graphs(Fused, nf4_lora_model, prompts, params)
+        plain, expected = decode_step_graphs(RolloutEngine, nf4_lora_model, prompts, params)
+    assert completions == expected and launches
+    layers = nf4_lora_model.config.num_hidden_layers
+    counts, plain_counts = count_kernels(fused[0].graph, layers), count_kernels(plain[0].graph, layers)
+    assert counts.max_per_layer <= 15, counts
+    assert counts.extern_ops == {"aten.mm": 4 * layers + 1, "grpo_fast.nf4_decode": 4 * layers,
+                                 "hop.auto_functionalized_v2": layers}  # LoRA-A per shared input, head; attention
+    assert plain_counts.max_per_layer >= 2 * counts.max_per_layer, plain_counts
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(tokenizer, full_model):

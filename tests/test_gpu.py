@@ -220,7 +220,7 @@ def qwen2_nf4_lora(tokenizer, tmp_path_factory):
 
 
 def test_engine_with_cuda_graphs_and_fused_nf4_matches_eager_and_generate(tokenizer, qwen2_nf4_lora, monkeypatch):
-    import grpo_fast.kernels.nf4_matmul as kernel_module
+    import grpo_fast.kernels.nf4_decode as kernel_module
     from grpo_fast.engine import RolloutEngine
     from grpo_fast.rollout import SamplingParams, cut_at_eos, pad
 

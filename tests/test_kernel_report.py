@@ -70,6 +70,32 @@ def test_program_cost_weights_loops_by_their_trips():
     assert model.program_cost(_kernel(), trips=(10,)).modelled_depth == 1  # deeper loops: flagged
 
 
+# a main loop (0x10-0x30), then a second top-level loop (0x50-0x60): a split-K reduction
+SASS_TWO_LOOPS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   FFMA R0, R4, R5, R0 ;
+        /*0030*/               @P2 BRA `(.L_x_1) ;
+        /*0040*/                   IADD3 R2, R2, 0x10, RZ ;
+.L_x_2:
+        /*0050*/                   FADD R0, R4, R0 ;
+        /*0060*/               @P1 BRA `(.L_x_2) ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_program_cost_runs_later_top_level_loops_their_own_trips():
+    instructions, loops = parse_sass(SASS_TWO_LOOPS)
+    kernel = CompiledKernel("k", 90, 1, 3, 0, 32, 0, 0, 0, True, instructions, loops)
+    plain = model.program_cost(kernel, trips=(10,))
+    assert plain.total == 3 + 3 * 10 + 2 * 10 and plain.loop_total == 5 * 10  # both loops at the main trips
+    later = model.program_cost(kernel, trips=(10,), later_trips=1.0)
+    assert later.total == 3 + 3 * 10 + 2 * 1  # the reduction once per program
+    assert later.loop_total == 3 * 10 and later.outer_total == 3 + 2  # and counted with the outer code
+    assert later.load_bytes_per_ldg == {16: 1}
+
+
 def test_blocks_per_sm_from_registers_shared_memory_and_warps():
     # 16 warps x 128 registers fill the register file; 144 KiB of shared memory leave room for one block
     assert model.blocks_per_sm(H200, 16, 128, 147456) == 1
@@ -167,7 +193,8 @@ def test_report_compiles_every_kernel_without_hot_spills(report):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (out / "kernel-report-quick.md").read_text().startswith("# Static kernel report")
     # discovery found the project's kernels, and each has compiled cases
-    for name in ("grpo_kernel:_grpo_row_kernel", "logprob_kernel:_logprob_fwd_kernel", "nf4_matmul:_nf4_matmul_kernel"):
+    for name in ("grpo_kernel:_grpo_row_kernel", "logprob_kernel:_logprob_fwd_kernel", "nf4_decode:_nf4_decode_kernel",
+                 "decode_attention:_decode_attention_kernel", "sampling:_sample_kernel"):
         assert any(k.endswith(name) for k in payload["kernels"])
         assert any(c["kernel"] == name.split(":")[1] for c in payload["cases"])
     assert payload["uncovered_kernels"] == [] and payload["compile_failures"] == []
