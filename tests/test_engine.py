@@ -317,16 +317,11 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tokenizer, full_mode
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["full_model", "nf4_lora_model"])
-def test_sampled_logprobs_match_a_full_forward_pass(request, tokenizer, which):
-    model = request.getfixturevalue(which)
-    prompts = _prompts(tokenizer)[:4]
-    temperature = 0.7
-    # EOS suppressed for 3 steps: the log-probs stay those of the unsuppressed distribution (the loss's)
-    params = _params(tokenizer, num_generations=3, top_k=0, top_p=0.95, temperature=temperature, min_completion_length=3)
-    output = RolloutEngine(sync_every=4).generate(model, prompts, params, seed=3)
-    prompt_ids, prompt_mask = pad([p for p in prompts for _ in range(3)], tokenizer.pad_token_id, left=True)
-    completion_ids, present = pad(output.completion_ids, tokenizer.pad_token_id, left=False)
+def assert_logprobs_are_the_models(model, prompts, output, group: int, temperature: float, pad_id: int) -> None:
+    """The engine's sampled-token log-probs equal log_softmax(logits / temperature) of one full forward
+    pass of the model over prompt + completion (the loss's quantity: before EOS suppression and filtering)."""
+    prompt_ids, prompt_mask = pad([p for p in prompts for _ in range(group)], pad_id, left=True)
+    completion_ids, present = pad(output.completion_ids, pad_id, left=False)
     mask = torch.cat([prompt_mask, present], dim=1)
     with torch.no_grad():
         logits = model(input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=mask,
@@ -337,6 +332,17 @@ def test_sampled_logprobs_match_a_full_forward_pass(request, tokenizer, which):
     for row, values in enumerate(output.logprobs):
         actual[row, : len(values)] = torch.tensor(values)
     torch.testing.assert_close(actual[present.bool()], expected[present.bool()], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["full_model", "nf4_lora_model"])
+def test_sampled_logprobs_match_a_full_forward_pass(request, tokenizer, which):
+    model = request.getfixturevalue(which)
+    prompts = _prompts(tokenizer)[:4]
+    temperature = 0.7
+    # EOS suppressed for 3 steps: the log-probs stay those of the unsuppressed distribution (the loss's)
+    params = _params(tokenizer, num_generations=3, top_k=0, top_p=0.95, temperature=temperature, min_completion_length=3)
+    output = RolloutEngine(sync_every=4).generate(model, prompts, params, seed=3)
+    assert_logprobs_are_the_models(model, prompts, output, 3, temperature, tokenizer.pad_token_id)
     assert all(len(ids) == len(values) for ids, values in zip(output.completion_ids, output.logprobs))
 
 

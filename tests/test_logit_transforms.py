@@ -18,7 +18,7 @@ from grpo_fast.loss import GRPOLossConfig, grpo_loss, token_logprobs
 from grpo_fast.model import check_model_logits
 from grpo_fast.rollout import SamplingParams, pad
 from helpers import needs_bnb_cpu_repack
-from tiny_lm import tiny_model, tiny_tokenizer
+from tiny_lm import RecordGradients, tiny_model, tiny_tokenizer
 
 VOCAB = 258  # tiny_lm's byte tokenizer: 256 bytes, <pad>, <eos>
 TEMPERATURE = 0.7
@@ -335,17 +335,6 @@ def test_trainer_refuses_an_unknown_transform(tmp_path):
               dataset=ROWS, reward_functions=[length_reward])
 
 
-class _RecordGradients(torch.optim.Optimizer):
-    """An optimiser whose step keeps the gradients (and changes nothing)."""
-
-    def __init__(self, parameters):
-        super().__init__(parameters, {"lr": 0.0})
-        self.gradients = []
-
-    def step(self, closure=None):
-        self.gradients.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
-
-
 def test_trainer_loss_and_logprobs_are_the_models():
     """optimise's gradient and batch_logprobs' log-probs, against autograd on the model's own
     (soft-capped) logits: GRPO on-policy, ratio exp(logp - logp.detach()), dapo normalisation."""
@@ -375,7 +364,7 @@ def test_trainer_loss_and_logprobs_are_the_models():
 
     received = batch_logprobs(model, rollout, config, torch.device("cpu"))
     torch.testing.assert_close(received[mask], logps.detach()[mask], rtol=1e-5, atol=1e-5)
-    optimizer = _RecordGradients(parameters)
+    optimizer = RecordGradients(parameters)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = build_grad_scaler(config, model, torch.device("cpu"))  # disabled: not float16
     optimise(model, optimizer, scheduler, scaler, rollout, advantages, None, None, config, torch.device("cpu"))

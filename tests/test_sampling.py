@@ -7,8 +7,9 @@ import torch
 import grpo_fast.engine as engine_module
 from grpo_fast.engine import RolloutEngine, fused_sampling_supported, sample_tokens
 from grpo_fast.kernels.sampling import sample_fused
-from grpo_fast.rollout import SamplingParams, pad
+from grpo_fast.rollout import SamplingParams
 from helpers import DEVICE
+from test_engine import assert_logprobs_are_the_models
 
 
 def _params(**overrides):
@@ -137,15 +138,4 @@ def test_engine_sampled_with_the_kernel_logprobs_match_a_full_forward_pass(model
     assert _Fused(sync_every=2).generate(model, prompts, params, seed=3).completion_ids == output.completion_ids
     assert _Fused(sync_every=2).generate(model, prompts, params, seed=4).completion_ids != output.completion_ids
     assert all(len(ids) >= 3 for ids in output.completion_ids)  # EOS suppressed for three steps
-    prompt_ids, prompt_mask = pad([p for p in prompts for _ in range(3)], tokenizer.pad_token_id, left=True)
-    completion_ids, present = pad(output.completion_ids, tokenizer.pad_token_id, left=False)
-    mask = torch.cat([prompt_mask, present], dim=1)
-    with torch.no_grad():
-        logits = model(input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=mask,
-                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float()
-    width = prompt_ids.shape[1]
-    expected = torch.log_softmax(logits[:, width - 1:-1] / temperature, -1).gather(-1, completion_ids[..., None])[..., 0]
-    actual = torch.zeros_like(expected)
-    for row, values in enumerate(output.logprobs):
-        actual[row, : len(values)] = torch.tensor(values)
-    torch.testing.assert_close(actual[present.bool()], expected[present.bool()], atol=1e-4, rtol=1e-4)
+    assert_logprobs_are_the_models(model, prompts, output, 3, temperature, tokenizer.pad_token_id)

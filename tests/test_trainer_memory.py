@@ -16,17 +16,7 @@ from grpo_fast.model import build_tiny_model, tiny_tokenizer
 from grpo_fast.rollout import Rollout, build_rollout, SamplingParams
 from grpo_fast.tasks import ALPHABET, SEPARATOR
 from grpo_fast.trainer import build_grad_scaler, micro_batch_rows, optimise
-
-
-class _RecordGradients(torch.optim.Optimizer):
-    """An optimiser whose step keeps the gradients (and changes nothing)."""
-
-    def __init__(self, parameters):
-        super().__init__(parameters, {"lr": 0.0})
-        self.gradients = []
-
-    def step(self, closure=None):
-        self.gradients.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+from tiny_lm import RecordGradients
 
 
 def _rollout(tokenizer, lengths, seed=0) -> Rollout:
@@ -44,7 +34,7 @@ def _gradients(config, rollout, seed=0):
     tokenizer = tiny_tokenizer(ALPHABET + SEPARATOR)
     model = build_tiny_model(tokenizer, seed=seed).train()
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _RecordGradients(parameters)
+    optimizer = RecordGradients(parameters)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     g = torch.Generator().manual_seed(1)
     advantages = torch.randn(len(rollout), generator=g)

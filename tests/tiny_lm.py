@@ -50,3 +50,14 @@ def save_tiny_model(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+class RecordGradients(torch.optim.Optimizer):
+    """An optimiser whose step keeps the gradients (and changes nothing)."""
+
+    def __init__(self, parameters):
+        super().__init__(parameters, {"lr": 0.0})
+        self.gradients = []
+
+    def step(self, closure=None):
+        self.gradients.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
