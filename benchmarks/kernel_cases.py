@@ -230,7 +230,7 @@ def _nf4_decode_launch(n: int, k: int, m: int, device, members: int = 1, bias: b
     traffic = n_pad * k * (0.5 + 4 / chunk) + m * k * 2 + m * n * 2 + (2 * 4 * splits * m * n_pad if splits > 1 else 0)
     if lora:
         traffic += m * members * LORA_RANK * 2 + n_pad * LORA_RANK * 2
-    path = "wgmma" if args["PACK"] == 2 else "mma.sync"
+    path = "wgmma" if device.capability == 90 and cfg.num_warps >= 4 else "mma.sync"  # Triton's choice for the dot
     plan = dict(path=f"{path}, {cfg.num_warps} warps, BLOCK_N {block_n}", splits=splits, block_n=block_n,
                 block_mx=cfg.block_mx, chunks_per_split=chunks_per_split, lora_rank=LORA_RANK if lora else 0,
                 bias=bias)

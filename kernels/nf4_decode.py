@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import triton
@@ -80,7 +80,7 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.7229568362236023, 1.0)
 
 
-def _lut_asm(levels: Sequence[float], dtype: torch.dtype, pack: int) -> str:
+def _lut_asm(levels: Sequence[float], dtype: torch.dtype, pack: int, words_in_registers: bool = False) -> str:
     """PTX for ``tl.inline_asm_elementwise``: ``pack`` (2 or 4) packed bytes in the last operand; the
     first outputs receive the values of their high nibbles, the next ones those of their low nibbles
     (two 16-bit values per register, element 0 in the low half).
@@ -92,12 +92,22 @@ def _lut_asm(levels: Sequence[float], dtype: torch.dtype, pack: int) -> str:
     half with the nibbles XOR 8, and a third keeps, per byte, the half that the nibble's bit 3
     names (selector k + 4 * bit3). Two bytes hold nibbles l0 h0 l1 h1, so they are themselves the
     selector of their 4 values; two more prmts assemble the 16-bit values. 11 integer instructions
-    per 4 values, 22 per 8 with pack 4."""
+    per 4 values, 22 per 8 with pack 4.
+
+    ``words_in_registers``: the 8 table words (``lut_words``: low-byte plane, then high-byte plane,
+    4 words each) come as operands after the packed bytes (each word ``pack`` registers, as Triton
+    passes a 32-bit operand; the first is read) instead of immediates. ptxas otherwise moves one
+    immediate word of each prmt into a register before it, every time (the prmt's destination
+    reuses that register): 4 moves per 2 bytes with wgmma's operands. Words loaded at run time
+    stay in 8 registers for the whole loop."""
     bits = torch.tensor(levels, dtype=torch.float32).to(dtype).view(torch.int16).int().tolist()
     lo = [b & 0xFF for b in bits]
     hi = [(b >> 8) & 0xFF for b in bits]
+    first_word = pack + 1  # operand index of word 0: after the outputs and the packed bytes
 
     def word(plane, quarter):
+        if words_in_registers:
+            return f"${first_word + pack * ((0 if plane is lo else 4) + quarter)}"
         return "0x%08X" % sum(plane[4 * quarter + i] << (8 * i) for i in range(4))
 
     src = f"${4 if pack == 4 else 2}"  # outputs first: pack / 2 registers of high-nibble values, then low ones
@@ -123,20 +133,77 @@ def _lut_asm(levels: Sequence[float], dtype: torch.dtype, pack: int) -> str:
     return "\n".join(lines)
 
 
-_ASM = {(dtype, pack): _lut_asm(NF4_LEVELS, dtype, pack) for dtype in (torch.bfloat16, torch.float16) for pack in (2, 4)}
+_ASM = {(dtype, pack, words): _lut_asm(NF4_LEVELS, dtype, pack, words_in_registers=words)
+        for dtype in (torch.bfloat16, torch.float16) for pack in (2, 4) for words in (False, True)}
+
+
+def lut_words(levels: Sequence[float], dtype: torch.dtype) -> list[int]:
+    """The 8 words ``_lut_asm`` reads with ``words_in_registers``: bytes 0-3 of word q (q < 4) are
+    the low bytes of levels 4q..4q+3 in ``dtype``, of word 4 + q their high bytes (``_lut_words``
+    computes them on the GPU from the level table)."""
+    bits = torch.tensor(levels, dtype=torch.float32).to(dtype).view(torch.int16).int().tolist()
+    return [sum(((bits[4 * q + i] >> shift) & 0xFF) << (8 * i) for i in range(4))
+            for shift in (0, 8) for q in range(4)]
+
+
+@triton.jit
+def _lut_words(lut_ptr, PER_THREAD: tl.constexpr = True):
+    """``lut_words`` from the 16 levels at lut_ptr (2 bytes each), as 8 uint32 scalars: loaded, not
+    constants, so that the compiler keeps them in registers."""
+    words = lut_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)  # word j: level 2j | level 2j+1 << 16
+    a0, b0 = tl.load(words + 0), tl.load(words + 1)
+    a1, b1 = tl.load(words + 2), tl.load(words + 3)
+    a2, b2 = tl.load(words + 4), tl.load(words + 5)
+    a3, b3 = tl.load(words + 6), tl.load(words + 7)
+    # ptxas keeps a uniform value in a uniform register and copies it to a register before every use
+    # (4 copies per 2 bytes): each word is ORed with lane id & level 7's bits, which are 0 (NF4's
+    # level 7 is 0.0: the words are read with the standard levels only), unknown to ptxas
+    if PER_THREAD:
+        zero = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [b1], dtype=tl.uint32, is_pure=True,
+                                         pack=1) & (b1 >> 16)
+    else:  # the interpreter (no inline PTX)
+        zero = b1 & 0
+    return (_low_bytes(a0, b0) | zero, _low_bytes(a1, b1) | zero, _low_bytes(a2, b2) | zero,
+            _low_bytes(a3, b3) | zero, _high_bytes(a0, b0) | zero, _high_bytes(a1, b1) | zero,
+            _high_bytes(a2, b2) | zero, _high_bytes(a3, b3) | zero)
+
+
+@triton.jit
+def _low_bytes(a, b):
+    return (a & 0xFF) | ((a >> 8) & 0xFF00) | ((b & 0xFF) << 16) | ((b << 8) & 0xFF000000)
+
+
+@triton.jit
+def _high_bytes(a, b):
+    return ((a >> 8) & 0xFF) | ((a >> 16) & 0xFF00) | ((b << 8) & 0xFF0000) | (b & 0xFF000000)
+
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
-def _lookup(packed, lut_ptr, USE_ASM: tl.constexpr, ASM: tl.constexpr, PACK: tl.constexpr):
-    """(T[packed >> 4], T[packed & 15]) for a uint8 tensor, in the table's dtype."""
+def _lookup(packed, lut_ptr, words, USE_ASM: tl.constexpr, ASM: tl.constexpr, PACK: tl.constexpr,
+            REG_WORDS: tl.constexpr):
+    """(T[packed >> 4], T[packed & 15]) for a uint8 tensor, in the table's dtype; ``words``: _lut_words
+    (read by the asm with REG_WORDS)."""
     if USE_ASM:
         dtype = lut_ptr.dtype.element_ty
-        if PACK == 4:
-            hi, lo = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [packed], dtype=(dtype, dtype), is_pure=True,
-                                               pack=4)
+        if not REG_WORDS:
+            if PACK == 4:
+                hi, lo = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [packed], dtype=(dtype, dtype), is_pure=True,
+                                                   pack=4)
+            else:
+                hi, lo = tl.inline_asm_elementwise(ASM, "=r,=r,h", [packed], dtype=(dtype, dtype), is_pure=True,
+                                                   pack=2)
+        elif PACK == 4:
+            w0, w1, w2, w3, w4, w5, w6, w7 = words
+            hi, lo = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r" + ",r,r,r,r" * 8,
+                                               [packed, w0, w1, w2, w3, w4, w5, w6, w7], dtype=(dtype, dtype),
+                                               is_pure=True, pack=4)
         else:
-            hi, lo = tl.inline_asm_elementwise(ASM, "=r,=r,h", [packed], dtype=(dtype, dtype), is_pure=True, pack=2)
+            w0, w1, w2, w3, w4, w5, w6, w7 = words
+            hi, lo = tl.inline_asm_elementwise(ASM, "=r,=r,h" + ",r,r" * 8, [packed, w0, w1, w2, w3, w4, w5, w6, w7],
+                                               dtype=(dtype, dtype), is_pure=True, pack=2)
     else:
         hi = tl.load(lut_ptr + (packed >> 4).to(tl.int32))
         lo = tl.load(lut_ptr + (packed & 15).to(tl.int32))
@@ -191,7 +258,8 @@ def _nf4_decode_kernel(
     SPLITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_G: tl.constexpr,
     USE_ASM: tl.constexpr, ASM: tl.constexpr,
-    PACK: tl.constexpr,  # bytes per lookup: 4 with mma.sync operands (32-bit loads), 2 with wgmma's (16-bit)
+    REG_WORDS: tl.constexpr,  # the lookup's table words in registers (_lut_words), not immediates
+    PACK: tl.constexpr,  # bytes per lookup: 4 (32-bit loads; on sm_90 wgmma with REG_WORDS too), or 2 (16-bit)
     UPCAST: tl.constexpr,  # interpreter: bf16 dots are wrong there, fp32 ones exact
     IEEE: tl.constexpr,  # fp32 x on a GPU: full-precision products, not tf32
     BF16_BY_BITS: tl.constexpr,  # interpreter with bf16 output: round to nearest even by integer arithmetic
@@ -210,10 +278,11 @@ def _nf4_decode_kernel(
     x_ptrs = x_ptr + xs[None, :] * stride_xm + (c0 * 2 * HALF + byte)[:, None]
     s_ptrs = scale_ptr + c0 * N_pad + rows
 
+    words = _lut_words(lut_ptr) if REG_WORDS and USE_ASM else None
     acc = tl.zeros([BLOCK_N, BLOCK_MX], tl.float32)
     for _ in range(0, chunks_per_split, CPI):
         for i in tl.static_range(CPI):
-            hi, lo = _lookup(tl.load(q_ptrs + i * tile_bytes), lut_ptr, USE_ASM, ASM, PACK)
+            hi, lo = _lookup(tl.load(q_ptrs + i * tile_bytes), lut_ptr, words, USE_ASM, ASM, PACK, REG_WORDS)
             x_hi = tl.load(x_ptrs + i * 2 * HALF, mask=xmask[None, :], other=0.0)
             x_lo = tl.load(x_ptrs + (i * 2 + 1) * HALF, mask=xmask[None, :], other=0.0)
             if UPCAST:
@@ -349,8 +418,9 @@ class DecodeConfig:
     block_mx: int  # rows of x per program (the tensor-core op's small side)
     num_warps: int
     num_stages: int
-    chunks_per_iteration: int
-    pack: int = 4  # bytes per in-register lookup: 4 for mma.sync operands (32-bit loads), 2 for wgmma's (16-bit)
+    chunks_per_iteration: Union[int, tuple[int, ...]]  # one for all block_ns, or one per block_n
+    register_words: bool = False  # the lookup's table words in registers (see _lut_asm), not immediates
+    pack: int = 4  # bytes per in-register lookup: 4 (32-bit loads), or 2 (16-bit: wgmma's operand layout, see _lut_asm)
     cycles_per_weight: tuple[float, ...] = (0.042,)  # SM clock cycles of the main loop per weight, per block_n
     program_cycles: float = 300.0  # prologue and epilogue of one program
     bytes_per_sm_cycle: float = 14.0  # DRAM bytes per SM clock (H100 ~12, H200 ~16, A100 ~12)
@@ -371,7 +441,9 @@ def default_decode_config(rows: int, device: torch.device,
                           capability: Optional[tuple[int, int]] = None) -> DecodeConfig:
     """Per row count: up to 16 rows, 2-warp programs on mma.sync (Triton keeps the mixed-precision
     operand in registers, read from shared memory 4 bytes at a time); 17-64 rows, 4-warp programs, on
-    sm_90 wgmma with the weights from registers (2 bytes at a time) and x from shared memory.
+    sm_90 wgmma with the weights from registers and x from shared memory: the lookup runs on 4 bytes
+    at a time with its table words in registers (``register_words``), several chunks per loop
+    iteration (fewer loop and pipeline instructions per weight); mma.sync elsewhere.
     ``capability``: the target's (major, minor); default the device's (the interpreter's small tiles
     for CPU tensors under TRITON_INTERPRET, sm_90 for other devices, e.g. meta)."""
     if capability is None and device.type != "cuda" and interpreting():
@@ -379,15 +451,24 @@ def default_decode_config(rows: int, device: torch.device,
                             max_splits=4)
     if capability is None:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
-    pack = 2 if capability[0] == 9 else 4  # 4-warp dots of >= 64 rows go to wgmma on sm_90 only
     if rows <= 16:
         return DecodeConfig(block_ns=(64, 128), block_mx=16, num_warps=2, num_stages=4, chunks_per_iteration=2,
                             cycles_per_weight=(0.042, 0.038), program_cycles=300.0)
+    if capability[0] != 9:  # mma.sync (4-warp dots go to wgmma on sm_90 only)
+        if rows <= 32:
+            return DecodeConfig(block_ns=(64, 128), block_mx=32, num_warps=4, num_stages=4, chunks_per_iteration=1,
+                                cycles_per_weight=(0.057, 0.050), program_cycles=350.0)
+        return DecodeConfig(block_ns=(64, 128), block_mx=64, num_warps=4, num_stages=3, chunks_per_iteration=1,
+                            cycles_per_weight=(0.064, 0.052), program_cycles=400.0)
+    # sm_90, wgmma: the lookup 4 bytes at a time with its table words in registers, before the
+    # weights go to the dot operand's layout through shared memory; several chunks per loop
+    # iteration where registers allow (128 features and 2 chunks at 64 rows spill)
     if rows <= 32:
-        return DecodeConfig(block_ns=(64, 128), block_mx=32, num_warps=4, num_stages=4, chunks_per_iteration=1,
-                            pack=pack, cycles_per_weight=(0.057, 0.050), program_cycles=350.0)
-    return DecodeConfig(block_ns=(64, 128), block_mx=64, num_warps=4, num_stages=3, chunks_per_iteration=1,
-                        pack=pack, cycles_per_weight=(0.064, 0.052), program_cycles=400.0)
+        return DecodeConfig(block_ns=(64, 128, 128), block_mx=32, num_warps=4, num_stages=4,
+                            chunks_per_iteration=(4, 2, 4), register_words=True,
+                            cycles_per_weight=(0.042, 0.038, 0.036), program_cycles=500.0)
+    return DecodeConfig(block_ns=(64, 128), block_mx=64, num_warps=4, num_stages=3, chunks_per_iteration=(4, 1),
+                        register_words=True, cycles_per_weight=(0.0455, 0.044), program_cycles=600.0)
 
 
 def _divisors(value: int) -> list[int]:
@@ -401,11 +482,15 @@ def plan_launch(out_features: int, in_features: int, chunk: int, rows: int, cfg:
     epilogue) against the DRAM traffic (packed weight and scales, plus the fp32 partials that
     splits write and read), every split the same number of chunks."""
     chunks = in_features // chunk
-    cpi = cfg.chunks_per_iteration if chunks % cfg.chunks_per_iteration == 0 else 1
+    cpis = cfg.chunks_per_iteration
+    if isinstance(cpis, int):
+        cpis = (cpis,) * len(cfg.block_ns)
     m_tiles = triton.cdiv(rows, cfg.block_mx)
     weight_bytes = out_features * in_features * (0.5 + 4 / chunk)
     best = None
-    for block_n, per_weight in zip(cfg.block_ns, cfg.cycles_per_weight):
+    for block_n, cpi, per_weight in zip(cfg.block_ns, cpis, cfg.cycles_per_weight):
+        if chunks % cpi or (cfg.splits and (chunks // cfg.splits) % cpi):
+            cpi = 1
         n_tiles = triton.cdiv(out_features, block_n)
         options = [cfg.splits] if cfg.splits else [d for d in _divisors(chunks // cpi) if d <= cfg.max_splits]
         for splits in options:
@@ -497,7 +582,7 @@ def _launch(x: Tensor, weight: DecodeNF4Weight, xa: Optional[Tensor], lora_b: Op
             else weight.scales)
     lora = xa is not None
     members = len(weight.segments) - 1
-    use_asm = weight.standard_levels and (x.dtype, cfg.pack) in _ASM and not interpreting()
+    use_asm = weight.standard_levels and (x.dtype, cfg.pack, cfg.register_words) in _ASM and not interpreting()
     launch(
         _nf4_decode_kernel, (n_tiles, splits, m_tiles),
         x, x.stride(0),
@@ -512,7 +597,8 @@ def _launch(x: Tensor, weight: DecodeNF4Weight, xa: Optional[Tensor], lora_b: Op
         HALF=weight.chunk // 2, BLOCK_N=plan.block_n, BLOCK_MX=cfg.block_mx, CPI=plan.chunks_per_iteration,
         SPLITS=splits,
         HAS_BIAS=weight.bias is not None, LORA_R=lora_b.shape[1] if lora else 0, LORA_G=members if lora else 1,
-        USE_ASM=use_asm, ASM=_ASM[(x.dtype, cfg.pack)] if use_asm else "", PACK=cfg.pack,
+        USE_ASM=use_asm, ASM=_ASM[(x.dtype, cfg.pack, cfg.register_words)] if use_asm else "", PACK=cfg.pack,
+        REG_WORDS=cfg.register_words,
         UPCAST=interpreting(), IEEE=x.dtype == torch.float32 and not interpreting(),
         BF16_BY_BITS=interpreting() and x.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -11,6 +11,8 @@ import random
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_functional  # noqa: E402
@@ -146,21 +148,43 @@ def test_launch_plan_balances_programs_over_the_sms():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("pack", [2, 4])
-def test_in_register_lookup_ptx_returns_the_levels(dtype, pack):
+@pytest.mark.parametrize("register_words", [False, True], ids=["immediate", "registers"])
+def test_in_register_lookup_ptx_returns_the_levels(dtype, pack, register_words):
     """The PTX the GPU runs, executed on ptx_model: every byte value in every position of the packed
-    register gives the two levels of its nibbles, rounded to the dtype, in the output registers."""
-    asm = decode_module._ASM[(dtype, pack)]
+    register gives the two levels of its nibbles, rounded to the dtype, in the output registers (the
+    table words as immediates, or in the operands after the packed bytes, each ``pack`` registers)."""
+    asm = decode_module._ASM[(dtype, pack, register_words)]
     levels = [b & 0xFFFF for b in torch.tensor(NF4_LEVELS).to(dtype).view(torch.int16).tolist()]
     generator = random.Random(0)
     words = [b * (0x01010101 if pack == 4 else 0x0101) for b in range(256)]
     words += [generator.getrandbits(8 * pack) for _ in range(300)]
     source = "$4" if pack == 4 else "$2"
+    table = {}
+    if register_words:  # operand pack + 1 + pack * j holds word j; its other registers are junk
+        for j, value in enumerate(decode_module.lut_words(NF4_LEVELS, dtype)):
+            for r in range(pack):
+                table[f"${pack + 1 + pack * j + r}"] = value if r == 0 else 0xDEADBEEF
     for word in words:
-        registers = ptx_model.run(asm, {source: word})
+        registers = ptx_model.run(asm, {source: word, **table})
         outputs = [registers[f"${i}"] for i in range(pack)]  # pack / 2 registers of high nibbles, then low
         values = [half for reg in outputs for half in (reg & 0xFFFF, reg >> 16)]
         data = [(word >> (8 * i)) & 0xFF for i in range(pack)]
         assert values == [levels[b >> 4] for b in data] + [levels[b & 15] for b in data], hex(word)
+
+
+@triton.jit
+def _words_kernel(lut_ptr, out_ptr):
+    words = decode_module._lut_words(lut_ptr, False)
+    for j in tl.static_range(8):
+        tl.store(out_ptr + j, words[j])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_lookup_table_words_built_in_the_kernel_match(dtype):
+    """_lut_words (the kernel's table words, from the level table) gives lut_words' 8 words."""
+    out = torch.zeros(8, dtype=torch.int64)
+    _words_kernel[(1,)](torch.tensor(NF4_LEVELS).to(dtype), out)
+    assert [w & 0xFFFFFFFF for w in out.tolist()] == decode_module.lut_words(NF4_LEVELS, dtype)
 
 
 def test_repacked_copy_memory_is_stated():
