@@ -221,6 +221,7 @@ def load_checkpoint(folder: Path, model, optimizer=None, scheduler=None, *, rest
     folder = Path(folder)
     if not (folder / "trainer_state.json").is_file():
         raise ValueError(f"checkpoint: expected a complete checkpoint folder, received {str(folder)!r}")
+    rng = read_rng_state(folder) if restore_rng else None  # refused before anything is loaded
     saved = load_file(str(folder / "trainable.safetensors"))
     parameters = dict(model.named_parameters())
     expected = {name for name, parameter in parameters.items() if parameter.requires_grad}
@@ -231,7 +232,6 @@ def load_checkpoint(folder: Path, model, optimizer=None, scheduler=None, *, rest
     with torch.no_grad():
         for name, tensor in saved.items():
             parameters[name].copy_(tensor.to(parameters[name].device))
-    rng = read_rng_state(folder) if restore_rng else None  # refused before anything is loaded
     if optimizer is not None:
         optimizer.load_state_dict(load_tensors(folder / "optimizer.pt"))
     if scheduler is not None:

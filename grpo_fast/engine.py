@@ -180,6 +180,9 @@ class _SlotLayer(CacheLayerMixin):
             return
         self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
         self.values = value_states.new_zeros(*shape, value_states.shape[-1])
+        if self.keys.is_cuda:  # the decode attention kernel writes the whole buffers: static for CUDA graphs
+            for tensor in (self.keys, self.values):
+                torch._dynamo.mark_static_address(tensor)
         self.views = {}
         self.is_initialized = True
 
@@ -358,6 +361,11 @@ def _check_full_attention(config, positions: int) -> None:
                          f"(rollout_engine: hf)")
 
 
+def _kv_heads(config) -> int:
+    """Key/value heads (configs without grouped-query attention have no num_key_value_heads)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def _cache_keyword(decoder) -> str:
     """transformers 5.x names the decoder's cache argument ``cache`` (``past_key_values`` before)."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
@@ -479,7 +487,7 @@ class RolloutEngine:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return (device.type == "cuda" and triton_available() and implementation == "sdpa"
-                and attention_supported(head_dim, heads, config.num_key_value_heads))
+                and attention_supported(head_dim, heads, _kv_heads(config)))
 
     def _fused_sampling(self, params: SamplingParams, device: torch.device) -> bool:
         """Sample with the one-pass kernel (CUDA; no top-k other than 1, no top-p, no min-p)."""
@@ -513,8 +521,8 @@ class RolloutEngine:
         generator = self._generator_for(device, seed)
         waves = []
         try:
-            with _mask_friendly_attention(model) as implementation:
-                for start in range(0, len(prompt_ids), prompts_per_wave):
+            with _mask_friendly_attention(model) as implementation, self._nf4_decode(decoder, device):
+                for start in range(0, len(prompt_ids), prompts_per_wave):  # one NF4 repack for every wave
                     waves.append(self._decode(decoder, head, transform, prompt_ids[start:start + prompts_per_wave],
                                               params, implementation, device, generator, tokenizer,
                                               capacity=min(prompts_per_wave, len(prompt_ids)) * params.num_generations))
@@ -545,14 +553,15 @@ class RolloutEngine:
         width = max(len(prompt) for prompt in prompt_ids)
         length = -(-(width + params.max_completion_length) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        kv_heads = _kv_heads(config)
         group_bytes = (params.num_generations * config.num_hidden_layers * 2 * kv_heads * head_dim * length
                        * torch.empty((), dtype=dtype).element_size())
         prompts = int(self.max_kv_bytes // group_bytes)
-        if prompts < 1:
-            raise ValueError(f"max_kv_bytes: expected room for one group's KV cache ({params.num_generations} rows "
-                             f"x {length} tokens: {group_bytes:,} bytes), received {int(self.max_kv_bytes):,}; "
-                             "lower max_completion_length or num_generations, or raise the budget")
+        if prompts < 1:  # e.g. a prompt longer than the ones the trainer sized the budget from
+            warnings.warn(f"RolloutEngine: one group's KV cache ({params.num_generations} rows x {length} tokens: "
+                          f"{group_bytes:,} bytes) exceeds max_kv_bytes ({int(self.max_kv_bytes):,}); decoding one "
+                          "group at a time over the budget")
+            return 1
         return min(prompts, len(prompt_ids))
 
     def _decode(self, decoder, head, transform: LogitTransform, prompt_ids, params: SamplingParams,
@@ -582,9 +591,12 @@ class RolloutEngine:
             cache.prefill_group = None
         cache.set_batch(rows)
         cache.fused_attention = False
-        if self._fused_attention(decoder.config, implementation, device):
+        # only for models whose attention goes through the attention interface (decode_attention gets
+        # the cache there); one with its own attention would attend to the new token alone
+        if (getattr(decoder, "_supports_attention_backend", False)
+                and self._fused_attention(decoder.config, implementation, device)):
             padding = (width - prompt_mask.sum(-1)).to(torch.int32).repeat_interleave(group)
-            cache.use_fused_attention(padding, decoder.config.num_key_value_heads)
+            cache.use_fused_attention(padding, _kv_heads(decoder.config))
         logits = transform.apply(head(hidden[:, -1])).repeat_interleave(group, dim=0)
 
         # Per-row decode state, all on the device; `row_ids` maps cache rows to output rows.
@@ -605,34 +617,33 @@ class RolloutEngine:
             tickets = torch.zeros(rows, dtype=torch.int32, device=device)
             sample = functools.partial(_sample_one_pass, params=params, eos_ids=eos_ids, greedy=greedy, seed=seed,
                                        tickets=tickets)
-        with self._nf4_decode(decoder, device):
-            for step in range(max_new):
-                tokens, logprobs = sample(logits, step=step)
-                tokens = tokens.masked_fill(done, params.pad_token_id)
-                out_tokens[row_ids, step] = tokens
-                out_logprobs[row_ids, step] = logprobs.masked_fill(done, 0.0)
-                done = done | torch.isin(tokens, eos_ids)
-                if step + 1 == max_new:
+        for step in range(max_new):
+            tokens, logprobs = sample(logits, step=step)
+            tokens = tokens.masked_fill(done, params.pad_token_id)
+            out_tokens[row_ids, step] = tokens
+            out_logprobs[row_ids, step] = logprobs.masked_fill(done, 0.0)
+            done = done | torch.isin(tokens, eos_ids)
+            if step + 1 == max_new:
+                break
+            if (step + 1) % self.sync_every == 0:  # the only host syncs of the loop
+                if params.stop_strings:
+                    done = self._stop_at_strings(out_tokens, row_ids, done, step, params.stop_strings, tokenizer)
+                live = int((~done).sum())
+                if live == 0:
                     break
-                if (step + 1) % self.sync_every == 0:  # the only host syncs of the loop
-                    if params.stop_strings:
-                        done = self._stop_at_strings(out_tokens, row_ids, done, step, params.stop_strings, tokenizer)
-                    live = int((~done).sum())
-                    if live == 0:
-                        break
-                    size = max(MIN_COMPACT_ROWS, 1 << (live - 1).bit_length())  # a power of two: few shapes
-                    if self.compact and size <= cache.batch // 2:
-                        order = torch.argsort(done.to(torch.int8), stable=True)[:size]  # live rows first
-                        cache.compact(order)
-                        row_ids, next_position, key_valid, done, tokens = (
-                            tensor[order] for tensor in (row_ids, next_position, key_valid, done, tokens))
-                key_valid[:, width + step] = True
-                cache.position.fill_(width + step)
-                mask = _attention_mask(key_valid[:, None, None, :], implementation, dtype)
-                logits = step_function(decoder, head, transform, cache, cache_keyword, tokens[:, None],
-                                       next_position[:, None], mask)
-                next_position = next_position + 1
-                slots.append(cache.batch)
+                size = max(MIN_COMPACT_ROWS, 1 << (live - 1).bit_length())  # a power of two: few shapes
+                if self.compact and size <= cache.batch // 2:
+                    order = torch.argsort(done.to(torch.int8), stable=True)[:size]  # live rows first
+                    cache.compact(order)
+                    row_ids, next_position, key_valid, done, tokens = (
+                        tensor[order] for tensor in (row_ids, next_position, key_valid, done, tokens))
+            key_valid[:, width + step] = True
+            cache.position.fill_(width + step)
+            mask = _attention_mask(key_valid[:, None, None, :], implementation, dtype)
+            logits = step_function(decoder, head, transform, cache, cache_keyword, tokens[:, None],
+                                   next_position[:, None], mask)
+            next_position = next_position + 1
+            slots.append(cache.batch)
         cache.batch = cache.capacity
         return out_tokens.cpu(), out_logprobs.cpu(), slots
 

@@ -11,7 +11,9 @@ Each term is a formula in the model's shape (its Hugging Face config) and the ru
                  AdamW 10 B), in the parameters' dtype for full fine-tuning
     rollout KV   rows decoding together x (prompt + completion, rounded to 64) x layers x 2 x kv_heads
                  x head_dim x 2 B: all of a step's rows, or within a budget the waves of whole groups
-                 the engine decodes (``rollout_rows``: at least one group)
+                 the engine decodes (``rollout_rows``: at least one group); on a GPU the engine keeps
+                 its KV cache and its NF4 decode copy (0.5625 B / NF4 param) between steps for its CUDA
+                 graphs, so both count as resident there
     activations  per token: layers x (a hidden + b intermediate + c kv_dim + d) + (e hidden + ...)
                  bytes at the peak of forward + backward (the tensors autograd keeps for a Llama /
                  Qwen2 block with LoRA on every Linear, SDPA attention: no tokens^2 term, plus the
@@ -80,9 +82,22 @@ class ModelShape:
     def from_config(cls, config: Any) -> "ModelShape":
         """From a transformers config object or a dict of its fields (config.json's names)."""
         get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
-        heads = get("num_attention_heads")
-        return cls(layers=get("num_hidden_layers"), hidden=get("hidden_size"), intermediate=get("intermediate_size"),
-                   heads=heads, kv_heads=get("num_key_value_heads") or heads, vocab=get("vocab_size"),
+
+        def first(*keys):  # the field under the names model families use (GPT-2, OPT, Falcon, ...)
+            return next((get(key) for key in keys if get(key) is not None), None)
+
+        hidden = first("hidden_size", "n_embd", "d_model")
+        heads = first("num_attention_heads", "n_head", "num_heads")
+        layers = first("num_hidden_layers", "n_layer", "num_layers")
+        vocab = get("vocab_size")
+        missing = [name for name, value in (("hidden_size", hidden), ("num_attention_heads", heads),
+                                            ("num_hidden_layers", layers), ("vocab_size", vocab)) if value is None]
+        if missing:
+            raise ValueError(f"model: expected a config with {', '.join(missing)} (or its family's names) to "
+                             "estimate memory from, received none")
+        intermediate = first("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff") or 4 * hidden
+        return cls(layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
+                   kv_heads=first("num_key_value_heads", "num_kv_heads") or heads, vocab=vocab,
                    tied=bool(get("tie_word_embeddings", False)), head_dim=get("head_dim"))
 
     @property
@@ -157,6 +172,21 @@ def _dtype_bytes(config) -> int:
 
 
 _CONFIGURED = object()
+NF4_REPACK_BYTES_PER_PARAM = 0.5625  # the engine's decode layout: 4-bit weights + fp32 scale per 64
+
+
+def engine_samples(config) -> bool:
+    """Whether the rollout engine samples (``rollout_engine: engine``, or ``auto`` on a GPU): then the
+    rollout decodes in waves within a budget; Hugging Face generate decodes every row at once. A run
+    is planned for a GPU on CUDA, or for any model but the CPU demo's ``tiny``."""
+    on_gpu = torch.cuda.is_available() or config.model != "tiny"
+    return config.rollout_engine == "engine" or (config.rollout_engine == "auto" and on_gpu)
+
+
+def engine_keeps(config) -> bool:
+    """Whether the engine keeps its KV cache and repacked NF4 weights between steps: on a GPU, where
+    its CUDA graphs read them in place (so they stay allocated through training)."""
+    return engine_samples(config) and (torch.cuda.is_available() or config.model != "tiny")
 
 
 def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_length: Optional[int] = None,
@@ -191,6 +221,9 @@ def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_
     terms["rollout prefill"] = (wave // config.num_generations) * prompt_length * _apply(
         ACTIVATION_COEFFICIENTS[compute][False][0], shape)
     terms["sampling logits"] = wave * shape.vocab * 4 * 3  # fp32 logits, scaled, filtered probabilities
+    kept = engine_keeps(config)  # with CUDA graphs the KV cache and the NF4 decode copy stay through training
+    if kept and config.load_in_4bit:
+        terms["NF4 decode copy"] = shape.linear_params * NF4_REPACK_BYTES_PER_PARAM
     # training: one micro-batch (prompt + completion tokens) forward and backward
     row_tokens = prompt_length + completion
     batch_rows = min(config.micro_batch_size, rows)
@@ -208,7 +241,8 @@ def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_
     torch_backend = config.loss_backend == "torch" or (config.loss_backend == "auto" and not torch.cuda.is_available())
     chunk = min(loss_chunk_bytes, completion_tokens * shape.vocab * (12 if torch_backend else 4))
     terms["loss"] = chunk + completion_tokens * shape.hidden * (compute + 4)
-    phases = {"rollout": ["rollout KV cache", "rollout prefill", "sampling logits"],
+    phases = {"rollout": (["rollout prefill", "sampling logits"] if kept
+                          else ["rollout KV cache", "rollout prefill", "sampling logits"]),
               "training": ["training activations", "loss"]}
     return MemoryEstimate(terms, phases)
 
@@ -335,6 +369,8 @@ def rollout_rows(config, shape: ModelShape, budget: float, prompt_length: int) -
     step's rows when they fit, at least one group (``size_to_budget`` refuses a budget without room
     for it)."""
     group, rows = config.num_generations, config.prompts_per_step * config.num_generations
+    if not engine_samples(config):  # Hugging Face generate: every row at once
+        return rows
     fitting = [count for count in range(group, rows + 1, group)
                if _rollout_bytes(config, shape, prompt_length, count) <= budget]
     return fitting[-1] if fitting else group
@@ -359,9 +395,11 @@ def size_to_budget(config, shape: ModelShape, budget: float, prompt_length: int)
     max_memory_gb when even one row per micro-batch, or the rollout, does not fit."""
     import dataclasses
 
-    need = _rollout_bytes(config, shape, prompt_length, config.num_generations)
+    smallest = config.num_generations if engine_samples(config) else config.generation_batch_size
+    need = _rollout_bytes(config, shape, prompt_length, smallest)
     if need > budget:
-        raise ValueError(f"max_memory_gb: expected room for the rollout of one group ({config.num_generations} "
+        what = "one group" if engine_samples(config) else "all rows at once (Hugging Face generate)"
+        raise ValueError(f"max_memory_gb: expected room for the rollout of {what} ({smallest} "
                          f"completions of up to {config.max_completion_length} tokens; estimated {need / GIB:.1f} "
                          f"GiB with the weights), received a budget of {budget / GIB:.1f} GiB; lower "
                          "max_completion_length or num_generations")

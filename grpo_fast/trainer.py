@@ -40,6 +40,7 @@ import functools
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,7 +58,7 @@ from .interrupts import InterruptGuard, StepAbandoned, UpdateCounter
 from .logits import IDENTITY, LogitTransform, logit_transform
 from .loss import (TOKEN_NORMALISED_LOSS_TYPES, GRPOLossConfig, compute_advantages, grpo_loss, sampler_correction,
                    token_logprobs)
-from .memory import GIB, ModelShape, kv_budget_bytes, memory_budget, rollout_rows, size_to_budget
+from .memory import GIB, ModelShape, engine_samples, kv_budget_bytes, memory_budget, rollout_rows, size_to_budget
 from .metrics import MetricsLogger, step_figures
 from .model import (check_model_logits, check_model_source, completion_hidden_states, is_peft_model,
                     keep_nf4_layout_for_training, load_model, output_weight, reference_policy, trainable_parameters)
@@ -349,20 +350,29 @@ def fit_to_memory(config: GRPOConfig, model, tokenizer, dataset,
     """Within the memory budget (``max_memory_gb``, or the CUDA memory this process may use): ``config``
     with micro-batches packed by tokens when the estimated step would not fit as configured, and the
     engine's KV budget in bytes (its rollout decodes in waves of the groups that fit; None: no budget).
-    A clear error before the first step when nothing fits (``grpo_fast.memory``). Prompt lengths from
-    the first rows of the dataset."""
+    A clear error before the first step when nothing fits (``grpo_fast.memory``). The longest prompt
+    of the dataset's first 4096 rows sizes it (the engine decodes one group at a time, with a warning,
+    when a later prompt does not fit)."""
     budget = memory_budget(config, device)
     if budget is None:
         return config, None
-    sample = take_rows(dataset, range(min(len(dataset), 256)))
+    sample = take_rows(dataset, range(min(len(dataset), 4096)))  # the longest prompt sizes the budget
     texts = render_prompts([row[config.prompt_column] for row in sample], tokenizer)
     prompt_length = max(len(ids) for ids in tokenize_prompts(texts, tokenizer))
-    shape = ModelShape.from_config(model.config.get_text_config() if hasattr(model.config, "get_text_config")
-                                   else model.config)
+    try:
+        shape = ModelShape.from_config(model.config.get_text_config() if hasattr(model.config, "get_text_config")
+                                       else model.config)
+    except ValueError as error:
+        if config.max_memory_gb is not None:
+            raise
+        warnings.warn(f"grpo-fast: not sizing the run to the free memory ({error})")
+        return config, None
     sized = size_to_budget(config, shape, budget, prompt_length)
     if sized is not config:
         print(f"grpo-fast: micro-batches of up to {sized.micro_batch_tokens} tokens fit the memory budget of "
               f"{budget / GIB:.1f} GiB (estimated)", flush=True)
+    if not engine_samples(sized):  # Hugging Face generate decodes every row at once: no waves
+        return sized, None
     wave = rollout_rows(sized, shape, budget, prompt_length)
     if wave < sized.generation_batch_size:
         print(f"grpo-fast: the rollout decodes {wave} of a step's {sized.generation_batch_size} completions at a "

@@ -77,6 +77,7 @@ def _sample_kernel(
     top = tl.max(best_key, 0)
     top_token = tl.min(tl.where(best_key == top, best_token, 2147483647), 0)
     if SPLITS == 1:
+        top_token = tl.where(top_token == 2147483647, 0, top_token)  # every key -inf: token 0, never out of range
         s_top = tl.load(logits_ptr + row * stride_b + top_token) * inv_temperature
         tl.store(tokens_ptr + row, top_token.to(tl.int64))
         tl.store(logprobs_ptr + row, s_top - row_max - tl.log(row_total))

@@ -112,3 +112,33 @@ def test_estimate_grows_with_completions_and_the_budget_search_is_monotone():
     assert estimate(config, shape, completion_length=fit24 + 64, rollout_rows=8).peak > 24 * GIB
     waves = estimate(config, shape, completion_length=4096, rollout_rows=8)
     assert waves.terms["rollout KV cache"] * 8 == long.terms["rollout KV cache"]  # one group of the eight
+
+
+def test_shapes_of_other_model_families():
+    """GPT-2 / OPT name their fields differently (no intermediate_size, no num_key_value_heads): the
+    shape reads them (a GPT-2 MLP is 4 x hidden), and a config without them is a clear error."""
+    from transformers import GPT2Config, OPTConfig
+
+    from grpo_fast.engine import _kv_heads
+
+    gpt2 = ModelShape.from_config(GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=300))
+    assert (gpt2.layers, gpt2.hidden, gpt2.intermediate, gpt2.heads, gpt2.kv_heads) == (3, 64, 256, 4, 4)
+    opt = ModelShape.from_config(OPTConfig(hidden_size=64, ffn_dim=100, num_hidden_layers=2, num_attention_heads=4))
+    assert (opt.intermediate, opt.kv_heads) == (100, 4)
+    assert _kv_heads(GPT2Config(n_head=4)) == 4
+    with pytest.raises(ValueError, match="model: expected a config with hidden_size"):
+        ModelShape.from_config({"vocab_size": 10})
+
+
+def test_what_the_engine_keeps_on_a_gpu_is_resident():
+    """A run planned for a GPU (a named model): the engine's KV cache and NF4 decode copy stay through
+    training (its CUDA graphs read them in place); with Hugging Face generate neither does."""
+    from grpo_fast.config import GRPOConfig
+
+    shape = ModelShape.from_config(KNOWN_SHAPES["qwen2.5-7b"])
+    common = dict(model="Qwen/Qwen2.5-7B", load_in_4bit=True, dtype="bfloat16", max_completion_length=1024)
+    engine = estimate(GRPOConfig(rollout_engine="engine", **common), shape)
+    hf = estimate(GRPOConfig(rollout_engine="hf", **common), shape)
+    assert engine.terms["NF4 decode copy"] == shape.linear_params * 0.5625 and "NF4 decode copy" not in hf.terms
+    assert "rollout KV cache" not in engine.phases["rollout"] and "rollout KV cache" in hf.phases["rollout"]
+    assert engine.resident == hf.resident + engine.terms["rollout KV cache"] + engine.terms["NF4 decode copy"]
