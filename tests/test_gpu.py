@@ -240,17 +240,33 @@ def test_engine_with_cuda_graphs_and_fused_nf4_matches_eager_and_generate(tokeni
     expected = [cut_at_eos(row, eos_ids, max_new) for row in output[:, ids.shape[1]:].tolist()]
     params = SamplingParams(num_generations=4, max_completion_length=max_new, eos_token_ids=eos_ids,
                             pad_token_id=tokenizer.pad_token_id, top_k=1)
-    launches = []
-    launch = kernel_module._launch
-    monkeypatch.setattr(kernel_module, "_launch", lambda *a: launches.append(1) or launch(*a))
+    import grpo_fast.kernels.decode_attention as attention_module
+    from torch._dynamo.utils import counters
+
+    launches = {"nf4": [], "attention": []}
+    for name, module in (("nf4", kernel_module), ("attention", attention_module)):
+        launch = module._launch
+        monkeypatch.setattr(module, "_launch",
+                            lambda *a, name=name, launch=launch, **k: launches[name].append(1) or launch(*a, **k))
+    counters.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback to eager decoding
         graphs = RolloutEngine(sync_every=4).generate(model, prompts, params)
-    assert launches, "the fused NF4 matmul did not run"
+    assert launches["nf4"], "the fused NF4 matmul did not run"
+    assert launches["attention"], "the decode attention kernel did not run"
+    # the step really replays CUDA graphs (inductor skips them, silently, e.g. for mutated non-static inputs)
+    assert not counters["inductor"].get("cudagraph_skips"), dict(counters["inductor"])
     eager = RolloutEngine(sync_every=4, cuda_graphs=False, fused_nf4=False).generate(model, prompts, params)
     repeated = [row for row in expected for _ in range(4)]
     assert eager.completion_ids == repeated
     assert graphs.completion_ids == repeated
+    # within a KV budget of three groups: waves of 3, 3 and 2 prompts, the same tokens
+    config = model.config
+    length = -(-(max(map(len, prompts)) + max_new) // 64) * 64
+    group_bytes = 4 * config.num_hidden_layers * 2 * config.num_key_value_heads * (config.hidden_size //
+                                                                                     config.num_attention_heads) * length * 2
+    waves = RolloutEngine(sync_every=4, max_kv_bytes=3 * group_bytes).generate(model, prompts, params)
+    assert waves.completion_ids == repeated and max(waves.slots_per_step) == 12
     assert graphs.slots_per_step[-1] < graphs.slots_per_step[0]  # finished rows were compacted out
     # the sampled tokens' log-probs: the engine's against a full forward pass of the same model
     for output in (graphs, eager):
