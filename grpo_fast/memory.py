@@ -166,8 +166,8 @@ class MemoryEstimate:
 def _dtype_bytes(config) -> int:
     if config.dtype == "float32":
         return 4
-    if config.dtype == "auto":
-        return 2 if torch.cuda.is_available() and config.model != "tiny" else 4
+    if config.dtype == "auto":  # bfloat16 on CUDA, float32 on a CPU: a named model is planned for a GPU
+        return 2 if torch.cuda.is_available() or config.model != "tiny" else 4
     return 2
 
 
