@@ -71,6 +71,7 @@ from .kernels.decode_attention import attention_supported
 from .kernels.decode_attention import decode_attention as fused_decode_attention
 from .kernels.sampling import MAX_EOS, sample_fused
 from .logits import LogitTransform, logit_transform
+from .memory import ModelShape
 from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
                       stop_strings_tokenizer)
 
@@ -361,11 +362,6 @@ def _check_full_attention(config, positions: int) -> None:
                          f"(rollout_engine: hf)")
 
 
-def _kv_heads(config) -> int:
-    """Key/value heads (configs without grouped-query attention have no num_key_value_heads)."""
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-
-
 def _cache_keyword(decoder) -> str:
     """transformers 5.x names the decoder's cache argument ``cache`` (``past_key_values`` before)."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
@@ -484,10 +480,9 @@ class RolloutEngine:
 
     def _fused_attention(self, config, implementation: str, device: torch.device) -> bool:
         """Decode attention through the kernel (CUDA, the engine's sdpa path, a head size it takes)."""
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        shape = ModelShape.from_config(config)
         return (device.type == "cuda" and triton_available() and implementation == "sdpa"
-                and attention_supported(head_dim, heads, _kv_heads(config)))
+                and attention_supported(shape.q_dim // shape.heads, shape.heads, shape.kv_heads))
 
     def _fused_sampling(self, params: SamplingParams, device: torch.device) -> bool:
         """Sample with the one-pass kernel (CUDA; no top-k other than 1, no top-p, no min-p)."""
@@ -525,7 +520,7 @@ class RolloutEngine:
                 for start in range(0, len(prompt_ids), prompts_per_wave):  # one NF4 repack for every wave
                     waves.append(self._decode(decoder, head, transform, prompt_ids[start:start + prompts_per_wave],
                                               params, implementation, device, generator, tokenizer,
-                                              capacity=min(prompts_per_wave, len(prompt_ids)) * params.num_generations))
+                                              capacity=prompts_per_wave * params.num_generations))
         finally:
             model.train(was_training)
             if not self._uses_cuda_graphs(device):
@@ -552,10 +547,8 @@ class RolloutEngine:
             return max(1, len(prompt_ids))
         width = max(len(prompt) for prompt in prompt_ids)
         length = -(-(width + params.max_completion_length) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = _kv_heads(config)
-        group_bytes = (params.num_generations * config.num_hidden_layers * 2 * kv_heads * head_dim * length
-                       * torch.empty((), dtype=dtype).element_size())
+        per_token = ModelShape.from_config(config).kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
+        group_bytes = params.num_generations * length * per_token
         prompts = int(self.max_kv_bytes // group_bytes)
         if prompts < 1:  # e.g. a prompt longer than the ones the trainer sized the budget from
             warnings.warn(f"RolloutEngine: one group's KV cache ({params.num_generations} rows x {length} tokens: "
@@ -596,7 +589,7 @@ class RolloutEngine:
         if (getattr(decoder, "_supports_attention_backend", False)
                 and self._fused_attention(decoder.config, implementation, device)):
             padding = (width - prompt_mask.sum(-1)).to(torch.int32).repeat_interleave(group)
-            cache.use_fused_attention(padding, _kv_heads(decoder.config))
+            cache.use_fused_attention(padding, ModelShape.from_config(decoder.config).kv_heads)
         logits = transform.apply(head(hidden[:, -1])).repeat_interleave(group, dim=0)
 
         # Per-row decode state, all on the device; `row_ids` maps cache rows to output rows.

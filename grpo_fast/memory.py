@@ -166,8 +166,8 @@ class MemoryEstimate:
 def _dtype_bytes(config) -> int:
     if config.dtype == "float32":
         return 4
-    if config.dtype == "auto":  # bfloat16 on CUDA, float32 on a CPU: a named model is planned for a GPU
-        return 2 if torch.cuda.is_available() or config.model != "tiny" else 4
+    if config.dtype == "auto":  # bfloat16 on CUDA, float32 on a CPU
+        return 2 if planned_for_gpu(config) else 4
     return 2
 
 
@@ -175,18 +175,22 @@ _CONFIGURED = object()
 NF4_REPACK_BYTES_PER_PARAM = 0.5625  # the engine's decode layout: 4-bit weights + fp32 scale per 64
 
 
+def planned_for_gpu(config) -> bool:
+    """Whether an estimate is for a GPU run: on CUDA, or for any model but the CPU demo's ``tiny``
+    (``grpo-fast plan`` on a CPU plans the GPU run of a named model)."""
+    return torch.cuda.is_available() or config.model != "tiny"
+
+
 def engine_samples(config) -> bool:
     """Whether the rollout engine samples (``rollout_engine: engine``, or ``auto`` on a GPU): then the
-    rollout decodes in waves within a budget; Hugging Face generate decodes every row at once. A run
-    is planned for a GPU on CUDA, or for any model but the CPU demo's ``tiny``."""
-    on_gpu = torch.cuda.is_available() or config.model != "tiny"
-    return config.rollout_engine == "engine" or (config.rollout_engine == "auto" and on_gpu)
+    rollout decodes in waves within a budget; Hugging Face generate decodes every row at once."""
+    return config.rollout_engine == "engine" or (config.rollout_engine == "auto" and planned_for_gpu(config))
 
 
 def engine_keeps(config) -> bool:
     """Whether the engine keeps its KV cache and repacked NF4 weights between steps: on a GPU, where
     its CUDA graphs read them in place (so they stay allocated through training)."""
-    return engine_samples(config) and (torch.cuda.is_available() or config.model != "tiny")
+    return engine_samples(config) and planned_for_gpu(config)
 
 
 def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_length: Optional[int] = None,

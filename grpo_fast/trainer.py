@@ -58,7 +58,7 @@ from .interrupts import InterruptGuard, StepAbandoned, UpdateCounter
 from .logits import IDENTITY, LogitTransform, logit_transform
 from .loss import (TOKEN_NORMALISED_LOSS_TYPES, GRPOLossConfig, compute_advantages, grpo_loss, sampler_correction,
                    token_logprobs)
-from .memory import GIB, ModelShape, engine_samples, kv_budget_bytes, memory_budget, rollout_rows, size_to_budget
+from .memory import GIB, ModelShape, kv_budget_bytes, memory_budget, rollout_rows, size_to_budget
 from .metrics import MetricsLogger, step_figures
 from .model import (check_model_logits, check_model_source, completion_hidden_states, is_peft_model,
                     keep_nf4_layout_for_training, load_model, output_weight, reference_policy, trainable_parameters)
@@ -166,6 +166,11 @@ class EntropyControl:
         return {"entropy_coef": self.coef, "last_entropy": self.last_entropy}
 
 
+def samples_with_engine(config: GRPOConfig, device: torch.device) -> bool:
+    """``rollout_engine: engine``, or ``auto`` on CUDA (where it pays); else Hugging Face generate."""
+    return config.rollout_engine == "engine" or (config.rollout_engine == "auto" and device.type == "cuda")
+
+
 def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None,
                     max_kv_bytes: float | None = None) -> Generate:
     """``rollout_engine``: the engine (auto: on CUDA, where it pays) or Hugging Face ``generate``;
@@ -175,7 +180,7 @@ def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None,
         raise ValueError("importance_sampling_correction: expected none when rollout_engine auto samples with "
                          f"Hugging Face generate (on {device.type}), received {config.importance_sampling_correction!r};"
                          " the correction uses the engine's sampled-token log-probs: set rollout_engine: engine")
-    if config.rollout_engine == "engine" or (config.rollout_engine == "auto" and device.type == "cuda"):
+    if samples_with_engine(config, device):
         from .engine import RolloutEngine  # imports transformers: only when sampling with it
 
         return RolloutEngine(tokenizer=tokenizer, max_kv_bytes=max_kv_bytes)
@@ -371,7 +376,7 @@ def fit_to_memory(config: GRPOConfig, model, tokenizer, dataset,
     if sized is not config:
         print(f"grpo-fast: micro-batches of up to {sized.micro_batch_tokens} tokens fit the memory budget of "
               f"{budget / GIB:.1f} GiB (estimated)", flush=True)
-    if not engine_samples(sized):  # Hugging Face generate decodes every row at once: no waves
+    if not samples_with_engine(sized, device):  # Hugging Face generate decodes every row at once: no waves
         return sized, None
     wave = rollout_rows(sized, shape, budget, prompt_length)
     if wave < sized.generation_batch_size:

@@ -119,13 +119,10 @@ def test_shapes_of_other_model_families():
     shape reads them (a GPT-2 MLP is 4 x hidden), and a config without them is a clear error."""
     from transformers import GPT2Config, OPTConfig
 
-    from grpo_fast.engine import _kv_heads
-
     gpt2 = ModelShape.from_config(GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=300))
     assert (gpt2.layers, gpt2.hidden, gpt2.intermediate, gpt2.heads, gpt2.kv_heads) == (3, 64, 256, 4, 4)
     opt = ModelShape.from_config(OPTConfig(hidden_size=64, ffn_dim=100, num_hidden_layers=2, num_attention_heads=4))
     assert (opt.intermediate, opt.kv_heads) == (100, 4)
-    assert _kv_heads(GPT2Config(n_head=4)) == 4
     with pytest.raises(ValueError, match="model: expected a config with hidden_size"):
         ModelShape.from_config({"vocab_size": 10})
 
