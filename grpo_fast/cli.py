@@ -71,7 +71,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .memory import GIB, memory_budget, plan_table, shape_of, size_to_budget
+    from .memory import GIB, memory_budget, plan_table, rollout_rows, shape_of, size_to_budget
 
     if args.prompt_length < 1:
         raise ValueError(f"--prompt-length: expected a positive number of tokens, received {args.prompt_length}")
@@ -83,9 +83,16 @@ def run_plan(args: argparse.Namespace) -> int:
     if config.max_memory_gb is not None:
         sized = size_to_budget(config, shape, memory_budget(config, __import__("torch").device("cpu")),
                                args.prompt_length)
-        tokens = sized.micro_batch_tokens
-        print(f"with max_memory_gb {config.max_memory_gb:g}: "
-              + ("fits as configured" if sized is config else f"micro-batches of {tokens} tokens"), flush=True)
+        changes = []
+        if sized.rollout_memory != config.rollout_memory:
+            changes.append("rollout_memory free (the engine's KV cache and NF4 decode copy freed for training)")
+        if sized.micro_batch_tokens != config.micro_batch_tokens:
+            changes.append(f"micro-batches of {sized.micro_batch_tokens} tokens")
+        wave = rollout_rows(sized, shape, config.max_memory_gb * GIB, args.prompt_length)
+        if wave < sized.generation_batch_size:
+            changes.append(f"the rollout in waves of {wave} of the step's {sized.generation_batch_size} completions")
+        print(f"with max_memory_gb {config.max_memory_gb:g}: " + (", ".join(changes) or "fits as configured"),
+              flush=True)
     return 0
 
 

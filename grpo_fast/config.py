@@ -31,6 +31,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("cosine", "constant")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ROLLOUT_ENGINES = ("auto", "engine", "hf")
+ROLLOUT_MEMORY = ("auto", "keep", "free")
 NONFINITE_ACTIONS = ("stop", "skip")
 SEED_LIMIT = 2**32  # NumPy's seeds are 32-bit
 
@@ -76,6 +77,7 @@ class GRPOConfig:
     stop_strings: list[str] | None = None  # a completion ends after the first of these in its text (kept, like EOS)
     mask_truncated_completions: bool = False  # leave completions that hit max_completion_length out of the loss
     rollout_engine: str = "auto"  # sampler: auto (grpo_fast.engine on CUDA, Hugging Face generate elsewhere) | engine | hf
+    rollout_memory: str = "auto"  # the engine's KV cache and repacked NF4 weights on a GPU: keep (allocated between steps for its CUDA graphs: fastest) | free (released after each rollout for training, decoding without CUDA graphs) | auto (keep unless the step fits max_memory_gb only when they are freed)
 
     # ---- rewards ------------------------------------------------------------------------------
     reward_functions: list[str] = field(default_factory=lambda: ["grpo_fast.tasks:letters_reward"])  # "module:function" paths
@@ -204,6 +206,7 @@ def validate(config: GRPOConfig) -> None:
     _choice("scale_rewards", config.scale_rewards, ("group", "batch", "none"))
     _choice("loss_backend", config.loss_backend, ("auto", "triton", "torch", "reference"))
     _choice("rollout_engine", config.rollout_engine, ROLLOUT_ENGINES)
+    _choice("rollout_memory", config.rollout_memory, ROLLOUT_MEMORY)
     _choice("importance_sampling_correction", config.importance_sampling_correction, SAMPLER_CORRECTIONS)
     _choice("on_nonfinite", config.on_nonfinite, NONFINITE_ACTIONS)
     check_run_name(config.run_name)

@@ -189,8 +189,20 @@ def engine_samples(config) -> bool:
 
 def engine_keeps(config) -> bool:
     """Whether the engine keeps its KV cache and repacked NF4 weights between steps: on a GPU, where
-    its CUDA graphs read them in place (so they stay allocated through training)."""
-    return engine_samples(config) and planned_for_gpu(config)
+    its CUDA graphs read them in place (so they stay allocated through training), unless
+    ``rollout_memory: free`` (``auto`` is planned as ``keep``; ``size_to_budget`` turns it to ``free``
+    when only that fits)."""
+    return engine_samples(config) and planned_for_gpu(config) and config.rollout_memory != "free"
+
+
+def _freed(config):
+    """``config`` with the engine's memory freed after each rollout, when ``rollout_memory: auto`` plans
+    to keep it; else None (nothing to choose)."""
+    import dataclasses
+
+    if config.rollout_memory == "auto" and engine_keeps(config):
+        return dataclasses.replace(config, rollout_memory="free")
+    return None
 
 
 def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_length: Optional[int] = None,
@@ -225,8 +237,11 @@ def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_
     terms["rollout prefill"] = (wave // config.num_generations) * prompt_length * _apply(
         ACTIVATION_COEFFICIENTS[compute][False][0], shape)
     terms["sampling logits"] = wave * shape.vocab * 4 * 3  # fp32 logits, scaled, filtered probabilities
-    kept = engine_keeps(config)  # with CUDA graphs the KV cache and the NF4 decode copy stay through training
-    if kept and config.load_in_4bit:
+    # the engine's fused NF4 decode reads a repacked copy of the weights (on a GPU); with CUDA graphs
+    # it and the KV cache stay allocated through training, else both are freed after each rollout
+    kept = engine_keeps(config)
+    repacked = config.load_in_4bit and engine_samples(config) and planned_for_gpu(config)
+    if repacked:
         terms["NF4 decode copy"] = shape.linear_params * NF4_REPACK_BYTES_PER_PARAM
     # training: one micro-batch (prompt + completion tokens) forward and backward
     row_tokens = prompt_length + completion
@@ -245,8 +260,8 @@ def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_
     torch_backend = config.loss_backend == "torch" or (config.loss_backend == "auto" and not torch.cuda.is_available())
     chunk = min(loss_chunk_bytes, completion_tokens * shape.vocab * (12 if torch_backend else 4))
     terms["loss"] = chunk + completion_tokens * shape.hidden * (compute + 4)
-    phases = {"rollout": (["rollout prefill", "sampling logits"] if kept
-                          else ["rollout KV cache", "rollout prefill", "sampling logits"]),
+    freed = [] if kept else ["rollout KV cache", *(["NF4 decode copy"] if repacked else [])]
+    phases = {"rollout": [*freed, "rollout prefill", "sampling logits"],
               "training": ["training activations", "loss"]}
     return MemoryEstimate(terms, phases)
 
@@ -255,11 +270,14 @@ def longest_completion(config, shape: ModelShape, budget_bytes: float, prompt_le
                        limit: int = 1 << 17) -> int:
     """The longest completion (a multiple of 64 tokens) whose step fits ``budget_bytes`` with the
     rollout in waves and the micro-batches sized to the budget (``size_to_budget``: one group per wave,
-    one row per micro-batch at the least); 0 if none."""
+    one row per micro-batch at the least; with ``rollout_memory: auto``, the engine's memory kept or,
+    if only that fits, freed for training); 0 if none."""
+    plans = [config, *([_freed(config)] if _freed(config) is not None else [])]
+
     def fits(length: int) -> bool:
-        return estimate(config, shape, prompt_length=prompt_length, completion_length=length,
-                        micro_batch_tokens=prompt_length + length,
-                        rollout_rows=config.num_generations).peak <= budget_bytes
+        return any(estimate(plan, shape, prompt_length=prompt_length, completion_length=length,
+                            micro_batch_tokens=prompt_length + length,
+                            rollout_rows=config.num_generations).peak <= budget_bytes for plan in plans)
 
     low, high = 0, limit // 64
     while low < high:
@@ -277,6 +295,8 @@ def readme_table() -> str:
     """The README's table: the longest completion per model and GPU memory for 8 prompts x 8
     completions, NF4 + LoRA r16, gradient checkpointing, the Triton loss, prompts of 256 tokens
     (estimated)."""
+    import dataclasses
+
     from .config import GRPOConfig
 
     header = "| model | " + " | ".join(f"{budget} GB" for budget in README_BUDGETS_GB) + " |"
@@ -285,10 +305,14 @@ def readme_table() -> str:
         config = GRPOConfig(model=name, load_in_4bit=True, dtype="bfloat16", lora_r=16, prompts_per_step=8,
                             num_generations=8, gradient_checkpointing=True, loss_backend="triton")
         shape = ModelShape.from_config(KNOWN_SHAPES[name])
+        kept = dataclasses.replace(config, rollout_memory="keep")
         cells = []
         for budget in README_BUDGETS_GB:
             longest = longest_completion(config, shape, budget * GIB, limit=SEARCH_LIMIT)
-            cells.append(f"{longest:,}+" if longest >= SEARCH_LIMIT else f"{longest:,}")  # +: the search's end
+            cell = f"{longest:,}+" if longest >= SEARCH_LIMIT else f"{longest:,}"  # +: the search's end
+            # *: only with the rollout's memory freed for training (rollout_memory auto -> free)
+            cells.append(cell + ("*" if longest > longest_completion(kept, shape, budget * GIB, limit=SEARCH_LIMIT)
+                                 else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -375,8 +399,16 @@ def rollout_rows(config, shape: ModelShape, budget: float, prompt_length: int) -
     group, rows = config.num_generations, config.prompts_per_step * config.num_generations
     if not engine_samples(config):  # Hugging Face generate: every row at once
         return rows
-    fitting = [count for count in range(group, rows + 1, group)
-               if _rollout_bytes(config, shape, prompt_length, count) <= budget]
+    one_row = prompt_length + config.max_completion_length
+
+    def fits(count: int) -> bool:
+        if not engine_keeps(config):
+            return _rollout_bytes(config, shape, prompt_length, count) <= budget
+        # a kept cache stays through training: it must leave room for a micro-batch of one row
+        return estimate(config, shape, prompt_length=prompt_length, rollout_rows=count,
+                        micro_batch_tokens=one_row).peak <= budget
+
+    fitting = [count for count in range(group, rows + 1, group) if fits(count)]
     return fitting[-1] if fitting else group
 
 
@@ -395,8 +427,20 @@ def kv_budget_bytes(config, shape: ModelShape, budget: float, prompt_length: int
 
 def size_to_budget(config, shape: ModelShape, budget: float, prompt_length: int):
     """``config``, or a copy whose micro-batches are packed by tokens to fit ``budget`` bytes: the most
-    tokens (a multiple of 64, at least one row) whose estimated step fits. Raises a ValueError naming
-    max_memory_gb when even one row per micro-batch, or the rollout, does not fit."""
+    tokens (a multiple of 64, at least one row) whose estimated step fits; with ``rollout_memory: auto``
+    and a step that fits only with the engine's KV cache and NF4 decode copy freed for training, a copy
+    with ``rollout_memory: free``. Raises a ValueError naming max_memory_gb when even one row per
+    micro-batch, or the rollout, does not fit."""
+    try:
+        return _size_micro_batches(config, shape, budget, prompt_length)
+    except ValueError:
+        freed = _freed(config)
+        if freed is None:
+            raise
+        return _size_micro_batches(freed, shape, budget, prompt_length)  # its error if this fails too
+
+
+def _size_micro_batches(config, shape: ModelShape, budget: float, prompt_length: int):
     import dataclasses
 
     smallest = config.num_generations if engine_samples(config) else config.generation_batch_size
@@ -451,6 +495,8 @@ def shape_of(config) -> ModelShape:
 
 def plan_table(config, shape: ModelShape, prompt_length: int, budgets_gb=(16, 24, 40, 80)) -> str:
     """``grpo-fast plan``'s report: each term, the peak and its phase, the longest completion per budget."""
+    import dataclasses
+
     result = estimate(config, shape, prompt_length=prompt_length)
     lines = [f"estimated memory of one step (prompts of {prompt_length} tokens, completions of "
              f"{config.max_completion_length}; an estimate: the GPU suite measures the truth)", ""]
@@ -460,6 +506,10 @@ def plan_table(config, shape: ModelShape, prompt_length: int, budgets_gb=(16, 24
         lines.append(f"  {name:<22} {value / GIB:8.2f} GiB{where}")
     lines.append(f"  {'peak':<22} {result.peak / GIB:8.2f} GiB  (resident + {result.peak_phase})")
     lines += ["", "longest completion that fits:"]
+    kept = _freed(config) is not None and dataclasses.replace(config, rollout_memory="keep")
     for budget in budgets_gb:
-        lines.append(f"  {budget:>4} GB: {longest_completion(config, shape, budget * GIB, prompt_length):>7} tokens")
+        longest = longest_completion(config, shape, budget * GIB, prompt_length)
+        freed = kept and longest > longest_completion(kept, shape, budget * GIB, prompt_length)
+        lines.append(f"  {budget:>4} GB: {longest:>7} tokens"
+                     + ("  (with rollout_memory free: the engine's memory freed for training)" if freed else ""))
     return "\n".join(lines)

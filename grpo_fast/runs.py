@@ -41,6 +41,7 @@ RESUMABLE = frozenset({
     "eval_dataset_config", "eval_limit", "eval_batch_size", "eval_max_completion_length", "micro_batch_size",
     "loss_backend", "loss_chunk_size", "gradient_checkpointing", "attn_implementation", "on_nonfinite",
     "micro_batch_tokens", "max_memory_gb", "activation_offload",  # same update for every loss type (tested)
+    "rollout_memory",  # where the engine's cache lives between steps, not what it samples
 })
 
 

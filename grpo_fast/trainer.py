@@ -183,7 +183,10 @@ def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None,
     if samples_with_engine(config, device):
         from .engine import RolloutEngine  # imports transformers: only when sampling with it
 
-        return RolloutEngine(tokenizer=tokenizer, max_kv_bytes=max_kv_bytes)
+        # rollout_memory free: no CUDA graphs, so the KV cache and the repacked NF4 weights are freed
+        # after each rollout (the graphs would read them in place); keep / auto (as sized): graphs
+        return RolloutEngine(tokenizer=tokenizer, max_kv_bytes=max_kv_bytes,
+                             cuda_graphs=config.rollout_memory != "free")
     return functools.partial(hf_generate, tokenizer=tokenizer)
 
 
@@ -373,7 +376,11 @@ def fit_to_memory(config: GRPOConfig, model, tokenizer, dataset,
         warnings.warn(f"grpo-fast: not sizing the run to the free memory ({error})")
         return config, None
     sized = size_to_budget(config, shape, budget, prompt_length)
-    if sized is not config:
+    if sized.rollout_memory != config.rollout_memory and samples_with_engine(sized, device):
+        print(f"grpo-fast: the rollout's KV cache and repacked NF4 weights are freed for training after each "
+              f"rollout (rollout_memory: free; decoding without CUDA graphs) to fit the memory budget of "
+              f"{budget / GIB:.1f} GiB (estimated)", flush=True)
+    if sized.micro_batch_tokens != config.micro_batch_tokens:
         print(f"grpo-fast: micro-batches of up to {sized.micro_batch_tokens} tokens fit the memory budget of "
               f"{budget / GIB:.1f} GiB (estimated)", flush=True)
     if not samples_with_engine(sized, device):  # Hugging Face generate decodes every row at once: no waves

@@ -5,6 +5,7 @@ and `grpo-fast plan` on the example configs."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -99,7 +100,8 @@ def test_estimate_grows_with_completions_and_the_budget_search_is_monotone():
 
     shape = ModelShape.from_config(KNOWN_SHAPES["qwen2.5-7b"])
     config = GRPOConfig(model="qwen", load_in_4bit=True, dtype="bfloat16", prompts_per_step=8, num_generations=8,
-                        max_completion_length=4096, micro_batch_size=1, gradient_checkpointing=True, lora_r=16)
+                        max_completion_length=4096, micro_batch_size=1, gradient_checkpointing=True, lora_r=16,
+                        rollout_memory="keep")  # one plan: auto's choice between two is tested below
     short = estimate(config, shape, completion_length=1024)
     long = estimate(config, shape, completion_length=4096)
     assert long.peak > short.peak and long.terms["weights"] == short.terms["weights"]
@@ -139,3 +141,48 @@ def test_what_the_engine_keeps_on_a_gpu_is_resident():
     assert engine.terms["NF4 decode copy"] == shape.linear_params * 0.5625 and "NF4 decode copy" not in hf.terms
     assert "rollout KV cache" not in engine.phases["rollout"] and "rollout KV cache" in hf.phases["rollout"]
     assert engine.resident == hf.resident + engine.terms["rollout KV cache"] + engine.terms["NF4 decode copy"]
+
+
+def test_rollout_memory_free_makes_the_engines_memory_a_rollout_phase():
+    """``rollout_memory: free``: the KV cache and the NF4 decode copy live only through the rollout, so
+    what stays through training is what Hugging Face generate leaves (and the peak is lower)."""
+    from grpo_fast.config import GRPOConfig
+
+    shape = ModelShape.from_config(KNOWN_SHAPES["qwen2.5-7b"])
+    common = dict(model="Qwen/Qwen2.5-7B", load_in_4bit=True, dtype="bfloat16", max_completion_length=4096,
+                  gradient_checkpointing=True, micro_batch_size=1)
+    kept = estimate(GRPOConfig(rollout_engine="engine", **common), shape)
+    freed = estimate(GRPOConfig(rollout_engine="engine", rollout_memory="free", **common), shape)
+    hf = estimate(GRPOConfig(rollout_engine="hf", **common), shape)
+    assert freed.terms == kept.terms and freed.resident == hf.resident
+    assert {"rollout KV cache", "NF4 decode copy"} <= set(freed.phases["rollout"])
+    assert freed.resident == kept.resident - kept.terms["rollout KV cache"] - kept.terms["NF4 decode copy"]
+    assert freed.peak < kept.peak
+
+
+def test_auto_frees_the_rollouts_memory_only_when_keeping_it_does_not_fit():
+    """The issue's goal configs: Qwen2.5-7B 8 x 8 x 4,096 in 24 GB keeps the engine's memory (its KV
+    waves sized to leave room for training); Llama-3.1-8B's shape with 8 x 20K-token completions in
+    40 GB fits only with it freed for training, which ``auto`` chooses and ``keep`` refuses."""
+    from grpo_fast.config import GRPOConfig
+    from grpo_fast.memory import rollout_rows, size_to_budget
+
+    qwen = ModelShape.from_config(KNOWN_SHAPES["qwen2.5-7b"])
+    config = GRPOConfig(model="Qwen/Qwen2.5-7B", load_in_4bit=True, dtype="bfloat16", lora_r=16, prompts_per_step=8,
+                        num_generations=8, max_completion_length=4096, gradient_checkpointing=True)
+    sized = size_to_budget(config, qwen, 24 * GIB, 256)
+    wave = rollout_rows(sized, qwen, 24 * GIB, 256)
+    assert sized.rollout_memory == "auto" and sized.micro_batch_tokens is not None and 8 <= wave < 64
+    assert estimate(sized, qwen, prompt_length=256, rollout_rows=wave).peak <= 24 * GIB
+
+    llama = ModelShape.from_config(KNOWN_SHAPES["llama-3.1-8b"])
+    config = GRPOConfig(model="meta-llama/Llama-3.1-8B", load_in_4bit=True, dtype="bfloat16", lora_r=16,
+                        prompts_per_step=1, num_generations=8, max_completion_length=20480, gradient_checkpointing=True)
+    sized = size_to_budget(config, llama, 40 * GIB, 256)
+    assert sized.rollout_memory == "free"
+    peak = estimate(sized, llama, prompt_length=256, rollout_rows=rollout_rows(sized, llama, 40 * GIB, 256)).peak
+    assert peak <= 40 * GIB
+    with pytest.raises(ValueError, match="max_memory_gb: expected room"):
+        size_to_budget(dataclasses.replace(config, rollout_memory="keep"), llama, 40 * GIB, 256)
+    assert longest_completion(config, llama, 40 * GIB) >= 20480 > longest_completion(
+        dataclasses.replace(config, rollout_memory="keep"), llama, 40 * GIB)

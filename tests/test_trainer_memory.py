@@ -143,3 +143,14 @@ def test_readme_table_is_the_memory_models():
     from grpo_fast.memory import readme_table
 
     assert readme_table() in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_rollout_memory_free_samples_without_cuda_graphs():
+    """free: the engine runs without CUDA graphs, so it frees its KV cache and repacked NF4 weights after
+    each rollout (graphs would read them in place); keep and auto: with graphs."""
+    from grpo_fast.trainer import rollout_sampler
+
+    device = torch.device("cpu")
+    for memory, graphs in (("free", False), ("keep", True), ("auto", True)):
+        engine = rollout_sampler(GRPOConfig(rollout_engine="engine", rollout_memory=memory), device)
+        assert engine.cuda_graphs is graphs
