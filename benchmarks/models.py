@@ -35,6 +35,11 @@ SHAPES = {
     "qwen2.5-7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
                        rms_norm_eps=1e-6, tie_word_embeddings=False),
+    # Llama-3.1-8B's dimensions in the Qwen2 architecture built here (q/k/v biases aside, the same
+    # weights, KV cache and activations): the 8 x 20K-token memory goal
+    "llama-3.1-8b-shape": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                               intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072,
+                               rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD_ID, EOS_ID = 0, 1

@@ -85,6 +85,8 @@ class Workload:
     epsilon_high: float
     learning_rate: float
     seed: int
+    max_memory_gb: Optional[float] = None  # grpo-fast's trainers: the budget they size themselves to
+    rollout_memory: str = "auto"  # grpo-fast's trainers: keep | free | auto (GRPOConfig.rollout_memory)
 
     @property
     def batch_size(self) -> int:
@@ -104,6 +106,7 @@ def grpo_fast_config(work: Workload, output_dir: str, steps: int):
         lora_target_modules=BLOCK_LINEARS, gradient_checkpointing=work.gradient_checkpointing,
         prompts_per_step=work.prompts_per_step, num_generations=work.num_generations,
         max_completion_length=work.completion_length, micro_batch_size=work.micro_batch_size,
+        max_memory_gb=work.max_memory_gb, rollout_memory=work.rollout_memory,
         loss_type=work.loss_type, beta=work.beta, epsilon_low=work.epsilon_low, epsilon_high=work.epsilon_high,
         num_iterations=1, learning_rate=work.learning_rate, lr_scheduler="constant", warmup_ratio=0.0,
         adam_beta2=0.999, weight_decay=0.0,  # transformers' AdamW defaults, as TRL's Trainer uses them
@@ -450,6 +453,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epsilon-high", type=float, default=0.28)
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-memory-gb", type=float, default=None,
+                   help="grpo-fast's trainers: the memory budget they size their rollout waves and micro-batches to "
+                        "(GRPOConfig.max_memory_gb; the issue's goal configs)")
+    p.add_argument("--rollout-memory", default="auto", choices=["auto", "keep", "free"],
+                   help="grpo-fast's trainers: GRPOConfig.rollout_memory")
     p.add_argument("--fit-budget", type=lambda s: [float(t) for t in common.comma_list(s)], default=None,
                    help="comma-separated memory budgets in GiB (CUDA only): longest completion that fits each")
     p.add_argument("--fit-start", type=int, default=256, help="first completion length probed")
@@ -507,7 +515,8 @@ def workload(args, model: str) -> Workload:
         completion_length=args.completion_length, micro_batch_size=args.micro_batch_size, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, gradient_checkpointing=not args.no_gradient_checkpointing,
         loss_type=args.loss_type, beta=args.beta, epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high,
-        learning_rate=args.learning_rate, seed=args.seed,
+        learning_rate=args.learning_rate, seed=args.seed, max_memory_gb=args.max_memory_gb,
+        rollout_memory=args.rollout_memory,
     )
 
 
