@@ -1,6 +1,6 @@
 """One prepared GPU evidence run: every performance goal of grpo-fast measured by one command.
 
-    python -m benchmarks.suite                                   # CUDA: the five parts in 480 s
+    python -m benchmarks.suite                                   # CUDA: the parts in 480 s
     python -m benchmarks.suite --out-dir "<folder>/{device}/{date}-suite" --commit <sha>  # a tree copied without .git
     python -m benchmarks.suite --plan                            # the steps, their estimates and budgets; runs nothing
     python -m benchmarks.suite --parts rollout-8,train-7b-trl --out-dir benchmarks/results/<device>/<date>-suite
@@ -20,6 +20,10 @@ Parts, in order; each is one or more steps, each step one existing benchmark scr
               with the engine (train-7b: peak allocated / reserved, time split), then grpo-fast
               (engine) vs TRL's GRPOTrainer vs TRL + FusedGRPOTrainer on Qwen2.5-0.5B's shape
               (train-0.5b), then TRL and TRL + FusedGRPOTrainer on 7B (train-7b-trl) if time is left.
+  6. memory   the long-completion memory goals, one step each with grpo-fast's trainer sized to its
+              budget (``max_memory_gb``): Qwen2.5-7B, 8 prompts x 8 x 4,096 tokens in 24 GiB
+              (memory-7b-24), Llama-3.1-8B's shape, 8 x 20,480 tokens in 40 GiB (memory-8b-40). Long:
+              they run on time left over, or alone (``--parts memory-8b-40 --budget-s 600``).
 
 Each step runs in its own process (a subprocess, by default): the step's time limit can be enforced
 by killing it (its whole process group: inductor's compile workers too), its CUDA memory, graphs and
@@ -49,7 +53,8 @@ and the case it was measured on; a goal measured on several cases is met only if
   - loss fwd+bwd at 16,384 tokens: <= 0.8x eager time, extra peak memory <= 5% of eager's,
     >= 60% of the same-run bf16 matmul rate, faster than Liger; no-grad log-probs <= 0.6x eager;
   - rollouts at 64 sequences: >= 10x HF generate tokens/s, >= 50% of the bandwidth limit;
-  - the 7B NF4 step: peak allocated < 12 GiB; the step with the engine <= 0.5x TRL's step time.
+  - the 7B NF4 step: peak allocated < 12 GiB; the step with the engine <= 0.5x TRL's step time;
+  - the long-completion steps: peak allocated under their budgets (24 and 40 GiB).
 A goal whose figures are missing (peer unavailable, step skipped or cut, peak memory on CPU) is
 ``not measured``, with the reason, never met.
 """
@@ -81,7 +86,7 @@ from . import common
 if not torch.cuda.is_available():  # before triton is first imported (env_info), or in-process steps fail on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-PARTS = ("tests", "loss", "nf4", "rollout", "train")
+PARTS = ("tests", "loss", "nf4", "rollout", "train", "memory")
 DEFAULT_BUDGET_S = 480.0  # on CUDA: one device command may run 10 minutes, with the wheels to install first
 KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL this long after
 MIN_START_S = 5.0  # no step starts with less of its part's time left
@@ -140,9 +145,15 @@ class Step:
 #  train-0.5b   start ~9; engine: compile ~45 + 2 steps ~5; trl: 2 steps of HF generate at ~25 ms x
 #               512 + ~1.5 s training ~28 + build/init ~5; trl_fused the same.          => ~129
 #  train-7b-trl 2 trainers x (build ~15 + 2 steps x (512 x ~35 ms + ~4 s training)).     => ~127
-# The whole plan is ~760 s, more than the default 480: the nominal budgets fund tests, loss-flat,
+#  memory-7b-24 build ~14; compile ~60; two waves (48 + 16 rows) x 4,096 decode steps at ~5 ms ~40;
+#               training 64 x 4,352 tokens, checkpointed: 4 x 2 x 7.6e9 x 2.8e5 = 1.7e16 FLOP at
+#               ~40% of the matmul rate ~55; start ~9.                                    => ~180
+#  memory-8b-40 build ~15; the rollout's memory freed for training, so decoding without CUDA
+#               graphs: 20,480 steps at ~25 ms (launch-bound) ~510; training 8 x 20,736 tokens
+#               ~1e16 FLOP ~35; start ~9.                                                 => ~570
+# The plan without the memory part is ~760 s (with it ~1,510), more than the default 480: the nominal budgets fund tests, loss-flat,
 # nf4, rollout-64, train-7b and train-0.5b (~530 s estimated, so some of it may still be cut);
-# loss-peaked, logprob-accuracy, rollout-8 and train-7b-trl run on time left over (--budget-s 760 funds every step at
+# loss-peaked, logprob-accuracy, rollout-8, train-7b-trl and the memory part run on time left over (--budget-s 1510 funds every step at
 # its nominal budget or estimate; or rerun them with --parts into the same folder).
 GPU_PLAN = {
     # name: (estimate_s, nominal_s, first_result_s)
@@ -156,6 +167,8 @@ GPU_PLAN = {
     "train-7b": (91, 95, 85),
     "train-0.5b": (129, 100, 60),
     "train-7b-trl": (127, 0, 60),
+    "memory-7b-24": (180, 0, 170),
+    "memory-8b-40": (570, 0, 560),
 }
 # --tiny: seconds measured on a 2-core CPU shared with other jobs, each step a subprocess (~10 s of
 # each is imports; --in-process roughly halves the total); funded ~2.5x (the load varies).
@@ -170,6 +183,8 @@ TINY_PLAN = {
     "train-7b": (12, 30, 5),
     "train-0.5b": (16, 40, 5),
     "train-7b-trl": (15, 35, 5),
+    "memory-7b-24": (12, 30, 5),
+    "memory-8b-40": (12, 30, 5),
 }
 # HF generate's forced length: the longest of these whose estimated time, (8 + 2 x length) steps at
 # HF_STEP_S (one warm-up and two measured calls), is at most HF_SHARE of the rollout step's budget.
@@ -186,13 +201,14 @@ class GoalCases:
     loss_tokens: int
     rollout_concurrency: int
     memory_model: str  # the model of the peak-memory goal
+    long_models: tuple[str, str]  # the models of memory-7b-24 and memory-8b-40
     models: tuple[str, str]  # train: the models of train-7b / train-7b-trl and of train-0.5b
     labels: tuple[str, str]  # how the summary names them
 
 
-GPU_CASES = GoalCases("qwen2.5-7b", 16384, 64, "qwen2.5-7b", ("qwen2.5-7b", "qwen2.5-0.5b"),
-                      ("qwen2.5-7b", "qwen2.5-0.5b"))
-TINY_CASES = GoalCases("16x67", 32, 64, "tiny", ("tiny", "tiny"), ("tiny as 7B", "tiny as 0.5B"))
+GPU_CASES = GoalCases("qwen2.5-7b", 16384, 64, "qwen2.5-7b", ("qwen2.5-7b", "llama-3.1-8b-shape"),
+                      ("qwen2.5-7b", "qwen2.5-0.5b"), ("qwen2.5-7b", "qwen2.5-0.5b"))
+TINY_CASES = GoalCases("16x67", 32, 64, "tiny", ("tiny", "tiny"), ("tiny", "tiny"), ("tiny as 7B", "tiny as 0.5B"))
 
 
 def hf_length(budget_s: float, concurrency: int, cap: int) -> int:
@@ -223,6 +239,18 @@ def plan(tiny: bool) -> list[Step]:
         train = ["--warmup-steps", "1", "--steps", "1", "--num-generations", "2", "--prompt-length", "4",
                  "--completion-length", "4", "--micro-batch-size", "2"]
     big, small = ("tiny", "tiny") if tiny else ("qwen2.5-7b", "qwen2.5-0.5b")
+    # the long-completion goals: (prompts, completion tokens, budget GiB, model); tiny: the same code
+    long = {"memory-7b-24": (8, 4096, 24, "qwen2.5-7b"), "memory-8b-40": (1, 20480, 40, "llama-3.1-8b-shape")}
+    if tiny:
+        long = {"memory-7b-24": (2, 4, 1, "tiny"), "memory-8b-40": (1, 8, 1, "tiny")}
+
+    def long_step(name):
+        prompts, length, budget, model = long[name]
+        return step(name, "memory", "benchmarks.train",
+                    ["--model", model, "--trainers", "grpo_fast_engine", "--warmup-steps", "0", "--steps", "1",
+                     "--prompts-per-step", str(prompts), "--num-generations", "2" if tiny else "8",
+                     "--prompt-length", "4" if tiny else "256", "--completion-length", str(length),
+                     "--micro-batch-size", "1", "--max-memory-gb", str(budget)], needs=bnb_on_gpu)
 
     def step(name, part, module, argv, needs=()):
         return Step(name, part, module, tuple(argv), *numbers[name], needs=tuple(needs))
@@ -244,6 +272,8 @@ def plan(tiny: bool) -> list[Step]:
              train + ["--model", small, "--trainers", "grpo_fast_engine,trl,trl_fused"], needs=bnb_on_gpu),
         step("train-7b-trl", "train", "benchmarks.train", train + ["--model", big, "--trainers", "trl,trl_fused"],
              needs=bnb_on_gpu + ("trl", "datasets")),
+        long_step("memory-7b-24"),
+        long_step("memory-8b-40"),
     ]
 
 
@@ -565,6 +595,22 @@ def memory_figures(ev: Evidence) -> list[Figure]:
     return [Figure(f"{model}{extra}", value, why)]
 
 
+LONG_STEPS = (("memory-7b-24", 24.0), ("memory-8b-40", 40.0))
+
+
+def long_memory_figures(ev: Evidence) -> list[Figure]:
+    """Each long-completion step's peak allocated memory as a fraction of its budget."""
+    out = []
+    for (name, budget), model in zip(LONG_STEPS, ev.cases.long_models):
+        row, why = ev.row(name, f"grpo_fast_engine on {model}", trainer="grpo_fast_engine", model=model)
+        value = None if row is None else row.get("peak_allocated_gib")
+        if row is not None and value is None:
+            why = "peak allocated not measured (no CUDA allocator on CPU)"
+        shown = f"{name}: {value:.2f} of {budget:g} GiB" if value is not None else name
+        out.append(Figure(shown, None if value is None else value / budget, why))
+    return out
+
+
 def step_ratio_figures(ev: Evidence) -> list[Figure]:
     """The engine step's time over TRL's: on 7B (train-7b vs train-7b-trl, two processes of this
     run) and on 0.5B (one process)."""
@@ -624,6 +670,8 @@ GOALS = [
          lambda v: f"{v:.2f} GiB", memory_figures),
     Goal("train_step", "trainer step time with the engine vs TRL's GRPOTrainer", "<= 0.5x", lambda v: v <= 0.5,
          _times, step_ratio_figures),
+    Goal("long_memory", "long completions (7B 8x8x4,096 / 8B-shape 8x20,480): step peak allocated vs the budget",
+         "< 100% of 24 / 40 GiB", lambda v: v < 1.0, _percent, long_memory_figures),
 ]
 
 
