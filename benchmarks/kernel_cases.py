@@ -261,40 +261,50 @@ def nf4_cases(full: bool, device) -> list[Case]:
 # ----------------------------------------------------------------------------------------------
 
 QWEN_7B_ATTENTION = (28, 4, 128)  # query heads, KV heads, head_dim
-# (rows decoded, cache columns, columns each row has written): a GRPO decode batch mid-completion,
-# and a few long rows
-ATTENTION_CASES = ((64, 2048, 1024), (8, 8192, 6144))
+# (rows decoded, rows per group, prompt columns, completion columns, completion columns each row has
+# written): a GRPO decode batch mid-completion, and a few long rows
+ATTENTION_CASES = ((64, 8, 512, 1536, 512), (8, 8, 2048, 6144, 4096))
 
 
 def attention_cases(full: bool, device) -> list[Case]:
-    """A decode step's attention over bf16 K/V: the useful bytes are the written columns' keys and
-    values (each read once per KV head), the ceiling their fraction of copy bandwidth."""
+    """A decode step's attention over the bf16 two-segment cache: the useful bytes are each group's
+    prompt keys and values once and each row's written completion columns (each read once per KV
+    head), the ceiling their fraction of copy bandwidth. Rows of a group read their shared prompt
+    from L2 after the first (neighbouring programs): the DRAM traffic assumes that locality."""
     from grpo_fast.kernels.decode_attention import _launch, attention_splits
     from grpo_fast.kernels.launch import recording
 
     heads, kv_heads, d = QWEN_7B_ATTENTION
     cases = []
-    for rows, length, written in ATTENTION_CASES:
+    for rows, group, prompt, completion, written in ATTENTION_CASES:
         block = 64
-        splits = attention_splits(rows, kv_heads, length, block, device.sms)
+        slots = rows // group
+        splits = attention_splits(rows, kv_heads, prompt + completion, block, device.sms)
         bf16 = dict(dtype=torch.bfloat16)
         with recording() as launches:
             _launch(_meta(rows, heads, d, **bf16), _meta(rows, kv_heads, d, **bf16), _meta(rows, kv_heads, d, **bf16),
-                    _meta(rows, kv_heads, length, d, **bf16), _meta(rows, kv_heads, length, d, **bf16),
-                    _meta(rows, dtype=torch.int32), _meta(1, dtype=torch.int64),
+                    _meta(slots, kv_heads, prompt, d, **bf16), _meta(slots, kv_heads, prompt, d, **bf16),
+                    _meta(rows, kv_heads, completion, d, **bf16), _meta(rows, kv_heads, completion, d, **bf16),
+                    _meta(rows, dtype=torch.int32), _meta(rows, dtype=torch.int32), _meta(rows, dtype=torch.int32),
                     _meta(rows * kv_heads, dtype=torch.int32), d ** -0.5, splits=splits)
         (record,) = launches
         args, _ = bound_arguments(record)
-        per_split = math.ceil(math.ceil(written / splits) / args["BLOCK_C"]) * args["BLOCK_C"]
-        cache_bytes = rows * kv_heads * written * d * 2 * 2  # K and V, bf16
+        per_split = math.ceil(math.ceil((prompt + written) / splits) / args["BLOCK_C"]) * args["BLOCK_C"]
+        # two top-level loops per program: the prompt's columns, then the completion's (its own trips)
+        spans = [(s * per_split, min((s + 1) * per_split, prompt + written)) for s in range(splits)]
+        prompt_trips = sum(math.ceil(max(0, min(hi, prompt) - lo) / args["BLOCK_C"]) for lo, hi in spans) / splits
+        completion_trips = sum(math.ceil(max(0, hi - max(lo, prompt)) / args["BLOCK_C"]) for lo, hi in spans) / splits
+        cache_bytes = (slots * prompt + rows * written) * kv_heads * d * 2 * 2  # K and V, bf16: each prompt once
         traffic = cache_bytes + rows * heads * d * 2 * 2 + rows * kv_heads * d * 2 * 2 * 2  # + q, out, new K/V in and out
         if splits > 1:
             traffic += 2 * rows * kv_heads * splits * args["GQ_PAD"] * (d + 2) * 4
         cases.append(Case(
-            "attention", f"{rows} rows, {written} of {length} columns written", record, True, "bandwidth", "KV value",
-            per_split * d * 2, (per_split // args["BLOCK_C"],), kernel_bytes=traffic, useful_bytes=cache_bytes,
-            params=dict(rows=rows, length=length, written=written, heads=heads, kv_heads=kv_heads, head_dim=d,
-                        splits=splits, block_c=args["BLOCK_C"])))
+            "attention", f"{rows} rows in groups of {group}, {prompt}-token prompts, {written} of {completion} "
+            "completion columns written", record, True, "bandwidth", "KV value",
+            per_split * d * 2, (prompt_trips,), later_trips=completion_trips, kernel_bytes=traffic,
+            useful_bytes=cache_bytes,
+            params=dict(rows=rows, group=group, prompt=prompt, completion=completion, written=written, heads=heads,
+                        kv_heads=kv_heads, head_dim=d, splits=splits, block_c=args["BLOCK_C"])))
     return cases
 
 

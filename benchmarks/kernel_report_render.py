@@ -121,7 +121,9 @@ def _decode_others(payload: dict) -> list[str]:
             continue
         lines += [f"## Decode attention and sampling on {device['name']} (estimates)", "",
                   "Decode attention (kernels/decode_attention.py, Qwen2.5-7B's 28 query / 4 KV heads of 128, bf16 "
-                  "cache): the useful bytes are the keys and values of each row's written columns; sampling "
+                  "cache in two segments): the useful bytes are the keys and values of each group's prompt, once, and of "
+                  "each row's written completion columns (the rows of a group read their shared prompt from L2 after "
+                  "the first: the modelled DRAM traffic assumes that locality); sampling "
                   "(kernels/sampling.py): the fp32 logits, read once. Ceiling: those bytes / copy bandwidth over the "
                   "modelled time.", ""]
         rows = [[c["group"], c["case"], str(c["programs"]), str(c["params"].get("splits", "–")),

@@ -11,16 +11,24 @@ transform grpo-fast does not know is refused.
 It samples from the very model it is given (any Hugging Face causal LM; peft LoRA stays unmerged,
 NF4 bitsandbytes weights stay packed; no weight copy):
 
-1. **Prefill once per prompt.** The step's distinct prompts run as one left-padded batch; each
-   prompt's keys and values are written into the ``num_generations`` cache rows of its group (a
-   copy of the prompt's KV, so the prompt's compute is shared, not its memory).
-2. **Static KV cache.** One ``[rows, kv_heads, length, head_dim]`` buffer per layer, length the
-   prompt width plus ``max_completion_length`` rounded up to 64. With CUDA graphs it is kept and
-   reused across calls while it is long enough (the graphs read it at fixed addresses, so it stays
-   allocated between steps, and prompt widths that vary do not make new shapes); otherwise it is
-   freed after each call. All rows decode in lockstep, so decode step ``t`` writes column
-   ``prompt_width + t`` for every row; the attention mask hides left padding, unwritten columns
-   and stale data.
+1. **Prefill once per prompt, its KV stored once.** The step's distinct prompts run as one
+   left-padded batch; each prompt's keys and values go to one prompt slot, shared by the
+   ``num_generations`` rows of its group (the prompt's compute and its memory are paid once per
+   group, not once per row).
+2. **Static KV cache in two segments.** Per layer a prompt segment ``[slots, kv_heads, P, head_dim]``
+   (a prompt right-aligned in its slot, P the longest prompt rounded up to 64) and a completion
+   segment ``[rows, kv_heads, C, head_dim]`` (C = ``max_completion_length``); per row,
+   on the device, its prompt slot (``row_prompt``), its prompt's first column and its completion
+   column, compacted with the row (``memory.ModelShape.rollout_kv_bytes`` is its size, the same
+   formula the memory estimate and the waves below use). Decode step ``t`` writes each row's
+   completion column ``t``; a row attends to its slot's prompt columns, then to its own completion.
+   With the decode attention kernel (below) both segments are read in place; on the masked path
+   (CPU, eager attention, models without the attention interface) each layer gathers its rows'
+   prompt KV and joins it to their completions for the mask, a transient of
+   ``[rows, kv_heads, P + C, head_dim]`` keys and values per layer and step. With CUDA graphs the
+   cache is kept and reused across calls while its segments are long enough (the graphs read it at
+   fixed addresses, so it stays allocated between steps, and prompt widths that vary do not make new
+   shapes); otherwise it is freed after each call.
 3. **Batched decode without per-token host syncs.** A done-mask lives on the device; the host
    reads it only every ``sync_every`` steps. There, rows that finished drop out: when the live rows
    fit in half the batch, they move to the front of the cache (in place) and decoding continues on
@@ -37,9 +45,10 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    token that completes its first stop string (``rollout.cut_at_stop_strings``), so the result is
    as if it had stopped there; the tokens sampled in between are discarded.
 6. **Within a KV budget** (``max_kv_bytes``): when the cache for all of a call's rows would not fit,
-   the prompts decode in waves of as many whole groups as the budget holds, one cache reused by
-   every wave (a group's rows share their prompt's prefill, so a group never splits). Greedy
-   tokens equal one big batch's; sampled ones come from the same generator, continued.
+   the prompts decode in waves of as many whole groups as the budget holds (each group costs its
+   prompt's KV once plus its rows' completions), one cache reused by every wave (a group's rows
+   share their prompt slot, so a group never splits). Greedy tokens equal one big batch's; sampled
+   ones come from the same generator, continued.
 7. **On CUDA**: the one-token decode step is compiled with ``torch.compile(mode="reduce-overhead")``
    (CUDA graphs; falls back to eager with a warning when compiling fails), and the decode loop runs
    inside ``grpo_fast.nf4.fused_nf4_decode`` when that module is present: NF4 layers (with their
@@ -48,9 +57,11 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    (the graphs read it at fixed addresses; ``keep_nf4_repack``), else it is freed after each call.
    Both are off on CPU.
 
-Attention runs through ``decode_attention`` (transformers' sdpa, with grouped-query decode on the
-KV heads) or, for a model loaded with ``eager``, eager attention, with masks built here; the
-model's own implementation (e.g. flash_attention_2) is restored after the call.
+Attention runs through ``decode_attention`` (on CUDA, for models on transformers' attention
+interface, the decode attention kernel ``kernels/decode_attention.py``: a row's shared prompt slot
+and its own completion, read in place; else transformers' sdpa, with grouped-query decode on the KV
+heads) or, for a model loaded with ``eager``, eager attention, with masks built here; the model's
+own implementation (e.g. flash_attention_2) is restored after the call.
 """
 
 from __future__ import annotations
@@ -71,7 +82,7 @@ from .kernels.decode_attention import attention_supported
 from .kernels.decode_attention import decode_attention as fused_decode_attention
 from .kernels.sampling import MAX_EOS, sample_fused
 from .logits import LogitTransform, logit_transform
-from .memory import ModelShape
+from .memory import ModelShape, cache_length
 from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
                       stop_strings_tokenizer)
 
@@ -80,7 +91,6 @@ try:  # the fused NF4 decode matmul (CUDA); absent or inapplicable means the bit
 except ImportError:
     NF4DecodeCache = fused_nf4_decode = None
 
-CACHE_LENGTH_MULTIPLE = 64  # cache lengths are rounded up to this: few distinct shapes across steps
 # Graphs of the decode step: one per (batch size, cache length). Batch sizes halve down to 8 and the
 # cache only grows, so a run makes a few dozen at most; past dynamo's default limit of 8 it would
 # silently decode without graphs.
@@ -158,13 +168,19 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int, eos_i
 
 
 class _SlotLayer(CacheLayerMixin):
-    """One layer's keys and values in ``[capacity, kv_heads, length, head_dim]`` buffers.
+    """One layer's keys and values: a prompt segment ``[slots, kv_heads, P, head_dim]`` (each prompt's
+    KV once, right-aligned: its last token in column P - 1) and a completion segment
+    ``[capacity, kv_heads, C, head_dim]`` (each row's own tokens, from column 0).
 
-    Prefill (``cache.prefill_group`` set): the prompts' KV go to their groups' rows, columns
-    ``[0, P)``, and the prompt attends only to itself. Decode: one column (``cache.position``) is
-    written for the first ``cache.batch`` rows, and the whole length is returned for the mask to
-    select from. Views of the buffers are made per batch size outside the decode step (never while
-    it is traced, which would change its guards) and kept, so their tensors stay the same objects.
+    Prefill (``cache.prefill_slots`` set): the prompts' KV go to their slots, and the prompt attends
+    only to itself. Decode without the attention kernel: each row's new key and value go to its
+    completion column ``cache.row_position[b]``, and the attention gets, per row, its prompt slot's
+    columns (gathered by ``cache.row_prompt``: a transient ``[rows, kv_heads, P, head_dim]`` copy per
+    layer and step, as the masked attention needs one tensor per row) followed by its completion
+    columns, for the mask to select from. Views of the completion buffers are made per batch size
+    outside the decode step (never while it is traced, which would change its guards) and kept, so
+    their tensors stay the same objects. With the attention kernel (``cache.fused_attention``) this
+    layer does nothing at decode: the kernel reads both segments in place and writes the new token.
     """
 
     is_compileable = True
@@ -176,13 +192,17 @@ class _SlotLayer(CacheLayerMixin):
         self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        shape = (self.cache.capacity, key_states.shape[1], self.cache.length)
-        if self.is_initialized and self.keys.shape[:3] == shape and self.keys.dtype == key_states.dtype:
+        cache, heads, head_dim = self.cache, key_states.shape[1], key_states.shape[-1]
+        prompt_shape = (cache.slots, heads, cache.prompt_length, head_dim)
+        if (self.is_initialized and self.prompt_keys.shape == prompt_shape
+                and self.keys.dtype == key_states.dtype):
             return
-        self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
-        self.values = value_states.new_zeros(*shape, value_states.shape[-1])
-        if self.keys.is_cuda:  # the decode attention kernel writes the whole buffers: static for CUDA graphs
-            for tensor in (self.keys, self.values):
+        self.prompt_keys = key_states.new_zeros(prompt_shape)
+        self.prompt_values = value_states.new_zeros(prompt_shape)
+        self.keys = key_states.new_zeros(cache.capacity, heads, cache.completion_length, head_dim)
+        self.values = value_states.new_zeros(cache.capacity, heads, cache.completion_length, head_dim)
+        if self.keys.is_cuda:  # the decode attention kernel reads and writes them in place: static for CUDA graphs
+            for tensor in (self.prompt_keys, self.prompt_values, self.keys, self.values):
                 torch._dynamo.mark_static_address(tensor)
         self.views = {}
         self.is_initialized = True
@@ -196,51 +216,70 @@ class _SlotLayer(CacheLayerMixin):
         return self.views[batch]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        group = self.cache.prefill_group
-        if group is not None:
+        cache = self.cache
+        if cache.prefill_slots is not None:
             self.lazy_initialization(key_states, value_states)
-            prompts, heads, width, _ = key_states.shape
-            for buffer, states in ((self.keys, key_states), (self.values, value_states)):
-                grouped = buffer[: prompts * group].view(prompts, group, heads, self.cache.length, -1)
-                grouped[:, :, :, :width].copy_(states[:, None])
+            width = key_states.shape[2]
+            for buffer, states in ((self.prompt_keys, key_states), (self.prompt_values, value_states)):
+                buffer[cache.prefill_slots, :, cache.prompt_length - width:] = states
             return key_states, value_states
-        if self.cache.fused_attention:
+        if cache.fused_attention:
             return key_states, value_states  # the decode attention kernel writes them as it reads the cache
-        keys, values = self.views[self.cache.batch]
-        keys.index_copy_(2, self.cache.position, key_states)
-        values.index_copy_(2, self.cache.position, value_states)
-        return keys, values
+        keys, values = self.views[cache.batch]
+        rows, columns = cache.row_index[: cache.batch], cache.row_position[: cache.batch]
+        keys[rows, :, columns] = key_states[:, :, 0]
+        values[rows, :, columns] = value_states[:, :, 0]
+        slots = cache.row_prompt[: cache.batch]
+        return (torch.cat([self.prompt_keys.index_select(0, slots), keys], dim=2),
+                torch.cat([self.prompt_values.index_select(0, slots), values], dim=2))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.length, 0
+        return self.cache.prompt_length + self.cache.completion_length, 0
 
     def get_seq_length(self) -> int:
         return 0  # unused: the engine always passes position ids and 4D masks
 
     def get_max_length(self) -> int:
-        return self.cache.length
+        return self.cache.prompt_length + self.cache.completion_length
 
 
 class SlotCache(Cache):
-    """The engine's KV cache: ``capacity`` rows of ``length`` columns in every layer."""
+    """The engine's KV cache, in every layer: ``slots`` prompt slots of ``prompt_length`` columns (a
+    group's prompt KV once, shared by its rows) and ``capacity`` rows of ``completion_length`` columns.
 
-    def __init__(self, num_layers: int, capacity: int, length: int, device: torch.device):
-        self.capacity, self.length = capacity, length
-        self.prefill_group: int | None = None  # set during prefill: rows per prompt
+    Per row, on the device (static tensors, compacted with the rows): ``row_prompt`` its prompt slot,
+    ``row_start`` its prompt's first column in the slot (the slot's columns before it are unused),
+    ``row_position`` its completion column that the next decode step writes (its tokens so far)."""
+
+    def __init__(self, num_layers: int, slots: int, capacity: int, prompt_length: int, completion_length: int,
+                 device: torch.device):
+        self.slots, self.capacity = slots, capacity
+        self.prompt_length, self.completion_length = prompt_length, completion_length
+        self.prefill_slots: torch.Tensor | None = None  # set during prefill: the prompts' slots
         self.batch = capacity  # rows decoded now (a prefix of the buffers)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)  # the column decode writes
-        # With the decode attention kernel: each row's first prompt column (its left padding), the
-        # kernel's split tickets; the kernel writes the new keys and values (update() does not).
-        self.fused_attention = False
+        self.row_index = torch.arange(capacity, device=device)
+        self.row_prompt = torch.zeros(capacity, dtype=torch.int32, device=device)
         self.row_start = torch.zeros(capacity, dtype=torch.int32, device=device)
+        self.row_position = torch.zeros(capacity, dtype=torch.int32, device=device)
+        # With the decode attention kernel: its split tickets; the kernel writes the new keys and values
+        # (update() does not).
+        self.fused_attention = False
         self.tickets = torch.zeros(0, dtype=torch.int32, device=device)
+        if device.type == "cuda":  # graph replays read them in place
+            for tensor in (self.row_index, self.row_prompt, self.row_start, self.row_position):
+                torch._dynamo.mark_static_address(tensor)
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
 
-    def fits(self, num_layers: int, capacity: int, length: int, device: torch.device) -> bool:
-        """Reusable for a call needing ``length`` columns: a longer cache serves too (its extra
-        columns stay masked), so prompts that vary from step to step do not change the shapes."""
-        return ((len(self.layers), self.capacity, self.position.device) == (num_layers, capacity, device)
-                and self.length >= length)
+    @property
+    def device(self) -> torch.device:
+        return self.row_index.device
+
+    def fits(self, num_layers: int, slots: int, capacity: int, prompt_length: int, completion_length: int,
+             device: torch.device) -> bool:
+        """Reusable for a call needing these lengths: longer segments serve too (their extra columns are
+        never attended to), so prompts that vary from step to step do not change the shapes."""
+        return ((len(self.layers), self.slots, self.capacity, self.device) == (num_layers, slots, capacity, device)
+                and self.prompt_length >= prompt_length and self.completion_length >= completion_length)
 
     def set_batch(self, size: int) -> None:
         """Decode the first ``size`` rows from now on (after the prefill allocated the buffers)."""
@@ -248,23 +287,39 @@ class SlotCache(Cache):
             layer.view(size)
         self.batch = size
 
+    def start_rows(self, row_prompt: torch.Tensor, row_start: torch.Tensor) -> None:
+        """Rows ``0 .. len(row_prompt)-1`` begin their completions: prompt slot and first column each."""
+        size = len(row_prompt)
+        self.row_prompt[:size] = row_prompt
+        self.row_start[:size] = row_start
+        self.row_position[:size] = 0
+
     def compact(self, order: torch.Tensor) -> None:
-        """Rows ``order`` (on the device) become rows ``0 .. len(order)-1`` and the batch shrinks to them."""
+        """Rows ``order`` (on the device) become rows ``0 .. len(order)-1`` and the batch shrinks to them
+        (their completion KV and per-row state move; the prompt slots stay where they are)."""
         size = len(order)
         for layer in self.layers:
             for buffer in (layer.keys, layer.values):
                 buffer[:size] = buffer[: self.batch].index_select(0, order)
-        self.row_start[:size] = self.row_start[: self.batch].index_select(0, order)
+        for state in (self.row_prompt, self.row_start, self.row_position):
+            state[:size] = state[: self.batch].index_select(0, order)
         self.set_batch(size)
 
-    def use_fused_attention(self, row_start: torch.Tensor, kv_heads: int) -> None:
-        """Decode through the attention kernel from now on; ``row_start`` [rows]: each row's first column."""
-        self.row_start[: len(row_start)] = row_start
+    def attention_mask(self) -> torch.Tensor:
+        """[batch, P + C] booleans: each row's prompt columns and its completion columns up to and
+        including the one the next decode step writes."""
+        batch, device = self.batch, self.device
+        prompt = torch.arange(self.prompt_length, device=device)[None, :] >= self.row_start[:batch, None]
+        completion = (torch.arange(self.completion_length, device=device)[None, :]
+                      <= self.row_position[:batch, None])
+        return torch.cat([prompt, completion], dim=1)
+
+    def use_fused_attention(self, kv_heads: int) -> None:
+        """Decode through the attention kernel from now on."""
         if self.tickets.numel() < self.capacity * kv_heads:
-            self.tickets = torch.zeros(self.capacity * kv_heads, dtype=torch.int32, device=self.row_start.device)
-        if self.row_start.is_cuda:  # graph replays read them in place
-            for tensor in (self.row_start, self.tickets):
-                torch._dynamo.mark_static_address(tensor)
+            self.tickets = torch.zeros(self.capacity * kv_heads, dtype=torch.int32, device=self.device)
+            if self.tickets.is_cuda:  # graph replays read them in place
+                torch._dynamo.mark_static_address(self.tickets)
         self.fused_attention = True
 
 
@@ -287,8 +342,9 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     (With a mask, transformers expands K and V to every query head under torch.compile: for
     Qwen2.5-7B seven extra copies of the whole cache per decode step.) Given the engine's cache
     (``slot_cache``, passed through the model's keyword arguments) in fused mode, one token per row
-    runs ``kernels.decode_attention`` instead: only each row's written columns are read, and the new
-    token's key and value (``key``, ``value`` here) are written into the cache by the same kernel."""
+    runs ``kernels.decode_attention`` instead: only each row's prompt columns (in its group's shared
+    slot) and its written completion columns are read, and the new token's key and value (``key``,
+    ``value`` here) are written into the cache by the same kernel."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cache = kwargs.pop(SLOT_CACHE_KEYWORD, None)
@@ -297,8 +353,9 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     if cache is not None and cache.fused_attention and query_length == 1:
         layer = cache.layers[module.layer_idx]
         scale = scaling if scaling is not None else head_dim ** -0.5
-        out = fused_decode_attention(query[:, :, 0], key[:, :, 0], value[:, :, 0], layer.keys, layer.values,
-                                     cache.row_start, cache.position, cache.tickets, scale)
+        out = fused_decode_attention(query[:, :, 0], key[:, :, 0], value[:, :, 0], layer.prompt_keys,
+                                     layer.prompt_values, layer.keys, layer.values, cache.row_prompt,
+                                     cache.row_start, cache.row_position, cache.tickets, scale)
         return out[:, None], None
     if query_length != 1 or heads == kv_heads:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -435,10 +492,12 @@ class RolloutEngine:
         self._generator.manual_seed(seed)
         return self._generator
 
-    def _cache_for(self, num_layers: int, capacity: int, length: int, device: torch.device) -> SlotCache:
-        if self._cache is None or not self._cache.fits(num_layers, capacity, length, device):
+    def _cache_for(self, num_layers: int, slots: int, capacity: int, prompt_length: int, completion_length: int,
+                   device: torch.device) -> SlotCache:
+        if self._cache is None or not self._cache.fits(num_layers, slots, capacity, prompt_length, completion_length,
+                                                       device):
             self._cache = None  # release the old buffers before allocating the new ones
-            self._cache = SlotCache(num_layers, capacity, length, device)
+            self._cache = SlotCache(num_layers, slots, capacity, prompt_length, completion_length, device)
         return self._cache
 
     def _uses_cuda_graphs(self, device: torch.device) -> bool:
@@ -517,10 +576,11 @@ class RolloutEngine:
         waves = []
         try:
             with _mask_friendly_attention(model) as implementation, self._nf4_decode(decoder, device):
+                width = max(len(prompt) for prompt in prompt_ids)  # every wave's prompt slots hold the longest
                 for start in range(0, len(prompt_ids), prompts_per_wave):  # one NF4 repack for every wave
                     waves.append(self._decode(decoder, head, transform, prompt_ids[start:start + prompts_per_wave],
                                               params, implementation, device, generator, tokenizer,
-                                              capacity=prompts_per_wave * params.num_generations))
+                                              slots=prompts_per_wave, prompt_length=width))
         finally:
             model.train(was_training)
             if not self._uses_cuda_graphs(device):
@@ -542,66 +602,71 @@ class RolloutEngine:
     def prompts_per_wave(self, config, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
                          dtype: torch.dtype) -> int:
         """How many prompts (with their groups) decode together: all, or as many as ``max_kv_bytes``
-        holds at the call's cache length (the longest prompt plus ``max_completion_length``)."""
+        holds (``ModelShape.rollout_kv_bytes``: each prompt's KV once at the longest prompt's length,
+        each row's completion at ``max_completion_length``)."""
         if self.max_kv_bytes is None:
             return max(1, len(prompt_ids))
         width = max(len(prompt) for prompt in prompt_ids)
-        length = -(-(width + params.max_completion_length) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
-        per_token = ModelShape.from_config(config).kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
-        group_bytes = params.num_generations * length * per_token
+        group = params.num_generations
+        dtype_bytes = torch.empty((), dtype=dtype).element_size()
+        group_bytes = ModelShape.from_config(config).rollout_kv_bytes(1, group, width, params.max_completion_length,
+                                                                      dtype_bytes)
         prompts = int(self.max_kv_bytes // group_bytes)
         if prompts < 1:  # e.g. a prompt longer than the ones the trainer sized the budget from
-            warnings.warn(f"RolloutEngine: one group's KV cache ({params.num_generations} rows x {length} tokens: "
-                          f"{group_bytes:,} bytes) exceeds max_kv_bytes ({int(self.max_kv_bytes):,}); decoding one "
-                          "group at a time over the budget")
+            warnings.warn(f"RolloutEngine: one group's KV cache (a {cache_length(width)}-token prompt and {group} rows "
+                          f"x {params.max_completion_length} completion tokens: {group_bytes:,} bytes) "
+                          f"exceeds max_kv_bytes ({int(self.max_kv_bytes):,}); decoding one group at a time over "
+                          "the budget")
             return 1
         return min(prompts, len(prompt_ids))
 
     def _decode(self, decoder, head, transform: LogitTransform, prompt_ids, params: SamplingParams,
                 implementation: str, device: torch.device, generator: torch.Generator,
-                tokenizer, capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                tokenizer, slots: int = 0, prompt_length: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """One wave: ``prompt_ids`` (at most ``slots``) prefilled once each, their groups decoded together
+        in a cache of ``slots`` prompt slots of at least ``prompt_length`` columns."""
         group, max_new = params.num_generations, params.max_completion_length
         ids, prompt_mask = (tensor.to(device) for tensor in pad(prompt_ids, params.pad_token_id, left=True))
         prompts, width = ids.shape
         rows = prompts * group
+        slots = max(prompts, slots)
         _check_full_attention(decoder.config, width + max_new)
-        length = -(-(width + max_new) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
         num_layers = decoder.config.num_hidden_layers
-        cache = self._cache_for(num_layers, max(rows, capacity), length, device)  # a wave's rows: a prefix
-        length = cache.length
+        cache = self._cache_for(num_layers, slots, slots * group, cache_length(max(width, prompt_length)),
+                                max_new, device)  # a wave's slots and rows: a prefix
         cache_keyword = _cache_keyword(decoder)
         dtype = decoder.get_input_embeddings().weight.dtype
         eos_ids = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
 
-        # Prefill: each distinct prompt once; its KV lands in all rows of its group.
+        # Prefill: each distinct prompt once, its KV into its prompt slot (shared by the group's rows).
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        cache.prefill_group = group
+        cache.prefill_slots = torch.arange(prompts, device=device)
         try:
             mask = _attention_mask(_prefill_mask(prompt_mask), implementation, dtype)
             hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              **{cache_keyword: cache}).last_hidden_state
         finally:
-            cache.prefill_group = None
+            cache.prefill_slots = None
+        lengths = prompt_mask.sum(-1)
+        cache.start_rows(torch.arange(prompts, dtype=torch.int32, device=device).repeat_interleave(group),
+                         (cache.prompt_length - lengths).to(torch.int32).repeat_interleave(group))
         cache.set_batch(rows)
         cache.fused_attention = False
         # only for models whose attention goes through the attention interface (decode_attention gets
         # the cache there); one with its own attention would attend to the new token alone
         if (getattr(decoder, "_supports_attention_backend", False)
                 and self._fused_attention(decoder.config, implementation, device)):
-            padding = (width - prompt_mask.sum(-1)).to(torch.int32).repeat_interleave(group)
-            cache.use_fused_attention(padding, ModelShape.from_config(decoder.config).kv_heads)
+            cache.use_fused_attention(ModelShape.from_config(decoder.config).kv_heads)
         logits = transform.apply(head(hidden[:, -1])).repeat_interleave(group, dim=0)
 
         # Per-row decode state, all on the device; `row_ids` maps cache rows to output rows.
         row_ids = torch.arange(rows, device=device)
-        next_position = prompt_mask.sum(-1).repeat_interleave(group)  # position id of the next token
-        key_valid = torch.zeros(rows, length, dtype=torch.bool, device=device)
-        key_valid[:, :width] = prompt_mask.bool().repeat_interleave(group, dim=0)
+        next_position = lengths.repeat_interleave(group)  # position id of the next token
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         out_tokens = torch.full((rows, max_new), params.pad_token_id, dtype=torch.long, device=device)
         out_logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
         step_function = self._step_function(device)
-        slots = []
+        slots_per_step = []
         sample = functools.partial(sample_tokens, params=params, eos_ids=eos_ids, generator=generator)
         if self._fused_sampling(params, device) and logits.dtype == torch.float32:
             greedy = params.top_k == 1
@@ -628,17 +693,16 @@ class RolloutEngine:
                 if self.compact and size <= cache.batch // 2:
                     order = torch.argsort(done.to(torch.int8), stable=True)[:size]  # live rows first
                     cache.compact(order)
-                    row_ids, next_position, key_valid, done, tokens = (
-                        tensor[order] for tensor in (row_ids, next_position, key_valid, done, tokens))
-            key_valid[:, width + step] = True
-            cache.position.fill_(width + step)
-            mask = _attention_mask(key_valid[:, None, None, :], implementation, dtype)
+                    row_ids, next_position, done, tokens = (
+                        tensor[order] for tensor in (row_ids, next_position, done, tokens))
+            mask = _attention_mask(cache.attention_mask()[:, None, None, :], implementation, dtype)
             logits = step_function(decoder, head, transform, cache, cache_keyword, tokens[:, None],
                                    next_position[:, None], mask)
+            cache.row_position[: cache.batch] += 1
             next_position = next_position + 1
-            slots.append(cache.batch)
+            slots_per_step.append(cache.batch)
         cache.batch = cache.capacity
-        return out_tokens.cpu(), out_logprobs.cpu(), slots
+        return out_tokens.cpu(), out_logprobs.cpu(), slots_per_step
 
     @staticmethod
     def _stop_at_strings(out_tokens, row_ids, done, step, stop_strings, tokenizer) -> torch.Tensor:

@@ -9,11 +9,14 @@ Each term is a formula in the model's shape (its Hugging Face config) and the ru
                  256 blocks: double quantisation), everything else in the compute dtype
     trainable    LoRA (or all) parameters: fp32 value + gradient + AdamW moments (16 B / param; 8-bit
                  AdamW 10 B), in the parameters' dtype for full fine-tuning
-    rollout KV   rows decoding together x (prompt + completion, rounded to 64) x layers x 2 x kv_heads
-                 x head_dim x 2 B: all of a step's rows, or within a budget the waves of whole groups
-                 the engine decodes (``rollout_rows``: at least one group); on a GPU the engine keeps
-                 its KV cache and its NF4 decode copy (0.5625 B / NF4 param) between steps for its CUDA
-                 graphs, so both count as resident there
+    rollout KV   (prompts x prompt rounded up to 64 + rows x completion) x layers x 2 x
+                 kv_heads x head_dim x 2 B (``ModelShape.rollout_kv_bytes``: a group's prompt KV is
+                 stored once, shared by its rows): all of a step's rows, or within a budget the
+                 waves of whole groups the engine decodes (``rollout_rows``: at least one group); on
+                 a GPU the engine keeps its KV cache and its NF4 decode copy (0.5625 B / NF4 param)
+                 between steps for its CUDA graphs, so both count as resident there (the engine's
+                 masked attention path, used without the decode attention kernel, also gathers one
+                 layer's prompt KV per row for each step: a transient not counted here)
     activations  per token: layers x (a hidden + b intermediate + c kv_dim + d) + (e hidden + ...)
                  bytes at the peak of forward + backward (the tensors autograd keeps for a Llama /
                  Qwen2 block with LoRA on every Linear, SDPA attention: no tokens^2 term, plus the
@@ -63,6 +66,16 @@ KNOWN_SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                          intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
 }
+
+
+CACHE_LENGTH_MULTIPLE = 64  # the engine's prompt KV segment is a multiple of this long: few shapes across steps
+
+
+def cache_length(tokens: int) -> int:
+    """Columns of the engine's prompt KV segment for prompts of up to ``tokens``: rounded up to
+    CACHE_LENGTH_MULTIPLE (prompt widths vary from step to step; the completion segment is exactly
+    ``max_completion_length``, fixed for a run)."""
+    return -(-tokens // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,15 @@ class ModelShape:
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return self.layers * 2 * self.kv_dim * dtype_bytes
+
+    def rollout_kv_bytes(self, prompts: int, group: int, prompt_length: int, completion_length: int,
+                         dtype_bytes: int = 2) -> int:
+        """The rollout engine's KV cache for ``prompts`` groups of ``group`` rows: each prompt's KV once
+        (a prompt slot of ``prompt_length`` columns rounded up as the engine rounds them, ``cache_length``,
+        shared by its group's rows) plus each row's own completion (``completion_length`` columns). The
+        one formula of the engine's waves and of the memory estimate."""
+        tokens = prompts * cache_length(prompt_length) + prompts * group * completion_length
+        return tokens * self.kv_bytes_per_token(dtype_bytes)
 
     def activation_bytes_per_token(self, dtype_bytes: int, checkpointing: bool) -> float:
         """Peak bytes a micro-batch's forward + backward holds per token (ACTIVATION_COEFFICIENTS)."""
@@ -216,7 +238,6 @@ def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_
     from .config import lora_enabled
 
     completion = completion_length or config.max_completion_length
-    width = math.ceil((prompt_length + completion) / 64) * 64  # the engine's cache length multiple
     dtype_bytes = dtype_bytes or _dtype_bytes(config)
     compute = dtype_bytes
     rows = config.prompts_per_step * config.num_generations
@@ -230,9 +251,11 @@ def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_
         terms["trainable state"] = shape.lora_params(config.lora_r) * (4 + 4 + optimizer_bytes)
     else:  # gradients and AdamW moments in the parameters' dtype
         terms["trainable state"] = (shape.linear_params + shape.other_params) * dtype_bytes * (1 + 2)
-    # rollout: the KV of the rows decoding together (a wave of whole groups), their prompts' prefill
+    # rollout: the KV of the rows decoding together (a wave of whole groups: each prompt's KV once, each
+    # row's completion), their prompts' prefill
     wave = rows if rollout_rows is None else max(config.num_generations, min(rows, rollout_rows))
-    terms["rollout KV cache"] = wave * width * shape.kv_bytes_per_token(2 if compute == 2 else 4)
+    terms["rollout KV cache"] = shape.rollout_kv_bytes(wave // config.num_generations, config.num_generations,
+                                                       prompt_length, completion, 2 if compute == 2 else 4)
     # no-grad prefill: about one block's activations at a time
     terms["rollout prefill"] = (wave // config.num_generations) * prompt_length * _apply(
         ACTIVATION_COEFFICIENTS[compute][False][0], shape)

@@ -1,5 +1,6 @@
-"""The decode attention kernel (kernels/decode_attention.py) against sdpa on the expanded cache, and the
-engine with it against Hugging Face generate (greedy, fp32, grouped-query attention)."""
+"""The decode attention kernel (kernels/decode_attention.py) against per-row sdpa over the shared prompt
+slot and the row's own completion, and the engine with it against Hugging Face generate (greedy, fp32,
+grouped-query attention)."""
 
 import pytest
 import torch
@@ -9,63 +10,95 @@ from grpo_fast.engine import RolloutEngine
 from helpers import DEVICE
 
 
-def _case(rows=3, heads=8, kv_heads=2, length=40, head_dim=16, dtype=torch.float32, seed=0):
+ROW_PROMPT = [1, 0, 1, 2]  # rows of different groups, not in slot order (as after compaction)
+ROW_START = [3, 0, 3, 17]  # each row's first prompt column: its prompt right-aligned in the slot
+ROW_POSITION = [5, 0, 13, 19]  # each row's completion tokens so far: rows at different steps
+
+
+def _case(heads=8, kv_heads=2, prompt_length=24, completion_length=20, head_dim=16, dtype=torch.float32, seed=0):
+    """Three prompt slots (and a spare) of 24 columns, four rows (and a spare) of 20 completion columns."""
     generator = torch.Generator().manual_seed(seed)
-    cache = [torch.randn(rows + 1, kv_heads, length, head_dim, generator=generator).to(DEVICE, dtype) for _ in range(2)]
-    q = torch.randn(rows, heads, head_dim, generator=generator).to(DEVICE, dtype)
-    k_new, v_new = (torch.randn(rows, kv_heads, head_dim, generator=generator).to(DEVICE, dtype) for _ in range(2))
-    start = torch.tensor([0, 7, 21][:rows], dtype=torch.int32, device=DEVICE)  # left padding of each row
-    return q, k_new, v_new, cache, start
+    rows, slots = len(ROW_PROMPT), max(ROW_PROMPT) + 1
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
+
+    prompt = [random(slots + 1, kv_heads, prompt_length, head_dim) for _ in range(2)]
+    completion = [random(rows + 1, kv_heads, completion_length, head_dim) for _ in range(2)]
+    q = random(rows, heads, head_dim)
+    k_new, v_new = random(rows, kv_heads, head_dim), random(rows, kv_heads, head_dim)
+    index = [torch.tensor(values, dtype=torch.int32, device=DEVICE) for values in (ROW_PROMPT, ROW_START, ROW_POSITION)]
+    return q, k_new, v_new, prompt, completion, index
 
 
-def _expected(q, k_new, v_new, keys, values, start, position, scale):
-    """sdpa over every query head with K/V repeated per head, columns outside [start, position] masked,
-    the new token at column position."""
-    rows, heads, _ = q.shape
-    keys, values = keys[:rows].clone(), values[:rows].clone()
-    keys[:, :, position], values[:, :, position] = k_new, v_new
-    group = heads // keys.shape[1]
-    columns = torch.arange(keys.shape[2], device=q.device)
-    mask = (columns[None, :] >= start[:, None]) & (columns[None, :] <= position)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None].double(), keys.repeat_interleave(group, 1).double(), values.repeat_interleave(group, 1).double(),
-        attn_mask=mask[:, None, None], scale=scale)
-    return out[:, :, 0]
+def _expected(q, k_new, v_new, prompt, completion, index, scale):
+    """Per row, in float64: sdpa of every query head (K/V repeated per head) over the row's prompt slot's
+    columns [start, P), its completion columns [0, position) and the new token."""
+    out = []
+    group = q.shape[1] // k_new.shape[1]
+    for row, (slot, first, position) in enumerate(zip(*(tensor.tolist() for tensor in index))):
+        keys, values = (torch.cat([segment[slot, :, first:], own[row, :, :position], new[row, :, None]], dim=1).double()
+                        for segment, own, new in ((prompt[0], completion[0], k_new), (prompt[1], completion[1], v_new)))
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            q[row, :, None].double(), keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0), scale=scale))
+    return torch.stack(out)[:, :, 0]
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16: the interpreter casts its loads to fp32 (UPCAST)
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_reads_each_rows_columns_and_writes_the_new_token(splits, dtype):
-    q, k_new, v_new, (keys, values), start = _case(dtype=dtype)
-    position, scale = 33, 0.25
-    before = keys.clone(), values.clone()
-    expected = _expected(q, k_new, v_new, keys, values, start, position, scale)
-    tickets = torch.zeros(3 * 2, dtype=torch.int32, device=DEVICE)
-    out = attention_module._launch(q, k_new, v_new, keys, values, start, torch.tensor([position], device=DEVICE),
-                                   tickets, scale, splits=splits)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the probabilities meet V in bf16
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_kernel_reads_the_shared_prompt_and_each_rows_completion_and_writes_the_new_token(splits, dtype):
+    q, k_new, v_new, prompt, completion, index = _case(dtype=dtype)
+    scale = 0.25
+    before = [tensor.clone() for tensor in (*prompt, *completion)]
+    expected = _expected(q, k_new, v_new, prompt, completion, index, scale)
+    tickets = torch.zeros(4 * 2, dtype=torch.int32, device=DEVICE)
+    out = attention_module._launch(q, k_new, v_new, *prompt, *completion, *index, tickets, scale, splits=splits)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # 16-bit: the probabilities meet V in 16 bits
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
-    # column `position` of rows 0..2 now holds the new token; nothing else changed (row 3 is not decoded)
-    assert torch.equal(keys[:3, :, position], k_new) and torch.equal(values[:3, :, position], v_new)
-    for buffer, old in zip((keys, values), before):
+    # completion column `position` of rows 0..3 now holds the new token; nothing else changed (the
+    # prompt segment is only read; row 4 is not decoded)
+    rows = torch.arange(4, device=DEVICE)
+    position = index[2].long()
+    assert torch.equal(completion[0][rows, :, position], k_new) and torch.equal(completion[1][rows, :, position], v_new)
+    for buffer, old in zip((*prompt, *completion), before):
         changed = buffer != old
-        changed[:3, :, position] = False
+        if buffer.shape[2] == completion[0].shape[2]:
+            changed[rows, :, position] = False
         assert not changed.any()
     assert not tickets.any()  # the merging program reset them
 
 
-def test_columns_outside_the_rows_span_are_never_read():
-    """NaN in the left padding and past the new token: a read of either would poison the output."""
-    q, k_new, v_new, (keys, values), start = _case()
-    position = 30
-    expected = _expected(q, k_new, v_new, keys, values, start, position, 0.25)
-    for buffer in (keys, values):
-        buffer[:, :, position + 1:] = float("nan")
-        for row, first in enumerate(start.tolist()):
-            buffer[row, :, :first] = float("nan")
-    out = attention_module._launch(q, k_new, v_new, keys, values, start, torch.tensor([position], device=DEVICE),
-                                   torch.zeros(6, dtype=torch.int32, device=DEVICE), 0.25, splits=2)
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_columns_outside_the_rows_spans_are_never_read(splits):
+    """NaN in each slot's columns before the row's start, past each row's position, and in the unused slot
+    and row: a read of any would poison the output."""
+    q, k_new, v_new, prompt, completion, index = _case()
+    expected = _expected(q, k_new, v_new, prompt, completion, index, 0.25)
+    slot_of, first_of, position_of = (tensor.tolist() for tensor in index)
+    for buffer in prompt:
+        buffer[-1] = float("nan")
+        for slot, first in zip(slot_of, first_of):
+            buffer[slot, :, :first] = float("nan")
+    for buffer in completion:
+        buffer[-1] = float("nan")
+        for row, position in enumerate(position_of):
+            buffer[row, :, position:] = float("nan")
+    out = attention_module._launch(q, k_new, v_new, *prompt, *completion, *index,
+                                   torch.zeros(8, dtype=torch.int32, device=DEVICE), 0.25, splits=splits)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_refuses_what_it_cannot_index():
+    q, k_new, v_new, prompt, completion, index = _case()
+    tickets = torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="row_prompt: expected an int32 tensor of at least 4 rows"):
+        attention_module._launch(q, k_new, v_new, *prompt, *completion, index[0].long(), *index[1:], tickets, 0.25)
+    with pytest.raises(ValueError, match="keys: expected a contiguous"):
+        attention_module._launch(q, k_new, v_new, *prompt, completion[0].transpose(1, 2), completion[1], *index,
+                                 tickets, 0.25)
 
 
 def test_engine_with_the_attention_kernel_equals_generate_with_grouped_query_attention():
@@ -92,16 +125,29 @@ def test_engine_with_the_attention_kernel_equals_generate_with_grouped_query_att
     assert completions == expected
 
 
-def test_compaction_moves_each_rows_first_column_with_its_keys():
+def test_compaction_moves_each_rows_completion_and_state_not_the_prompt_slots():
     from grpo_fast.engine import SlotCache
 
-    cache = SlotCache(num_layers=1, capacity=4, length=8, device=torch.device(DEVICE))
-    cache.prefill_group = 1
-    states = torch.arange(4, dtype=torch.float32, device=DEVICE).view(4, 1, 1, 1).expand(4, 1, 3, 2)
-    cache.layers[0].update(states, states)
-    cache.prefill_group = None
+    cache = SlotCache(num_layers=1, slots=2, capacity=4, prompt_length=8, completion_length=8,
+                      device=torch.device(DEVICE))
+    cache.prefill_slots = torch.tensor([0, 1], device=DEVICE)
+    prompt = torch.arange(2, dtype=torch.float32, device=DEVICE).view(2, 1, 1, 1).expand(2, 1, 3, 2)
+    cache.layers[0].update(prompt, prompt)
+    cache.prefill_slots = None
+    layer = cache.layers[0]
+    assert layer.prompt_keys.shape == (2, 1, 8, 2) and layer.keys.shape == (4, 1, 8, 2)
+    assert layer.prompt_keys[:, 0, 5:, 0].tolist() == [[0.0] * 3, [1.0] * 3]  # right-aligned in the slot
     cache.set_batch(4)
-    cache.use_fused_attention(torch.tensor([3, 0, 2, 1], dtype=torch.int32, device=DEVICE), kv_heads=1)
+    cache.start_rows(torch.tensor([0, 0, 1, 1], dtype=torch.int32, device=DEVICE),
+                     torch.tensor([5, 5, 6, 6], dtype=torch.int32, device=DEVICE))
+    cache.row_position[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.int32, device=DEVICE)
+    layer.keys[:4] = torch.arange(4, dtype=torch.float32, device=DEVICE).view(4, 1, 1, 1) + 10
     cache.compact(torch.tensor([2, 0], device=DEVICE))
-    assert cache.batch == 2 and cache.row_start[:2].tolist() == [2, 3]
-    assert cache.layers[0].keys[:2, 0, 0, 0].tolist() == [2.0, 0.0]
+    assert cache.batch == 2
+    assert (cache.row_prompt[:2].tolist(), cache.row_start[:2].tolist(), cache.row_position[:2].tolist()) == (
+        [1, 0], [6, 5], [3, 1])
+    assert layer.keys[:2, 0, 0, 0].tolist() == [12.0, 10.0]
+    assert layer.prompt_keys[:, 0, 7, 0].tolist() == [0.0, 1.0]
+    # the masked path's columns: prompt from the row's start, completion up to its position
+    assert cache.attention_mask().int().tolist() == [[0] * 6 + [1] * 2 + [1] * 4 + [0] * 4,
+                                                     [0] * 5 + [1] * 3 + [1] * 2 + [0] * 6]

@@ -103,12 +103,13 @@ def test_greedy_equals_hf_generate_with_padding_and_eos(request, tokenizer, whic
 
 
 def _group_kv_bytes(model, prompts, params) -> int:
-    """One group's cache at the call's length, counted here from the model config (not the engine's code)."""
+    """One group's cache, counted here from the model config (not the engine's code): the longest prompt's
+    KV once (rounded up to 64 columns) and each row's completion."""
     config = model.config
-    length = -(-(max(map(len, prompts)) + params.max_completion_length) // 64) * 64
+    tokens = -(-max(map(len, prompts)) // 64) * 64 + params.num_generations * params.max_completion_length
     head_dim = config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return params.num_generations * config.num_hidden_layers * 2 * kv_heads * head_dim * length * 4  # fp32
+    return config.num_hidden_layers * 2 * kv_heads * head_dim * tokens * 4  # fp32
 
 
 @pytest.mark.parametrize("groups_per_wave", [1, 3])
@@ -128,6 +129,33 @@ def test_waves_within_a_kv_budget_equal_one_batch(tokenizer, full_model, groups_
         assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-5)
     assert max(waves.slots_per_step) == 2 * groups_per_wave < max(whole.slots_per_step)
     assert len(waves.slots_per_step) > len(whole.slots_per_step)  # decoded wave after wave
+
+
+def test_a_groups_prompt_kv_is_stored_once_as_the_memory_formula_says(tokenizer, full_model):
+    """Three prompts (60, 40 and 13 tokens) x 4 rows: the cache holds 3 prompt slots (not 12 copies) at
+    the longest prompt's length and 12 completion rows, exactly ModelShape.rollout_kv_bytes, the memory
+    estimate's term; the tokens are those of Hugging Face generate (each row attends to its group's slot)."""
+    from grpo_fast.config import GRPOConfig
+    from grpo_fast.memory import ModelShape, estimate
+
+    prompts = _prompts(tokenizer, ["abc def ghi " * 5, "The cat " * 5, "GRPO rollouts"])
+    assert list(map(len, prompts)) == [60, 40, 13]
+    params = _params(tokenizer, num_generations=4, max_completion_length=70)
+    engine = _KeepCacheEngine()
+    assert engine(full_model, prompts, params) == [row for row in _hf_greedy(
+        full_model, prompts, tokenizer.pad_token_id, params.eos_token_ids, max_new=70) for _ in range(4)]
+    cache = engine._cache
+    allocated = sum(tensor.numel() * tensor.element_size() for layer in cache.layers
+                    for tensor in (layer.prompt_keys, layer.prompt_values, layer.keys, layer.values))
+    assert cache.layers[0].prompt_keys.shape[:3] == (3, full_model.config.num_key_value_heads, 64)
+    assert cache.layers[0].keys.shape[:3] == (12, full_model.config.num_key_value_heads, 70)
+    shape = ModelShape.from_config(full_model.config)
+    assert allocated == shape.rollout_kv_bytes(3, 4, max(map(len, prompts)), 70, 4) == _group_kv_bytes(
+        full_model, prompts, params) * 3
+    config = GRPOConfig(prompts_per_step=3, num_generations=4, max_completion_length=70, dtype="float32")
+    assert estimate(config, shape, prompt_length=max(map(len, prompts)), dtype_bytes=4).terms["rollout KV cache"] == allocated
+    copied = 12 * (60 + 70) * shape.kv_bytes_per_token(4)  # a copy of the prompt per row, even unrounded
+    assert allocated < copied
 
 
 def test_a_kv_budget_below_one_group_decodes_one_group_at_a_time_with_a_warning(tokenizer, full_model):
@@ -209,7 +237,8 @@ def test_kept_cache_is_reused_across_calls_and_shapes(tokenizer, full_model):
         assert engine(full_model, prompts, _params(tokenizer, max_completion_length=max_new)) == expected
         caches.append(engine._cache)
     assert caches[0] is caches[1] and caches[2] is not caches[1]
-    assert caches[1].length == 128 and caches[2].length == 64
+    assert (caches[1].prompt_length, caches[1].completion_length) == (64, 60)  # 13 tokens rounded up, and 60
+    assert (caches[2].slots, caches[2].capacity) == (3, 3)
     plain = RolloutEngine()  # without CUDA graphs the buffers are freed after each call
     plain(full_model, _prompts(tokenizer), _params(tokenizer))
     assert plain._cache is None

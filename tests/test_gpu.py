@@ -262,9 +262,10 @@ def test_engine_with_cuda_graphs_and_fused_nf4_matches_eager_and_generate(tokeni
     assert graphs.completion_ids == repeated
     # within a KV budget of three groups: waves of 3, 3 and 2 prompts, the same tokens
     config = model.config
-    length = -(-(max(map(len, prompts)) + max_new) // 64) * 64
-    group_bytes = 4 * config.num_hidden_layers * 2 * config.num_key_value_heads * (config.hidden_size //
-                                                                                     config.num_attention_heads) * length * 2
+    # a group: its prompt's KV once (the longest prompt, rounded up to 64) and 4 rows' completions (40)
+    tokens = -(-max(map(len, prompts)) // 64) * 64 + 4 * max_new
+    group_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * (config.hidden_size //
+                                                                               config.num_attention_heads) * tokens * 2
     waves = RolloutEngine(sync_every=4, max_kv_bytes=3 * group_bytes).generate(model, prompts, params)
     assert waves.completion_ids == repeated and max(waves.slots_per_step) == 12
     assert graphs.slots_per_step[-1] < graphs.slots_per_step[0]  # finished rows were compacted out
@@ -280,6 +281,54 @@ def test_engine_with_cuda_graphs_and_fused_nf4_matches_eager_and_generate(tokeni
             forward = log_probs[index, positions, torch.tensor(completion, device=CUDA)]
             got = torch.tensor(output.logprobs[index], device=CUDA)
             assert (got - forward).abs().max().item() <= 0.05, index
+
+
+def test_engine_shares_long_prompts_under_cuda_graphs_with_the_attention_kernel(tokenizer, qwen2_nf4_lora,
+                                                                               monkeypatch):
+    """Prompts of ~150-300 tokens x 8 rows each, greedy, CUDA graphs + the decode attention kernel: one
+    prompt slot per prompt (not per row), the tokens of Hugging Face generate, the log-probs of a forward
+    pass; with a budget of two groups, waves of two prompts give the same tokens."""
+    import grpo_fast.kernels.decode_attention as attention_module
+    from grpo_fast.engine import RolloutEngine
+    from grpo_fast.rollout import SamplingParams, cut_at_eos, pad
+
+    model = qwen2_nf4_lora
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 250, (length,), generator=generator).tolist() for length in (150, 300, 220, 170)]
+    max_new, group = 24, 8
+    ids, mask = pad(prompts, tokenizer.pad_token_id, left=True)
+    with torch.no_grad():
+        output = model.generate(input_ids=ids.to(CUDA), attention_mask=mask.to(CUDA), do_sample=False,
+                                max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+    expected = [cut_at_eos(row, (tokenizer.eos_token_id,), max_new) for row in output[:, ids.shape[1]:].tolist()]
+    params = SamplingParams(num_generations=group, max_completion_length=max_new,
+                            eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id, top_k=1)
+    launches = []
+    launch = attention_module._launch
+    monkeypatch.setattr(attention_module, "_launch", lambda *a, **k: launches.append(1) or launch(*a, **k))
+    engine = RolloutEngine(sync_every=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to eager decoding
+        result = engine.generate(model, prompts, params)
+    assert launches, "the decode attention kernel did not run"
+    assert result.completion_ids == [row for row in expected for _ in range(group)]
+    layer = engine._cache.layers[0]
+    assert layer.prompt_keys.shape[:3] == (4, model.config.num_key_value_heads, 320)  # 300 -> 320: one per prompt
+    assert layer.keys.shape[:3] == (4 * group, model.config.num_key_value_heads, max_new)
+    rows = [p for p in prompts for _ in range(group)]
+    batch, batch_mask = pad([p + c for p, c in zip(rows, result.completion_ids)], tokenizer.pad_token_id, left=False)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=batch.to(CUDA), attention_mask=batch_mask.to(CUDA)).logits.float(), -1)
+    for index, (prompt, completion) in enumerate(zip(rows, result.completion_ids)):
+        positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1, device=CUDA)
+        forward = log_probs[index, positions, torch.tensor(completion, device=CUDA)]
+        assert (torch.tensor(result.logprobs[index], device=CUDA) - forward).abs().max().item() <= 0.05, index
+    per_token = model.config.num_hidden_layers * 2 * model.config.num_key_value_heads * (
+        model.config.hidden_size // model.config.num_attention_heads) * 2
+    two_groups = 2 * (320 + group * max_new) * per_token
+    waves = RolloutEngine(sync_every=4, max_kv_bytes=two_groups).generate(model, prompts, params)
+    assert waves.completion_ids == result.completion_ids and max(waves.slots_per_step) == 2 * group
 
 
 def test_trainer_step_on_cuda_with_the_engine(tmp_path):
