@@ -46,6 +46,10 @@ the program that takes the last ticket adds the partials in split order 0, 1, ..
 results do not depend on scheduling) and runs the epilogue (bias, LoRA, store), then resets the
 counter for the next call. No atomics touch the results, no PyTorch kernel runs after the launch.
 
+Stream-K: where the tiles are too few for the SMs even split (q/k/v at 16-64 rows: 72 tiles of 64
+features), programs take equal shares of all tiles' chunks in a row instead (``StreamSchedule``);
+a tile cut between programs is reduced the same way, by its last piece to finish, in program order.
+
 LoRA (``lora_a``/``lora_b`` of ``nf4_decode_matmul``): the epilogue adds (x @ A.T) @ (s * B).T per
 member, the first product computed beforehand once per shared input (``xa``), B (times the LoRA
 scale, in x's dtype) read by the tile that owns the rows.
