@@ -76,6 +76,7 @@ from .tl_math import round_to_bf16_bits
 ROW_TILE = 16  # rows per stored tile of the repacked layout
 ROW_ALIGN = 128  # N is padded to a multiple of the largest BLOCK_N, so no program reads past the end
 MAX_CHUNK = 64
+STREAM_MARGIN = 0.9  # plan_launch takes stream-K over split-K below this fraction of split-K's estimated time
 
 # bitsandbytes' NF4 levels (bitsandbytes.functional.get_4bit_type("nf4")); weights quantised with
 # another table run through the table-load path instead of the in-register lookup.
@@ -634,7 +635,7 @@ def plan_launch(out_features: int, in_features: int, chunk: int, rows: int, cfg:
                 plan.max_units * cpi * chunk * block_n * per_weight + plan.max_tiles * cfg.program_cycles)
             traffic = weight_bytes + 2 * 4 * plan.partial_pieces * rows * block_n
             cycles = max(busiest, traffic / bandwidth)
-            if cycles < best[0]:
+            if cycles < STREAM_MARGIN * best[0]:  # the estimate's error: stream-K only for a clear gain
                 best = (cycles, LaunchPlan(block_n, 1, chunks, cpi, programs=programs, max_pieces=plan.max_pieces))
     return best[1]
 
