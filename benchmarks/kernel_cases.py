@@ -204,8 +204,8 @@ def _nf4_decode_launch(n: int, k: int, m: int, device, members: int = 1, bias: b
     import dataclasses
 
     from grpo_fast.kernels.launch import recording
-    from grpo_fast.kernels.nf4_decode import (MAX_CHUNK, ROW_ALIGN, ROW_TILE, DecodeNF4Weight, _launch,
-                                              default_decode_config)
+    from grpo_fast.kernels.nf4_decode import (MAX_CHUNK, ROW_ALIGN, ROW_TILE, DecodeNF4Weight, StreamSchedule,
+                                              _launch, default_decode_config)
 
     n_pad = -(-n // ROW_ALIGN) * ROW_ALIGN
     chunk = MAX_CHUNK  # bitsandbytes' default blocksize 64
@@ -226,15 +226,32 @@ def _nf4_decode_launch(n: int, k: int, m: int, device, members: int = 1, bias: b
     block_n, cpi, splits = args["BLOCK_N"], args["CPI"], args["SPLITS"]
     chunks_per_split = args["chunks_per_split"]
     # DRAM: the repacked weight (nibbles and fp32 scales of the padded rows), x, the output, the fp32
-    # partials of split-K (written and read once), LoRA's x @ A.T and B
-    traffic = n_pad * k * (0.5 + 4 / chunk) + m * k * 2 + m * n * 2 + (2 * 4 * splits * m * n_pad if splits > 1 else 0)
+    # partials of split-K or of stream-K's shared tiles (written and read once), LoRA's x @ A.T and B
+    traffic = n_pad * k * (0.5 + 4 / chunk) + m * k * 2 + m * n * 2
+    path = "wgmma" if device.capability == 90 and cfg.num_warps >= 4 else "mma.sync"  # Triton's choice for the dot
+    if args["STREAM"]:
+        # stream-K: the busiest program's units over the most tiles a program touches (the loop over
+        # tiles: its prologue, epilogue and the reduction of the pieces, unrolled, run once per tile)
+        sched = StreamSchedule.of(args["n_tiles"], k // chunk // cpi, record.grid[0])
+        traffic += 2 * 4 * sched.partial_pieces * m * block_n * record.grid[2]
+        trips = (sched.max_tiles, sched.max_units / sched.max_tiles)
+        weights_per_program = block_n * sched.max_units * cpi * chunk
+        path += f", {cfg.num_warps} warps, BLOCK_N {block_n}, stream-K"
+        later = None
+    else:
+        if splits > 1:
+            traffic += 2 * 4 * splits * m * n_pad
+        trips = (chunks_per_split // cpi,)
+        weights_per_program = block_n * chunks_per_split * chunk
+        path += f", {cfg.num_warps} warps, BLOCK_N {block_n}"
+        # the split-K reduction loop: SPLITS trips in the one program of a tile that takes the last ticket
+        later = 1.0 if splits > 1 else None
     if lora:
         traffic += m * members * LORA_RANK * 2 + n_pad * LORA_RANK * 2
-    path = "wgmma" if device.capability == 90 and cfg.num_warps >= 4 else "mma.sync"  # Triton's choice for the dot
-    plan = dict(path=f"{path}, {cfg.num_warps} warps, BLOCK_N {block_n}", splits=splits, block_n=block_n,
+    plan = dict(path=path, splits=splits, block_n=block_n, programs=record.grid[0] if args["STREAM"] else 0,
                 block_mx=cfg.block_mx, chunks_per_split=chunks_per_split, lora_rank=LORA_RANK if lora else 0,
                 bias=bias)
-    return record, plan, traffic, (chunks_per_split // cpi,), block_n * chunks_per_split * chunk
+    return record, plan, traffic, trips, weights_per_program, later
 
 
 def nf4_cases(full: bool, device) -> list[Case]:
@@ -246,12 +263,12 @@ def nf4_cases(full: bool, device) -> list[Case]:
     cases = []
     for name, (n, k, members, bias, lora) in shapes.items():
         for m in ROWS_FULL if full else ROWS_QUICK:
-            launch, plan, traffic, trips, weights_per_program = _nf4_decode_launch(n, k, m, device, members, bias, lora)
+            launch, plan, traffic, trips, weights_per_program, later = _nf4_decode_launch(
+                n, k, m, device, members, bias, lora)
             cases.append(Case(
                 "nf4", f"{name} {n}x{k}, {m} rows", launch, True, "bandwidth", "weight", weights_per_program, trips,
                 kernel_bytes=traffic, useful_bytes=n * k / 2, goal=0.6 if m <= 16 else 0.5,  # issue 15's goals
-                # the split-K reduction loop: SPLITS trips in the one program of a tile that takes the last ticket
-                later_trips=1.0 if plan["splits"] > 1 else None,
+                later_trips=later,
                 params=dict(shape=name, N=n, K=k, rows=m, **plan)))
     return cases
 

@@ -46,6 +46,10 @@ the program that takes the last ticket adds the partials in split order 0, 1, ..
 results do not depend on scheduling) and runs the epilogue (bias, LoRA, store), then resets the
 counter for the next call. No atomics touch the results, no PyTorch kernel runs after the launch.
 
+Stream-K: where the tiles are too few for the SMs even split (q/k/v at 16-64 rows: 72 tiles of 64
+features), programs take equal shares of all tiles' chunks in a row instead (``StreamSchedule``);
+a tile cut between programs is reduced the same way, by its last piece to finish, in program order.
+
 LoRA (``lora_a``/``lora_b`` of ``nf4_decode_matmul``): the epilogue adds (x @ A.T) @ (s * B).T per
 member, the first product computed beforehand once per shared input (``xa``), B (times the LoRA
 scale, in x's dtype) read by the tile that owns the rows.
@@ -53,6 +57,7 @@ scale, in x's dtype) read by the tile that owns the rows.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -71,6 +76,7 @@ from .tl_math import round_to_bf16_bits
 ROW_TILE = 16  # rows per stored tile of the repacked layout
 ROW_ALIGN = 128  # N is padded to a multiple of the largest BLOCK_N, so no program reads past the end
 MAX_CHUNK = 64
+STREAM_MARGIN = 0.9  # plan_launch takes stream-K over split-K below this fraction of split-K's estimated time
 
 # bitsandbytes' NF4 levels (bitsandbytes.functional.get_4bit_type("nf4")); weights quantised with
 # another table run through the table-load path instead of the in-register lookup.
@@ -211,10 +217,11 @@ def _lookup(packed, lut_ptr, words, USE_ASM: tl.constexpr, ASM: tl.constexpr, PA
 
 
 @triton.jit
-def _epilogue(acc, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr, stride_om,
-              HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_G: tl.constexpr, UPCAST: tl.constexpr,
-              BF16_BY_BITS: tl.constexpr):
-    """acc (fp32 [BLOCK_N, BLOCK_MX], out^T) + bias + LoRA, stored as out[xs, rows] in out's dtype."""
+def _epilogue(acc, row0, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr, stride_om,
+              HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_G: tl.constexpr, LORA_ONE: tl.constexpr,
+              UPCAST: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """acc (fp32 [BLOCK_N, BLOCK_MX], out^T) + bias + LoRA, stored as out[xs, rows] in out's dtype.
+    LORA_ONE: the members start at multiples of BLOCK_N, so the tile's rows (from row0) are one member's."""
     row_mask = rows < N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0)[:, None]
@@ -223,16 +230,24 @@ def _epilogue(acc, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg
         lb = tl.load(lb_ptr + rows[:, None] * LORA_R + r[None, :])  # [BLOCK_N, R], zero past N
         if UPCAST:
             lb = lb.to(tl.float32)
-        for g in tl.static_range(LORA_G):
+        if LORA_ONE:
+            g = (row0 >= seg1).to(tl.int32) + (row0 >= seg2).to(tl.int32)
             xa = tl.load(xa_ptr + xs[None, :] * stride_xam + (g * LORA_R + r)[:, None], mask=xmask[None, :],
                          other=0.0)  # [R, BLOCK_MX]
             if UPCAST:
                 xa = xa.to(tl.float32)
-            delta = tl.dot(lb, xa)
-            lo_row = 0 if g == 0 else (seg1 if g == 1 else seg2)
-            hi_row = N if g == LORA_G - 1 else (seg1 if g == 0 else seg2)
-            member = (rows >= lo_row) & (rows < hi_row)
-            acc += tl.where(member[:, None], delta, 0.0)
+            acc = tl.dot(lb, xa, acc)
+        else:
+            for g in tl.static_range(LORA_G):
+                xa = tl.load(xa_ptr + xs[None, :] * stride_xam + (g * LORA_R + r)[:, None], mask=xmask[None, :],
+                             other=0.0)  # [R, BLOCK_MX]
+                if UPCAST:
+                    xa = xa.to(tl.float32)
+                delta = tl.dot(lb, xa)
+                lo_row = 0 if g == 0 else (seg1 if g == 1 else seg2)
+                hi_row = N if g == LORA_G - 1 else (seg1 if g == 0 else seg2)
+                member = (rows >= lo_row) & (rows < hi_row)
+                acc += tl.where(member[:, None], delta, 0.0)
     if BF16_BY_BITS:
         acc = round_to_bf16_bits(acc)
     tl.store(out_ptr + xs[None, :] * stride_om + rows[:, None], acc.to(out_ptr.dtype.element_ty),
@@ -240,47 +255,19 @@ def _epilogue(acc, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg
 
 
 @triton.jit
-def _nf4_decode_kernel(
-    x_ptr, stride_xm,  # [M, K] activations, unit stride along K
-    q_ptr,  # repacked nibbles (see the module docstring)
-    scale_ptr,  # [K / CHUNK, N_pad] fp32
-    lut_ptr,  # [16] levels in x's dtype (table-load lookup)
-    bias_ptr,  # [N] fp32 (dummy without bias)
-    xa_ptr, stride_xam,  # [M, LORA_G * LORA_R] x @ A.T per member (dummy without LoRA)
-    lb_ptr,  # [N_pad, LORA_R] scale * B, each row its member's (dummy without LoRA)
-    out_ptr, stride_om,  # [M, N]
-    part_ptr,  # [SPLITS, M, N_pad] fp32 partial sums (dummy when SPLITS == 1)
-    count_ptr,  # [m_tiles * n_tiles] int32 tickets, zero between calls
-    M, N, N_pad, n_chunks, chunks_per_split, seg1, seg2,
-    HALF: tl.constexpr,  # CHUNK // 2
-    BLOCK_N: tl.constexpr, BLOCK_MX: tl.constexpr,
-    CPI: tl.constexpr,  # chunks per loop iteration (divides chunks_per_split)
-    SPLITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_G: tl.constexpr,
-    USE_ASM: tl.constexpr, ASM: tl.constexpr,
-    REG_WORDS: tl.constexpr,  # the lookup's table words in registers (_lut_words), not immediates
-    PACK: tl.constexpr,  # bytes per lookup: 4 (32-bit loads; on sm_90 wgmma with REG_WORDS too), or 2 (16-bit)
-    UPCAST: tl.constexpr,  # interpreter: bf16 dots are wrong there, fp32 ones exact
-    IEEE: tl.constexpr,  # fp32 x on a GPU: full-precision products, not tf32
-    BF16_BY_BITS: tl.constexpr,  # interpreter with bf16 output: round to nearest even by integer arithmetic
-):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    xs = pid_m * BLOCK_MX + tl.arange(0, BLOCK_MX)
-    xmask = xs < M
+def _tile_sum(q_ptr, x_ptr, stride_xm, scale_ptr, lut_ptr, words, rows, xs, xmask, n_chunks, N_pad, c0, chunks,
+              HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MX: tl.constexpr, CPI: tl.constexpr,
+              USE_ASM: tl.constexpr, ASM: tl.constexpr, REG_WORDS: tl.constexpr, PACK: tl.constexpr,
+              UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_MX]: the features ``rows`` times x's rows ``xs`` over chunks c0 .. c0+chunks."""
     byte = tl.arange(0, HALF)
-    c0 = pid_k * chunks_per_split
     tile_bytes = 16 * HALF  # one stored tile: 16 rows of one chunk
     row_base = tl.multiple_of((rows // 16) * (n_chunks * tile_bytes) + (rows % 16) * HALF, HALF)
     q_ptrs = q_ptr + row_base[:, None] + byte[None, :] + c0 * tile_bytes
     x_ptrs = x_ptr + xs[None, :] * stride_xm + (c0 * 2 * HALF + byte)[:, None]
     s_ptrs = scale_ptr + c0 * N_pad + rows
-
-    words = _lut_words(lut_ptr) if REG_WORDS and USE_ASM else None
     acc = tl.zeros([BLOCK_N, BLOCK_MX], tl.float32)
-    for _ in range(0, chunks_per_split, CPI):
+    for _ in range(0, chunks, CPI):
         for i in tl.static_range(CPI):
             hi, lo = _lookup(tl.load(q_ptrs + i * tile_bytes), lut_ptr, words, USE_ASM, ASM, PACK, REG_WORDS)
             x_hi = tl.load(x_ptrs + i * 2 * HALF, mask=xmask[None, :], other=0.0)
@@ -297,23 +284,113 @@ def _nf4_decode_kernel(
         q_ptrs += CPI * tile_bytes
         x_ptrs += CPI * 2 * HALF
         s_ptrs += CPI * N_pad
+    return acc
 
-    if SPLITS == 1:
-        _epilogue(acc, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr, stride_om,
-                  HAS_BIAS, LORA_R, LORA_G, UPCAST, BF16_BY_BITS)
+
+@triton.jit
+def _nf4_decode_kernel(
+    x_ptr, stride_xm,  # [M, K] activations, unit stride along K
+    q_ptr,  # repacked nibbles (see the module docstring)
+    scale_ptr,  # [K / CHUNK, N_pad] fp32
+    lut_ptr,  # [16] levels in x's dtype (table-load lookup)
+    bias_ptr,  # [N] fp32 (dummy without bias)
+    xa_ptr, stride_xam,  # [M, LORA_G * LORA_R] x @ A.T per member (dummy without LoRA)
+    lb_ptr,  # [N_pad, LORA_R] scale * B, each row its member's (dummy without LoRA)
+    out_ptr, stride_om,  # [M, N]
+    part_ptr,  # fp32 partial sums: [SPLITS, M, N_pad] (split-K), [programs, 2, m_tiles, BLOCK_N, BLOCK_MX] (STREAM)
+    count_ptr,  # [m_tiles * n_tiles] int32 tickets, zero between calls
+    M, N, N_pad, n_chunks, chunks_per_split, seg1, seg2,
+    n_tiles,  # output tiles (STREAM)
+    HALF: tl.constexpr,  # CHUNK // 2
+    BLOCK_N: tl.constexpr, BLOCK_MX: tl.constexpr,
+    CPI: tl.constexpr,  # chunks per loop iteration (divides chunks_per_split; with STREAM, n_chunks)
+    SPLITS: tl.constexpr,
+    STREAM: tl.constexpr,  # stream-K: program_id(0) takes an equal share of all tiles' chunks (see below)
+    MAX_PIECES: tl.constexpr,  # STREAM: the most programs sharing one tile
+    HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_G: tl.constexpr,
+    LORA_ONE: tl.constexpr,  # every member starts at a multiple of BLOCK_N: one member per tile
+    USE_ASM: tl.constexpr, ASM: tl.constexpr,
+    REG_WORDS: tl.constexpr,  # the lookup's table words in registers (_lut_words), not immediates
+    PACK: tl.constexpr,  # bytes per lookup: 4 (32-bit loads; on sm_90 wgmma with REG_WORDS too), or 2 (16-bit)
+    UPCAST: tl.constexpr,  # interpreter: bf16 dots are wrong there, fp32 ones exact
+    IEEE: tl.constexpr,  # fp32 x on a GPU: full-precision products, not tf32
+    BF16_BY_BITS: tl.constexpr,  # interpreter with bf16 output: round to nearest even by integer arithmetic
+):
+    pid_m = tl.program_id(2)
+    xs = pid_m * BLOCK_MX + tl.arange(0, BLOCK_MX)
+    xmask = xs < M
+    words = _lut_words(lut_ptr) if REG_WORDS and USE_ASM else None
+    if STREAM:
+        # The tiles' chunks in a row (tile 0's CPI-chunk units, then tile 1's...), cut in equal shares:
+        # program p takes units [p * total // P, (p + 1) * total // P). A tile whose units one program
+        # covers runs its epilogue there; the pieces of a tile cut between programs write their fp32
+        # sums to the program's slot (0: its first tile, 1: its last), and the piece that takes the
+        # tile's last ticket adds them in program order (fixed) and runs the epilogue.
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        units = n_chunks // CPI
+        total_units = n_tiles * units
+        start = pid * total_units // programs
+        end = (pid + 1) * total_units // programs
+        t_first = start // units
+        nl = tl.arange(0, BLOCK_N)
+        for t in range(t_first, (end - 1) // units + 1):
+            u_lo = tl.maximum(start - t * units, 0)
+            u_hi = tl.minimum(end - t * units, units)
+            rows = t * BLOCK_N + nl
+            acc = _tile_sum(q_ptr, x_ptr, stride_xm, scale_ptr, lut_ptr, words, rows, xs, xmask, n_chunks, N_pad,
+                            u_lo * CPI, (u_hi - u_lo) * CPI, HALF, BLOCK_N, BLOCK_MX, CPI, USE_ASM, ASM, REG_WORDS,
+                            PACK, UPCAST, IEEE)
+            total = acc
+            last = u_hi - u_lo == units  # the whole tile here: no partials
+            if u_hi - u_lo != units:
+                xl = tl.arange(0, BLOCK_MX)  # slots [programs, 2, m_tiles, BLOCK_N, BLOCK_MX]: the accumulator's layout
+                tile_offsets = nl[:, None] * BLOCK_MX + xl[None, :]
+                slot = (pid * 2 + (t != t_first).to(tl.int32)) * tl.num_programs(2) + pid_m
+                tl.store(part_ptr + slot * BLOCK_N * BLOCK_MX + tile_offsets, acc, mask=xmask[None, :])
+                tl.debug_barrier()  # every thread's partial is written before the ticket (release) is taken
+                p_first = ((t * units + 1) * programs - 1) // total_units  # the programs holding its units
+                p_last = ((t * units + units) * programs - 1) // total_units
+                # each program's slot 0 holds its first tile: p_first's is tile t only when it starts in t
+                first_slot = (p_first * total_units // programs < t * units).to(tl.int32)
+                ticket = tl.atomic_add(count_ptr + pid_m * n_tiles + t, 1, sem="acq_rel")
+                last = ticket == p_last - p_first
+                if last:  # the last piece of this tile to finish: reduce in program order
+                    total = tl.load(part_ptr + ((p_first * 2 + first_slot) * tl.num_programs(2) + pid_m) * BLOCK_N
+                                    * BLOCK_MX + tile_offsets, mask=xmask[None, :], other=0.0, cache_modifier=".cg")
+                    for i in tl.static_range(1, MAX_PIECES):  # unrolled: the others' slots are slot 0
+                        p = p_first + i
+                        total += tl.load(part_ptr + ((p * 2) * tl.num_programs(2) + pid_m) * BLOCK_N * BLOCK_MX
+                                         + tile_offsets, mask=xmask[None, :] & (tile_offsets < tl.where(p <= p_last, BLOCK_N * BLOCK_MX, 0)),
+                                         other=0.0,
+                                         cache_modifier=".cg")
+                    tl.atomic_xchg(count_ptr + pid_m * n_tiles + t, 0)
+            if last:
+                _epilogue(total, t * BLOCK_N, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr,
+                          stride_om, HAS_BIAS, LORA_R, LORA_G, LORA_ONE, UPCAST, BF16_BY_BITS)
     else:
-        parts = part_ptr + xs[None, :] * N_pad + rows[:, None]
-        tl.store(parts + pid_k * M * N_pad, acc, mask=xmask[None, :])
-        tl.debug_barrier()  # every thread's partial is written before the ticket (release) is taken
-        tile = pid_m * tl.num_programs(0) + pid_n
-        ticket = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-        if ticket == SPLITS - 1:  # the last split of this tile to finish: reduce in split order
-            total = tl.zeros([BLOCK_N, BLOCK_MX], tl.float32)
-            for s in range(SPLITS):  # a loop, not unrolled: SPLITS tiles of loads in flight would spill
-                total += tl.load(parts + s * M * N_pad, mask=xmask[None, :], other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(count_ptr + tile, 0)
-            _epilogue(total, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr,
-                      stride_om, HAS_BIAS, LORA_R, LORA_G, UPCAST, BF16_BY_BITS)
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _tile_sum(q_ptr, x_ptr, stride_xm, scale_ptr, lut_ptr, words, rows, xs, xmask, n_chunks, N_pad,
+                        pid_k * chunks_per_split, chunks_per_split, HALF, BLOCK_N, BLOCK_MX, CPI, USE_ASM, ASM,
+                        REG_WORDS, PACK, UPCAST, IEEE)
+        if SPLITS == 1:
+            _epilogue(acc, pid_n * BLOCK_N, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr, stride_om,
+                      HAS_BIAS, LORA_R, LORA_G, LORA_ONE, UPCAST, BF16_BY_BITS)
+        else:
+            parts = part_ptr + xs[None, :] * N_pad + rows[:, None]
+            tl.store(parts + pid_k * M * N_pad, acc, mask=xmask[None, :])
+            tl.debug_barrier()  # every thread's partial is written before the ticket (release) is taken
+            tile = pid_m * tl.num_programs(0) + pid_n
+            ticket = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if ticket == SPLITS - 1:  # the last split of this tile to finish: reduce in split order
+                total = tl.zeros([BLOCK_N, BLOCK_MX], tl.float32)
+                for s in range(SPLITS):  # a loop, not unrolled: SPLITS tiles of loads in flight would spill
+                    total += tl.load(parts + s * M * N_pad, mask=xmask[None, :], other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(count_ptr + tile, 0)
+                _epilogue(total, pid_n * BLOCK_N, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr,
+                          stride_om, HAS_BIAS, LORA_R, LORA_G, LORA_ONE, UPCAST, BF16_BY_BITS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +502,9 @@ class DecodeConfig:
     program_cycles: float = 300.0  # prologue and epilogue of one program
     bytes_per_sm_cycle: float = 14.0  # DRAM bytes per SM clock (H100 ~12, H200 ~16, A100 ~12)
     max_splits: int = 32
+    stream_block_ns: tuple[int, ...] = ()  # block_ns for which plan_launch also considers stream-K launches
     splits: Optional[int] = None  # force (tests); None: plan_launch chooses
+    programs: Optional[int] = None  # force a stream-K launch of this many programs (tests)
     num_sms: Optional[int] = None  # SMs to plan for; None: the device's (the static kernel report sets it)
 
 
@@ -435,6 +514,38 @@ class LaunchPlan:
     splits: int
     chunks_per_split: int
     chunks_per_iteration: int
+    programs: int = 0  # > 0: stream-K over this many programs (splits 1), see StreamSchedule
+    max_pieces: int = 1  # stream-K: the most programs sharing one tile
+
+
+@dataclass(frozen=True)
+class StreamSchedule:
+    """Stream-K: the tiles' CPI-chunk units in a row (tile 0's, then tile 1's...), program p taking
+    units [p * total // P, (p + 1) * total // P): every program the same share of the weights
+    (within one unit) whatever the number of tiles. A tile cut between programs costs each of its
+    pieces a partial sum written ([BLOCK_N, rows] fp32) and read once by the tile's reducer."""
+
+    programs: int
+    max_units: int  # the most units one program runs
+    max_tiles: int  # the most tiles one program touches (its prologue / epilogue runs once per tile)
+    max_pieces: int  # the most programs sharing one tile (its reducer's loop)
+    partial_pieces: int  # pieces of tiles shared between programs: partial sums written and read
+
+    @staticmethod
+    def of(n_tiles: int, units: int, programs: int) -> "StreamSchedule":
+        total = n_tiles * units
+        pieces = [0] * n_tiles
+        max_units = max_tiles = 0
+        for p in range(programs):
+            start, end = p * total // programs, (p + 1) * total // programs
+            max_units = max(max_units, end - start)
+            if end > start:
+                first, last = start // units, (end - 1) // units
+                max_tiles = max(max_tiles, last - first + 1)
+                for t in range(first, last + 1):
+                    pieces[t] += 1
+        return StreamSchedule(programs, max_units, max_tiles, max(pieces),
+                              sum(count for count in pieces if count > 1))
 
 
 def default_decode_config(rows: int, device: torch.device,
@@ -453,40 +564,51 @@ def default_decode_config(rows: int, device: torch.device,
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
     if rows <= 16:
         return DecodeConfig(block_ns=(64, 128), block_mx=16, num_warps=2, num_stages=4, chunks_per_iteration=2,
-                            cycles_per_weight=(0.042, 0.038), program_cycles=300.0)
+                            cycles_per_weight=(0.042, 0.038), program_cycles=300.0, stream_block_ns=(64,))
     if capability[0] != 9:  # mma.sync (4-warp dots go to wgmma on sm_90 only)
         if rows <= 32:
             return DecodeConfig(block_ns=(64, 128), block_mx=32, num_warps=4, num_stages=4, chunks_per_iteration=1,
-                                cycles_per_weight=(0.057, 0.050), program_cycles=350.0)
+                                cycles_per_weight=(0.057, 0.050), program_cycles=350.0, stream_block_ns=(64,))
         return DecodeConfig(block_ns=(64, 128), block_mx=64, num_warps=4, num_stages=3, chunks_per_iteration=1,
-                            cycles_per_weight=(0.064, 0.052), program_cycles=400.0)
+                            cycles_per_weight=(0.064, 0.052), program_cycles=400.0, stream_block_ns=(64,))
     # sm_90, wgmma: the lookup 4 bytes at a time with its table words in registers, before the
     # weights go to the dot operand's layout through shared memory; several chunks per loop
     # iteration where registers allow (128 features and 2 chunks at 64 rows spill)
     if rows <= 32:
         return DecodeConfig(block_ns=(64, 128, 128), block_mx=32, num_warps=4, num_stages=4,
                             chunks_per_iteration=(4, 2, 4), register_words=True,
-                            cycles_per_weight=(0.042, 0.038, 0.036), program_cycles=500.0)
+                            cycles_per_weight=(0.042, 0.038, 0.036), program_cycles=500.0, stream_block_ns=(64,))
     return DecodeConfig(block_ns=(64, 128), block_mx=64, num_warps=4, num_stages=3, chunks_per_iteration=(4, 1),
-                        register_words=True, cycles_per_weight=(0.0455, 0.044), program_cycles=600.0)
+                        register_words=True, cycles_per_weight=(0.0455, 0.044), program_cycles=600.0, stream_block_ns=(64,))
 
 
 def _divisors(value: int) -> list[int]:
     return [d for d in range(1, value + 1) if value % d == 0]
 
 
+@functools.lru_cache(maxsize=4096)
 def plan_launch(out_features: int, in_features: int, chunk: int, rows: int, cfg: DecodeConfig,
                 num_sms: int) -> LaunchPlan:
-    """Features per program and K splits that minimise the estimated time: the busiest SM's share of
-    programs (ceil(programs / SMs) of them, each its weights' main-loop cycles plus prologue and
-    epilogue) against the DRAM traffic (packed weight and scales, plus the fp32 partials that
-    splits write and read), every split the same number of chunks."""
+    """Features per program and how K is shared that minimise the estimated time: the busiest SM's
+    share of programs (ceil(programs / SMs) of them, each its weights' main-loop cycles plus prologue
+    and epilogue per tile it touches) against the DRAM traffic (packed weight and scales, plus the
+    fp32 partials that pieces of a shared tile write and read). K is shared either by split-K
+    (every split the same number of chunks) or, where the tiles are too few for the SMs, by
+    stream-K (``cfg.stream_block_ns``: an equal share of all tiles' chunks per program, as many programs
+    as give every SM scheduler a warp)."""
     chunks = in_features // chunk
     cpis = cfg.chunks_per_iteration
     if isinstance(cpis, int):
         cpis = (cpis,) * len(cfg.block_ns)
     m_tiles = triton.cdiv(rows, cfg.block_mx)
+    if cfg.programs:
+        block_n, cpi = cfg.block_ns[0], cpis[0] if chunks % cpis[0] == 0 else 1
+        n_tiles = triton.cdiv(out_features, block_n)
+        programs = min(cfg.programs, n_tiles * (chunks // cpi))
+        return LaunchPlan(block_n, 1, chunks, cpi, programs=programs,
+                          max_pieces=StreamSchedule.of(n_tiles, chunks // cpi, programs).max_pieces)
     weight_bytes = out_features * in_features * (0.5 + 4 / chunk)
+    bandwidth = num_sms * cfg.bytes_per_sm_cycle
     best = None
     for block_n, cpi, per_weight in zip(cfg.block_ns, cpis, cfg.cycles_per_weight):
         if chunks % cpi or (cfg.splits and (chunks // cfg.splits) % cpi):
@@ -498,9 +620,23 @@ def plan_launch(out_features: int, in_features: int, chunk: int, rows: int, cfg:
             busiest = math.ceil(programs / num_sms) * (
                 block_n * in_features / splits * per_weight + cfg.program_cycles)
             traffic = weight_bytes + (2 * 4 * splits * rows * out_features if splits > 1 else 0)
-            cycles = max(busiest, traffic / (num_sms * cfg.bytes_per_sm_cycle))
+            cycles = max(busiest, traffic / bandwidth)
             if best is None or cycles < best[0]:
                 best = (cycles, LaunchPlan(block_n, splits, chunks // splits, cpi))
+        if block_n not in cfg.stream_block_ns or cfg.splits:
+            continue
+        units = chunks // cpi
+        per_sm = max(1, 4 // cfg.num_warps)  # programs per SM: a warp for each of its 4 schedulers
+        for programs in sorted({min(n_tiles * units, num_sms * per_sm * k) for k in (1, 2)}):
+            if programs <= n_tiles:
+                continue
+            plan = StreamSchedule.of(n_tiles, units, programs)
+            busiest = math.ceil(programs * m_tiles / (num_sms * per_sm)) * per_sm * (
+                plan.max_units * cpi * chunk * block_n * per_weight + plan.max_tiles * cfg.program_cycles)
+            traffic = weight_bytes + 2 * 4 * plan.partial_pieces * rows * block_n
+            cycles = max(busiest, traffic / bandwidth)
+            if cycles < STREAM_MARGIN * best[0]:  # the estimate's error: stream-K only for a clear gain
+                best = (cycles, LaunchPlan(block_n, 1, chunks, cpi, programs=programs, max_pieces=plan.max_pieces))
     return best[1]
 
 
@@ -576,15 +712,21 @@ def _launch(x: Tensor, weight: DecodeNF4Weight, xa: Optional[Tensor], lora_b: Op
     n_tiles = triton.cdiv(n, plan.block_n)
     m_tiles = triton.cdiv(m, cfg.block_mx)
     counters = weight.counters
-    if splits > 1 and m_tiles * n_tiles > counters.numel():
+    if (splits > 1 or plan.programs) and m_tiles * n_tiles > counters.numel():
         raise ValueError(f"x: expected at most {counters.numel() // n_tiles * cfg.block_mx} rows, received {m}")
-    part = (torch.empty(splits, m, weight.padded_rows, device=x.device, dtype=torch.float32) if splits > 1
-            else weight.scales)
+    if plan.programs:  # stream-K: a slot per program for the pieces of its first and last tile
+        part = torch.empty(plan.programs, 2, m_tiles, plan.block_n, cfg.block_mx, device=x.device,
+                           dtype=torch.float32)
+        grid = (plan.programs, 1, m_tiles)
+    else:
+        part = (torch.empty(splits, m, weight.padded_rows, device=x.device, dtype=torch.float32) if splits > 1
+                else weight.scales)
+        grid = (n_tiles, splits, m_tiles)
     lora = xa is not None
     members = len(weight.segments) - 1
     use_asm = weight.standard_levels and (x.dtype, cfg.pack, cfg.register_words) in _ASM and not interpreting()
     launch(
-        _nf4_decode_kernel, (n_tiles, splits, m_tiles),
+        _nf4_decode_kernel, grid,
         x, x.stride(0),
         weight.qweight, weight.scales, weight.tables[x.dtype],
         weight.bias if weight.bias is not None else weight.scales,
@@ -593,10 +735,11 @@ def _launch(x: Tensor, weight: DecodeNF4Weight, xa: Optional[Tensor], lora_b: Op
         out, out.stride(0),
         part, counters,
         m, n, weight.padded_rows, weight.in_features // weight.chunk, plan.chunks_per_split,
-        weight.segments[1] if members > 1 else n, weight.segments[2] if members > 2 else n,
+        weight.segments[1] if members > 1 else n, weight.segments[2] if members > 2 else n, n_tiles,
         HALF=weight.chunk // 2, BLOCK_N=plan.block_n, BLOCK_MX=cfg.block_mx, CPI=plan.chunks_per_iteration,
-        SPLITS=splits,
+        SPLITS=splits, STREAM=plan.programs > 0, MAX_PIECES=plan.max_pieces,
         HAS_BIAS=weight.bias is not None, LORA_R=lora_b.shape[1] if lora else 0, LORA_G=members if lora else 1,
+        LORA_ONE=lora and all(start % plan.block_n == 0 for start in weight.segments[:-1]),
         USE_ASM=use_asm, ASM=_ASM[(x.dtype, cfg.pack, cfg.register_words)] if use_asm else "", PACK=cfg.pack,
         REG_WORDS=cfg.register_words,
         UPCAST=interpreting(), IEEE=x.dtype == torch.float32 and not interpreting(),

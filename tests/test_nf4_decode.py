@@ -19,7 +19,8 @@ import bitsandbytes.functional as bnb_functional  # noqa: E402
 
 import grpo_fast.kernels.nf4_decode as decode_module  # noqa: E402
 from grpo_fast.kernels.nf4_decode import (NF4_LEVELS, DecodeConfig, default_decode_config,  # noqa: E402
-                                          nf4_decode_matmul, nf4_decode_reference, plan_launch, repack_nf4)
+                                          StreamSchedule, nf4_decode_matmul, nf4_decode_reference, plan_launch,
+                                          repack_nf4)
 from grpo_fast.kernels.nf4_matmul import NF4Weight, nf4_matmul_reference  # noqa: E402
 from grpo_fast.nf4 import FusedNF4Linear, NF4DecodeCache, fused_nf4_decode  # noqa: E402
 from helpers import DEVICE  # noqa: E402
@@ -134,16 +135,56 @@ def test_split_k_reduces_in_a_fixed_order_and_resets_its_tickets():
     _check(first, x, dense[0], biases[0])
 
 
+def test_stream_k_shares_tiles_between_programs_in_a_fixed_order():
+    """Stream-K: programs take equal shares of all tiles' chunks; a tile cut between 2-4 programs is
+    reduced by its last piece in program order: the same bits every call, tickets reset, the
+    unsplit result within fp32 rounding. Members at multiples of BLOCK_N (one LoRA product per
+    tile) and across tiles (a product per member, masked)."""
+    for sizes in ((40, 24, 24), (32, 16, 16)):
+        weights, dense, biases = _group(sizes=sizes, in_features=256)
+        decode = repack_nf4(weights, biases)
+        rank, rows = 16, 5
+        x = torch.randn(rows, 256, device=DEVICE)
+        xa = torch.randn(rows, 3 * rank, device=DEVICE)
+        lora_b = torch.zeros(decode.padded_rows, rank, device=DEVICE)
+        lora_b[:sum(sizes)] = torch.randn(sum(sizes), rank, device=DEVICE)
+        base = dict(block_ns=(16,), block_mx=16, num_warps=1, num_stages=1, chunks_per_iteration=1)
+        whole = nf4_decode_matmul(x, decode, xa, lora_b, config=DecodeConfig(**base, splits=1))
+        tiles = -(-sum(sizes) // 16)
+        for programs in (tiles - 1, tiles + 1, 2 * tiles + 1, 3 * tiles + 2):
+            cfg = DecodeConfig(**base, programs=programs)
+            schedule = StreamSchedule.of(tiles, 4, programs)
+            assert schedule.max_units == -(-4 * tiles // programs)
+            first = nf4_decode_matmul(x, decode, xa, lora_b, config=cfg)
+            assert int(decode.counters.abs().sum()) == 0
+            assert torch.equal(first, nf4_decode_matmul(x, decode, xa, lora_b, config=cfg))
+            torch.testing.assert_close(first, whole, rtol=1e-5, atol=1e-5)
+        for g, (d, b) in enumerate(zip(dense, biases)):
+            lo, hi = decode.segments[g], decode.segments[g + 1]
+            expected = x.double() @ d.double().T + xa[:, g * rank:(g + 1) * rank].double() @ lora_b[lo:hi].double().T
+            if b is not None:
+                expected += b.double()
+            torch.testing.assert_close(first[:, lo:hi].double(), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_launch_plan_balances_programs_over_the_sms():
     cfg = default_decode_config(1, torch.device("meta"), (9, 0))
     for n, k in ((4608, 3584), (3584, 18944), (37888, 3584)):
         plan = plan_launch(n, k, 64, 1, cfg, 132)
+        if plan.programs:  # stream-K: every program within one unit of the same share
+            units = k // 64 // plan.chunks_per_iteration
+            schedule = StreamSchedule.of(-(-n // plan.block_n), units, plan.programs)
+            assert plan.programs >= 132 and schedule.max_units * plan.programs <= (-(-n // plan.block_n) * units
+                                                                                  + plan.programs), (n, k, plan)
+            continue
         programs = -(-n // plan.block_n) * plan.splits
         assert programs >= 0.8 * 132 and (k // 64) % plan.splits == 0, (n, k, plan)  # unsplit: 28-72
         assert plan.chunks_per_split * plan.splits == k // 64
     # at 64 rows the fp32 partials cost 512 bytes per feature and split: fewer splits than at one row
     wide = default_decode_config(64, torch.device("meta"), (9, 0))
     assert plan_launch(3584, 3584, 64, 64, wide, 132).splits < plan_launch(3584, 3584, 64, 1, cfg, 132).splits
+    # the engine's q/k/v launch at 64 rows: too few tiles of 64 features (72) for 132 SMs, so stream-K
+    assert plan_launch(4608, 3584, 64, 64, wide, 132).programs == 132
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
