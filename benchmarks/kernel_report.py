@@ -120,7 +120,7 @@ def _case_row(case, compiled, device) -> dict:
         row.update(ceiling=None, note="does not fit on one SM: the launch fails on this device")
     elif case.kind == "bandwidth":
         ceiling = model.bandwidth_ceiling(device, cost, case.programs, case.kernel_bytes, case.useful_bytes,
-                                          case.extra_bytes)
+                                          case.extra_bytes, resident=resident)
         row.update(ceiling, extra_kernels=case.extra_kernels, kernel_bytes=case.kernel_bytes,
                    useful_bytes=case.useful_bytes, ceiling=ceiling["fraction_of_copy"])
     else:

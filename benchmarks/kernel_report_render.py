@@ -17,6 +17,11 @@ def _met(value: Optional[bool]) -> str:
     return {True: "met", False: "short", None: "–"}[value]
 
 
+def _issue(case: dict) -> str:
+    warps = case.get("warps_per_sm")
+    return "–" if warps is None else f"{warps} ({case['issue_per_clock']})"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -95,7 +100,8 @@ def _nf4(payload: dict) -> list[str]:
         lines += [f"## NF4 decode matmul on {device['name']} (estimates)", "",
                   "kernels/nf4_decode.py on the repacked layout. Per case: the launch plan (tensor-core path, warps "
                   "and features per program; programs; K splits, reduced in the kernel), warp-instructions per "
-                  "weight (the K loop / the whole program), the pipe that bounds compute, times at the model's rates "
+                  "weight (the K loop / the whole program), the warps the busiest SM holds at once and the "
+                  "warp-instructions it can issue per clock (min(4, warps)), the pipe that bounds compute, times at the model's rates "
                   "(kernel compute, kernel memory: repacked weight and scales, x, output, split-K partials, LoRA) and "
                   "the ceiling: packed weight bytes (N*K/2) / copy bandwidth over that time (benchmarks/nf4.py's "
                   "\"of copy\"). The single Linears are the goal shapes; the grouped launches are the engine's.", ""]
@@ -105,9 +111,11 @@ def _nf4(payload: dict) -> list[str]:
             widths = ", ".join(f"{w}Bx{n}" for w, n in sorted(c["loop_load_widths"].items())) or "–"
             rows.append([p["shape"], str(p["rows"]), p["path"], str(c["programs"]), str(p["splits"]),
                          _num(c["loop_warp_instructions_per_unit"], ".3f"), _num(c["warp_instructions_per_unit"], ".3f"),
-                         c["limiter"], widths, _num(c.get("t_compute_us")), _num(c.get("t_memory_us")), _num(c.get("t_extra_us")),
+                         _issue(c), c["limiter"], widths, _num(c.get("t_compute_us")), _num(c.get("t_memory_us")),
+                         _num(c.get("t_extra_us")),
                          _pct(c["ceiling"]), _pct(c["goal"]), _met(c["met"])])
-        lines += _table(["shape", "rows", "path", "programs", "splits", "loop instr/weight", "instr/weight", "limiter",
+        lines += _table(["shape", "rows", "path", "programs", "splits", "loop instr/weight", "instr/weight",
+                         "warps/SM (issue/clk)", "limiter",
                          "loop loads", "compute µs", "memory µs", "reduction µs", "ceiling", "goal", ""], rows) + [""]
     return lines
 
@@ -127,9 +135,11 @@ def _decode_others(payload: dict) -> list[str]:
                   "(kernels/sampling.py): the fp32 logits, read once. Ceiling: those bytes / copy bandwidth over the "
                   "modelled time.", ""]
         rows = [[c["group"], c["case"], str(c["programs"]), str(c["params"].get("splits", "–")),
-                 _num(c["loop_warp_instructions_per_unit"], ".3f"), c["unit"], c["limiter"], _num(c.get("t_compute_us")),
+                 _num(c["loop_warp_instructions_per_unit"], ".3f"), c["unit"], _issue(c), c["limiter"],
+                 _num(c.get("t_compute_us")),
                  _num(c.get("t_memory_us")), _pct(c["ceiling"])] for c in cases]
-        lines += _table(["kernel", "case", "programs", "splits", "loop instr/unit", "unit", "limiter", "compute µs",
+        lines += _table(["kernel", "case", "programs", "splits", "loop instr/unit", "unit", "warps/SM (issue/clk)",
+                         "limiter", "compute µs",
                          "memory µs", "ceiling"], rows) + [""]
     return lines
 
@@ -180,10 +190,12 @@ def markdown(payload: dict) -> str:
         f"(the GPU image runs Triton 3.6: its code, registers and spills differ), "
         + ", ".join(f"{k}: {v}" for k, v in env.items() if k.startswith("ptxas")) + ".", "",
         "Every Triton kernel compiled offline (`triton.compile` for each GPU target) at the goal shapes and read "
-        "with the wheel's ptxas / cuobjdump / nvdisasm. Ceilings assume each SM issues at most 4 warp-instructions "
-        "per clock, narrower pipes (fp32 FMA, integer/logic ALU 64 lanes, MUFU/conversions 16 lanes per SM per "
+        "with the wheel's ptxas / cuobjdump / nvdisasm. Ceilings assume each SM issues at most min(4, warps it "
+        "holds) warp-instructions per clock (4 schedulers, one instruction per warp per clock; the warps from each "
+        "launch's programs per SM and blocks per SM), narrower pipes (fp32 FMA, integer/logic ALU 64 lanes, MUFU/conversions 16 lanes per SM per "
         "clock) at the CUDA Programming Guide's rates, DRAM traffic at an assumed copy bandwidth, and tensor cores at "
-        "their dense rate; latency, barriers and launch overhead are not modelled, so real kernels reach less. "
+        "their dense rate; latency (a warp's wait for its previous results, memory latency), barriers and launch "
+        "overhead are not modelled, so real kernels reach less, few-warp launches most. "
         "The GPU suite (`python -m benchmarks.suite`) measures the truth. Model: benchmarks/static_model.py.", "",
     ]
     lines += ["Devices assumed:", ""] + [f"- {d['name']}: {d['sms']} SMs at {d['clock_ghz']} GHz, "

@@ -7,7 +7,9 @@ benchmarks.suite`) measures the truth; this says how far the code itself lets a 
 
 Issue and pipe model. Each SM has 4 warp schedulers, each issuing at most one warp-instruction
 per clock (NVIDIA's Hopper and Ampere architecture whitepapers: 4 SM sub-partitions, each with
-one warp scheduler and dispatch unit), so an SM issues at most 4 warp-instructions per clock. Some
+one warp scheduler and dispatch unit), so an SM issues at most 4 warp-instructions per clock; and
+a warp issues at most one instruction per clock, so an SM holding W warps issues at most
+min(4, W) (``issue_rate``): one 2-warp program alone on an SM issues 2 per clock, not 4. Some
 instructions also go through narrower pipes; the CUDA C++ Programming Guide's table "Throughput
 of Native Arithmetic Instructions" gives results per clock per SM for compute capabilities 8.0 /
 8.6 / 8.9 / 9.0: fp32 add, multiply, fma 64 / 128 / 128 / 128; 32-bit integer add, logic, shift,
@@ -17,14 +19,24 @@ then needs, per SM,
 
     cycles = max(all warp-instructions / 4, fma / (lanes_fma / 32), alu / 2, imad / 2, xu / 0.5)
 
-where each count is the SASS of the program's code weighted by its loops' trip counts. Memory
+where each count is the SASS of the program's code weighted by its loops' trip counts, with all 4
+sub-partitions busy. With W < 4 warps resident only W sub-partitions have work (a warp stays on
+its sub-partition, and the pipes are per sub-partition), so every rate above is scaled by W / 4
+(``ProgramCost.cycles(warps=W)``); imbalance between sub-partitions at W > 4 (e.g. 6 warps: 2, 2,
+1, 1) is not modelled. The warps an SM holds come from the launch (``sm_cycles``): the busiest SM
+runs ceil(P / S) of P programs, at most ``blocks_per_sm`` (registers, shared memory, warps) at
+once, in waves. A warp's dependent-instruction latency (it waits for a result before issuing the
+next instruction that reads it) is not modelled either: with few warps per sub-partition it is
+what limits real issue rates, so few-warp launches are further from their ceilings. Memory
 latency, barriers, bank conflicts, local-memory (spill) traffic and launch latency are not
 modelled: they only lower the real figure below these ceilings. Which class an opcode belongs to (PIPES) is an
 assumption read off Nsight Compute's pipe names; tensor-core instructions are charged their
 issue slot here and their FLOPs separately.
 
-Bandwidth-bound kernels (the NF4 matmul, the row kernel): with P programs on S SMs, the busiest SM
-runs ceil(P / S) of them, so t_compute = ceil(P / S) cycles / clock; t_memory = bytes / copy
+Bandwidth-bound kernels (the NF4 matmul, the row kernel, decode attention, sampling): with P
+programs on S SMs, the busiest SM runs n = ceil(P / S) of them, b = blocks_per_sm at a time, so
+t_compute = sum over its waves of (programs in the wave x one program's cycles at the wave's warps)
+/ clock (``sm_cycles``); t_memory = bytes / copy
 bandwidth (a device-to-device copy's bytes read + written per second: assumed `copy_fraction` of
 the DRAM peak). The kernel takes at least max(t_compute, t_memory), and kernels of PyTorch after
 it (a split-K reduction) add their bytes at copy bandwidth. The ceiling is the fraction of copy
@@ -34,7 +46,8 @@ benchmarks/nf4.py's "of copy" column).
 Matmul kernels (the forward-only log-prob kernel): per program, the tensor cores need
 FLOPs / (dense FLOP per clock per SM) cycles; the innermost loop (the K loop) overlaps its
 instructions with them, the code around it (the epilogue) does not, unless another program on the
-same SM fills the tensor cores meanwhile (blocks per SM >= 2). The ceiling is the fraction of the
+same SM fills the tensor cores meanwhile (blocks per SM >= 2). Instructions issue at the rate of
+the warps of the resident programs (``issue_rate``). The ceiling is the fraction of the
 time the tensor cores are busy, i.e. of the matmul rate if the main loop runs as efficiently as
 cuBLAS's.
 """
@@ -127,6 +140,12 @@ def pipe_of(opcode_base: str) -> str:
     return _PIPE_OF.get(opcode_base, "other")
 
 
+def issue_rate(device: Device, warps: int) -> int:
+    """Warp-instructions per clock an SM holding ``warps`` warps issues at most: one per scheduler
+    (4), and one per warp (a warp issues at most one instruction per clock)."""
+    return max(1, min(device.issue_per_clock, warps))
+
+
 def blocks_per_sm(device: Device, num_warps: int, registers: int, shared_bytes: int) -> int:
     """Resident blocks per SM (occupancy calculator rules: registers allocated per warp in units of
     256, 1 KiB of shared memory reserved per block); 0 when one block does not fit."""
@@ -152,23 +171,26 @@ class ProgramCost:
     modelled_depth: int  # loop depth the trip counts cover
     kernel_depth: int  # deepest loop in the SASS
     load_bytes_per_ldg: dict  # global load width (bytes) -> count in the innermost loops, per warp
+    num_warps: int = 4  # warps per program
 
-    def cycles(self, device: Device, part: str = "all") -> float:
+    def _bounds(self, device: Device, part: str, warps: Optional[int]) -> dict:
+        """SM clocks of this program's instructions by what bounds them, with ``warps`` warps resident on
+        the SM (default: the program's own): issue at issue_rate, each pipe at its lanes times the
+        fraction of sub-partitions that hold a warp."""
         counts = {"all": self.per_pipe, "loop": self.loop_per_pipe, "outer": self.outer_per_pipe}[part]
-        total = sum(counts.values())
-        rates = {"fma": device.fma_lanes / 32, "imad": device.imad_lanes / 32, "alu": device.alu_lanes / 32,
-                 "xu": device.xu_lanes / 32}
-        bound = total / device.issue_per_clock
-        for pipe, rate in rates.items():
-            bound = max(bound, counts.get(pipe, 0.0) / rate)
-        return bound
-
-    def limiter(self, device: Device) -> str:
-        total = sum(self.per_pipe.values())
-        options = {"issue": total / device.issue_per_clock}
+        rate = issue_rate(device, self.num_warps if warps is None else warps)
+        share = rate / device.issue_per_clock
+        options = {"issue": sum(counts.values()) / rate}
         for pipe, lanes in (("fma", device.fma_lanes), ("imad", device.imad_lanes), ("alu", device.alu_lanes),
                             ("xu", device.xu_lanes)):
-            options[pipe] = self.per_pipe.get(pipe, 0.0) / (lanes / 32)
+            options[pipe] = counts.get(pipe, 0.0) / (lanes / 32 * share)
+        return options
+
+    def cycles(self, device: Device, part: str = "all", warps: Optional[int] = None) -> float:
+        return max(self._bounds(device, part, warps).values())
+
+    def limiter(self, device: Device, warps: Optional[int] = None) -> str:
+        options = self._bounds(device, "all", warps)
         return max(options, key=options.get)
 
 
@@ -197,20 +219,41 @@ def program_cost(compiled, trips: tuple[int, ...], later_trips: Optional[float] 
             width = next((_LDG_BYTES[m] for m in inst.opcode.split(".")[1:] if m in _LDG_BYTES), 4)
             widths[width] = widths.get(width, 0) + 1
     return ProgramCost(per_pipe, sum(per_pipe.values()), sum(loop_pipe.values()), sum(outer_pipe.values()),
-                       loop_pipe, outer_pipe, min(len(trips), deepest), deepest, widths)
+                       loop_pipe, outer_pipe, min(len(trips), deepest), deepest, widths, compiled.num_warps)
+
+
+def sm_waves(device: Device, programs: int, resident: int) -> list[int]:
+    """Programs per wave on the busiest SM: ceil(programs / SMs) of them, ``resident`` (blocks per SM)
+    at a time."""
+    per_sm = math.ceil(programs / device.sms)
+    resident = max(1, resident)
+    full, rest = divmod(per_sm, resident)
+    return [resident] * full + ([rest] if rest else [])
+
+
+def sm_cycles(device: Device, cost: ProgramCost, programs: int, resident: int) -> dict:
+    """Clocks of the busiest SM's programs: each wave its programs' instructions at the issue and pipe
+    rates of the warps it holds (the one place the model charges a launch's instructions)."""
+    waves = sm_waves(device, programs, resident)
+    cycles = sum(n * cost.cycles(device, warps=n * cost.num_warps) for n in waves)
+    warps = waves[0] * cost.num_warps if waves else cost.num_warps
+    return {"cycles": cycles, "warps_per_sm": warps, "issue_per_clock": issue_rate(device, warps),
+            "limiter": cost.limiter(device, warps=warps)}
 
 
 def bandwidth_ceiling(device: Device, cost: ProgramCost, programs: int, kernel_bytes: float, useful_bytes: float,
-                      extra_bytes: float = 0.0) -> dict:
-    """Times (s) and the fraction of copy bandwidth the useful bytes reach, for a bandwidth-bound launch."""
-    per_sm = math.ceil(programs / device.sms)
-    t_compute = per_sm * cost.cycles(device) / device.clock_hz
+                      extra_bytes: float = 0.0, resident: int = 1) -> dict:
+    """Times (s) and the fraction of copy bandwidth the useful bytes reach, for a bandwidth-bound launch
+    (``resident``: blocks per SM, occupancy())."""
+    sm = sm_cycles(device, cost, programs, resident)
+    t_compute = sm["cycles"] / device.clock_hz
     t_memory = kernel_bytes / device.copy_bytes_per_s
     t_extra = extra_bytes / device.copy_bytes_per_s
     t_total = max(t_compute, t_memory) + t_extra
     return {
         "t_compute_us": t_compute * 1e6, "t_memory_us": t_memory * 1e6, "t_extra_us": t_extra * 1e6,
         "t_total_us": t_total * 1e6, "bound": "compute" if t_compute > t_memory else "memory",
+        "warps_per_sm": sm["warps_per_sm"], "issue_per_clock": sm["issue_per_clock"], "limiter": sm["limiter"],
         "fraction_of_copy": (useful_bytes / device.copy_bytes_per_s) / t_total,
     }
 
@@ -219,14 +262,16 @@ def matmul_ceiling(device: Device, cost: ProgramCost, flops_per_program: float, 
     """Fraction of the time the tensor cores are busy (= of the matmul rate at cuBLAS's main-loop
     efficiency) for a tiled matmul with an epilogue, `resident` programs per SM."""
     tensor = flops_per_program / device.tensor_flops_per_clock
-    main = max(tensor, cost.cycles(device, "loop"))
-    epilogue = cost.cycles(device, "outer")
+    warps = max(1, resident) * cost.num_warps
+    main = max(tensor, cost.cycles(device, "loop", warps=cost.num_warps))  # a program's own warps issue its loop
+    epilogue = cost.cycles(device, "outer", warps=cost.num_warps)
     if resident <= 1:
         per_program = main + epilogue
     else:  # other programs' main loops can fill the tensor cores during an epilogue
-        per_program = max(tensor, cost.cycles(device), (main + epilogue) / resident)
+        per_program = max(tensor, cost.cycles(device, warps=warps), (main + epilogue) / resident)
     return {"tensor_cycles": tensor, "main_loop_cycles": main, "epilogue_cycles": epilogue,
-            "fraction_of_matmul": tensor / per_program}
+            "fraction_of_matmul": tensor / per_program, "warps_per_sm": warps,
+            "issue_per_clock": issue_rate(device, warps), "limiter": cost.limiter(device, warps=warps)}
 
 
 def chunk_route(device: Device, flops: float, t_rows_s: float, gemm_fraction: float) -> float:

@@ -64,8 +64,10 @@ def test_program_cost_weights_loops_by_their_trips():
     assert cost.total == 2 * (4 + 3 * 10 + 3 * 40)
     assert cost.loop_total == 2 * 3 * 40 and cost.outer_total == cost.total - cost.loop_total
     assert cost.per_pipe["fma"] == 80 and cost.per_pipe["xu"] == 80 and cost.per_pipe["alu"] == 20
-    # on Hopper: issue 308 / 4 = 77 clocks, but 80 MUFU at 16 lanes (2 clocks each) take 160
-    assert cost.cycles(H200) == 160 and cost.limiter(H200) == "xu"
+    # on Hopper with 4 warps on the SM: issue 308 / 4 = 77 clocks, but 80 MUFU at 16 lanes (2 clocks each) take 160
+    assert cost.cycles(H200, warps=4) == 160 and cost.limiter(H200, warps=4) == "xu"
+    # its own 2 warps alone: 2 of the 4 sub-partitions, half of each pipe
+    assert cost.cycles(H200) == 320 and cost.limiter(H200) == "xu"
     assert cost.load_bytes_per_ldg == {}  # the 16-byte load is in the outer loop, not the innermost
     assert model.program_cost(_kernel(), trips=(10,)).modelled_depth == 1  # deeper loops: flagged
 
@@ -108,25 +110,58 @@ def test_blocks_per_sm_from_registers_shared_memory_and_warps():
 def test_bandwidth_ceiling_is_useful_bytes_over_the_slower_of_compute_and_memory():
     cost = model.program_cost(_kernel(num_warps=2), trips=(10, 4))  # 160 clocks per program
     copy = H200.copy_bytes_per_s
-    programs = 2 * H200.sms  # two per SM: 320 clocks
+    programs = 2 * H200.sms  # two per SM, resident together (4 warps): 320 clocks
     t_compute = 320 / H200.clock_hz
     memory_bound = model.bandwidth_ceiling(H200, cost, programs, kernel_bytes=4 * t_compute * copy,
-                                           useful_bytes=2 * t_compute * copy, extra_bytes=4 * t_compute * copy)
+                                           useful_bytes=2 * t_compute * copy, extra_bytes=4 * t_compute * copy,
+                                           resident=2)
     assert memory_bound["bound"] == "memory"
     assert memory_bound["fraction_of_copy"] == pytest.approx(2 / (4 + 4))
     compute_bound = model.bandwidth_ceiling(H200, cost, programs, kernel_bytes=t_compute * copy / 2,
-                                            useful_bytes=t_compute * copy / 4)
+                                            useful_bytes=t_compute * copy / 4, resident=2)
     assert compute_bound["bound"] == "compute" and compute_bound["fraction_of_copy"] == pytest.approx(0.25)
+
+
+# 100 integer adds in a loop: issue-bound (100 / 4 per SM clock) with every sub-partition busy
+SASS_ISSUE = """
+.L_x_1:
+        /*0000*/                   MOV R0, R1 ;
+        /*0010*/               @P2 BRA `(.L_x_1) ;
+        /*0020*/                   EXIT ;
+"""
+
+
+def test_one_two_warp_program_per_sm_issues_two_instructions_per_clock():
+    instructions, loops = parse_sass(SASS_ISSUE)
+    kernel = CompiledKernel("k", 90, 2, 3, 0, 32, 0, 0, 0, True, instructions, loops)
+    cost = model.program_cost(kernel, trips=(50,))  # 2 warps x (2 x 50 + 1) = 202 warp-instructions
+    assert cost.total == 202 and cost.num_warps == 2
+    assert model.issue_rate(H200, 2) == 2 and model.issue_rate(H200, 6) == 4
+    # alone on its SM, the program's 2 warps issue 2 per clock (a warp at most one), not the SM's 4
+    assert cost.cycles(H200) == pytest.approx(202 / 2)
+    assert cost.cycles(H200, warps=4) == pytest.approx(202 / 4)
+    one_per_sm = model.bandwidth_ceiling(H200, cost, H200.sms, kernel_bytes=1.0, useful_bytes=1.0, resident=4)
+    assert one_per_sm["warps_per_sm"] == 2 and one_per_sm["issue_per_clock"] == 2
+    assert one_per_sm["t_compute_us"] == pytest.approx(202 / 2 / H200.clock_hz * 1e6)
+    # two programs per SM resident together: 4 warps, 4 per clock, the same time for twice the work
+    two_per_sm = model.bandwidth_ceiling(H200, cost, 2 * H200.sms, kernel_bytes=1.0, useful_bytes=1.0, resident=4)
+    assert two_per_sm["issue_per_clock"] == 4 and two_per_sm["t_compute_us"] == pytest.approx(one_per_sm["t_compute_us"])
+    # ... but one at a time (one block per SM fits): two waves at 2 per clock
+    serial = model.bandwidth_ceiling(H200, cost, 2 * H200.sms, kernel_bytes=1.0, useful_bytes=1.0, resident=1)
+    assert serial["t_compute_us"] == pytest.approx(2 * one_per_sm["t_compute_us"])
+    # 5 programs per SM, 2 resident: waves of 2, 2, 1 -> (2 + 2) x 202 / 4 + 202 / 2
+    assert model.sm_waves(H200, 5 * H200.sms, 2) == [2, 2, 1]
+    assert model.sm_cycles(H200, cost, 5 * H200.sms, 2)["cycles"] == pytest.approx(4 * 202 / 4 + 202 / 2)
 
 
 def test_matmul_ceiling_and_chunk_route():
     cost = model.program_cost(_kernel(num_warps=2), trips=(10, 4))
     # the inner loop's 240 warp-instructions (120 MUFU: 240 clocks) hide under 4096 tensor clocks;
-    # the rest (68 warp-instructions, 20 IADD3 at 2 per clock: 17 clocks) does not with one block per SM
+    # the rest (68 warp-instructions at the 2 warps' 2 per clock: 34 clocks) does not with one block per SM
     flops = 4096 * H200.tensor_flops_per_clock
     one = model.matmul_ceiling(H200, cost, flops, resident=1)
-    assert one["main_loop_cycles"] == 4096 and one["epilogue_cycles"] == pytest.approx(68 / 4)
-    assert one["fraction_of_matmul"] == pytest.approx(4096 / (4096 + 17))
+    assert one["main_loop_cycles"] == 4096 and one["epilogue_cycles"] == pytest.approx(68 / 2)
+    assert one["fraction_of_matmul"] == pytest.approx(4096 / (4096 + 34)) and one["issue_per_clock"] == 2
     assert model.matmul_ceiling(H200, cost, flops, resident=2)["fraction_of_matmul"] == pytest.approx(1.0)
     # a GEMM of 1 ms at the matmul rate, run at 95% of it, then 0.1 ms of row kernel
     flops_1ms = H200.matmul_tflops * 1e12 * 1e-3
