@@ -58,6 +58,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from grpo_fast.kernels import launch as launch_rules
+
 
 @dataclass(frozen=True)
 class Device:
@@ -142,8 +144,9 @@ def pipe_of(opcode_base: str) -> str:
 
 def issue_rate(device: Device, warps: int) -> int:
     """Warp-instructions per clock an SM holding ``warps`` warps issues at most: one per scheduler
-    (4), and one per warp (a warp issues at most one instruction per clock)."""
-    return max(1, min(device.issue_per_clock, warps))
+    (4), and one per warp (a warp issues at most one instruction per clock); the rule the NF4 decode
+    planner uses too (grpo_fast.kernels.launch.issue_rate)."""
+    return launch_rules.issue_rate(warps, device.issue_per_clock)
 
 
 def blocks_per_sm(device: Device, num_warps: int, registers: int, shared_bytes: int) -> int:
@@ -224,11 +227,8 @@ def program_cost(compiled, trips: tuple[int, ...], later_trips: Optional[float] 
 
 def sm_waves(device: Device, programs: int, resident: int) -> list[int]:
     """Programs per wave on the busiest SM: ceil(programs / SMs) of them, ``resident`` (blocks per SM)
-    at a time."""
-    per_sm = math.ceil(programs / device.sms)
-    resident = max(1, resident)
-    full, rest = divmod(per_sm, resident)
-    return [resident] * full + ([rest] if rest else [])
+    at a time (grpo_fast.kernels.launch.sm_waves, as the NF4 decode planner counts them)."""
+    return launch_rules.sm_waves(programs, device.sms, resident)
 
 
 def sm_cycles(device: Device, cost: ProgramCost, programs: int, resident: int) -> dict:

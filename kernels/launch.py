@@ -46,3 +46,32 @@ def recording() -> Iterator[list[Launch]]:
         yield _recorded
     finally:
         _recorded = None
+
+
+# How a launch's programs share an SM: the one rule the NF4 decode planner (kernels/nf4_decode.py)
+# and the static kernel report's model (benchmarks/static_model.py) both charge instructions by.
+
+SCHEDULERS_PER_SM = 4  # warp schedulers (SM sub-partitions) per SM, sm_80 to sm_90
+
+
+def issue_rate(warps: int, schedulers: int = SCHEDULERS_PER_SM) -> int:
+    """Warp-instructions per clock an SM holding ``warps`` warps issues at most: one per scheduler,
+    and one per warp (a warp issues at most one instruction per clock)."""
+    return max(1, min(schedulers, warps))
+
+
+def sm_waves(programs: int, sms: int, resident: int) -> list[int]:
+    """Programs per wave on the busiest SM: ceil(programs / sms) of them, ``resident`` (blocks per SM)
+    at a time."""
+    per_sm = -(-programs // sms)
+    resident = max(1, resident)
+    full, rest = divmod(per_sm, resident)
+    return [resident] * full + ([rest] if rest else [])
+
+
+def busiest_sm_cycles(programs: int, sms: int, resident: int, warps_per_program: int, program_cycles: float,
+                      schedulers: int = SCHEDULERS_PER_SM) -> float:
+    """Clocks of the busiest SM for programs of ``program_cycles`` each at the full issue rate: each
+    wave its programs' cycles scaled by schedulers / issue_rate(the wave's warps)."""
+    return sum(n * program_cycles * schedulers / issue_rate(n * warps_per_program, schedulers)
+               for n in sm_waves(programs, sms, resident))

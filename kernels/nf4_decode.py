@@ -58,7 +58,6 @@ scale, in x's dtype) read by the tile that owns the rows.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -68,7 +67,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .config import interpreting
-from .launch import launch
+from .launch import SCHEDULERS_PER_SM, busiest_sm_cycles, launch
 from .logprob_kernel import _num_sms
 from .nf4_matmul import NF4Weight
 from .tl_math import round_to_bf16_bits
@@ -488,8 +487,9 @@ def repack_nf4(weights: Sequence[NF4Weight], biases: Optional[Sequence[Optional[
 @dataclass(frozen=True)
 class DecodeConfig:
     """Launch choices for one row count. The costs are read off the kernel compiled for sm_90a (SASS
-    warp-instructions of the main loop / 4 issue slots per SM clock; not yet timed on a GPU: see
-    benchmarks/nf4.py and the README's NF4 section)."""
+    warp-instructions of the main loop / 4 issue slots per SM clock, i.e. with 4 or more warps on the
+    SM; plan_launch scales them by the warps an SM holds, as the static report's model does; not yet
+    timed on a GPU: see benchmarks/nf4.py and the README's NF4 section)."""
 
     block_ns: tuple[int, ...]  # candidate output features per program
     block_mx: int  # rows of x per program (the tensor-core op's small side)
@@ -499,6 +499,9 @@ class DecodeConfig:
     register_words: bool = False  # the lookup's table words in registers (see _lut_asm), not immediates
     pack: int = 4  # bytes per in-register lookup: 4 (32-bit loads), or 2 (16-bit: wgmma's operand layout, see _lut_asm)
     cycles_per_weight: tuple[float, ...] = (0.042,)  # SM clock cycles of the main loop per weight, per block_n
+    # blocks per SM (registers, shared memory) per block_n, off the compiled kernels (the static report's
+    # variants: sm_90a; elsewhere the smaller of sm_80's and sm_89's)
+    resident: tuple[int, ...] = (4,)
     program_cycles: float = 300.0  # prologue and epilogue of one program
     bytes_per_sm_cycle: float = 14.0  # DRAM bytes per SM clock (H100 ~12, H200 ~16, A100 ~12)
     max_splits: int = 32
@@ -550,11 +553,14 @@ class StreamSchedule:
 
 def default_decode_config(rows: int, device: torch.device,
                           capability: Optional[tuple[int, int]] = None) -> DecodeConfig:
-    """Per row count: up to 16 rows, 2-warp programs on mma.sync (Triton keeps the mixed-precision
-    operand in registers, read from shared memory 4 bytes at a time); 17-64 rows, 4-warp programs, on
-    sm_90 wgmma with the weights from registers and x from shared memory: the lookup runs on 4 bytes
-    at a time with its table words in registers (``register_words``), several chunks per loop
-    iteration (fewer loop and pipeline instructions per weight); mma.sync elsewhere.
+    """Per row count: on sm_90, 4-warp programs on wgmma at every row count, with the weights from
+    registers and x from shared memory: the lookup runs on 4 bytes at a time with its table words in
+    registers (``register_words``), several chunks per loop iteration (fewer loop and pipeline
+    instructions per weight); 4 warps, because the launches up to 16 rows have about one program per
+    SM and a warp issues at most one instruction per clock (2 warps would leave 2 of the SM's 4
+    schedulers idle). Elsewhere, up to 16 rows 2-warp programs on mma.sync (Triton keeps the
+    mixed-precision operand in registers, read from shared memory 4 bytes at a time; plan_launch
+    gives them 2 or more programs per SM), 17-64 rows 4-warp programs on mma.sync.
     ``capability``: the target's (major, minor); default the device's (the interpreter's small tiles
     for CPU tensors under TRITON_INTERPRET, sm_90 for other devices, e.g. meta)."""
     if capability is None and device.type != "cuda" and interpreting():
@@ -562,24 +568,39 @@ def default_decode_config(rows: int, device: torch.device,
                             max_splits=4)
     if capability is None:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
-    if rows <= 16:
+    if rows <= 16 and capability[0] != 9:
         return DecodeConfig(block_ns=(64, 128), block_mx=16, num_warps=2, num_stages=4, chunks_per_iteration=2,
-                            cycles_per_weight=(0.042, 0.038), program_cycles=300.0, stream_block_ns=(64,))
+                            cycles_per_weight=(0.042, 0.038), resident=(3, 2), program_cycles=300.0,
+                            stream_block_ns=(64,))
     if capability[0] != 9:  # mma.sync (4-warp dots go to wgmma on sm_90 only)
         if rows <= 32:
             return DecodeConfig(block_ns=(64, 128), block_mx=32, num_warps=4, num_stages=4, chunks_per_iteration=1,
-                                cycles_per_weight=(0.057, 0.050), program_cycles=350.0, stream_block_ns=(64,))
+                                cycles_per_weight=(0.057, 0.050), resident=(3, 3), program_cycles=350.0,
+                                stream_block_ns=(64,))
         return DecodeConfig(block_ns=(64, 128), block_mx=64, num_warps=4, num_stages=3, chunks_per_iteration=1,
-                            cycles_per_weight=(0.064, 0.052), program_cycles=400.0, stream_block_ns=(64,))
+                            cycles_per_weight=(0.064, 0.052), resident=(3, 2), program_cycles=400.0,
+                            stream_block_ns=(64,))
     # sm_90, wgmma: the lookup 4 bytes at a time with its table words in registers, before the
     # weights go to the dot operand's layout through shared memory; several chunks per loop
     # iteration where registers allow (128 features and 2 chunks at 64 rows spill)
+    # (up to 16 rows too: a 2-warp program alone on an SM issues 2 instructions per clock, not 4, and
+    # the small launches have about one program per SM; 4 warps fill the 4 schedulers). Costs of the
+    # loop with 16 rows of x (sm_90a SASS, warp-instructions per weight / 4): 64 features and 4 chunks
+    # per iteration 0.158-0.160, 128 features and 2 chunks 0.143-0.144, and 4 chunks 0.134-0.136
+    # (whose shared memory leaves 2 blocks per SM, not 4; listed first: it wins the planner's ties)
+    if rows <= 16:
+        return DecodeConfig(block_ns=(64, 128, 128), block_mx=16, num_warps=4, num_stages=4,
+                            chunks_per_iteration=(4, 4, 2), register_words=True,
+                            cycles_per_weight=(0.040, 0.034, 0.036), resident=(3, 2, 4), program_cycles=500.0,
+                            stream_block_ns=(64,))
     if rows <= 32:
         return DecodeConfig(block_ns=(64, 128, 128), block_mx=32, num_warps=4, num_stages=4,
                             chunks_per_iteration=(4, 2, 4), register_words=True,
-                            cycles_per_weight=(0.042, 0.038, 0.036), program_cycles=500.0, stream_block_ns=(64,))
+                            cycles_per_weight=(0.042, 0.038, 0.036), resident=(3, 2, 2), program_cycles=500.0,
+                            stream_block_ns=(64,))
     return DecodeConfig(block_ns=(64, 128), block_mx=64, num_warps=4, num_stages=3, chunks_per_iteration=(4, 1),
-                        register_words=True, cycles_per_weight=(0.0455, 0.044), program_cycles=600.0, stream_block_ns=(64,))
+                        register_words=True, cycles_per_weight=(0.0455, 0.044), resident=(1, 1), program_cycles=600.0,
+                        stream_block_ns=(64,))
 
 
 def _divisors(value: int) -> list[int]:
@@ -609,16 +630,18 @@ def plan_launch(out_features: int, in_features: int, chunk: int, rows: int, cfg:
                           max_pieces=StreamSchedule.of(n_tiles, chunks // cpi, programs).max_pieces)
     weight_bytes = out_features * in_features * (0.5 + 4 / chunk)
     bandwidth = num_sms * cfg.bytes_per_sm_cycle
+    residents = cfg.resident if len(cfg.resident) == len(cfg.block_ns) else (cfg.resident[0],) * len(cfg.block_ns)
     best = None
-    for block_n, cpi, per_weight in zip(cfg.block_ns, cpis, cfg.cycles_per_weight):
+    for block_n, cpi, per_weight, resident in zip(cfg.block_ns, cpis, cfg.cycles_per_weight, residents):
         if chunks % cpi or (cfg.splits and (chunks // cfg.splits) % cpi):
             cpi = 1
         n_tiles = triton.cdiv(out_features, block_n)
         options = [cfg.splits] if cfg.splits else [d for d in _divisors(chunks // cpi) if d <= cfg.max_splits]
         for splits in options:
             programs = n_tiles * m_tiles * splits
-            busiest = math.ceil(programs / num_sms) * (
-                block_n * in_features / splits * per_weight + cfg.program_cycles)
+            # the busiest SM's programs, `resident` at a time, at the issue rate of the warps it holds
+            busiest = busiest_sm_cycles(programs, num_sms, resident, cfg.num_warps,
+                                        block_n * in_features / splits * per_weight + cfg.program_cycles)
             traffic = weight_bytes + (2 * 4 * splits * rows * out_features if splits > 1 else 0)
             cycles = max(busiest, traffic / bandwidth)
             if best is None or cycles < best[0]:
@@ -626,13 +649,14 @@ def plan_launch(out_features: int, in_features: int, chunk: int, rows: int, cfg:
         if block_n not in cfg.stream_block_ns or cfg.splits:
             continue
         units = chunks // cpi
-        per_sm = max(1, 4 // cfg.num_warps)  # programs per SM: a warp for each of its 4 schedulers
+        per_sm = max(1, SCHEDULERS_PER_SM // cfg.num_warps)  # programs per SM: a warp for each scheduler
         for programs in sorted({min(n_tiles * units, num_sms * per_sm * k) for k in (1, 2)}):
             if programs <= n_tiles:
                 continue
             plan = StreamSchedule.of(n_tiles, units, programs)
-            busiest = math.ceil(programs * m_tiles / (num_sms * per_sm)) * per_sm * (
-                plan.max_units * cpi * chunk * block_n * per_weight + plan.max_tiles * cfg.program_cycles)
+            busiest = busiest_sm_cycles(programs * m_tiles, num_sms, resident, cfg.num_warps,
+                                        plan.max_units * cpi * chunk * block_n * per_weight
+                                        + plan.max_tiles * cfg.program_cycles)
             traffic = weight_bytes + 2 * 4 * plan.partial_pieces * rows * block_n
             cycles = max(busiest, traffic / bandwidth)
             if cycles < STREAM_MARGIN * best[0]:  # the estimate's error: stream-K only for a clear gain

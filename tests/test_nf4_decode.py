@@ -167,6 +167,19 @@ def test_stream_k_shares_tiles_between_programs_in_a_fixed_order():
             torch.testing.assert_close(first[:, lo:hi].double(), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_launch_plan_charges_the_warps_an_sm_holds():
+    from grpo_fast.kernels.launch import busiest_sm_cycles
+
+    # one 2-warp program per SM issues 2 instructions per clock: twice its cycles at the SM's 4
+    assert busiest_sm_cycles(132, 132, 4, 2, 100.0) == 200.0
+    assert busiest_sm_cycles(264, 132, 4, 2, 100.0) == 200.0  # two resident together: 4 warps
+    assert busiest_sm_cycles(264, 132, 1, 2, 100.0) == 400.0  # one at a time
+    assert busiest_sm_cycles(132, 132, 1, 4, 100.0) == 100.0
+    # so on sm_90 the launches up to 16 rows (about one program per SM) run 4-warp programs
+    for rows in (1, 16):
+        assert default_decode_config(rows, torch.device("meta"), (9, 0)).num_warps == 4
+
+
 def test_launch_plan_balances_programs_over_the_sms():
     cfg = default_decode_config(1, torch.device("meta"), (9, 0))
     for n, k in ((4608, 3584), (3584, 18944), (37888, 3584)):
