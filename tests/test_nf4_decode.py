@@ -135,6 +135,30 @@ def test_split_k_reduces_in_a_fixed_order_and_resets_its_tickets():
     _check(first, x, dense[0], biases[0])
 
 
+def test_several_chunks_per_iteration_with_split_k_and_stream_k():
+    """The sm_90 launches of 1-16 rows take 2 or 4 chunks per loop iteration (CPI): the same results
+    as one chunk per iteration, with split-K and with stream-K (K = 512: 8 chunks), LoRA included."""
+    weights, dense, biases = _group(sizes=(40, 24, 24), in_features=512)
+    decode = repack_nf4(weights, biases)
+    rank, rows = 16, 3
+    x = torch.randn(rows, 512, device=DEVICE)
+    xa = torch.randn(rows, 3 * rank, device=DEVICE)
+    lora_b = torch.zeros(decode.padded_rows, rank, device=DEVICE)
+    lora_b[:88] = torch.randn(88, rank, device=DEVICE)
+    base = dict(block_ns=(16,), block_mx=16, num_warps=1, num_stages=1)
+    one = nf4_decode_matmul(x, decode, xa, lora_b, config=DecodeConfig(**base, chunks_per_iteration=1, splits=1))
+    for cpi, extra in ((2, dict(splits=2)), (4, dict(splits=1)), (4, dict(splits=2)), (2, dict(programs=5))):
+        out = nf4_decode_matmul(x, decode, xa, lora_b, config=DecodeConfig(**base, chunks_per_iteration=cpi, **extra))
+        assert int(decode.counters.abs().sum()) == 0
+        torch.testing.assert_close(out, one, rtol=1e-5, atol=1e-5)
+    for g, (d, b) in enumerate(zip(dense, biases)):
+        lo, hi = decode.segments[g], decode.segments[g + 1]
+        expected = x.double() @ d.double().T + xa[:, g * rank:(g + 1) * rank].double() @ lora_b[lo:hi].double().T
+        if b is not None:
+            expected += b.double()
+        torch.testing.assert_close(out[:, lo:hi].double(), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_stream_k_shares_tiles_between_programs_in_a_fixed_order():
     """Stream-K: programs take equal shares of all tiles' chunks; a tile cut between 2-4 programs is
     reduced by its last piece in program order: the same bits every call, tickets reset, the
