@@ -531,8 +531,9 @@ def plan_table(config, shape: ModelShape, prompt_length: int, budgets_gb=(16, 24
     lines += ["", "longest completion that fits:"]
     kept = _freed(config) is not None and dataclasses.replace(config, rollout_memory="keep")
     for budget in budgets_gb:
-        longest = longest_completion(config, shape, budget * GIB, prompt_length)
-        freed = kept and longest > longest_completion(kept, shape, budget * GIB, prompt_length)
-        lines.append(f"  {budget:>4} GB: {longest:>7} tokens"
+        longest = longest_completion(config, shape, budget * GIB, prompt_length, limit=SEARCH_LIMIT)
+        freed = kept and longest > longest_completion(kept, shape, budget * GIB, prompt_length, limit=SEARCH_LIMIT)
+        shown = f"{longest}+" if longest >= SEARCH_LIMIT else str(longest)  # +: the search's end
+        lines.append(f"  {budget:>4} GB: {shown:>7} tokens"
                      + ("  (with rollout_memory free: the engine's memory freed for training)" if freed else ""))
     return "\n".join(lines)

@@ -128,13 +128,34 @@ def test_a_rollout_over_the_budget_decodes_in_waves(tmp_path, capsys, monkeypatc
     assert "the rollout decodes 4 of a step's 8 completions at a time" in capsys.readouterr().out
 
 
-def test_plan_command_prints_the_estimate(capsys):
+@pytest.mark.parametrize("example", ["qwen2.5_7b_qlora", "gsm8k_qwen2.5_7b", "gsm8k_qwen2.5_0.5b"])
+def test_plan_command_prints_the_estimate(capsys, example):
     from grpo_fast.cli import main
 
-    assert main(["plan", "--config", "examples/qwen2.5_7b_qlora.yaml"]) == 0
+    assert main(["plan", "--config", f"examples/{example}.yaml"]) == 0
     out = capsys.readouterr().out
     assert "rollout KV cache" in out and "peak" in out and "longest completion that fits" in out
     assert "24 GB:" in out
+    # a named model is planned for the GPU run: the engine's NF4 decode copy where the config is 4-bit
+    assert ("NF4 decode copy" in out) == (example != "gsm8k_qwen2.5_0.5b")  # that one is bf16
+
+
+def test_plan_command_sizes_to_max_memory_gb(capsys):
+    """With max_memory_gb the plan says what the trainer would change: the issue's Llama-3.1-8B goal
+    config frees the rollout's memory for training; the Qwen2.5-7B one keeps it and decodes in waves."""
+    from grpo_fast.cli import main
+
+    llama = ["plan", "--model", "meta-llama/Llama-3.1-8B", "--load_in_4bit", "true", "--dtype", "bfloat16",
+             "--gradient_checkpointing", "true", "--lora_r", "16", "--prompts_per_step", "1",
+             "--num_generations", "8", "--max_completion_length", "20480", "--max_memory_gb", "40"]
+    assert main(llama) == 0
+    assert "with max_memory_gb 40: rollout_memory free" in capsys.readouterr().out
+    qwen = ["plan", "--config", "examples/qwen2.5_7b_qlora.yaml", "--prompts_per_step", "8",
+            "--max_completion_length", "4096", "--max_memory_gb", "24"]
+    assert main(qwen) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("with max_memory_gb 24: micro-batches of") and "rollout_memory free" not in line
+    assert "the rollout in waves of" in line
 
 
 def test_readme_table_is_the_memory_models():
