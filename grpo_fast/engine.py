@@ -22,9 +22,11 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    column, compacted with the row (``memory.ModelShape.rollout_kv_bytes`` is its size, the same
    formula the memory estimate and the waves below use). Decode step ``t`` writes each row's
    completion column ``t``; a row attends to its slot's prompt columns, then to its own completion.
-   With the decode attention kernel (below) both segments are read in place; on the masked path
-   (CPU, eager attention, models without the attention interface) each layer gathers its rows'
-   prompt KV and joins it to their completions for the mask, a transient of
+   With the decode attention kernel (below) both segments are read in place; so they are without it
+   (CPU, sdpa) while the rows are slot-major (a wave's rows before any compaction): a slot's rows'
+   queries are the rows of one product with its prompt keys (``_split_attention``). Otherwise
+   (after a compaction, eager attention, models without the attention interface) each layer gathers
+   its rows' prompt KV and joins it to their completions for the mask, a transient of
    ``[rows, kv_heads, P + C, head_dim]`` keys and values per layer and step. With CUDA graphs the
    cache is kept and reused across calls while its segments are long enough (the graphs read it at
    fixed addresses, so it stays allocated between steps, and prompt widths that vary do not make new
@@ -177,7 +179,8 @@ class _SlotLayer(CacheLayerMixin):
     completion column ``cache.row_position[b]``, and the attention gets, per row, its prompt slot's
     columns (gathered by ``cache.row_prompt``: a transient ``[rows, kv_heads, P, head_dim]`` copy per
     layer and step, as the masked attention needs one tensor per row) followed by its completion
-    columns, for the mask to select from. Views of the completion buffers are made per batch size
+    columns, for the mask to select from; except while the rows are slot-major with the engine's sdpa
+    (``cache.split_attention``), when ``_split_attention`` reads both segments in place. Views of the completion buffers are made per batch size
     outside the decode step (never while it is traced, which would change its guards) and kept, so
     their tensors stay the same objects. With the attention kernel (``cache.fused_attention``) this
     layer does nothing at decode: the kernel reads both segments in place and writes the new token.
@@ -229,6 +232,8 @@ class _SlotLayer(CacheLayerMixin):
         rows, columns = cache.row_index[: cache.batch], cache.row_position[: cache.batch]
         keys[rows, :, columns] = key_states[:, :, 0]
         values[rows, :, columns] = value_states[:, :, 0]
+        if cache.split_attention and cache.slot_major:
+            return key_states, value_states  # decode_attention reads both segments in place (_split_attention)
         slots = cache.row_prompt[: cache.batch]
         return (torch.cat([self.prompt_keys.index_select(0, slots), keys], dim=2),
                 torch.cat([self.prompt_values.index_select(0, slots), values], dim=2))
@@ -264,6 +269,12 @@ class SlotCache(Cache):
         # With the decode attention kernel: its split tickets; the kernel writes the new keys and values
         # (update() does not).
         self.fused_attention = False
+        # Without the kernel, for models on the attention interface with sdpa: decode_attention attends
+        # to the two segments in place while the rows are slot-major (row b of prompt slot b // group,
+        # from a wave's start until a compaction); else update() gathers each row's prompt KV.
+        self.split_attention = False
+        self.slot_major = False
+        self.group = 1
         self.tickets = torch.zeros(0, dtype=torch.int32, device=device)
         if device.type == "cuda":  # graph replays read them in place
             for tensor in (self.row_index, self.row_prompt, self.row_start, self.row_position):
@@ -287,12 +298,14 @@ class SlotCache(Cache):
             layer.view(size)
         self.batch = size
 
-    def start_rows(self, row_prompt: torch.Tensor, row_start: torch.Tensor) -> None:
-        """Rows ``0 .. len(row_prompt)-1`` begin their completions: prompt slot and first column each."""
+    def start_rows(self, row_prompt: torch.Tensor, row_start: torch.Tensor, group: int) -> None:
+        """Rows ``0 .. len(row_prompt)-1`` begin their completions: prompt slot and first column each;
+        ``row_prompt`` is slot-major (``group`` rows of slot 0, then of slot 1, ...)."""
         size = len(row_prompt)
         self.row_prompt[:size] = row_prompt
         self.row_start[:size] = row_start
         self.row_position[:size] = 0
+        self.group, self.slot_major = group, True
 
     def compact(self, order: torch.Tensor) -> None:
         """Rows ``order`` (on the device) become rows ``0 .. len(order)-1`` and the batch shrinks to them
@@ -303,6 +316,7 @@ class SlotCache(Cache):
                 buffer[:size] = buffer[: self.batch].index_select(0, order)
         for state in (self.row_prompt, self.row_start, self.row_position):
             state[:size] = state[: self.batch].index_select(0, order)
+        self.slot_major = False
         self.set_batch(size)
 
     def attention_mask(self) -> torch.Tensor:
@@ -350,6 +364,8 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     cache = kwargs.pop(SLOT_CACHE_KEYWORD, None)
     batch, heads, query_length, head_dim = query.shape
     kv_heads = key.shape[1]
+    if cache is not None and cache.split_attention and cache.slot_major and query_length == 1:
+        return _split_attention(cache, cache.layers[module.layer_idx], query, attention_mask, scaling), None
     if cache is not None and cache.fused_attention and query_length == 1:
         layer = cache.layers[module.layer_idx]
         scale = scaling if scaling is not None else head_dim ** -0.5
@@ -365,6 +381,33 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
                                                            scale=scaling)
     return out.reshape(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
+
+
+def _split_attention(cache: SlotCache, layer: _SlotLayer, query: torch.Tensor, allowed: torch.Tensor,
+                     scaling: float | None) -> torch.Tensor:
+    """One query token per row over the two cache segments in place, no gathered copy: rows are
+    slot-major, so the queries of a prompt slot's rows (and their query heads) are the rows of one
+    product with the slot's prompt keys; each row's completion is its own product. One softmax (fp32)
+    over both parts' scores, which are the only tensors joined. ``allowed``: [B, 1, 1, P + C]. -> [B, 1, H, D]."""
+    batch, heads, _, head_dim = query.shape
+    kv_heads, group = layer.keys.shape[1], cache.group
+    per_kv, slots, prompt = heads // kv_heads, batch // group, cache.prompt_length
+    keys, values = layer.views[batch]
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    q = query.reshape(batch, kv_heads, per_kv, head_dim)  # query head h uses KV head h // per_kv
+
+    def by_slot(tensor):  # [B, KV, g, X] -> [slots, KV, group * g, X]
+        return tensor.reshape(slots, group, kv_heads, per_kv, -1).transpose(1, 2).reshape(slots, kv_heads,
+                                                                                          group * per_kv, -1)
+
+    def by_row(tensor):  # the inverse
+        return tensor.reshape(slots, kv_heads, group, per_kv, -1).transpose(1, 2).reshape(batch, kv_heads, per_kv, -1)
+
+    prompt_scores = by_row(by_slot(q) @ layer.prompt_keys[:slots].transpose(-1, -2))
+    scores = torch.cat([prompt_scores, q @ keys.transpose(-1, -2)], dim=-1).float() * scale
+    probs = scores.masked_fill(~allowed, -math.inf).softmax(dim=-1).to(values.dtype)
+    out = by_row(by_slot(probs[..., :prompt]) @ layer.prompt_values[:slots]) + probs[..., prompt:] @ values
+    return out.reshape(batch, 1, heads, head_dim)
 
 
 @contextlib.contextmanager
@@ -649,14 +692,16 @@ class RolloutEngine:
             cache.prefill_slots = None
         lengths = prompt_mask.sum(-1)
         cache.start_rows(torch.arange(prompts, dtype=torch.int32, device=device).repeat_interleave(group),
-                         (cache.prompt_length - lengths).to(torch.int32).repeat_interleave(group))
+                         (cache.prompt_length - lengths).to(torch.int32).repeat_interleave(group), group)
         cache.set_batch(rows)
-        cache.fused_attention = False
+        cache.fused_attention = cache.split_attention = False
         # only for models whose attention goes through the attention interface (decode_attention gets
         # the cache there); one with its own attention would attend to the new token alone
         if (getattr(decoder, "_supports_attention_backend", False)
                 and self._fused_attention(decoder.config, implementation, device)):
             cache.use_fused_attention(ModelShape.from_config(decoder.config).kv_heads)
+        elif getattr(decoder, "_supports_attention_backend", False) and implementation == "sdpa":
+            cache.split_attention = True
         logits = transform.apply(head(hidden[:, -1])).repeat_interleave(group, dim=0)
 
         # Per-row decode state, all on the device; `row_ids` maps cache rows to output rows.
@@ -736,7 +781,8 @@ def _decode_step(decoder, head, transform: LogitTransform, cache: SlotCache, cac
                  input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """float32 logits [B, V] of the next token (the model's, ``transform`` applied), the new token's
     KV written into ``cache``."""
-    kwargs = {cache_keyword: cache, **({SLOT_CACHE_KEYWORD: cache} if cache.fused_attention else {})}
+    kwargs = {cache_keyword: cache,
+              **({SLOT_CACHE_KEYWORD: cache} if cache.fused_attention or cache.split_attention else {})}
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=True, **kwargs).last_hidden_state
     return transform.apply(head(hidden[:, -1]))

@@ -607,6 +607,42 @@ def test_decode_attention_reads_kv_heads_as_sdpa_with_repeated_kv_would():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_split_attention_over_the_shared_prompt_equals_sdpa_over_gathered_copies():
+    """The CPU path without a copy (rows slot-major: a slot's rows' queries meet its prompt keys in one
+    product) against the gathered path: each row's prompt KV copied next to its completion, sdpa masked."""
+    from types import SimpleNamespace
+
+    from grpo_fast.engine import SLOT_CACHE_KEYWORD, SlotCache, decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    slots, group, kv_heads, heads, head_dim = 2, 3, 2, 4, 16
+    cache = SlotCache(num_layers=1, slots=slots, capacity=slots * group, prompt_length=8, completion_length=5,
+                      device=torch.device("cpu"))
+    cache.prefill_slots = torch.arange(slots)
+    prompt_states = torch.randn(2, slots, kv_heads, 8, head_dim, generator=generator)
+    cache.layers[0].update(*prompt_states)
+    cache.prefill_slots = None
+    cache.set_batch(slots * group)
+    cache.start_rows(torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.int32), torch.tensor([3] * 3 + [0] * 3,
+                                                                                       dtype=torch.int32), group)
+    cache.row_position[:6] = torch.tensor([0, 2, 4, 1, 3, 4], dtype=torch.int32)
+    layer = cache.layers[0]
+    layer.keys.copy_(torch.randn(layer.keys.shape, generator=generator))
+    layer.values.copy_(torch.randn(layer.values.shape, generator=generator))
+    query = torch.randn(6, heads, 1, head_dim, generator=generator)
+    new = torch.randn(2, 6, kv_heads, 1, head_dim, generator=generator).unbind(0)
+    mask = cache.attention_mask()[:, None, None, :]
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, layer_idx=0)
+    cache.split_attention = True
+    assert layer.update(*new)[0] is new[0]  # the new token written, nothing gathered
+    split, _ = decode_attention(module, query, *new, mask, scaling=0.25, **{SLOT_CACHE_KEYWORD: cache})
+    cache.split_attention = False
+    gathered_keys, gathered_values = layer.update(*new)  # writes the same token again, then gathers
+    assert gathered_keys.shape == (6, kv_heads, 8 + 5, head_dim)
+    expected, _ = decode_attention(module, query, gathered_keys, gathered_values, mask, scaling=0.25)
+    torch.testing.assert_close(split, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_decode_step_keeps_compiling_past_dynamo_default_limit(tokenizer, full_model):
     """Each (batch size, cache length) is one graph; a run makes more than dynamo's default limit of 8,
     after which dynamo would silently run the step uncompiled."""
