@@ -340,8 +340,10 @@ def sampling_cases(full: bool, device) -> list[Case]:
     for greedy in (False, True) if full else (False,):
         splits = sample_splits(rows, vocab, sample_block(), device.sms)
         with recording() as launches:
+            # as the engine samples: each row at its own step, keyed by its output row
             sample_fused(_meta(rows, vocab), 1.0, _meta(1, dtype=torch.int64), False, greedy, 0, 0,
-                         _meta(rows, dtype=torch.int32), splits=splits)
+                         _meta(rows, dtype=torch.int32), splits=splits, rows=_meta(rows, dtype=torch.int64),
+                         steps=_meta(rows, dtype=torch.int64))
         (record,) = launches
         args, _ = bound_arguments(record)
         per_split = args["v_per_split"]

@@ -20,35 +20,46 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    segment ``[rows, kv_heads, C, head_dim]`` (C = ``max_completion_length``); per row,
    on the device, its prompt slot (``row_prompt``), its prompt's first column and its completion
    column, compacted with the row (``memory.ModelShape.rollout_kv_bytes`` is its size, the same
-   formula the memory estimate and the waves below use). Decode step ``t`` writes each row's
-   completion column ``t``; a row attends to its slot's prompt columns, then to its own completion.
-   With the decode attention kernel (below) both segments are read in place; on the masked path
-   (CPU, eager attention, models without the attention interface) each layer gathers its rows'
-   prompt KV and joins it to their completions for the mask, a transient of
+   formula the memory estimate and the budget below use). A row's ``t``-th decode step writes its
+   completion column ``t`` (rows need not be at the same step: slot refill, below); a row attends to
+   its slot's prompt columns, then to its own completion.
+   With the decode attention kernel (below) both segments are read in place; so they are without it
+   (CPU, sdpa) while the rows are slot-major (until the first compaction): a slot's rows'
+   queries are the rows of one product with its prompt keys (``_split_attention``). Otherwise
+   (after a compaction, eager attention, models without the attention interface) each layer gathers
+   its rows' prompt KV and joins it to their completions for the mask, a transient of
    ``[rows, kv_heads, P + C, head_dim]`` keys and values per layer and step. With CUDA graphs the
    cache is kept and reused across calls while its segments are long enough (the graphs read it at
    fixed addresses, so it stays allocated between steps, and prompt widths that vary do not make new
    shapes); otherwise it is freed after each call.
-3. **Batched decode without per-token host syncs.** A done-mask lives on the device; the host
-   reads it only every ``sync_every`` steps. There, rows that finished drop out: when the live rows
+3. **Batched decode without per-token host syncs.** A done-mask and each row's step live on the
+   device; the host reads them only every ``sync_every`` steps (and at the step by which a group
+   must have finished, known on the host). There, a prompt slot whose rows are all done takes the
+   next waiting prompt (below); once no prompt waits, rows that finished drop out: when the live rows
    fit in half the batch, they move to the front of the cache (in place) and decoding continues on
    that prefix, a power of two of at least 8 rows, so that few shapes (and CUDA graphs) exist.
+   Compaction waits until no prompt waits, so rows stay slot-major (row ``s * group + j`` of slot s)
+   while slots are refilled.
 4. **Sampling on the device** (``sample_tokens``): EOS suppressed before
    ``min_completion_length``, temperature, top-k, top-p, min-p (Hugging Face's order and
    semantics), then an exponential-race draw (``argmax(p / Exp(1))``, a categorical sample with no
    host sync) from a seeded ``torch.Generator``. ``top_k=1`` is greedy decoding. On CUDA without
    top-k (other than 1), top-p or min-p, one Triton pass over the logits does all of it instead
    (``kernels/sampling.py``: a Gumbel-max draw from Philox uniforms keyed by a seed the generator
-   gives once per call, the step, the row and the token).
+   gives once per call, the row's output row, its own step and the token, so a draw does not depend
+   on where the row sits in the batch). EOS suppression is per row (its own step).
 5. **Stop strings** are matched on the host, on each live row's decoded completion, at the
    ``sync_every`` checks; a matched row stops and every completion is finally cut right after the
    token that completes its first stop string (``rollout.cut_at_stop_strings``), so the result is
    as if it had stopped there; the tokens sampled in between are discarded.
-6. **Within a KV budget** (``max_kv_bytes``): when the cache for all of a call's rows would not fit,
-   the prompts decode in waves of as many whole groups as the budget holds (each group costs its
-   prompt's KV once plus its rows' completions), one cache reused by every wave (a group's rows
-   share their prompt slot, so a group never splits). Greedy tokens equal one big batch's; sampled
-   ones come from the same generator, continued.
+6. **Within a KV budget, slots refilled** (``max_kv_bytes``): when the cache for all of a call's
+   rows would not fit, it holds as many whole groups as the budget does (``prompts_per_wave`` prompt
+   slots: each group costs its prompt's KV once plus its rows' completions; a group never splits).
+   The first prompts fill the slots; at a sync point a slot whose rows are all done takes the next
+   waiting prompt (prefilled into the slot, its rows restarted at step 0 in the same cache rows: no
+   new decode shapes) while the other groups decode on, so a long completion does not hold the
+   prompts behind it back. Greedy tokens equal one big batch's; sampled ones are deterministic for a seed (with the
+   one-pass kernel, the same as one big batch's: draws are keyed by output row and step).
 7. **On CUDA**: the one-token decode step is compiled with ``torch.compile(mode="reduce-overhead")``
    (CUDA graphs; falls back to eager with a warning when compiling fails), and the decode loop runs
    inside ``grpo_fast.nf4.fused_nf4_decode`` when that module is present: NF4 layers (with their
@@ -80,7 +91,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .kernels.config import triton_available
 from .kernels.decode_attention import attention_supported
 from .kernels.decode_attention import decode_attention as fused_decode_attention
-from .kernels.sampling import MAX_EOS, sample_fused
+from .kernels.sampling import MAX_EOS, STREAM_ROWS, sample_fused
 from .logits import LogitTransform, logit_transform
 from .memory import ModelShape, cache_length
 from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
@@ -144,13 +155,18 @@ def race_argmax(probs: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
     return (probs / race.clamp_min(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int, eos_ids: torch.Tensor,
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int | torch.Tensor, eos_ids: torch.Tensor,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [B], log-probs [B]) for one decode step from float32 ``logits`` [B, V], on their device."""
+    """(tokens [B], log-probs [B]) for one decode step from float32 ``logits`` [B, V], on their device.
+    ``step``: the tokens sampled so far, one for all rows or per row ([B]: EOS suppressed per row)."""
     scaled = logits / params.temperature
     # The log-prob is the loss's: the full, unfiltered distribution at this temperature.
     log_normaliser = torch.logsumexp(scaled, dim=-1)
-    if step < params.min_completion_length:
+    if isinstance(step, torch.Tensor):
+        if params.min_completion_length > 0:
+            eos_columns = torch.zeros(scaled.shape[-1], dtype=torch.bool, device=scaled.device).index_fill(0, eos_ids, True)
+            scaled = scaled.masked_fill((step < params.min_completion_length)[:, None] & eos_columns, -math.inf)
+    elif step < params.min_completion_length:
         scaled = scaled.index_fill(-1, eos_ids, -math.inf)
     if params.top_k == 1:
         tokens = scaled.argmax(dim=-1)
@@ -177,7 +193,8 @@ class _SlotLayer(CacheLayerMixin):
     completion column ``cache.row_position[b]``, and the attention gets, per row, its prompt slot's
     columns (gathered by ``cache.row_prompt``: a transient ``[rows, kv_heads, P, head_dim]`` copy per
     layer and step, as the masked attention needs one tensor per row) followed by its completion
-    columns, for the mask to select from. Views of the completion buffers are made per batch size
+    columns, for the mask to select from; except while the rows are slot-major with the engine's sdpa
+    (``cache.split_attention``), when ``_split_attention`` reads both segments in place. Views of the completion buffers are made per batch size
     outside the decode step (never while it is traced, which would change its guards) and kept, so
     their tensors stay the same objects. With the attention kernel (``cache.fused_attention``) this
     layer does nothing at decode: the kernel reads both segments in place and writes the new token.
@@ -229,6 +246,8 @@ class _SlotLayer(CacheLayerMixin):
         rows, columns = cache.row_index[: cache.batch], cache.row_position[: cache.batch]
         keys[rows, :, columns] = key_states[:, :, 0]
         values[rows, :, columns] = value_states[:, :, 0]
+        if cache.split_attention and cache.slot_major:
+            return key_states, value_states  # decode_attention reads both segments in place (_split_attention)
         slots = cache.row_prompt[: cache.batch]
         return (torch.cat([self.prompt_keys.index_select(0, slots), keys], dim=2),
                 torch.cat([self.prompt_values.index_select(0, slots), values], dim=2))
@@ -264,6 +283,12 @@ class SlotCache(Cache):
         # With the decode attention kernel: its split tickets; the kernel writes the new keys and values
         # (update() does not).
         self.fused_attention = False
+        # Without the kernel, for models on the attention interface with sdpa: decode_attention attends
+        # to the two segments in place while the rows are slot-major (row b of prompt slot b // group,
+        # until a compaction); else update() gathers each row's prompt KV.
+        self.split_attention = False
+        self.slot_major = False
+        self.group = 1
         self.tickets = torch.zeros(0, dtype=torch.int32, device=device)
         if device.type == "cuda":  # graph replays read them in place
             for tensor in (self.row_index, self.row_prompt, self.row_start, self.row_position):
@@ -287,12 +312,22 @@ class SlotCache(Cache):
             layer.view(size)
         self.batch = size
 
-    def start_rows(self, row_prompt: torch.Tensor, row_start: torch.Tensor) -> None:
-        """Rows ``0 .. len(row_prompt)-1`` begin their completions: prompt slot and first column each."""
-        size = len(row_prompt)
-        self.row_prompt[:size] = row_prompt
-        self.row_start[:size] = row_start
-        self.row_position[:size] = 0
+    def start_rows(self, row_prompt: torch.Tensor, row_start: torch.Tensor, group: int) -> None:
+        """Rows ``0 .. len(row_prompt)-1`` begin their completions: prompt slot and first column each;
+        ``row_prompt`` is slot-major (``group`` rows of slot 0, then of slot 1, ...)."""
+        self.start_rows_at(torch.arange(len(row_prompt), device=self.device), row_prompt, row_start)
+        self.begin(len(row_prompt), group)
+
+    def start_rows_at(self, rows: torch.Tensor, row_prompt: torch.Tensor, row_start: torch.Tensor) -> None:
+        """Rows ``rows`` (re)start their completions: prompt slot and first prompt column each."""
+        self.row_prompt[rows] = row_prompt
+        self.row_start[rows] = row_start
+        self.row_position[rows] = 0
+
+    def begin(self, batch: int, group: int) -> None:
+        """Decode the first ``batch`` rows, slot-major (row ``s * group + j`` of prompt slot s)."""
+        self.group, self.slot_major = group, True
+        self.set_batch(batch)
 
     def compact(self, order: torch.Tensor) -> None:
         """Rows ``order`` (on the device) become rows ``0 .. len(order)-1`` and the batch shrinks to them
@@ -303,6 +338,7 @@ class SlotCache(Cache):
                 buffer[:size] = buffer[: self.batch].index_select(0, order)
         for state in (self.row_prompt, self.row_start, self.row_position):
             state[:size] = state[: self.batch].index_select(0, order)
+        self.slot_major = False
         self.set_batch(size)
 
     def attention_mask(self) -> torch.Tensor:
@@ -350,6 +386,8 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     cache = kwargs.pop(SLOT_CACHE_KEYWORD, None)
     batch, heads, query_length, head_dim = query.shape
     kv_heads = key.shape[1]
+    if cache is not None and cache.split_attention and cache.slot_major and query_length == 1:
+        return _split_attention(cache, cache.layers[module.layer_idx], query, attention_mask, scaling), None
     if cache is not None and cache.fused_attention and query_length == 1:
         layer = cache.layers[module.layer_idx]
         scale = scaling if scaling is not None else head_dim ** -0.5
@@ -365,6 +403,33 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
                                                            scale=scaling)
     return out.reshape(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
+
+
+def _split_attention(cache: SlotCache, layer: _SlotLayer, query: torch.Tensor, allowed: torch.Tensor,
+                     scaling: float | None) -> torch.Tensor:
+    """One query token per row over the two cache segments in place, no gathered copy: rows are
+    slot-major, so the queries of a prompt slot's rows (and their query heads) are the rows of one
+    product with the slot's prompt keys; each row's completion is its own product. One softmax (fp32)
+    over both parts' scores, which are the only tensors joined. ``allowed``: [B, 1, 1, P + C]. -> [B, 1, H, D]."""
+    batch, heads, _, head_dim = query.shape
+    kv_heads, group = layer.keys.shape[1], cache.group
+    per_kv, slots, prompt = heads // kv_heads, batch // group, cache.prompt_length
+    keys, values = layer.views[batch]
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    q = query.reshape(batch, kv_heads, per_kv, head_dim)  # query head h uses KV head h // per_kv
+
+    def by_slot(tensor):  # [B, KV, g, X] -> [slots, KV, group * g, X]
+        return tensor.reshape(slots, group, kv_heads, per_kv, -1).transpose(1, 2).reshape(slots, kv_heads,
+                                                                                          group * per_kv, -1)
+
+    def by_row(tensor):  # the inverse
+        return tensor.reshape(slots, kv_heads, group, per_kv, -1).transpose(1, 2).reshape(batch, kv_heads, per_kv, -1)
+
+    prompt_scores = by_row(by_slot(q) @ layer.prompt_keys[:slots].transpose(-1, -2))
+    scores = torch.cat([prompt_scores, q @ keys.transpose(-1, -2)], dim=-1).float() * scale
+    probs = scores.masked_fill(~allowed, -math.inf).softmax(dim=-1).to(values.dtype)
+    out = by_row(by_slot(probs[..., :prompt]) @ layer.prompt_values[:slots]) + probs[..., prompt:] @ values
+    return out.reshape(batch, 1, heads, head_dim)
 
 
 @contextlib.contextmanager
@@ -439,8 +504,8 @@ class RolloutEngine:
     calls (None: with CUDA graphs, whose replays read it in place); ``seed``: seeds the engine's
     generator once (None: each call draws a seed from torch's global RNG, so ``torch.manual_seed``
     and a restored RNG state reproduce runs); ``tokenizer``: needed for stop strings;
-    ``max_kv_bytes``: the KV cache's budget in bytes (None: all of a call's rows at once), the
-    prompts decode in waves of whole groups that fit it.
+    ``max_kv_bytes``: the KV cache's budget in bytes (None: all of a call's rows at once): as many
+    whole groups decode together as fit it, a finished group's slot taking the next waiting prompt.
     """
 
     def __init__(self, *, sync_every: int = 8, compact: bool = True, cuda_graphs: bool = True,
@@ -573,23 +638,16 @@ class RolloutEngine:
         prompts_per_wave = self.prompts_per_wave(decoder.config, prompt_ids, params,
                                                  decoder.get_input_embeddings().weight.dtype)
         generator = self._generator_for(device, seed)
-        waves = []
         try:
             with _mask_friendly_attention(model) as implementation, self._nf4_decode(decoder, device):
-                width = max(len(prompt) for prompt in prompt_ids)  # every wave's prompt slots hold the longest
-                for start in range(0, len(prompt_ids), prompts_per_wave):  # one NF4 repack for every wave
-                    waves.append(self._decode(decoder, head, transform, prompt_ids[start:start + prompts_per_wave],
-                                              params, implementation, device, generator, tokenizer,
-                                              slots=prompts_per_wave, prompt_length=width))
+                tokens, logprobs, slots = self._decode(decoder, head, transform, prompt_ids, params, implementation,
+                                                       device, generator, tokenizer, slots=prompts_per_wave)
         finally:
             model.train(was_training)
             if not self._uses_cuda_graphs(device):
                 # Without CUDA graphs nothing needs the KV buffers' addresses to stay: free them for the
                 # training pass. With graphs they stay (a replay reads and writes them in place).
                 self._cache = None
-        tokens = torch.cat([wave[0] for wave in waves])
-        logprobs = torch.cat([wave[1] for wave in waves])
-        slots = [count for wave in waves for count in wave[2]]
         completions, completion_logprobs = [], []
         for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
             ids = cut_at_eos(row, params.eos_token_ids, params.max_completion_length)
@@ -622,95 +680,134 @@ class RolloutEngine:
 
     def _decode(self, decoder, head, transform: LogitTransform, prompt_ids, params: SamplingParams,
                 implementation: str, device: torch.device, generator: torch.Generator,
-                tokenizer, slots: int = 0, prompt_length: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """One wave: ``prompt_ids`` (at most ``slots``) prefilled once each, their groups decoded together
-        in a cache of ``slots`` prompt slots of at least ``prompt_length`` columns."""
+                tokenizer, slots: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """All of ``prompt_ids`` through a cache of ``slots`` prompt slots (and their groups' rows): the
+        first prompts are prefilled into every slot; at a sync point, a slot whose rows are all done takes
+        the next waiting prompt (prefilled into it, its rows restarted at step 0) while the other rows go
+        on. Rows stay slot-major (row ``s * group + j`` of slot s) while prompts wait: compaction only
+        once none does. -> (tokens, log-probs [prompts x group, max_new] on the CPU, rows per decode step)."""
         group, max_new = params.num_generations, params.max_completion_length
-        ids, prompt_mask = (tensor.to(device) for tensor in pad(prompt_ids, params.pad_token_id, left=True))
-        prompts, width = ids.shape
-        rows = prompts * group
-        slots = max(prompts, slots)
+        total = len(prompt_ids)
+        slots = min(slots, total)
+        width = max(len(prompt) for prompt in prompt_ids)  # the prompt slots hold the longest prompt
         _check_full_attention(decoder.config, width + max_new)
-        num_layers = decoder.config.num_hidden_layers
-        cache = self._cache_for(num_layers, slots, slots * group, cache_length(max(width, prompt_length)),
-                                max_new, device)  # a wave's slots and rows: a prefix
+        rows = slots * group
+        cache = self._cache_for(decoder.config.num_hidden_layers, slots, rows, cache_length(width), max_new, device)
         cache_keyword = _cache_keyword(decoder)
         dtype = decoder.get_input_embeddings().weight.dtype
         eos_ids = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
-
-        # Prefill: each distinct prompt once, its KV into its prompt slot (shared by the group's rows).
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        cache.prefill_slots = torch.arange(prompts, device=device)
-        try:
-            mask = _attention_mask(_prefill_mask(prompt_mask), implementation, dtype)
-            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             **{cache_keyword: cache}).last_hidden_state
-        finally:
-            cache.prefill_slots = None
-        lengths = prompt_mask.sum(-1)
-        cache.start_rows(torch.arange(prompts, dtype=torch.int32, device=device).repeat_interleave(group),
-                         (cache.prompt_length - lengths).to(torch.int32).repeat_interleave(group))
-        cache.set_batch(rows)
-        cache.fused_attention = False
+        cache.fused_attention = cache.split_attention = False
         # only for models whose attention goes through the attention interface (decode_attention gets
         # the cache there); one with its own attention would attend to the new token alone
         if (getattr(decoder, "_supports_attention_backend", False)
                 and self._fused_attention(decoder.config, implementation, device)):
             cache.use_fused_attention(ModelShape.from_config(decoder.config).kv_heads)
-        logits = transform.apply(head(hidden[:, -1])).repeat_interleave(group, dim=0)
+        elif getattr(decoder, "_supports_attention_backend", False) and implementation == "sdpa":
+            cache.split_attention = True
 
-        # Per-row decode state, all on the device; `row_ids` maps cache rows to output rows.
-        row_ids = torch.arange(rows, device=device)
-        next_position = lengths.repeat_interleave(group)  # position id of the next token
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        out_tokens = torch.full((rows, max_new), params.pad_token_id, dtype=torch.long, device=device)
-        out_logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
-        step_function = self._step_function(device)
-        slots_per_step = []
-        sample = functools.partial(sample_tokens, params=params, eos_ids=eos_ids, generator=generator)
-        if self._fused_sampling(params, device) and logits.dtype == torch.float32:
+        # Outputs per output row (prompt p's rows p * group ...); column max_new takes finished rows' draws.
+        out_tokens = torch.full((total * group, max_new + 1), params.pad_token_id, dtype=torch.long, device=device)
+        out_logprobs = torch.zeros(total * group, max_new + 1, dtype=torch.float32, device=device)
+        # Per cache row, on the device: its output row, tokens sampled so far, done, prompt length, last token.
+        row_ids = torch.zeros(rows, dtype=torch.long, device=device)
+        steps = torch.zeros(rows, dtype=torch.long, device=device)
+        done = torch.ones(rows, dtype=torch.bool, device=device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        tokens = torch.full((rows,), params.pad_token_id, dtype=torch.long, device=device)
+        def sample(logits, steps, rows):  # the draws come from the generator, in batch order
+            return sample_tokens(logits, params, steps, eos_ids, generator)
+
+        if self._fused_sampling(params, device) and total * group <= STREAM_ROWS:  # rows key the kernel's draws
             greedy = params.top_k == 1
             # greedy draws nothing; else one seed from the generator per call (its only host read)
             seed = 0 if greedy else int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device))
-            tickets = torch.zeros(rows, dtype=torch.int32, device=device)
             sample = functools.partial(_sample_one_pass, params=params, eos_ids=eos_ids, greedy=greedy, seed=seed,
-                                       tickets=tickets)
-        for step in range(max_new):
-            tokens, logprobs = sample(logits, step=step)
-            tokens = tokens.masked_fill(done, params.pad_token_id)
-            out_tokens[row_ids, step] = tokens
-            out_logprobs[row_ids, step] = logprobs.masked_fill(done, 0.0)
-            done = done | torch.isin(tokens, eos_ids)
-            if step + 1 == max_new:
-                break
-            if (step + 1) % self.sync_every == 0:  # the only host syncs of the loop
+                                       tickets=torch.zeros(rows, dtype=torch.int32, device=device), torch_path=sample)
+        waiting = 0  # the next prompt to start
+        deadline: dict[int, int] = {}  # slot -> the decode step by which its rows are certainly done
+
+        def start(free: list[int], iteration: int) -> None:
+            """The next waiting prompts into slots ``free``: prefilled, their rows' first tokens sampled."""
+            nonlocal waiting, row_ids, steps, done, lengths, tokens
+            free = free[: total - waiting]
+            first, waiting = waiting, waiting + len(free)
+            ids, prompt_mask = (tensor.to(device) for tensor in
+                                pad(prompt_ids[first:waiting], params.pad_token_id, left=True))
+            cache.prefill_slots = torch.tensor(free, device=device)
+            try:  # each prompt once, its KV into its slot (shared by the group's rows)
+                mask = _attention_mask(_prefill_mask(prompt_mask), implementation, dtype)
+                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+                                 use_cache=True, **{cache_keyword: cache}).last_hidden_state
+            finally:
+                cache.prefill_slots = None
+            logits = transform.apply(head(hidden[:, -1])).repeat_interleave(group, dim=0)
+            slot_rows = (torch.tensor(free, device=device)[:, None] * group
+                         + torch.arange(group, device=device)).flatten()  # the slots' rows (slot-major)
+            new_rows = torch.arange(first * group, waiting * group, device=device)
+            new_lengths = prompt_mask.sum(-1).repeat_interleave(group)
+            cache.start_rows_at(slot_rows, torch.tensor(free, dtype=torch.int32, device=device).repeat_interleave(group),
+                                (cache.prompt_length - new_lengths).to(torch.int32))
+            first_steps = torch.zeros(len(new_rows), dtype=torch.long, device=device)
+            new_tokens, new_logprobs = sample(logits, steps=first_steps, rows=new_rows)
+            out_tokens[new_rows, 0], out_logprobs[new_rows, 0] = new_tokens, new_logprobs
+            row_ids, steps, lengths, tokens = (state.index_put((slot_rows,), value) for state, value in (
+                (row_ids, new_rows), (steps, first_steps + 1), (lengths, new_lengths), (tokens, new_tokens)))
+            done = done.index_put((slot_rows,), torch.isin(new_tokens, eos_ids) | (max_new == 1))
+            for slot in free:
+                deadline[slot] = iteration + max_new - 1
+
+        start(list(range(slots)), 0)
+        cache.begin(rows, group)
+        step_function = self._step_function(device)
+        slots_per_step = []
+        iteration = 0  # decode steps so far
+        while True:
+            if (iteration + 1) % self.sync_every == 0 or iteration >= min(deadline.values(), default=0):
+                # the only host syncs of the loop
                 if params.stop_strings:
-                    done = self._stop_at_strings(out_tokens, row_ids, done, step, params.stop_strings, tokenizer)
+                    done = self._stop_at_strings(out_tokens, row_ids, done, steps, params.stop_strings, tokenizer)
+                for slot in [slot for slot, last in deadline.items() if last <= iteration]:
+                    del deadline[slot]  # certainly done
+                while waiting < total:  # slots whose rows are all done take the next prompts (rows slot-major)
+                    free = torch.nonzero(done.view(-1, group).all(dim=1))[:, 0].tolist()
+                    if not free:
+                        break
+                    start(free, iteration)
                 live = int((~done).sum())
                 if live == 0:
                     break
                 size = max(MIN_COMPACT_ROWS, 1 << (live - 1).bit_length())  # a power of two: few shapes
-                if self.compact and size <= cache.batch // 2:
+                if self.compact and waiting == total and size <= cache.batch // 2:
                     order = torch.argsort(done.to(torch.int8), stable=True)[:size]  # live rows first
                     cache.compact(order)
-                    row_ids, next_position, done, tokens = (
-                        tensor[order] for tensor in (row_ids, next_position, done, tokens))
+                    row_ids, steps, lengths, done, tokens = (
+                        tensor[order] for tensor in (row_ids, steps, lengths, done, tokens))
+            # Decode: each row's last token at its completion column (finished rows: clamped, never read)
+            cache.row_position[: cache.batch] = (steps - 1).clamp(0, max_new - 1).to(torch.int32)
             mask = _attention_mask(cache.attention_mask()[:, None, None, :], implementation, dtype)
+            positions = torch.where(done, 0, lengths + steps - 1)
             logits = step_function(decoder, head, transform, cache, cache_keyword, tokens[:, None],
-                                   next_position[:, None], mask)
-            cache.row_position[: cache.batch] += 1
-            next_position = next_position + 1
+                                   positions[:, None], mask)
             slots_per_step.append(cache.batch)
+            iteration += 1
+            tokens, logprobs = sample(logits, steps=steps, rows=row_ids)
+            column = torch.where(done, max_new, steps)  # finished rows' draws go to the discarded column
+            out_tokens[row_ids, column] = tokens
+            out_logprobs[row_ids, column] = logprobs
+            done = done | torch.isin(tokens, eos_ids) | (steps + 1 >= max_new)
+            steps = steps + 1
         cache.batch = cache.capacity
-        return out_tokens.cpu(), out_logprobs.cpu(), slots_per_step
+        return out_tokens[:, :max_new].cpu(), out_logprobs[:, :max_new].cpu(), slots_per_step
 
     @staticmethod
-    def _stop_at_strings(out_tokens, row_ids, done, step, stop_strings, tokenizer) -> torch.Tensor:
-        """``done`` with the live rows whose completion text so far contains a stop string marked done."""
+    def _stop_at_strings(out_tokens, row_ids, done, steps, stop_strings, tokenizer) -> torch.Tensor:
+        """``done`` with the live rows whose completion text so far (``steps`` tokens each) contains a stop
+        string marked done."""
         live_rows = row_ids[~done].tolist()
         if not live_rows:
             return done
-        sampled = out_tokens[live_rows, : step + 1].tolist()
+        counts = steps[~done].tolist()
+        sampled = [ids[:count] for ids, count in zip(out_tokens[live_rows].tolist(), counts)]
         stopped = [row for row, ids in zip(live_rows, sampled)
                    if any(text in tokenizer.decode(ids) for text in stop_strings)]
         if not stopped:
@@ -725,18 +822,25 @@ def fused_sampling_supported(params: SamplingParams) -> bool:
             and 1 <= len(params.eos_token_ids) <= MAX_EOS)
 
 
-def _sample_one_pass(logits: torch.Tensor, step: int, params: SamplingParams, eos_ids: torch.Tensor, greedy: bool,
-                     seed: int, tickets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sample_tokens`` as one kernel pass over fp32 ``logits`` (see fused_sampling_supported)."""
-    return sample_fused(logits.contiguous(), params.temperature, eos_ids, step < params.min_completion_length,
-                        greedy, seed, step, tickets)
+def _sample_one_pass(logits: torch.Tensor, steps: torch.Tensor, rows: torch.Tensor, params: SamplingParams,
+                     eos_ids: torch.Tensor, greedy: bool, seed: int, tickets: torch.Tensor,
+                     torch_path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_tokens`` as one kernel pass over fp32 ``logits`` (see fused_sampling_supported), each row
+    at its own step: its draw keyed by (seed, its output row ``rows[b]``, its step ``steps[b]``), so it
+    does not depend on where the row sits in the batch (slot refill, compaction). Other logits: the
+    torch path."""
+    if logits.dtype != torch.float32:
+        return torch_path(logits, steps, rows)
+    return sample_fused(logits.contiguous(), params.temperature, eos_ids, False, greedy, seed, 0, tickets,
+                        rows=rows, steps=steps, min_steps=params.min_completion_length)
 
 
 def _decode_step(decoder, head, transform: LogitTransform, cache: SlotCache, cache_keyword: str,
                  input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """float32 logits [B, V] of the next token (the model's, ``transform`` applied), the new token's
     KV written into ``cache``."""
-    kwargs = {cache_keyword: cache, **({SLOT_CACHE_KEYWORD: cache} if cache.fused_attention else {})}
+    kwargs = {cache_keyword: cache,
+              **({SLOT_CACHE_KEYWORD: cache} if cache.fused_attention or cache.split_attention else {})}
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=True, **kwargs).last_hidden_state
     return transform.apply(head(hidden[:, -1]))

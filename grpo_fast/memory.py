@@ -14,9 +14,9 @@ Each term is a formula in the model's shape (its Hugging Face config) and the ru
                  stored once, shared by its rows): all of a step's rows, or within a budget the
                  waves of whole groups the engine decodes (``rollout_rows``: at least one group); on
                  a GPU the engine keeps its KV cache and its NF4 decode copy (0.5625 B / NF4 param)
-                 between steps for its CUDA graphs, so both count as resident there (the engine's
-                 masked attention path, used without the decode attention kernel, also gathers one
-                 layer's prompt KV per row for each step: a transient not counted here)
+                 between steps for its CUDA graphs, so both count as resident there (without the
+                 decode attention kernel, after a compaction or with eager attention, the engine also
+                 gathers one layer's prompt KV per row for each step: a transient not counted here)
     activations  per token: layers x (a hidden + b intermediate + c kv_dim + d) + (e hidden + ...)
                  bytes at the peak of forward + backward (the tensors autograd keeps for a Llama /
                  Qwen2 block with LoRA on every Linear, SDPA attention: no tokens^2 term, plus the

@@ -9,7 +9,9 @@ the running argmax of s + Gumbel noise (of s alone when greedy), EOS excluded wh
 suppressed. argmax(s + G) with G = -log(-log U) draws token i with probability softmax(s)_i: the
 engine's exponential race argmax(p / E), E = -log U, written in logs. The uniforms come from
 Triton's counter-based generator (Philox) keyed by (seed, step, row, token), so a seed reproduces
-a run (the engine draws the seed from its generator once per call). The last slice of a row to
+a run (the engine draws the seed from its generator once per call; it passes each row's output row
+and own step, so rows at different steps after a slot refill, or moved by compaction, draw what
+they would in one big batch). The last slice of a row to
 finish merges the slices' states in slice order (a fixed order); ties go to the lowest token id,
 as torch.argmax's.
 """
@@ -39,11 +41,19 @@ def _sample_kernel(
     V, v_per_split, inv_temperature, seed,
     stream,  # step * STREAM_ROWS: this step's first row in the random stream (an int64 from step 32768)
     suppress_eos,
+    rows_ptr, steps_ptr,  # PER_ROW: [B] int64 each row's stream row and its step (dummies otherwise)
     NUM_EOS: tl.constexpr, EOS_PAD: tl.constexpr, GREEDY: tl.constexpr, SPLITS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, PER_ROW: tl.constexpr, STREAM_ROWS_: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
+    if PER_ROW:  # rows at different steps: each its own stream row and step, EOS suppressed below step `suppress_eos`
+        row_step = tl.load(steps_ptr + row)
+        stream_row = row_step * STREAM_ROWS_ + tl.load(rows_ptr + row)
+        suppress = row_step < suppress_eos
+    else:
+        stream_row = (stream + row).to(tl.int64)
+        suppress = suppress_eos != 0
     lo = split * v_per_split
     hi = tl.minimum(lo + v_per_split, V)
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per lane: running max and sum of exp(s - max)
@@ -63,11 +73,11 @@ def _sample_kernel(
         if not GREEDY:
             # one uniform per (step, row, token) (rows of a step below STREAM_ROWS: streams never overlap),
             # kept inside (0, 1): u = 0 or 1 (fp32 rounding of Philox's integers) would give an infinite key
-            uniform = tl.rand(seed, (stream + row).to(tl.int64) * V + tokens)
+            uniform = tl.rand(seed, stream_row * V + tokens)
             uniform = tl.minimum(tl.maximum(uniform, 1.1754944e-38), 0.99999994)
             key = s - tl.log(-tl.log(uniform))
         is_eos = tl.max((tokens[:, None] == eos[None, :]).to(tl.int32), 1) > 0
-        key = tl.where(valid & ~(is_eos & (suppress_eos != 0)), key, float("-inf"))
+        key = tl.where(valid & ~(is_eos & suppress), key, float("-inf"))
         better = key > best_key  # lanes keep their first (lowest) token on ties
         best_key = tl.where(better, key, best_key)
         best_token = tl.where(better, tokens, best_token)
@@ -115,9 +125,14 @@ def _sample_kernel(
 
 
 def sample_fused(logits: Tensor, temperature: float, eos_ids: Tensor, suppress_eos: bool, greedy: bool,
-                 seed: int, step: int, tickets: Tensor, splits: int | None = None) -> tuple[Tensor, Tensor]:
+                 seed: int, step: int, tickets: Tensor, splits: int | None = None, *, rows: Tensor | None = None,
+                 steps: Tensor | None = None, min_steps: int = 0) -> tuple[Tensor, Tensor]:
     """(tokens [B] int64, log-probs [B] fp32) for fp32 ``logits`` [B, V] (see the module docstring).
-    ``tickets``: [>= B] int32 zeros, left at zero. ``seed``, ``step``: the draw's random stream."""
+    ``tickets``: [>= B] int32 zeros, left at zero. ``seed``, ``step``: the draw's random stream, row b
+    of the logits its row ``step * STREAM_ROWS + b``. Rows at different steps: ``rows`` and ``steps``
+    ([B] int64) give row b its stream row ``steps[b] * STREAM_ROWS + rows[b]`` (``rows``: e.g. the
+    output row, so a draw does not depend on where the row sits in the batch) and EOS is suppressed
+    where ``steps[b] < min_steps`` (``step`` and ``suppress_eos`` are then unused)."""
     if logits.dim() != 2 or logits.dtype != torch.float32 or logits.stride(1) != 1:
         raise ValueError(f"logits: expected a [B, V] float32 tensor with unit stride along V, received "
                          f"{list(logits.shape)} {logits.dtype} strides {logits.stride()}")
@@ -125,6 +140,13 @@ def sample_fused(logits: Tensor, temperature: float, eos_ids: Tensor, suppress_e
         raise ValueError(f"logits: expected at most {STREAM_ROWS} rows, received {logits.shape[0]}")
     if not 1 <= eos_ids.numel() <= MAX_EOS:
         raise ValueError(f"eos_ids: expected 1 to {MAX_EOS} token ids, received {eos_ids.numel()}")
+    per_row = steps is not None
+    if per_row:
+        for name, tensor in (("rows", rows), ("steps", steps)):
+            if tensor is None or tensor.dtype != torch.int64 or tensor.shape != logits.shape[:1]:
+                raise ValueError(f"{name}: expected an int64 tensor of {logits.shape[0]} rows with steps, received "
+                                 f"{None if tensor is None else (tensor.dtype, list(tensor.shape))}")
+    rows_index = rows
     rows, vocab = logits.shape
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -139,8 +161,10 @@ def sample_fused(logits: Tensor, temperature: float, eos_ids: Tensor, suppress_e
     launch(
         _sample_kernel, (rows, splits),
         logits, logits.stride(0), eos_ids, state, tickets, tokens, logprobs,
-        vocab, per_split, 1.0 / temperature, seed, step * STREAM_ROWS, int(suppress_eos),
-        NUM_EOS=eos_ids.numel(), EOS_PAD=triton.next_power_of_2(eos_ids.numel()), GREEDY=greedy, SPLITS=splits, BLOCK_V=block,
+        vocab, per_split, 1.0 / temperature, seed, step * STREAM_ROWS, min_steps if per_row else int(suppress_eos),
+        rows_index if per_row else tokens, steps if per_row else tokens,
+        NUM_EOS=eos_ids.numel(), EOS_PAD=triton.next_power_of_2(eos_ids.numel()), GREEDY=greedy, SPLITS=splits,
+        BLOCK_V=block, PER_ROW=per_row, STREAM_ROWS_=STREAM_ROWS,
         num_warps=1 if interpreting() else 8,
     )
     return tokens, logprobs

@@ -139,11 +139,11 @@ def test_compaction_moves_each_rows_completion_and_state_not_the_prompt_slots():
     assert layer.prompt_keys[:, 0, 5:, 0].tolist() == [[0.0] * 3, [1.0] * 3]  # right-aligned in the slot
     cache.set_batch(4)
     cache.start_rows(torch.tensor([0, 0, 1, 1], dtype=torch.int32, device=DEVICE),
-                     torch.tensor([5, 5, 6, 6], dtype=torch.int32, device=DEVICE))
+                     torch.tensor([5, 5, 6, 6], dtype=torch.int32, device=DEVICE), group=2)
     cache.row_position[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.int32, device=DEVICE)
     layer.keys[:4] = torch.arange(4, dtype=torch.float32, device=DEVICE).view(4, 1, 1, 1) + 10
     cache.compact(torch.tensor([2, 0], device=DEVICE))
-    assert cache.batch == 2
+    assert cache.batch == 2 and not cache.slot_major  # the masked path gathers each row's prompt from now on
     assert (cache.row_prompt[:2].tolist(), cache.row_start[:2].tolist(), cache.row_position[:2].tolist()) == (
         [1, 0], [6, 5], [3, 1])
     assert layer.keys[:2, 0, 0, 0].tolist() == [12.0, 10.0]

@@ -158,6 +158,62 @@ def test_a_groups_prompt_kv_is_stored_once_as_the_memory_formula_says(tokenizer,
     assert allocated < copied
 
 
+def test_slot_refill_starts_waiting_prompts_as_groups_finish(tokenizer, full_model):
+    """A budget of two groups, eight prompts that stop at different steps, host checks every step: a
+    slot whose group is done takes the next prompt while the other slot decodes on, so the call takes
+    fewer decode steps than waves of two (each as long as its longest completion) would; the greedy
+    tokens and log-probs are one big batch's and Hugging Face generate's."""
+    prompts = _prompts(tokenizer)
+    eos_ids = _eos_mid_generation(full_model, prompts, tokenizer.pad_token_id)
+    params = _params(tokenizer, num_generations=2, eos_token_ids=eos_ids)
+    expected = _hf_greedy(full_model, prompts, tokenizer.pad_token_id, eos_ids)
+    whole = RolloutEngine(sync_every=1).generate(full_model, prompts, params)
+    assert whole.completion_ids == [row for row in expected for _ in range(2)]
+    engine = RolloutEngine(sync_every=1, max_kv_bytes=2 * _group_kv_bytes(full_model, prompts, params) + 1)
+    refilled = engine.generate(full_model, prompts, params)
+    assert refilled.completion_ids == whole.completion_ids
+    for got, want in zip(refilled.logprobs, whole.logprobs):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=1e-5)
+    assert max(refilled.slots_per_step) == 4
+    lengths = [len(row) for row in expected]
+    in_waves = sum(max(lengths[start:start + 2]) - 1 for start in range(0, len(prompts), 2))
+    assert len(refilled.slots_per_step) < in_waves, (len(refilled.slots_per_step), in_waves)
+
+
+class _FusedSamplingEngine(RolloutEngine):
+    """The one-pass sampling kernel on CPU (the Triton interpreter): draws keyed by (output row, step)."""
+
+    def _fused_sampling(self, params, device):
+        from grpo_fast.engine import fused_sampling_supported
+
+        return fused_sampling_supported(params)
+
+
+def test_sampling_with_slot_refill_is_deterministic_and_the_models(tokenizer, full_model, monkeypatch):
+    """Sampled (temperature 0.9, EOS suppressed for 2 steps) within a budget of one group, its slot refilled:
+    the same seed gives the same completions; the log-probs are a full forward pass's; with the one-pass
+    kernel each row's draw is keyed by its output row and step, so the refilled run samples what one big
+    batch samples."""
+    prompts = _prompts(tokenizer)[:3]
+    eos_ids = _eos_mid_generation(full_model, _prompts(tokenizer), tokenizer.pad_token_id)
+    params = _params(tokenizer, num_generations=2, eos_token_ids=eos_ids, top_k=0, temperature=0.9,
+                     min_completion_length=2, max_completion_length=6)
+    budget = _group_kv_bytes(full_model, prompts, params) + 1  # one group at a time
+    first = RolloutEngine(sync_every=2, max_kv_bytes=budget).generate(full_model, prompts, params, seed=4)
+    again = RolloutEngine(sync_every=2, max_kv_bytes=budget).generate(full_model, prompts, params, seed=4)
+    assert first.completion_ids == again.completion_ids and first.logprobs == again.logprobs
+    assert all(len(row) >= 3 or row[-1] not in eos_ids for row in first.completion_ids)
+    assert_logprobs_are_the_models(full_model, prompts, first, 2, 0.9, tokenizer.pad_token_id)
+    import grpo_fast.kernels.sampling as sampling_module
+
+    monkeypatch.setattr(sampling_module, "sample_block", lambda: 512)  # the whole vocabulary per program: fast to interpret
+    fused = _FusedSamplingEngine(sync_every=2, max_kv_bytes=budget).generate(full_model, prompts, params, seed=4)
+    one_batch = _FusedSamplingEngine(sync_every=2).generate(full_model, prompts, params, seed=4)
+    assert fused.completion_ids == one_batch.completion_ids
+    assert len(set(map(tuple, fused.completion_ids))) > 3  # sampling: a group's two rows differ
+    assert_logprobs_are_the_models(full_model, prompts, fused, 2, 0.9, tokenizer.pad_token_id)
+
+
 def test_a_kv_budget_below_one_group_decodes_one_group_at_a_time_with_a_warning(tokenizer, full_model):
     """A prompt longer than the trainer sized the budget for: the engine goes over the budget by one
     group rather than failing mid-run, and says so."""
@@ -605,6 +661,42 @@ def test_decode_attention_reads_kv_heads_as_sdpa_with_repeated_kv_would():
         query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=mask, scale=0.25).transpose(1, 2)
     assert out.shape == (3, 1, 8, 16)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_split_attention_over_the_shared_prompt_equals_sdpa_over_gathered_copies():
+    """The CPU path without a copy (rows slot-major: a slot's rows' queries meet its prompt keys in one
+    product) against the gathered path: each row's prompt KV copied next to its completion, sdpa masked."""
+    from types import SimpleNamespace
+
+    from grpo_fast.engine import SLOT_CACHE_KEYWORD, SlotCache, decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    slots, group, kv_heads, heads, head_dim = 2, 3, 2, 4, 16
+    cache = SlotCache(num_layers=1, slots=slots, capacity=slots * group, prompt_length=8, completion_length=5,
+                      device=torch.device("cpu"))
+    cache.prefill_slots = torch.arange(slots)
+    prompt_states = torch.randn(2, slots, kv_heads, 8, head_dim, generator=generator)
+    cache.layers[0].update(*prompt_states)
+    cache.prefill_slots = None
+    cache.set_batch(slots * group)
+    cache.start_rows(torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.int32), torch.tensor([3] * 3 + [0] * 3,
+                                                                                       dtype=torch.int32), group)
+    cache.row_position[:6] = torch.tensor([0, 2, 4, 1, 3, 4], dtype=torch.int32)
+    layer = cache.layers[0]
+    layer.keys.copy_(torch.randn(layer.keys.shape, generator=generator))
+    layer.values.copy_(torch.randn(layer.values.shape, generator=generator))
+    query = torch.randn(6, heads, 1, head_dim, generator=generator)
+    new = torch.randn(2, 6, kv_heads, 1, head_dim, generator=generator).unbind(0)
+    mask = cache.attention_mask()[:, None, None, :]
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, layer_idx=0)
+    cache.split_attention = True
+    assert layer.update(*new)[0] is new[0]  # the new token written, nothing gathered
+    split, _ = decode_attention(module, query, *new, mask, scaling=0.25, **{SLOT_CACHE_KEYWORD: cache})
+    cache.split_attention = False
+    gathered_keys, gathered_values = layer.update(*new)  # writes the same token again, then gathers
+    assert gathered_keys.shape == (6, kv_heads, 8 + 5, head_dim)
+    expected, _ = decode_attention(module, query, gathered_keys, gathered_values, mask, scaling=0.25)
+    torch.testing.assert_close(split, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_decode_step_keeps_compiling_past_dynamo_default_limit(tokenizer, full_model):

@@ -287,7 +287,10 @@ def test_engine_shares_long_prompts_under_cuda_graphs_with_the_attention_kernel(
                                                                                monkeypatch):
     """Prompts of ~150-300 tokens x 8 rows each, greedy, CUDA graphs + the decode attention kernel: one
     prompt slot per prompt (not per row), the tokens of Hugging Face generate, the log-probs of a forward
-    pass; with a budget of two groups, waves of two prompts give the same tokens."""
+    pass; with a budget of two groups (two slots, refilled) the same tokens, and sampled completions that
+    a seed reproduces."""
+    import dataclasses
+
     import grpo_fast.kernels.decode_attention as attention_module
     from grpo_fast.engine import RolloutEngine
     from grpo_fast.rollout import SamplingParams, cut_at_eos, pad
@@ -329,6 +332,11 @@ def test_engine_shares_long_prompts_under_cuda_graphs_with_the_attention_kernel(
     two_groups = 2 * (320 + group * max_new) * per_token
     waves = RolloutEngine(sync_every=4, max_kv_bytes=two_groups).generate(model, prompts, params)
     assert waves.completion_ids == result.completion_ids and max(waves.slots_per_step) == 2 * group
+    # sampled with the one-pass kernel, slots refilled under CUDA graphs: a seed reproduces the completions
+    sampled = dataclasses.replace(params, top_k=0, temperature=0.9, min_completion_length=2)
+    first, again = (RolloutEngine(sync_every=4, max_kv_bytes=two_groups).generate(model, prompts, sampled, seed=7)
+                    for _ in range(2))
+    assert first.completion_ids == again.completion_ids and len(set(map(tuple, first.completion_ids))) > 4
 
 
 def test_trainer_step_on_cuda_with_the_engine(tmp_path):

@@ -60,6 +60,32 @@ def test_sampled_logprobs_are_log_softmax_at_the_drawn_tokens(splits):
     assert torch.equal(again, tokens) and not torch.equal(other_step, tokens) and not torch.equal(other_seed, tokens)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_rows_at_their_own_steps_draw_from_their_own_streams(splits):
+    """Per-row mode (slot refill: rows at different steps): with every row at one step and rows 0..B-1
+    it is the per-step mode's draw; a row's draw follows its (row, step), not its place in the batch;
+    EOS is suppressed per row below min_steps."""
+    logits = _logits(rows=8)
+    logits[:, 3] = 9.0  # EOS likely when not suppressed
+    eos = torch.tensor([3], device=DEVICE)
+    rows = torch.arange(8, device=DEVICE)
+    steps = torch.full((8,), 5, dtype=torch.int64, device=DEVICE)
+    per_step, per_step_logprobs = sample_fused(logits, 0.8, eos, False, False, 1234, 5, _tickets(8), splits=splits)
+    tokens, logprobs = sample_fused(logits, 0.8, eos, False, False, 1234, 0, _tickets(8), splits=splits, rows=rows,
+                                    steps=steps, min_steps=2)
+    assert torch.equal(tokens, per_step) and torch.equal(logprobs, per_step_logprobs)
+    order = torch.tensor([5, 2, 7, 0, 1, 6, 3, 4], device=DEVICE)
+    moved, _ = sample_fused(logits[order], 0.8, eos, False, False, 1234, 0, _tickets(8), splits=splits,
+                            rows=rows[order], steps=steps, min_steps=2)
+    assert torch.equal(moved, tokens[order])
+    early = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1], dtype=torch.int64, device=DEVICE)  # steps 0 and 1: below 2
+    suppressed, _ = sample_fused(logits, 0.8, eos, False, False, 1234, 0, _tickets(8), splits=splits, rows=rows,
+                                 steps=early, min_steps=2)
+    assert not (suppressed == 3).any() and (tokens == 3).any()
+    with pytest.raises(ValueError, match="rows: expected an int64 tensor of 8 rows"):
+        sample_fused(logits, 0.8, eos, False, False, 1234, 0, _tickets(8), steps=steps)
+
+
 def _chi_square(counts, probs):
     expected = probs * counts.sum()
     return float(((counts - expected) ** 2 / expected).sum())

@@ -109,7 +109,7 @@ def test_trainer_sizes_micro_batches_to_the_budget(tmp_path, capsys):
 
 def test_a_rollout_over_the_budget_decodes_in_waves(tmp_path, capsys, monkeypatch):
     """A budget with room for one group's KV but not the step's two: the engine decodes the groups
-    one wave at a time instead of failing (each wave one call of its decode loop)."""
+    one at a time instead of failing (one prompt slot, refilled with the second prompt)."""
     from grpo_fast.engine import RolloutEngine
     from grpo_fast.trainer import train
 
@@ -122,9 +122,10 @@ def test_a_rollout_over_the_budget_decodes_in_waves(tmp_path, capsys, monkeypatc
     assert budget < both.resident + both.phase_bytes("rollout")
     waves = []
     decode = RolloutEngine._decode
-    monkeypatch.setattr(RolloutEngine, "_decode", lambda self, *a, **k: waves.append(len(a[3])) or decode(self, *a, **k))
+    monkeypatch.setattr(RolloutEngine, "_decode",
+                        lambda self, *a, **k: waves.append((len(a[3]), k["slots"])) or decode(self, *a, **k))
     result = train(GRPOConfig(run_name="waves", max_memory_gb=budget / 2 ** 30, **fast))
-    assert len(result.history) == 1 and waves == [1, 1]  # two waves of one prompt (its group of 4)
+    assert len(result.history) == 1 and waves == [(2, 1)]  # two prompts through one slot (a group of 4)
     assert "the rollout decodes 4 of a step's 8 completions at a time" in capsys.readouterr().out
 
 
