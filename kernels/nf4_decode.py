@@ -306,6 +306,7 @@ def _nf4_decode_kernel(
     SPLITS: tl.constexpr,
     STREAM: tl.constexpr,  # stream-K: program_id(0) takes an equal share of all tiles' chunks (see below)
     MAX_PIECES: tl.constexpr,  # STREAM: the most programs sharing one tile
+    PROGRAMS: tl.constexpr, UNITS: tl.constexpr, N_TILES: tl.constexpr,  # STREAM: grid[0], n_chunks // CPI, n_tiles
     HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_G: tl.constexpr,
     LORA_ONE: tl.constexpr,  # every member starts at a multiple of BLOCK_N: one member per tile
     USE_ASM: tl.constexpr, ASM: tl.constexpr,
@@ -325,10 +326,11 @@ def _nf4_decode_kernel(
         # covers runs its epilogue there; the pieces of a tile cut between programs write their fp32
         # sums to the program's slot (0: its first tile, 1: its last), and the piece that takes the
         # tile's last ticket adds them in program order (fixed) and runs the epilogue.
+        # (programs, units and tiles are constexprs: the divisions by them are multiplications)
         pid = tl.program_id(0)
-        programs = tl.num_programs(0)
-        units = n_chunks // CPI
-        total_units = n_tiles * units
+        programs: tl.constexpr = PROGRAMS
+        units: tl.constexpr = UNITS
+        total_units: tl.constexpr = N_TILES * UNITS
         start = pid * total_units // programs
         end = (pid + 1) * total_units // programs
         t_first = start // units
@@ -762,6 +764,8 @@ def _launch(x: Tensor, weight: DecodeNF4Weight, xa: Optional[Tensor], lora_b: Op
         weight.segments[1] if members > 1 else n, weight.segments[2] if members > 2 else n, n_tiles,
         HALF=weight.chunk // 2, BLOCK_N=plan.block_n, BLOCK_MX=cfg.block_mx, CPI=plan.chunks_per_iteration,
         SPLITS=splits, STREAM=plan.programs > 0, MAX_PIECES=plan.max_pieces,
+        PROGRAMS=max(plan.programs, 1), UNITS=plan.chunks_per_split // plan.chunks_per_iteration if plan.programs else 1,
+        N_TILES=n_tiles if plan.programs else 1,
         HAS_BIAS=weight.bias is not None, LORA_R=lora_b.shape[1] if lora else 0, LORA_G=members if lora else 1,
         LORA_ONE=lora and all(start % plan.block_n == 0 for start in weight.segments[:-1]),
         USE_ASM=use_asm, ASM=_ASM[(x.dtype, cfg.pack, cfg.register_words)] if use_asm else "", PACK=cfg.pack,
