@@ -626,8 +626,9 @@ def plan_launch(out_features: int, in_features: int, chunk: int, rows: int, cfg:
     and epilogue per tile it touches) against the DRAM traffic (packed weight and scales, plus the
     fp32 partials that pieces of a shared tile write and read). K is shared either by split-K
     (every split the same number of chunks) or, where the tiles are too few for the SMs, by
-    stream-K (``cfg.stream_block_ns``: an equal share of all tiles' chunks per program, as many programs
-    as give every SM scheduler a warp)."""
+    stream-K (``cfg.stream_block_ns``: an equal share of all tiles' chunks per program, up to as many
+    programs as give every SM scheduler a warp, or fewer with the same largest share where they cut
+    fewer tiles)."""
     chunks = in_features // chunk
     cpis = cfg.chunks_per_iteration
     if isinstance(cpis, int):
