@@ -218,10 +218,13 @@ def _lookup(packed, lut_ptr, words, USE_ASM: tl.constexpr, ASM: tl.constexpr, PA
 @triton.jit
 def _epilogue(acc, row0, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr, stride_om,
               HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_G: tl.constexpr, LORA_ONE: tl.constexpr,
-              UPCAST: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+              UPCAST: tl.constexpr, BF16_BY_BITS: tl.constexpr, EVEN_N: tl.constexpr):
     """acc (fp32 [BLOCK_N, BLOCK_MX], out^T) + bias + LoRA, stored as out[xs, rows] in out's dtype.
     LORA_ONE: the members start at multiples of BLOCK_N, so the tile's rows (from row0) are one member's."""
-    row_mask = rows < N
+    if EVEN_N:  # every tile's features exist: a constant mask, which the compiler drops
+        row_mask = tl.full(rows.shape, 1, tl.int1)
+    else:
+        row_mask = rows < N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0)[:, None]
     if LORA_R > 0:
@@ -306,6 +309,7 @@ def _nf4_decode_kernel(
     SPLITS: tl.constexpr,
     STREAM: tl.constexpr,  # stream-K: program_id(0) takes an equal share of all tiles' chunks (see below)
     MAX_PIECES: tl.constexpr,  # STREAM: the most programs sharing one tile
+    PROGRAMS: tl.constexpr, UNITS: tl.constexpr, N_TILES: tl.constexpr,  # STREAM: grid[0], n_chunks // CPI, n_tiles
     HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_G: tl.constexpr,
     LORA_ONE: tl.constexpr,  # every member starts at a multiple of BLOCK_N: one member per tile
     USE_ASM: tl.constexpr, ASM: tl.constexpr,
@@ -314,10 +318,15 @@ def _nf4_decode_kernel(
     UPCAST: tl.constexpr,  # interpreter: bf16 dots are wrong there, fp32 ones exact
     IEEE: tl.constexpr,  # fp32 x on a GPU: full-precision products, not tf32
     BF16_BY_BITS: tl.constexpr,  # interpreter with bf16 output: round to nearest even by integer arithmetic
+    EVEN_M: tl.constexpr = False,  # M a multiple of BLOCK_MX: no masks on x's rows
+    EVEN_N: tl.constexpr = False,  # N a multiple of BLOCK_N: no masks on the features
 ):
     pid_m = tl.program_id(2)
     xs = pid_m * BLOCK_MX + tl.arange(0, BLOCK_MX)
-    xmask = xs < M
+    if EVEN_M:  # every tile's rows of x exist: a constant mask, which the compiler drops
+        xmask = tl.full([BLOCK_MX], 1, tl.int1)
+    else:
+        xmask = xs < M
     words = _lut_words(lut_ptr) if REG_WORDS and USE_ASM else None
     if STREAM:
         # The tiles' chunks in a row (tile 0's CPI-chunk units, then tile 1's...), cut in equal shares:
@@ -325,10 +334,11 @@ def _nf4_decode_kernel(
         # covers runs its epilogue there; the pieces of a tile cut between programs write their fp32
         # sums to the program's slot (0: its first tile, 1: its last), and the piece that takes the
         # tile's last ticket adds them in program order (fixed) and runs the epilogue.
+        # (programs, units and tiles are constexprs: the divisions by them are multiplications)
         pid = tl.program_id(0)
-        programs = tl.num_programs(0)
-        units = n_chunks // CPI
-        total_units = n_tiles * units
+        programs: tl.constexpr = PROGRAMS
+        units: tl.constexpr = UNITS
+        total_units: tl.constexpr = N_TILES * UNITS
         start = pid * total_units // programs
         end = (pid + 1) * total_units // programs
         t_first = start // units
@@ -359,14 +369,13 @@ def _nf4_decode_kernel(
                                     * BLOCK_MX + tile_offsets, mask=xmask[None, :], other=0.0, cache_modifier=".cg")
                     for i in tl.static_range(1, MAX_PIECES):  # unrolled: the others' slots are slot 0
                         p = p_first + i
-                        total += tl.load(part_ptr + ((p * 2) * tl.num_programs(2) + pid_m) * BLOCK_N * BLOCK_MX
-                                         + tile_offsets, mask=xmask[None, :] & (tile_offsets < tl.where(p <= p_last, BLOCK_N * BLOCK_MX, 0)),
-                                         other=0.0,
-                                         cache_modifier=".cg")
+                        if p <= p_last:  # a branch, not a mask: no zeroed registers for pieces that are not there
+                            total += tl.load(part_ptr + ((p * 2) * tl.num_programs(2) + pid_m) * BLOCK_N * BLOCK_MX
+                                             + tile_offsets, mask=xmask[None, :], other=0.0, cache_modifier=".cg")
                     tl.atomic_xchg(count_ptr + pid_m * n_tiles + t, 0)
             if last:
                 _epilogue(total, t * BLOCK_N, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr,
-                          stride_om, HAS_BIAS, LORA_R, LORA_G, LORA_ONE, UPCAST, BF16_BY_BITS)
+                          stride_om, HAS_BIAS, LORA_R, LORA_G, LORA_ONE, UPCAST, BF16_BY_BITS, EVEN_N)
     else:
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -376,7 +385,7 @@ def _nf4_decode_kernel(
                         REG_WORDS, PACK, UPCAST, IEEE)
         if SPLITS == 1:
             _epilogue(acc, pid_n * BLOCK_N, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr, stride_om,
-                      HAS_BIAS, LORA_R, LORA_G, LORA_ONE, UPCAST, BF16_BY_BITS)
+                      HAS_BIAS, LORA_R, LORA_G, LORA_ONE, UPCAST, BF16_BY_BITS, EVEN_N)
         else:
             parts = part_ptr + xs[None, :] * N_pad + rows[:, None]
             tl.store(parts + pid_k * M * N_pad, acc, mask=xmask[None, :])
@@ -385,11 +394,13 @@ def _nf4_decode_kernel(
             ticket = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
             if ticket == SPLITS - 1:  # the last split of this tile to finish: reduce in split order
                 total = tl.zeros([BLOCK_N, BLOCK_MX], tl.float32)
-                for s in range(SPLITS):  # a loop, not unrolled: SPLITS tiles of loads in flight would spill
+                # a loop, not unrolled (SPLITS tiles of loads in flight would spill): over more than 4
+                # splits with run-time trips, which the compiler leaves rolled even without masks
+                for s in range(SPLITS if SPLITS <= 4 else tl.num_programs(1)):
                     total += tl.load(parts + s * M * N_pad, mask=xmask[None, :], other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(count_ptr + tile, 0)
                 _epilogue(total, pid_n * BLOCK_N, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr,
-                          stride_om, HAS_BIAS, LORA_R, LORA_G, LORA_ONE, UPCAST, BF16_BY_BITS)
+                          stride_om, HAS_BIAS, LORA_R, LORA_G, LORA_ONE, UPCAST, BF16_BY_BITS, EVEN_N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -615,8 +626,9 @@ def plan_launch(out_features: int, in_features: int, chunk: int, rows: int, cfg:
     and epilogue per tile it touches) against the DRAM traffic (packed weight and scales, plus the
     fp32 partials that pieces of a shared tile write and read). K is shared either by split-K
     (every split the same number of chunks) or, where the tiles are too few for the SMs, by
-    stream-K (``cfg.stream_block_ns``: an equal share of all tiles' chunks per program, as many programs
-    as give every SM scheduler a warp)."""
+    stream-K (``cfg.stream_block_ns``: an equal share of all tiles' chunks per program, up to as many
+    programs as give every SM scheduler a warp, or fewer with the same largest share where they cut
+    fewer tiles)."""
     chunks = in_features // chunk
     cpis = cfg.chunks_per_iteration
     if isinstance(cpis, int):
@@ -650,7 +662,13 @@ def plan_launch(out_features: int, in_features: int, chunk: int, rows: int, cfg:
             continue
         units = chunks // cpi
         per_sm = max(1, SCHEDULERS_PER_SM // cfg.num_warps)  # programs per SM: a warp for each scheduler
-        for programs in sorted({min(n_tiles * units, num_sms * per_sm * k) for k in (1, 2)}):
+        # as many programs as give every SM scheduler a warp (or twice that), or fewer down to the
+        # fewest with the same largest share: where tiles and shares align better, fewer tiles are
+        # cut (fewer partials); ties go to more programs
+        full = min(n_tiles * units, num_sms * per_sm)
+        fewest = -(-n_tiles * units // -(-n_tiles * units // full))
+        options = []
+        for programs in sorted({*range(fewest, full + 1), min(n_tiles * units, 2 * num_sms * per_sm)}, reverse=True):
             if programs <= n_tiles:
                 continue
             plan = StreamSchedule.of(n_tiles, units, programs)
@@ -658,9 +676,12 @@ def plan_launch(out_features: int, in_features: int, chunk: int, rows: int, cfg:
                                         plan.max_units * cpi * chunk * block_n * per_weight
                                         + plan.max_tiles * cfg.program_cycles)
             traffic = weight_bytes + 2 * 4 * plan.partial_pieces * rows * block_n
-            cycles = max(busiest, traffic / bandwidth)
+            options.append((max(busiest, traffic / bandwidth), programs, plan.max_pieces))
+        # the best of up to one program per scheduler, then twice that
+        for cycles, programs, max_pieces in sorted(o for o in options if o[1] <= full)[:1] + [o for o in options
+                                                                                              if o[1] > full]:
             if cycles < STREAM_MARGIN * best[0]:  # the estimate's error: stream-K only for a clear gain
-                best = (cycles, LaunchPlan(block_n, 1, chunks, cpi, programs=programs, max_pieces=plan.max_pieces))
+                best = (cycles, LaunchPlan(block_n, 1, chunks, cpi, programs=programs, max_pieces=max_pieces))
     return best[1]
 
 
@@ -762,12 +783,15 @@ def _launch(x: Tensor, weight: DecodeNF4Weight, xa: Optional[Tensor], lora_b: Op
         weight.segments[1] if members > 1 else n, weight.segments[2] if members > 2 else n, n_tiles,
         HALF=weight.chunk // 2, BLOCK_N=plan.block_n, BLOCK_MX=cfg.block_mx, CPI=plan.chunks_per_iteration,
         SPLITS=splits, STREAM=plan.programs > 0, MAX_PIECES=plan.max_pieces,
+        PROGRAMS=max(plan.programs, 1), UNITS=plan.chunks_per_split // plan.chunks_per_iteration if plan.programs else 1,
+        N_TILES=n_tiles if plan.programs else 1,
         HAS_BIAS=weight.bias is not None, LORA_R=lora_b.shape[1] if lora else 0, LORA_G=members if lora else 1,
         LORA_ONE=lora and all(start % plan.block_n == 0 for start in weight.segments[:-1]),
         USE_ASM=use_asm, ASM=_ASM[(x.dtype, cfg.pack, cfg.register_words)] if use_asm else "", PACK=cfg.pack,
         REG_WORDS=cfg.register_words,
         UPCAST=interpreting(), IEEE=x.dtype == torch.float32 and not interpreting(),
         BF16_BY_BITS=interpreting() and x.dtype == torch.bfloat16,
+        EVEN_M=m % cfg.block_mx == 0, EVEN_N=n % plan.block_n == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

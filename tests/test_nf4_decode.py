@@ -119,10 +119,12 @@ def test_grouped_weights_with_bias_and_lora_in_the_epilogue():
         torch.testing.assert_close(out[:, lo:hi].double(), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_split_k_reduces_in_a_fixed_order_and_resets_its_tickets():
-    weights, dense, biases = _group(sizes=(24,), in_features=256, biases=(True,))
+@pytest.mark.parametrize("features, rows", [(24, 3), (32, 16)], ids=["masked", "even"])
+def test_split_k_reduces_in_a_fixed_order_and_resets_its_tickets(features, rows):
+    """Split-K; "even": rows and features multiples of the tile (EVEN_M, EVEN_N: no masks)."""
+    weights, dense, biases = _group(sizes=(features,), in_features=256, biases=(True,))
     decode = repack_nf4(weights, biases)
-    x = torch.randn(3, 256, device=DEVICE)
+    x = torch.randn(rows, 256, device=DEVICE)
     whole = nf4_decode_matmul(x, decode, config=DecodeConfig(block_ns=(16,), block_mx=16, num_warps=1,
                                                              num_stages=1, chunks_per_iteration=1, splits=1))
     split_cfg = DecodeConfig(block_ns=(16,), block_mx=16, num_warps=1, num_stages=1, chunks_per_iteration=1,
@@ -163,11 +165,12 @@ def test_stream_k_shares_tiles_between_programs_in_a_fixed_order():
     """Stream-K: programs take equal shares of all tiles' chunks; a tile cut between 2-4 programs is
     reduced by its last piece in program order: the same bits every call, tickets reset, the
     unsplit result within fp32 rounding. Members at multiples of BLOCK_N (one LoRA product per
-    tile) and across tiles (a product per member, masked)."""
-    for sizes in ((40, 24, 24), (32, 16, 16)):
+    tile) and across tiles (a product per member, masked); 16 rows and 64 features: rows and features
+    multiples of the tile (EVEN_M, EVEN_N: no masks)."""
+    for sizes, rows in (((40, 24, 24), 5), ((32, 16, 16), 5), ((32, 16, 16), 16)):
         weights, dense, biases = _group(sizes=sizes, in_features=256)
         decode = repack_nf4(weights, biases)
-        rank, rows = 16, 5
+        rank = 16
         x = torch.randn(rows, 256, device=DEVICE)
         xa = torch.randn(rows, 3 * rank, device=DEVICE)
         lora_b = torch.zeros(decode.padded_rows, rank, device=DEVICE)
@@ -211,8 +214,9 @@ def test_launch_plan_balances_programs_over_the_sms():
         if plan.programs:  # stream-K: every program within one unit of the same share
             units = k // 64 // plan.chunks_per_iteration
             schedule = StreamSchedule.of(-(-n // plan.block_n), units, plan.programs)
-            assert plan.programs >= 132 and schedule.max_units * plan.programs <= (-(-n // plan.block_n) * units
-                                                                                  + plan.programs), (n, k, plan)
+            total = -(-n // plan.block_n) * units  # the largest share of 132 programs, maybe with fewer
+            assert schedule.max_units == -(-total // 132) and schedule.max_units * plan.programs <= (
+                total + plan.programs), (n, k, plan)
             continue
         programs = -(-n // plan.block_n) * plan.splits
         assert programs >= 0.8 * 132 and (k // 64) % plan.splits == 0, (n, k, plan)  # unsplit: 28-72
@@ -220,8 +224,10 @@ def test_launch_plan_balances_programs_over_the_sms():
     # at 64 rows the fp32 partials cost 512 bytes per feature and split: fewer splits than at one row
     wide = default_decode_config(64, torch.device("meta"), (9, 0))
     assert plan_launch(3584, 3584, 64, 64, wide, 132).splits < plan_launch(3584, 3584, 64, 1, cfg, 132).splits
-    # the engine's q/k/v launch at 64 rows: too few tiles of 64 features (72) for 132 SMs, so stream-K
-    assert plan_launch(4608, 3584, 64, 64, wide, 132).programs == 132
+    # the engine's q/k/v launch at 64 rows: too few tiles of 64 features (72) for 132 SMs, so stream-K;
+    # 126 programs take 8 units (of 4 chunks) each, as the largest shares of 132 do, and cut fewer tiles
+    assert plan_launch(4608, 3584, 64, 64, wide, 132).programs == 126
+    assert StreamSchedule.of(72, 14, 126).partial_pieces < StreamSchedule.of(72, 14, 132).partial_pieces
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
