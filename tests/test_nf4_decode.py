@@ -101,6 +101,16 @@ def _group(sizes=(40, 24, 24), in_features=128, biases=(True, False, True)):
     return weights, dense, bias
 
 
+def _check_members(out, x, decode, dense, biases, xa, lora_b, rank):
+    """Each member of a grouped launch: its weight, its bias, its own adapter, against float64."""
+    for g, (d, b) in enumerate(zip(dense, biases)):
+        lo, hi = decode.segments[g], decode.segments[g + 1]
+        expected = x.double() @ d.double().T + xa[:, g * rank:(g + 1) * rank].double() @ lora_b[lo:hi].double().T
+        if b is not None:
+            expected += b.double()
+        torch.testing.assert_close(out[:, lo:hi].double(), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_grouped_weights_with_bias_and_lora_in_the_epilogue():
     weights, dense, biases = _group()
     decode = repack_nf4(weights, biases)
@@ -111,12 +121,7 @@ def test_grouped_weights_with_bias_and_lora_in_the_epilogue():
     lora_b = torch.zeros(decode.padded_rows, rank, device=DEVICE)
     lora_b[:88] = torch.randn(88, rank, device=DEVICE)
     out = nf4_decode_matmul(x, decode, xa, lora_b)
-    for g, (d, b) in enumerate(zip(dense, biases)):  # each member: its weight, its bias, its own adapter
-        lo, hi = decode.segments[g], decode.segments[g + 1]
-        expected = x.double() @ d.double().T + xa[:, g * rank:(g + 1) * rank].double() @ lora_b[lo:hi].double().T
-        if b is not None:
-            expected += b.double()
-        torch.testing.assert_close(out[:, lo:hi].double(), expected, rtol=1e-5, atol=1e-4)
+    _check_members(out, x, decode, dense, biases, xa, lora_b, rank)
 
 
 @pytest.mark.parametrize("features, rows", [(24, 3), (32, 16)], ids=["masked", "even"])
@@ -153,12 +158,7 @@ def test_several_chunks_per_iteration_with_split_k_and_stream_k():
         out = nf4_decode_matmul(x, decode, xa, lora_b, config=DecodeConfig(**base, chunks_per_iteration=cpi, **extra))
         assert int(decode.counters.abs().sum()) == 0
         torch.testing.assert_close(out, one, rtol=1e-5, atol=1e-5)
-    for g, (d, b) in enumerate(zip(dense, biases)):
-        lo, hi = decode.segments[g], decode.segments[g + 1]
-        expected = x.double() @ d.double().T + xa[:, g * rank:(g + 1) * rank].double() @ lora_b[lo:hi].double().T
-        if b is not None:
-            expected += b.double()
-        torch.testing.assert_close(out[:, lo:hi].double(), expected, rtol=1e-5, atol=1e-4)
+    _check_members(out, x, decode, dense, biases, xa, lora_b, rank)
 
 
 def test_stream_k_shares_tiles_between_programs_in_a_fixed_order():
@@ -186,12 +186,7 @@ def test_stream_k_shares_tiles_between_programs_in_a_fixed_order():
             assert int(decode.counters.abs().sum()) == 0
             assert torch.equal(first, nf4_decode_matmul(x, decode, xa, lora_b, config=cfg))
             torch.testing.assert_close(first, whole, rtol=1e-5, atol=1e-5)
-        for g, (d, b) in enumerate(zip(dense, biases)):
-            lo, hi = decode.segments[g], decode.segments[g + 1]
-            expected = x.double() @ d.double().T + xa[:, g * rank:(g + 1) * rank].double() @ lora_b[lo:hi].double().T
-            if b is not None:
-                expected += b.double()
-            torch.testing.assert_close(first[:, lo:hi].double(), expected, rtol=1e-5, atol=1e-4)
+        _check_members(first, x, decode, dense, biases, xa, lora_b, rank)
 
 
 def test_launch_plan_charges_the_warps_an_sm_holds():
