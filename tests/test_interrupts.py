@@ -68,6 +68,7 @@ def _assert_same_run(run, model, straight):
                          ids=["finish", "abandon"])
 def test_an_interrupted_run_resumes_where_an_uninterrupted_one_goes(tmp_path, straight, count, what, saved):
     config = dict(FAST, output_dir=str(tmp_path), run_name="run")
+    handler = signal.getsignal(signal.SIGINT)  # pytest's, or SIG_IGN where the suite runs in the background
     with pytest.raises(TrainingInterrupted) as caught:
         train(GRPOConfig(**config), reward_functions=[signalling_reward(at_call=2, count=count)])
     run = tmp_path / "run"
@@ -77,7 +78,7 @@ def test_an_interrupted_run_resumes_where_an_uninterrupted_one_goes(tmp_path, st
     # updated the weights), with the RNG states it ended with
     assert [path.name for path in list_checkpoints(run)] == [f"step_{saved:06d}"]
     assert [record["step"] for record in _log(run)] == list(range(1, saved + 1))
-    assert signal.getsignal(signal.SIGINT) is not None and signal.getsignal(signal.SIGINT) != signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is handler  # the trainer's handler is gone, the caller's restored
     resumed = train(GRPOConfig(**dict(config, resume=True)), reward_functions=[signalling_reward(at_call=0)])
     _assert_same_run(run, resumed.model, straight)
 
