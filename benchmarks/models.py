@@ -20,26 +20,20 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from grpo_fast.memory import KNOWN_SHAPES
 from grpo_fast.rollout import hf_generate
 
-# Qwen2.5 shapes from the models' config.json; "tiny" is a small stand-in for CPU smoke runs.
+# The published shapes (grpo_fast.memory.KNOWN_SHAPES: the models' config.json) with what building
+# them needs besides; "tiny" is a small stand-in for CPU smoke runs.
+_QWEN25 = dict(max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=False),
-    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
-                         rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
-                         rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                       intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
-                       rms_norm_eps=1e-6, tie_word_embeddings=False),
+    **{name: dict(KNOWN_SHAPES[name], **_QWEN25) for name in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b")},
     # Llama-3.1-8B's dimensions in the Qwen2 architecture built here (q/k/v biases aside, the same
     # weights, KV cache and activations): the issue's 8 x 20K-token memory goal
-    "llama-3.1-8b-shape": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                               intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072,
-                               rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama-3.1-8b-shape": dict(KNOWN_SHAPES["llama-3.1-8b"], max_position_embeddings=131072, rope_theta=5e5,
+                               rms_norm_eps=1e-5),
 }
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD_ID, EOS_ID = 0, 1

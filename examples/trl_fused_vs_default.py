@@ -23,14 +23,13 @@ import time
 
 import torch
 
-# Published Qwen2.5 configs (config.json on the Hub), sized here so nothing is downloaded.
+from grpo_fast.memory import KNOWN_SHAPES
+
+# Published Qwen2.5 configs (config.json on the Hub, as grpo_fast.memory keeps them): nothing is downloaded.
 ARCHITECTURES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    **{name: KNOWN_SHAPES[name] for name in ("qwen2.5-0.5b", "qwen2.5-1.5b")},
 }
 
 

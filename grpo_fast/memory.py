@@ -295,7 +295,8 @@ def longest_completion(config, shape: ModelShape, budget_bytes: float, prompt_le
     rollout in waves and the micro-batches sized to the budget (``size_to_budget``: one group per wave,
     one row per micro-batch at the least; with ``rollout_memory: auto``, the engine's memory kept or,
     if only that fits, freed for training); 0 if none."""
-    plans = [config, *([_freed(config)] if _freed(config) is not None else [])]
+    freed = _freed(config)
+    plans = [config] if freed is None else [config, freed]
 
     def fits(length: int) -> bool:
         return any(estimate(plan, shape, prompt_length=prompt_length, completion_length=length,
