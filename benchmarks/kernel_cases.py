@@ -244,8 +244,11 @@ def _nf4_decode_launch(n: int, k: int, m: int, device, members: int = 1, bias: b
         trips = (chunks_per_split // cpi,)
         weights_per_program = block_n * chunks_per_split * chunk
         path += f", {cfg.num_warps} warps, BLOCK_N {block_n}"
-        # the split-K reduction loop: SPLITS trips in the one program of a tile that takes the last ticket
-        later = 1.0 if splits > 1 else None
+        # the split-K reduction: the program of a tile that takes the last ticket loads its partials
+        # REDUCE_GROUP at a time, a loop of ceil(SPLITS / REDUCE_GROUP) trips (where it is a loop: with
+        # one trip it is straight-line code). That program's SM is the launch's slowest: charged the
+        # reducer's trips, not an average over the tile's programs
+        later = float(-(-splits // args["REDUCE_GROUP"])) if splits > 1 else None
     if lora:
         traffic += m * members * LORA_RANK * 2 + n_pad * LORA_RANK * 2
     plan = dict(path=path, splits=splits, block_n=block_n, programs=record.grid[0] if args["STREAM"] else 0,

@@ -320,6 +320,7 @@ def _nf4_decode_kernel(
     BF16_BY_BITS: tl.constexpr,  # interpreter with bf16 output: round to nearest even by integer arithmetic
     EVEN_M: tl.constexpr = False,  # M a multiple of BLOCK_MX: no masks on x's rows
     EVEN_N: tl.constexpr = False,  # N a multiple of BLOCK_N: no masks on the features
+    REDUCE_GROUP: tl.constexpr = 1,  # split-K: the partials the reducing program loads at once
 ):
     pid_m = tl.program_id(2)
     xs = pid_m * BLOCK_MX + tl.arange(0, BLOCK_MX)
@@ -394,10 +395,18 @@ def _nf4_decode_kernel(
             ticket = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
             if ticket == SPLITS - 1:  # the last split of this tile to finish: reduce in split order
                 total = tl.zeros([BLOCK_N, BLOCK_MX], tl.float32)
-                # a loop, not unrolled (SPLITS tiles of loads in flight would spill): over more than 4
-                # splits with run-time trips, which the compiler leaves rolled even without masks
-                for s in range(SPLITS if SPLITS <= 4 else tl.num_programs(1)):
-                    total += tl.load(parts + s * M * N_pad, mask=xmask[None, :], other=0.0, cache_modifier=".cg")
+                # REDUCE_GROUP splits' partials a group, unrolled: their loads do not depend on the
+                # sum, so they are issued together (one round trip to L2 for each group, not one for
+                # each split) and added in split order; the groups in a loop with run-time trips (all
+                # SPLITS tiles in flight at once would spill). A group's loads past SPLITS are masked
+                # to zeros, which leave the sum as it is.
+                for s0 in range(0, SPLITS if SPLITS <= REDUCE_GROUP else tl.num_programs(1), REDUCE_GROUP):
+                    for i in tl.static_range(REDUCE_GROUP):
+                        if SPLITS % REDUCE_GROUP == 0:
+                            keep = xmask[None, :]
+                        else:
+                            keep = xmask[None, :] & (s0 + i < SPLITS)
+                        total += tl.load(parts + (s0 + i) * M * N_pad, mask=keep, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(count_ptr + tile, 0)
                 _epilogue(total, pid_n * BLOCK_N, rows, xs, xmask, N, bias_ptr, xa_ptr, stride_xam, lb_ptr, seg1, seg2, out_ptr,
                           stride_om, HAS_BIAS, LORA_R, LORA_G, LORA_ONE, UPCAST, BF16_BY_BITS, EVEN_N)
@@ -519,6 +528,7 @@ class DecodeConfig:
     stream_block_ns: tuple[int, ...] = ()  # block_ns for which plan_launch also considers stream-K launches
     splits: Optional[int] = None  # force (tests); None: plan_launch chooses
     programs: Optional[int] = None  # force a stream-K launch of this many programs (tests)
+    reduce_group: Optional[int] = None  # force the split-K partials loaded at once (tests); None: reduce_group()
     num_sms: Optional[int] = None  # SMs to plan for; None: the device's (the static kernel report sets it)
 
 
@@ -614,6 +624,33 @@ def default_decode_config(rows: int, device: torch.device,
                         stream_block_ns=(64,))
 
 
+REDUCE_REGISTERS = 128  # registers per thread the split-K reducer gives to partials in flight
+
+
+def reduce_group(splits: int, block_n: int, block_mx: int, num_warps: int) -> int:
+    """Split-K partials the reducing program loads at once: as many as REDUCE_REGISTERS hold (its
+    [block_n, block_mx] fp32 tile over the program's threads each), in as few rounds as that allows,
+    split evenly between them (7 splits of 32 registers a thread: 2 rounds of 4, not 4 + 3)."""
+    if splits <= 1:
+        return 1
+    per_thread = max(1, block_n * block_mx // (32 * num_warps))
+    most = max(1, min(splits, REDUCE_REGISTERS // per_thread))
+    rounds = -(-splits // most)
+    return -(-splits // rounds)
+
+
+REDUCE_CYCLES = 2.0  # SM clocks per split and partial element a thread holds: the reducer's loads and adds
+
+
+def _reduce_cycles(splits: int, block_n: int, cfg: DecodeConfig) -> float:
+    """The split-K reducer's loop (one program per tile runs it after its own share, so its SM is
+    the launch's slowest): off sm_90a SASS, ~18-33 warp-instructions per split for each warp's 8-16
+    partial elements a thread, at 4 warps' issue rate."""
+    if splits <= 1:
+        return 0.0
+    return splits * block_n * cfg.block_mx / (32 * cfg.num_warps) * REDUCE_CYCLES
+
+
 def _divisors(value: int) -> list[int]:
     return [d for d in range(1, value + 1) if value % d == 0]
 
@@ -653,7 +690,8 @@ def plan_launch(out_features: int, in_features: int, chunk: int, rows: int, cfg:
             programs = n_tiles * m_tiles * splits
             # the busiest SM's programs, `resident` at a time, at the issue rate of the warps it holds
             busiest = busiest_sm_cycles(programs, num_sms, resident, cfg.num_warps,
-                                        block_n * in_features / splits * per_weight + cfg.program_cycles)
+                                        block_n * in_features / splits * per_weight + cfg.program_cycles
+                                        + _reduce_cycles(splits, block_n, cfg))
             traffic = weight_bytes + (2 * 4 * splits * rows * out_features if splits > 1 else 0)
             cycles = max(busiest, traffic / bandwidth)
             if best is None or cycles < best[0]:
@@ -792,6 +830,7 @@ def _launch(x: Tensor, weight: DecodeNF4Weight, xa: Optional[Tensor], lora_b: Op
         UPCAST=interpreting(), IEEE=x.dtype == torch.float32 and not interpreting(),
         BF16_BY_BITS=interpreting() and x.dtype == torch.bfloat16,
         EVEN_M=m % cfg.block_mx == 0, EVEN_N=n % plan.block_n == 0,
+        REDUCE_GROUP=cfg.reduce_group or reduce_group(splits, plan.block_n, cfg.block_mx, cfg.num_warps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -142,6 +142,39 @@ def test_split_k_reduces_in_a_fixed_order_and_resets_its_tickets(features, rows)
     _check(first, x, dense[0], biases[0])
 
 
+def test_split_k_reducer_groups_leave_the_bits_unchanged():
+    """The split-K reducer loads its partials REDUCE_GROUP at a time (a loop over groups, the last one
+    masked when the group does not divide the splits) and adds them in split order: the same bits
+    whatever the group, tickets reset after each call."""
+    weights, dense, biases = _group(sizes=(24,), in_features=512, biases=(True,))
+    decode = repack_nf4(weights, biases)
+    x = torch.randn(5, 512, device=DEVICE)
+    base = dict(block_ns=(16,), block_mx=16, num_warps=1, num_stages=1, chunks_per_iteration=1, splits=8)
+    outs = []
+    for group in (1, 3, 8):  # 8 rounds; 3 rounds, the last masked; 1 round (straight-line code)
+        outs.append(nf4_decode_matmul(x, decode, config=DecodeConfig(**base, reduce_group=group)))
+        assert int(decode.counters.abs().sum()) == 0
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    _check(outs[0], x, dense[0], biases[0])
+
+
+def test_reduce_group_fills_the_register_budget_in_even_rounds():
+    from grpo_fast.kernels.nf4_decode import REDUCE_REGISTERS, reduce_group
+
+    assert reduce_group(1, 128, 16, 4) == 1
+    assert reduce_group(7, 128, 16, 4) == 7  # 16 registers a split: all 7 in one round
+    assert reduce_group(28, 128, 16, 4) == 7  # at most 8 a round: 4 rounds of 7, not 8 + 8 + 8 + 4
+    assert reduce_group(7, 64, 64, 4) == 4  # 32 registers a split: 2 rounds (4 + 3, the last masked)
+    for splits in range(1, 40):
+        for block_n, block_mx in ((64, 16), (128, 16), (64, 64), (128, 64)):
+            group = reduce_group(splits, block_n, block_mx, 4)
+            per_thread = block_n * block_mx // 128
+            assert 1 <= group <= splits
+            assert group * per_thread <= max(REDUCE_REGISTERS, per_thread)
+            fewest = -(-splits // max(1, REDUCE_REGISTERS // per_thread))  # rounds the budget allows
+            assert -(-splits // group) == fewest
+
+
 def test_several_chunks_per_iteration_with_split_k_and_stream_k():
     """The sm_90 launches of 1-16 rows take 2 or 4 chunks per loop iteration (CPI): the same results
     as one chunk per iteration, with split-K and with stream-K (K = 512: 8 chunks), LoRA included."""
