@@ -257,12 +257,19 @@ def _nf4_decode_launch(n: int, k: int, m: int, device, members: int = 1, bias: b
     return record, plan, traffic, trips, weights_per_program, later
 
 
+# The NF4 launches the engine's decode step makes (grpo_fast/nf4.py groups shared-input siblings):
+# q/k/v and gate/up grouped with their LoRA, o_proj (q_proj's shape) and down_proj. k_proj / v_proj
+# run alone only where their siblings cannot be grouped (e.g. a LoRA variant peft's plain path lacks).
+DECODE_STEP_LAUNCHES = ("qkv (grouped) + LoRA", "q_proj,o_proj", "gate_up (grouped) + LoRA", "down_proj")
+
+
 def nf4_cases(full: bool, device) -> list[Case]:
     """Each 7B Linear alone (the goal shapes: no bias, no LoRA), and the engine's grouped launches
     (q/k/v with their biases, gate/up) with LoRA r16 in the epilogue."""
     shapes = {name: (n, k, 1, False, False) for name, (n, k, _) in QWEN_7B_SHAPES.items()}
     shapes.update({"qkv (grouped) + LoRA": (3584 + 2 * 512, 3584, 3, True, True),
                    "gate_up (grouped) + LoRA": (2 * 18944, 3584, 2, False, True)})
+    assert set(DECODE_STEP_LAUNCHES) <= set(shapes), DECODE_STEP_LAUNCHES
     cases = []
     for name, (n, k, members, bias, lora) in shapes.items():
         for m in ROWS_FULL if full else ROWS_QUICK:
@@ -272,7 +279,7 @@ def nf4_cases(full: bool, device) -> list[Case]:
                 "nf4", f"{name} {n}x{k}, {m} rows", launch, True, "bandwidth", "weight", weights_per_program, trips,
                 kernel_bytes=traffic, useful_bytes=n * k / 2, goal=0.6 if m <= 16 else 0.5,  # issue 15's goals
                 later_trips=later,
-                params=dict(shape=name, N=n, K=k, rows=m, **plan)))
+                params=dict(shape=name, N=n, K=k, rows=m, decode_step=name in DECODE_STEP_LAUNCHES, **plan)))
     return cases
 
 

@@ -27,24 +27,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-# The NF4 launches the engine's decode step makes (benchmarks/kernel_cases.nf4_cases' shape names):
-# q/k/v and gate/up grouped with their LoRA, o_proj (q_proj's shape) and down_proj. k_proj / v_proj
-# alone run only where their siblings cannot be grouped (e.g. a LoRA variant peft's plain path lacks).
-DECODE_STEP_LAUNCHES = ("qkv (grouped) + LoRA", "q_proj,o_proj", "gate_up (grouped) + LoRA", "down_proj")
-
-
 def _goals(payload: dict) -> list[str]:
     lines = ["## Goals (issue 15), by these estimates", ""]
     rows = []
     for device in payload["devices"].values():
         nf4 = [c for c in payload["cases"] if c["group"] == "nf4" and c["device"] == device["name"]]
+        decode_step = {c["params"]["shape"] for c in nf4 if c["params"].get("decode_step")}
         for (label, select), (which, launched) in itertools.product(
                 (("NF4 decode matmul >= 60% of copy bandwidth, 1-16 rows", lambda r: r <= 16),
                  ("NF4 decode matmul >= 50% of copy bandwidth at 64 rows", lambda r: r == 64)),
-                (("every 7B Linear alone", lambda shape: "grouped" not in shape),
-                 ("every launch of the decode step (" + ", ".join(DECODE_STEP_LAUNCHES) + ")",
-                  lambda shape: shape in DECODE_STEP_LAUNCHES))):
-            chosen = [c for c in nf4 if select(c["params"]["rows"]) and launched(c["params"]["shape"])]
+                (("every 7B Linear alone", lambda params: "grouped" not in params["shape"]),
+                 ("every launch of the decode step (" + ", ".join(sorted(decode_step)) + ")",
+                  lambda params: params.get("decode_step", False)))):
+            chosen = [c for c in nf4 if select(c["params"]["rows"]) and launched(c["params"])]
             if not chosen:
                 continue
             label = f"{label}, {which}"

@@ -16,6 +16,7 @@ import torch
 
 from benchmarks import static_model as model
 from benchmarks.kernel_report import check_failures
+from benchmarks.kernel_report_render import markdown
 from benchmarks.nf4 import QWEN_7B_SHAPES
 from benchmarks.static_compile import CompiledKernel, parse_sass
 from grpo_fast.kernels.launch import launch, recording
@@ -252,5 +253,10 @@ def test_report_figures_follow_from_the_compiled_loops(report):
     assert row["trips"] == [math.ceil(row["params"]["V"] / 4096)]
     for case in payload["cases"]:
         assert 0 < case["ceiling"] <= 1.0
+    # the goal table judges the NF4 goals over every Linear alone and over the decode step's launches
+    step = {c["params"]["shape"] for c in payload["cases"] if c["group"] == "nf4" and c["params"]["decode_step"]}
+    assert step == {"qkv (grouped) + LoRA", "q_proj,o_proj", "gate_up (grouped) + LoRA", "down_proj"}
+    goals = [line for line in markdown(payload).splitlines() if line.startswith("| NF4 decode matmul")]
+    assert len(goals) == 4 and sum("every launch of the decode step" in line for line in goals) == 2
     route = next(r for r in payload["routes"] if r["route"] == "no-grad")
     assert 0.5 < route["fraction_by_gemm_fraction"]["0.95"] < route["fraction_by_gemm_fraction"]["1.00"] <= 1.0
