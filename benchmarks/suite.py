@@ -11,8 +11,10 @@ Parts, in order; each is one or more steps, each step one existing benchmark scr
   2. loss     `benchmarks.loss` on Qwen2.5-7B's head (H=3584, V=152064), bf16, 16,384 and 4,096
               tokens, fwd+bwd and no-grad log-probs; providers reference, torch, triton,
               triton_on_chip, liger, trl; a same-run bf16 matmul rate. Steps loss-flat, loss-peaked.
-  3. nf4      `benchmarks.nf4`: the fused NF4 decode matmul vs bitsandbytes vs bf16 on the 7B
-              Linear shapes, 1-64 rows, against a same-run copy bandwidth.
+  3. nf4      `benchmarks.nf4`: the fused NF4 decode matmul vs bitsandbytes vs bf16 on the decode
+              step's launches (q/k/v and gate/up grouped with LoRA r16, o, down), then k/v and
+              gate/up alone, 1-64 rows, against a same-run copy bandwidth, beside the static
+              kernel report's ceilings.
   4. rollout  `benchmarks.rollout` on Qwen2.5-7B's shape in NF4 + LoRA r16: engine vs HF generate
               at 64 sequences (rollout-64), then 8 (rollout-8); HF's forced length is shortened
               when 512 tokens would not fit the step's budget (the notes say so).
@@ -129,9 +131,10 @@ class Step:
 #  logprob-accuracy  a float64 head built on the host (545M normal draws ~8 s, 256 least-squares
 #               fits ~2 s), moved to the GPU; the float64 answer 256 x 3584 x 152064 ~0.3 s; the
 #               paths' passes and JIT ~5; start ~9.                                         => ~25
-#  nf4          4 shapes x 5 row counts x 3 providers at the do_bench floor (~0.25 s each: the
-#               kernels take 5-50 us: the 3.3 GB of 7B NF4 weights over 28 layers) ~15; weights
-#               made on the host and quantised ~6; JIT ~8; start ~9.                      => ~38
+#  nf4          6 shapes (4 Linears, 2 grouped launches with LoRA) x 5 row counts x 3 providers
+#               at the do_bench floor (~0.25 s each: the kernels take 5-50 us: the 3.3 GB of 7B NF4
+#               weights over 28 layers) ~23; weights made on the host and quantised ~10; JIT ~8;
+#               start ~9.                                                                 => ~50
 #  rollout-64   7B NF4 + LoRA built on the GPU ~12; decode step compiled with CUDA graphs for one
 #               shape ~60 (dynamo + AOT of 28 LoRA layers took 60 s on this 2-core CPU with
 #               aot_eager; a fast host ~25, plus inductor and Triton); one decode step reads ~4.5 GB
@@ -151,9 +154,9 @@ class Step:
 #  memory-8b-40 build ~15; the rollout's memory freed for training, so decoding without CUDA
 #               graphs: 20,480 steps at ~25 ms (launch-bound) ~510; training 8 x 20,736 tokens
 #               ~1e16 FLOP ~35; start ~9.                                                 => ~570
-# The plan without the memory part is ~760 s (with it ~1,510), more than the default 480: the nominal budgets fund tests, loss-flat,
-# nf4, rollout-64, train-7b and train-0.5b (~530 s estimated, so some of it may still be cut);
-# loss-peaked, logprob-accuracy, rollout-8, train-7b-trl and the memory part run on time left over (--budget-s 1510 funds every step at
+# The plan without the memory part is ~772 s (with it ~1,522), more than the default 480: the nominal budgets fund tests, loss-flat,
+# nf4, rollout-64, train-7b and train-0.5b (~515 s estimated, so some of it may still be cut);
+# loss-peaked, logprob-accuracy, rollout-8, train-7b-trl and the memory part run on time left over (--budget-s 1522 funds every step at
 # its nominal budget or estimate; or rerun them with --parts into the same folder).
 GPU_PLAN = {
     # name: (estimate_s, nominal_s, first_result_s)
@@ -161,10 +164,10 @@ GPU_PLAN = {
     "loss-flat": (60, 65, 40),
     "loss-peaked": (33, 0, 25),
     "logprob-accuracy": (25, 0, 20),
-    "nf4": (38, 35, 15),
-    "rollout-64": (94, 100, 90),
+    "nf4": (50, 42, 15),
+    "rollout-64": (94, 96, 90),
     "rollout-8": (73, 0, 70),
-    "train-7b": (91, 95, 85),
+    "train-7b": (91, 92, 85),
     "train-0.5b": (129, 100, 60),
     "train-7b-trl": (127, 0, 60),
     "memory-7b-24": (180, 0, 170),
@@ -204,11 +207,14 @@ class GoalCases:
     long_models: tuple[str, str]  # the models of memory-7b-24 and memory-8b-40
     models: tuple[str, str]  # train: the models of train-7b / train-7b-trl and of train-0.5b
     labels: tuple[str, str]  # how the summary names them
+    nf4_shapes: tuple[str, ...]  # the NF4 goals' shapes: the decode step's launches (benchmarks.nf4.DECODE_STEP)
 
 
 GPU_CASES = GoalCases("qwen2.5-7b", 16384, 64, "qwen2.5-7b", ("qwen2.5-7b", "llama-3.1-8b-shape"),
-                      ("qwen2.5-7b", "qwen2.5-0.5b"), ("qwen2.5-7b", "qwen2.5-0.5b"))
-TINY_CASES = GoalCases("16x67", 32, 64, "tiny", ("tiny", "tiny"), ("tiny", "tiny"), ("tiny as 7B", "tiny as 0.5B"))
+                      ("qwen2.5-7b", "qwen2.5-0.5b"), ("qwen2.5-7b", "qwen2.5-0.5b"),
+                      ("qkv (grouped) + LoRA", "q_proj,o_proj", "gate_up (grouped) + LoRA", "down_proj"))
+TINY_CASES = GoalCases("16x67", 32, 64, "tiny", ("tiny", "tiny"), ("tiny", "tiny"), ("tiny as 7B", "tiny as 0.5B"),
+                       ("tiny_qo",))
 
 
 def hf_length(budget_s: float, concurrency: int, cap: int) -> int:
@@ -585,6 +591,35 @@ def rollout_figures(key: str) -> Callable[[Evidence], list[Figure]]:
     return figures
 
 
+def nf4_figures(rows_in: Callable[[int], bool], what: str) -> Callable[[Evidence], list[Figure]]:
+    """Per decode-step launch, the fused kernel's packed-weight rate as a fraction of the same-run
+    copy at its worst row count in ``rows_in``, the static report's ceiling for that case beside it
+    (where the report models the GPU); a failed row is a figure of its own, not measured."""
+
+    def figures(ev: Evidence) -> list[Figure]:
+        rows = (ev.payload("nf4") or {}).get("rows", [])
+        out = []
+        for shape in ev.cases.nf4_shapes:
+            found = [r for r in rows if r.get("provider") == "fused" and r.get("shape") == shape
+                     and rows_in(r.get("rows", 0))]
+            ok = [r for r in found if r.get("status") == "ok" and r.get("frac_copy") is not None]
+            for r in found:
+                if r not in ok:
+                    error = f" ({r['error'][:120]})" if r.get("error") else ""
+                    out.append(Figure(f"{shape}, {r.get('rows')} rows", None, f"fused: {r.get('status')}{error}"))
+            if not ok:
+                if not found:
+                    out.append(Figure(shape, None, ev.why_missing("nf4", f"fused {shape} at {what}")))
+                continue
+            worst = min(ok, key=lambda r: r["frac_copy"])
+            ceiling = worst.get("static_ceiling")
+            beside = f", report's ceiling {_percent(ceiling)}" if ceiling is not None else ""
+            out.append(Figure(f"{shape}, {worst['rows']} rows{beside}", worst["frac_copy"]))
+        return out
+
+    return figures
+
+
 def memory_figures(ev: Evidence) -> list[Figure]:
     model = ev.cases.memory_model
     row, why = ev.row("train-7b", f"grpo_fast_engine on {model}", trainer="grpo_fast_engine", model=model)
@@ -662,6 +697,11 @@ GOALS = [
          lambda v: v < 1.0, _times, liger_figures),
     Goal("logprobs_time", "no-grad log-probs time vs eager", "<= 0.6x", lambda v: v <= 0.6, _times,
          loss_figures("logprobs", "time_vs_ref")),
+    Goal("nf4_small", "NF4 decode matmul, the decode step's launches at 1-16 rows: packed-weight rate vs the "
+         "same-run copy (worst row count)", ">= 60%", lambda v: v >= 0.6, _percent,
+         nf4_figures(lambda rows: rows <= 16, "1-16 rows")),
+    Goal("nf4_64", "NF4 decode matmul, the decode step's launches at 64 rows: packed-weight rate vs the same-run copy",
+         ">= 50%", lambda v: v >= 0.5, _percent, nf4_figures(lambda rows: rows == 64, "64 rows")),
     Goal("rollout_speedup", "rollout tokens/s vs HF generate", ">= 10x", lambda v: v >= 10.0, _times,
          rollout_figures("speedup_vs_hf")),
     Goal("rollout_bandwidth", "rollout fraction of the bandwidth limit", ">= 50%", lambda v: v >= 0.5, _percent,

@@ -491,16 +491,44 @@ def test_fused_group_traces_as_one_graph(launches):
 def test_benchmark_tiny_run_writes_results(tmp_path):
     from benchmarks import nf4 as nf4_bench
 
-    args = ["--tiny", "--shapes", "tiny_qo", "--rows", "2", "--warmup-ms", "0", "--rep-ms", "0", "--min-reps", "1",
-            "--out-dir", str(tmp_path), "--name", "smoke"]
+    grouped = "tiny_qkv (grouped) + LoRA"
+    args = ["--tiny", "--shapes", f"tiny_qo,{grouped}", "--rows", "2", "--warmup-ms", "0", "--rep-ms", "0",
+            "--min-reps", "1", "--out-dir", str(tmp_path), "--name", "smoke"]
     if torch.cuda.is_available():
         args.append("--no-graphs")
     payload = nf4_bench.main(args)
-    assert {row["provider"] for row in payload["rows"]} == {"fused", "bnb", "bf16"}
+    assert {(row["shape"], row["provider"]) for row in payload["rows"]} == {
+        (shape, provider) for shape in ("tiny_qo", grouped) for provider in ("fused", "bnb", "bf16")}
     for row in payload["rows"]:
         assert row["status"] == "ok" and row["ms_median"] > 0 and row["packed_gbps"] > 0, row
-        assert row["check"] < 1e-2, row  # every provider computes the same product
+        # every provider computes the same product: x @ W.T (+ the biases and each member's LoRA, whose
+        # terms are as large as the product's: a provider that dropped or misplaced one would be off by ~1)
+        assert row["check"] < 1e-2, row
+        assert row.get("static_ceiling") is None  # the report models no CPU
+    assert next(r for r in payload["rows"] if r["shape"] == grouped)["N"] == 40 + 24 + 24
     assert (tmp_path / "smoke.json").exists() and (tmp_path / "smoke.md").exists()
+
+
+def test_benchmark_reads_the_static_reports_ceilings_for_the_gpus_it_models(tmp_path):
+    """A GPU run puts the committed report's ceiling beside each measured case of the fused kernel:
+    the report covers every shape and default row count the benchmark measures on every GPU it
+    models; other GPUs (and a missing report) get none."""
+    import json
+
+    from benchmarks import nf4 as nf4_bench
+    from benchmarks.static_model import DEVICES
+
+    report = json.loads(nf4_bench.STATIC_REPORT.read_text())
+    for gpu, key in (("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100"),
+                     ("NVIDIA GeForce RTX 4090", "rtx4090")):
+        model_name, ceilings = nf4_bench.static_ceilings(gpu)
+        assert model_name == DEVICES[key].name
+        assert {(shape, rows) for shape in nf4_bench.shape_table(False) for rows in (1, 8, 16, 32, 64)} <= set(ceilings)
+        case = next(c for c in report["cases"] if c["device"] == model_name and c["group"] == "nf4"
+                    and c["params"]["shape"] == "qkv (grouped) + LoRA" and c["params"]["rows"] == 64)
+        assert ceilings[("qkv (grouped) + LoRA", 64)] == case["ceiling"]
+    assert nf4_bench.static_ceilings("Tesla T4") == (None, {})
+    assert nf4_bench.static_ceilings("NVIDIA H200", tmp_path / "missing.json") == (None, {})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal only applies without CUDA")

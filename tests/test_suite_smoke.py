@@ -190,15 +190,26 @@ def test_goal_verdicts_on_gpu_shaped_results(tmp_path):
         {"model": "qwen2.5-0.5b", "trainer": "grpo_fast_engine", "status": "ok", "step_s": 3.0},
         {"model": "qwen2.5-0.5b", "trainer": "trl", "status": "ok", "step_s": 15.0}])
     _write(tmp_path, "tests", [], counts={"passed": 8, "failed": 1, "error": 0, "skipped": 0})
+    fused = dict(provider="fused", status="ok")
+    _write(tmp_path, "nf4", [
+        {**fused, "shape": "qkv (grouped) + LoRA", "rows": 1, "frac_copy": 0.66, "static_ceiling": 0.64},
+        {**fused, "shape": "qkv (grouped) + LoRA", "rows": 16, "frac_copy": 0.58, "static_ceiling": 0.62},
+        {**fused, "shape": "qkv (grouped) + LoRA", "rows": 64, "frac_copy": 0.52, "static_ceiling": 0.50},
+        {**fused, "shape": "q_proj,o_proj", "rows": 8, "frac_copy": 0.70},
+        {**fused, "shape": "q_proj,o_proj", "rows": 64, "status": "error", "error": "RuntimeError: boom"},
+        {**fused, "shape": "gate_up (grouped) + LoRA", "rows": 64, "frac_copy": 0.55},
+        {**fused, "shape": "k_proj,v_proj", "rows": 1, "frac_copy": 0.10},  # not a decode-step launch
+        {"shape": "down_proj", "rows": 1, "provider": "bnb", "status": "ok", "frac_copy": 0.9},  # not the kernel
+    ])
     records = {name: {"status": "ok", "note": None} for name in ("loss-flat", "rollout-64", "train-7b", "train-0.5b",
-                                                                  "tests")}
+                                                                  "tests", "nf4")}
     records["tests"]["status"] = "failed"
     records["loss-peaked"] = {"status": "skipped", "note": "budget: 5 s left in part loss, first result needs ~25 s"}
     goals = _goals({"goals": suite.evaluate(suite.Evidence(tmp_path, records, suite.GPU_CASES))})
     expected = {"tests": "short", "loss_time": "met", "loss_memory": "met", "loss_matmul": "met",
                 "loss_liger": "not measured", "logprobs_time": "short", "rollout_speedup": "met",
                 "rollout_bandwidth": "short", "train_memory": "met", "train_step": "met",
-                "long_memory": "not measured"}
+                "long_memory": "not measured", "nf4_small": "short", "nf4_64": "met"}
     assert {key: goal["status"] for key, goal in goals.items()} == expected
     assert "flat: 0.5x" == goals["loss_time"]["measured"]  # the 4,096-token row is not the goal's case
     assert "loss-peaked: skipped (budget: 5 s left" in goals["loss_time"]["missing"]
@@ -208,6 +219,13 @@ def test_goal_verdicts_on_gpu_shaped_results(tmp_path):
     assert goals["train_step"]["measured"] == "qwen2.5-0.5b: 0.2x"
     assert "train-7b-trl: not run" in goals["train_step"]["missing"]
     assert goals["tests"]["measured"] == "8 passed, 1 failed"
+    # each launch's worst row count, the report's ceiling beside it; what was not measured says why
+    assert goals["nf4_small"]["measured"] == ("qkv (grouped) + LoRA, 16 rows, report's ceiling 62.0%: 58.0%; "
+                                              "q_proj,o_proj, 8 rows: 70.0%")
+    assert "gate_up (grouped) + LoRA: nf4 finished without fused gate_up (grouped) + LoRA at 1-16 rows" in \
+        goals["nf4_small"]["missing"]
+    assert "q_proj,o_proj, 64 rows: fused: error (RuntimeError: boom)" in goals["nf4_64"]["missing"]
+    assert "down_proj: nf4 finished without" in goals["nf4_64"]["missing"]
 
 
 def test_a_script_stopped_mid_run_keeps_the_cases_it_finished(tmp_path, monkeypatch):
