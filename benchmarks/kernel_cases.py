@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .nf4 import QWEN_7B_SHAPES
+from .nf4 import DECODE_STEP, QWEN_7B_GROUPED, QWEN_7B_SHAPES
 from .static_compile import bound_arguments
 
 HEAD_7B = (3584, 152064)  # Qwen2.5-7B's lm_head (H, V), as benchmarks/loss.py's HEADS
-GROUPED_7B_SHAPES = {"qkv (grouped)": (3584 + 2 * 512, 3584), "gate_up (grouped)": (2 * 18944, 3584)}
 ROWS_FULL = (1, 2, 4, 8, 16, 32, 64)
 ROWS_QUICK = (1, 4, 16, 64)
 LOSS_TOKENS_ON_CHIP = 16384  # the suite's loss case
@@ -198,26 +198,26 @@ def logprob_cases(full: bool) -> list[Case]:
 LORA_RANK = 16  # the engine's LoRA cases: r16, B in the kernel's epilogue
 
 
-def _nf4_decode_launch(n: int, k: int, m: int, device, members: int = 1, bias: bool = False, lora: bool = False):
-    """The launch kernels/nf4_decode._launch makes for bf16 x [m, k] and a repacked weight of `members`
-    Linears (n features together), recorded on meta tensors with the device's SM count."""
+def _nf4_decode_launch(members: tuple[int, ...], k: int, m: int, device, bias: bool = False, lora: bool = False):
+    """The launch kernels/nf4_decode._launch makes for bf16 x [m, k] and a repacked weight of Linears
+    of ``members`` features each (together n), recorded on meta tensors with the device's SM count."""
     import dataclasses
 
     from grpo_fast.kernels.launch import recording
     from grpo_fast.kernels.nf4_decode import (MAX_CHUNK, ROW_ALIGN, ROW_TILE, DecodeNF4Weight, StreamSchedule,
                                               _launch, default_decode_config)
 
+    n = sum(members)
     n_pad = -(-n // ROW_ALIGN) * ROW_ALIGN
     chunk = MAX_CHUNK  # bitsandbytes' default blocksize 64
-    per = n // members
     weight = DecodeNF4Weight(
         qweight=_meta(n_pad * k // 2, dtype=torch.uint8), scales=_meta(k // chunk, n_pad), levels=_meta(16),
-        in_features=k, segments=tuple(per * i for i in range(members)) + (n,), chunk=chunk,
+        in_features=k, segments=(0, *itertools.accumulate(members)), chunk=chunk,
         bias=_meta(n) if bias else None, counters=_meta(4 * n_pad // ROW_TILE, dtype=torch.int32),
         tables={torch.bfloat16: _meta(16, dtype=torch.bfloat16)})
     cfg = default_decode_config(m, META, capability=divmod(device.capability, 10))
     cfg = dataclasses.replace(cfg, num_sms=device.sms)
-    xa = _meta(m, members * LORA_RANK, dtype=torch.bfloat16) if lora else None
+    xa = _meta(m, len(members) * LORA_RANK, dtype=torch.bfloat16) if lora else None
     lora_b = _meta(n_pad, LORA_RANK, dtype=torch.bfloat16) if lora else None
     with recording() as launches:
         _launch(_meta(m, k, dtype=torch.bfloat16), weight, xa, lora_b, cfg)
@@ -250,36 +250,33 @@ def _nf4_decode_launch(n: int, k: int, m: int, device, members: int = 1, bias: b
         # reducer's trips, not an average over the tile's programs
         later = float(-(-splits // args["REDUCE_GROUP"])) if splits > 1 else None
     if lora:
-        traffic += m * members * LORA_RANK * 2 + n_pad * LORA_RANK * 2
+        traffic += m * len(members) * LORA_RANK * 2 + n_pad * LORA_RANK * 2
     plan = dict(path=path, splits=splits, block_n=block_n, programs=record.grid[0] if args["STREAM"] else 0,
                 block_mx=cfg.block_mx, chunks_per_split=chunks_per_split, lora_rank=LORA_RANK if lora else 0,
                 bias=bias)
     return record, plan, traffic, trips, weights_per_program, later
 
 
-# The NF4 launches the engine's decode step makes (grpo_fast/nf4.py groups shared-input siblings):
-# q/k/v and gate/up grouped with their LoRA, o_proj (q_proj's shape) and down_proj. k_proj / v_proj
-# run alone only where their siblings cannot be grouped (e.g. a LoRA variant peft's plain path lacks).
-DECODE_STEP_LAUNCHES = ("qkv (grouped) + LoRA", "q_proj,o_proj", "gate_up (grouped) + LoRA", "down_proj")
-
-
 def nf4_cases(full: bool, device) -> list[Case]:
     """Each 7B Linear alone (the goal shapes: no bias, no LoRA), and the engine's grouped launches
     (q/k/v with their biases, gate/up) with LoRA r16 in the epilogue."""
-    shapes = {name: (n, k, 1, False, False) for name, (n, k, _) in QWEN_7B_SHAPES.items()}
-    shapes.update({"qkv (grouped) + LoRA": (3584 + 2 * 512, 3584, 3, True, True),
-                   "gate_up (grouped) + LoRA": (2 * 18944, 3584, 2, False, True)})
-    assert set(DECODE_STEP_LAUNCHES) <= set(shapes), DECODE_STEP_LAUNCHES
+    # the launches the decode step makes (benchmarks.nf4.DECODE_STEP: grpo_fast/nf4.py groups shared-input
+    # siblings): q/k/v and gate/up grouped with their LoRA, o_proj (q_proj's shape) and down_proj; k_proj /
+    # v_proj run alone only where their siblings cannot be grouped (e.g. a LoRA variant peft's plain path lacks)
+    shapes = {name: ((n,), k, False, False) for name, (n, k, _) in QWEN_7B_SHAPES.items()}
+    shapes.update({name: (members, k, bias, True) for name, (members, k, bias) in QWEN_7B_GROUPED.items()})
+    assert set(DECODE_STEP) <= set(shapes), DECODE_STEP
     cases = []
-    for name, (n, k, members, bias, lora) in shapes.items():
+    for name, (members, k, bias, lora) in shapes.items():
+        n = sum(members)
         for m in ROWS_FULL if full else ROWS_QUICK:
             launch, plan, traffic, trips, weights_per_program, later = _nf4_decode_launch(
-                n, k, m, device, members, bias, lora)
+                members, k, m, device, bias, lora)
             cases.append(Case(
                 "nf4", f"{name} {n}x{k}, {m} rows", launch, True, "bandwidth", "weight", weights_per_program, trips,
                 kernel_bytes=traffic, useful_bytes=n * k / 2, goal=0.6 if m <= 16 else 0.5,  # issue 15's goals
                 later_trips=later,
-                params=dict(shape=name, N=n, K=k, rows=m, decode_step=name in DECODE_STEP_LAUNCHES, **plan)))
+                params=dict(shape=name, N=n, K=k, rows=m, decode_step=name in DECODE_STEP, **plan)))
     return cases
 
 

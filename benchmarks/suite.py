@@ -84,6 +84,7 @@ from typing import Callable, Optional
 import torch
 
 from . import common
+from .nf4 import DECODE_STEP as NF4_DECODE_STEP
 
 if not torch.cuda.is_available():  # before triton is first imported (env_info), or in-process steps fail on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -211,8 +212,7 @@ class GoalCases:
 
 
 GPU_CASES = GoalCases("qwen2.5-7b", 16384, 64, "qwen2.5-7b", ("qwen2.5-7b", "llama-3.1-8b-shape"),
-                      ("qwen2.5-7b", "qwen2.5-0.5b"), ("qwen2.5-7b", "qwen2.5-0.5b"),
-                      ("qkv (grouped) + LoRA", "q_proj,o_proj", "gate_up (grouped) + LoRA", "down_proj"))
+                      ("qwen2.5-7b", "qwen2.5-0.5b"), ("qwen2.5-7b", "qwen2.5-0.5b"), NF4_DECODE_STEP)
 TINY_CASES = GoalCases("16x67", 32, 64, "tiny", ("tiny", "tiny"), ("tiny", "tiny"), ("tiny as 7B", "tiny as 0.5B"),
                        ("tiny_qo",))
 
