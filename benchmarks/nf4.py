@@ -28,8 +28,8 @@ rather than Python's launch overhead, as in a graph-captured decode loop), the e
 packed-weight bytes (N*K/2 per call, the same for every provider, so it orders them like time),
 that rate as a fraction of a same-run device-to-device copy (bytes read + written per second),
 beside it the static kernel report's ceiling for the fused kernel where the GPU is one the report
-models (benchmarks/results/static/kernel-report.json: an estimate from the compiled code, which
-the measurement bounds from below), and the time relative to bnb. Per M, the notes add the seven
+models (benchmarks/results/static/kernel-report.json: an estimate from the compiled code, an upper
+bound the measurement falls below by what the model leaves out), and the time relative to bnb. Per M, the notes add the seven
 Linears of one block, and the decode step's four launches of one block (x28 layers is the
 per-token base-weight matmul time of the model). No timing is asserted anywhere.
 """
@@ -66,8 +66,10 @@ TINY_SHAPES = {"tiny_qo": (40, 128, 2), "tiny_down": (24, 256, 1)}
 TINY_GROUPED = {"tiny_qkv (grouped) + LoRA": ((40, 24, 24), 128, True)}
 PROVIDERS = ("fused", "bnb", "bf16")
 STATIC_REPORT = common.RESULTS_DIR / "static" / "kernel-report.json"
-# a GPU's name -> the static report's model of it (benchmarks/static_model.DEVICES)
-MODELLED_GPUS = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("4090", "rtx4090"))
+# the part of a GPU's name (torch.cuda.get_device_name) -> the static report's model of that part
+# (benchmarks/static_model.DEVICES); other variants (H100 PCIe, A100 40GB...) have other SM counts or
+# bandwidths and get no ceiling
+MODELLED_GPUS = (("H200", "h200"), ("H100 80GB HBM3", "h100"), ("A100-SXM4-80GB", "a100"), ("RTX 4090", "rtx4090"))
 COLUMNS = [
     ["provider", "provider", "s"], ["status", "status", "s"], ["ms_median", "median ms", ".4f"],
     ["ms_p20", "p20 ms", ".4f"], ["ms_p80", "p80 ms", ".4f"], ["time_vs_bnb", "time ×bnb", ".2f"],

@@ -528,6 +528,7 @@ def test_benchmark_reads_the_static_reports_ceilings_for_the_gpus_it_models(tmp_
                     and c["params"]["shape"] == "qkv (grouped) + LoRA" and c["params"]["rows"] == 64)
         assert ceilings[("qkv (grouped) + LoRA", 64)] == case["ceiling"]
     assert nf4_bench.static_ceilings("Tesla T4") == (None, {})
+    assert nf4_bench.static_ceilings("NVIDIA H100 PCIe") == (None, {})  # 114 SMs, 2 TB/s: not the model's part
     assert nf4_bench.static_ceilings("NVIDIA H200", tmp_path / "missing.json") == (None, {})
 
 
