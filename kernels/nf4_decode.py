@@ -633,7 +633,7 @@ REDUCE_REGISTERS = 128  # registers per thread the split-K reducer gives to part
 def reduce_group(splits: int, block_n: int, block_mx: int, num_warps: int) -> int:
     """Split-K partials the reducing program loads at once: as many as REDUCE_REGISTERS hold (its
     [block_n, block_mx] fp32 tile over the program's threads each), in as few rounds as that allows,
-    split evenly between them (7 splits of 32 registers a thread: 2 rounds of 4, not 4 + 3)."""
+    split evenly between them (28 splits of 16 registers a thread: 4 rounds of 7, not 8 + 8 + 8 + 4)."""
     if splits <= 1:
         return 1
     per_thread = max(1, block_n * block_mx // (32 * num_warps))
