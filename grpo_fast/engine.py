@@ -163,9 +163,9 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int | torc
     # The log-prob is the loss's: the full, unfiltered distribution at this temperature.
     log_normaliser = torch.logsumexp(scaled, dim=-1)
     if isinstance(step, torch.Tensor):
-        if params.min_completion_length > 0:
-            eos_columns = torch.zeros(scaled.shape[-1], dtype=torch.bool, device=scaled.device).index_fill(0, eos_ids, True)
-            scaled = scaled.masked_fill((step < params.min_completion_length)[:, None] & eos_columns, -math.inf)
+        if params.min_completion_length > 0:  # only the EOS columns of the rows still short (scaled is ours)
+            early = (step < params.min_completion_length)[:, None]
+            scaled[:, eos_ids] = scaled[:, eos_ids].masked_fill(early, -math.inf)
     elif step < params.min_completion_length:
         scaled = scaled.index_fill(-1, eos_ids, -math.inf)
     if params.top_k == 1:

@@ -468,6 +468,13 @@ def test_sampling_follows_the_distribution():
     tokens, _ = sample_tokens(torch.tensor([[-5.0, -5.0, -5.0, -5.0, -5.0, 9.0]] * 1000),
                               _sampling_params(min_completion_length=1), 0, torch.tensor([5]), generator)
     assert not (tokens == 5).any()
+    # per row (the engine's steps): only the rows still short of it have EOS (tokens 4 and 5) suppressed,
+    # and every log-prob is the unfiltered distribution's
+    logits = torch.tensor([[-5.0, -5.0, -5.0, 1.0, 9.0, 8.0]] * 4)
+    tokens, logprobs = sample_tokens(logits, _sampling_params(min_completion_length=2, top_k=1),
+                                     torch.tensor([0, 1, 2, 7]), torch.tensor([4, 5]), None)
+    assert tokens.tolist() == [3, 3, 4, 4]
+    torch.testing.assert_close(logprobs, logits[0].log_softmax(-1)[tokens])
 
 
 def test_race_draws_of_zero_never_pick_a_filtered_token():
