@@ -235,7 +235,10 @@ def sm_cycles(device: Device, cost: ProgramCost, programs: int, resident: int) -
     """Clocks of the busiest SM's programs: each wave its programs' instructions at the issue and pipe
     rates of the warps it holds (the one place the model charges a launch's instructions)."""
     waves = sm_waves(device, programs, resident)
-    cycles = sum(n * cost.cycles(device, warps=n * cost.num_warps) for n in waves)
+    # a program's clocks at the full issue rate, scaled per wave by the rate its warps allow: the
+    # planner's rule (every bound in ProgramCost._bounds scales alike with the issue rate)
+    cycles = launch_rules.busiest_sm_cycles(programs, device.sms, resident, cost.num_warps,
+                                            cost.cycles(device, warps=device.issue_per_clock), device.issue_per_clock)
     warps = waves[0] * cost.num_warps if waves else cost.num_warps
     return {"cycles": cycles, "warps_per_sm": warps, "issue_per_clock": issue_rate(device, warps),
             "limiter": cost.limiter(device, warps=warps)}

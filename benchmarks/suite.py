@@ -533,10 +533,15 @@ class Evidence:
         for row in (payload or {}).get("rows", []):
             if all(row.get(k) == v for k, v in match.items()):
                 if row.get("status") != "ok":
-                    error = f" ({row['error'][:120]})" if row.get("error") else ""
-                    return None, f"{what}: {row.get('status')}{error}"
+                    return None, self.failure(what, row)
                 return row, None
         return None, self.why_missing(name, what)
+
+    @staticmethod
+    def failure(what: str, row: dict) -> str:
+        """Why a row that is not ok was not measured: its status and the start of its error."""
+        error = f" ({row['error'][:120]})" if row.get("error") else ""
+        return f"{what}: {row.get('status')}{error}"
 
 
 LOSS_STEPS = (("flat", "loss-flat"), ("peaked", "loss-peaked"))
@@ -605,8 +610,7 @@ def nf4_figures(rows_in: Callable[[int], bool], what: str) -> Callable[[Evidence
             ok = [r for r in found if r.get("status") == "ok" and r.get("frac_copy") is not None]
             for r in found:
                 if r not in ok:
-                    error = f" ({r['error'][:120]})" if r.get("error") else ""
-                    out.append(Figure(f"{shape}, {r.get('rows')} rows", None, f"fused: {r.get('status')}{error}"))
+                    out.append(Figure(f"{shape}, {r.get('rows')} rows", None, Evidence.failure("fused", r)))
             if not ok:
                 if not found:
                     out.append(Figure(shape, None, ev.why_missing("nf4", f"fused {shape} at {what}")))
@@ -620,12 +624,18 @@ def nf4_figures(rows_in: Callable[[int], bool], what: str) -> Callable[[Evidence
     return figures
 
 
-def memory_figures(ev: Evidence) -> list[Figure]:
-    model = ev.cases.memory_model
-    row, why = ev.row("train-7b", f"grpo_fast_engine on {model}", trainer="grpo_fast_engine", model=model)
+def _peak_allocated(ev: Evidence, step: str, model: str) -> tuple[Optional[dict], Optional[float], Optional[str]]:
+    """(the engine trainer's row of ``step`` on ``model``, its peak allocated GiB, why that is missing)."""
+    row, why = ev.row(step, f"grpo_fast_engine on {model}", trainer="grpo_fast_engine", model=model)
     value = None if row is None else row.get("peak_allocated_gib")
     if row is not None and value is None:
         why = "peak allocated not measured (no CUDA allocator on CPU)"
+    return row, value, why
+
+
+def memory_figures(ev: Evidence) -> list[Figure]:
+    model = ev.cases.memory_model
+    row, value, why = _peak_allocated(ev, "train-7b", model)
     extra = f", reserved {row['peak_reserved_gib']:.2f} GiB" if row is not None and row.get("peak_reserved_gib") else ""
     return [Figure(f"{model}{extra}", value, why)]
 
@@ -637,10 +647,7 @@ def long_memory_figures(ev: Evidence) -> list[Figure]:
     """Each long-completion step's peak allocated memory as a fraction of its budget."""
     out = []
     for (name, budget), model in zip(LONG_STEPS, ev.cases.long_models):
-        row, why = ev.row(name, f"grpo_fast_engine on {model}", trainer="grpo_fast_engine", model=model)
-        value = None if row is None else row.get("peak_allocated_gib")
-        if row is not None and value is None:
-            why = "peak allocated not measured (no CUDA allocator on CPU)"
+        _, value, why = _peak_allocated(ev, name, model)
         shown = f"{name}: {value:.2f} of {budget:g} GiB" if value is not None else name
         out.append(Figure(shown, None if value is None else value / budget, why))
     return out

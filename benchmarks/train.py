@@ -49,6 +49,8 @@ from typing import Callable, Optional
 
 import torch
 
+from grpo_fast.config import ROLLOUT_MEMORY, GRPOConfig
+
 from . import common
 from .models import (BLOCK_LINEARS, SHAPES, build_random_model, build_tokenizer, even_token_reward,
                      forced_length_engine, forced_length_generate, random_prompts)
@@ -86,7 +88,7 @@ class Workload:
     learning_rate: float
     seed: int
     max_memory_gb: Optional[float] = None  # grpo-fast's trainers: the budget they size themselves to
-    rollout_memory: str = "auto"  # grpo-fast's trainers: keep | free | auto (GRPOConfig.rollout_memory)
+    rollout_memory: str = GRPOConfig.rollout_memory  # grpo-fast's trainers: keep | free | auto (GRPOConfig.rollout_memory)
 
     @property
     def batch_size(self) -> int:
@@ -98,8 +100,6 @@ class Workload:
 
 
 def grpo_fast_config(work: Workload, output_dir: str, steps: int):
-    from grpo_fast.config import GRPOConfig
-
     return GRPOConfig(
         model=f"random-{work.model}", output_dir=output_dir, run_name="run", seed=work.seed, max_steps=steps,
         load_in_4bit=work.load_in_4bit, use_lora=True, lora_r=work.lora_r, lora_alpha=work.lora_alpha,
@@ -456,7 +456,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-memory-gb", type=float, default=None,
                    help="grpo-fast's trainers: the memory budget they size their rollout waves and micro-batches to "
                         "(GRPOConfig.max_memory_gb; the issue's goal configs)")
-    p.add_argument("--rollout-memory", default="auto", choices=["auto", "keep", "free"],
+    p.add_argument("--rollout-memory", default=GRPOConfig.rollout_memory, choices=ROLLOUT_MEMORY,
                    help="grpo-fast's trainers: GRPOConfig.rollout_memory")
     p.add_argument("--fit-budget", type=lambda s: [float(t) for t in common.comma_list(s)], default=None,
                    help="comma-separated memory budgets in GiB (CUDA only): longest completion that fits each")
