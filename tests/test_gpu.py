@@ -3,7 +3,7 @@
 What no CPU test can reach: the Triton kernels compiled (not interpreted) in bf16 / fp16 at a 7B
 head's shape, cuBLAS's fp32-output products, the rollout engine with CUDA graphs, compaction and
 the fused NF4 matmul against the same engine eager and Hugging Face `generate`, the NF4 custom op
-inside an inductor-compiled graph, and the trainer on CUDA. The rule for the loss is the CPU
+inside an inductor-compiled graph, the NF4 split-K reducer's rounds compiled, and the trainer on CUDA. The rule for the loss is the CPU
 suite's: a fused backend's error against float64 may not exceed the eager reference's in the same
 dtype, plus a small tolerance.
 """
@@ -179,6 +179,38 @@ def test_nf4_custom_op_in_an_inductor_graph_matches_bitsandbytes():
                 got = compiled(x).float()
             err = (got - expected).abs().max() / expected.abs().max()
             assert err.item() <= 2e-2, (mode, err.item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_nf4_split_k_reducer_rounds_on_the_k_proj_shape(dtype):
+    """k_proj's shape (512 x 3584) split 28 ways, as the sm_90 plan split it at 1-8 rows: the reducing
+    program adds the partials several a round (reduce_group), in split order: the same bits as one
+    split per round, the same bits every call (tickets reset), and the unsplit product within rounding."""
+    import dataclasses
+
+    from grpo_fast.kernels.nf4_decode import default_decode_config, nf4_decode_matmul, reduce_group, repack_nf4
+    from grpo_fast.kernels.nf4_matmul import NF4Weight
+
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    dense = torch.randn(512, 3584, device=CUDA) * 0.02
+    packed, state = bnb_functional.quantize_4bit(dense.to(dtype), blocksize=64, compress_statistics=True,
+                                                 quant_type="nf4")
+    weight = repack_nf4([NF4Weight.from_bnb(packed, state)])
+    dequantised = bnb_functional.dequantize_4bit(packed, state).float()
+    x = torch.randn(8, 3584, device=CUDA, dtype=dtype)
+    base = default_decode_config(8, CUDA)
+    split = dataclasses.replace(base, splits=28)
+    assert reduce_group(28, split.block_ns[0], split.block_mx, split.num_warps) > 1
+    with torch.no_grad():
+        first = nf4_decode_matmul(x, weight, config=split)
+        assert int(weight.counters.abs().sum()) == 0
+        assert torch.equal(first, nf4_decode_matmul(x, weight, config=split))
+        assert torch.equal(first, nf4_decode_matmul(x, weight, config=dataclasses.replace(split, reduce_group=1)))
+        whole = nf4_decode_matmul(x, weight, config=dataclasses.replace(base, splits=1)).float()
+        expected = x.float() @ dequantised.T
+    scale = expected.abs().max()
+    assert ((first.float() - whole).abs().max() / scale).item() <= 1e-2
+    assert ((first.float() - expected).abs().max() / scale).item() <= 2e-2
 
 
 @pytest.fixture(scope="module")
