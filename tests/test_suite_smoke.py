@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 import textwrap
 import time
@@ -29,9 +32,45 @@ def _goals(state: dict) -> dict:
     return {goal["goal"]: goal for goal in state["goals"]}
 
 
+def _gpu_recipe_checkout(tmp_path) -> tuple[Path, dict]:
+    """A copy of the tree set up as README.md's recipe for a GPU machine without network sets it up: the
+    files without ``.git``, a ``.site`` folder for the peers' wheels (empty here: this environment has
+    them), nothing of grpo-fast installed there, and ``PYTHONPATH`` from the recipe's own export line."""
+    readme = (ROOT / "README.md").read_text()
+    recipe = re.search(r"\n```bash\n(?:(?!```).)*?--target \.site(?:(?!```).)*?```", readme, re.S)
+    assert recipe, "README.md: the GPU machine's recipe (pip install --target .site ...) is missing"
+    export = re.search(r"^export PYTHONPATH=(\S+)$", recipe.group(0), re.M)
+    assert export and re.search(r"^python -m benchmarks\.suite --commit ", recipe.group(0), re.M), recipe.group(0)
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    checkout = tmp_path / "checkout"
+    for name in files:
+        if (ROOT / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, checkout / name)
+    (checkout / ".site").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = export.group(1).replace("$PWD", str(checkout))
+    return checkout, env
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny CPU run; on GPU run the suite itself")
-def test_tiny_run_writes_every_part_and_an_honest_summary(tmp_path):
-    state = suite.main(["--tiny", "--in-process", "--parts", TINY_PARTS, "--out-dir", str(tmp_path)])
+def test_tiny_run_from_the_gpu_recipe_writes_every_part_and_an_honest_summary(tmp_path):
+    """``python -m benchmarks.suite --tiny`` (each step a subprocess, as on a GPU) from a checkout set up
+    exactly as the README's GPU recipe says: the package's kernels and the benchmarks import from it."""
+    checkout, env = _gpu_recipe_checkout(tmp_path)
+    where = subprocess.run([sys.executable, "-c", "import grpo_fast.kernels.chunked as c, benchmarks.suite as s; "
+                            "print(c.__file__); print(s.__file__)"], cwd=checkout, env=env, capture_output=True,
+                           text=True)
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert all(Path(p).resolve().is_relative_to(checkout.resolve()) for p in where.stdout.split()), where.stdout
+    out = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--tiny", "--parts", TINY_PARTS, "--out-dir",
+                          str(out), "--commit", "0123abc"], cwd=checkout, env=env, capture_output=True, text=True,
+                         timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    tmp_path = out
+    state = json.loads((out / "suite.json").read_text())
     steps = state["steps"]
     assert set(steps) == set(TINY_PARTS.split(","))
     for name in TINY_PARTS.split(","):
@@ -39,7 +78,8 @@ def test_tiny_run_writes_every_part_and_an_honest_summary(tmp_path):
         for suffix in (".json", ".md", ".log"):
             assert (tmp_path / f"{name}{suffix}").exists(), (name, suffix)
         payload = json.loads((tmp_path / f"{name}.json").read_text())
-        assert payload["partial"] is False and payload["env"]["git_commit"] and payload["env"]["date_utc"]
+        assert payload["partial"] is False and payload["env"]["date_utc"]
+        assert payload["env"]["git_commit"].startswith("0123abc"), payload["env"]  # the copy has no .git
         if name != "tests":
             assert payload["env"]["command"].startswith(f"python -m benchmarks.{name.split('-')[0]}")
             assert list(tmp_path.glob(f"{name}_*.png")), name
