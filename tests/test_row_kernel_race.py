@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # as a script (the subprocess), before conftest has done it
+from benchmarks.static_compile import parse_sass
 
-from benchmarks.static_compile import parse_sass  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CAPABILITIES = (90, 80)
 GRAD_DTYPES = ("bfloat16", "float16", "float32")
@@ -72,7 +71,8 @@ def pass2_launches(grad_dtype):
 
 
 def _compile_and_report() -> dict:
-    """{"<dtype> sm_<cap>": {"unordered": [...], "loops": [[opcodes of a storing loop]...]}}."""
+    """{"<dtype> sm_<cap>": {"unordered": [...], "storing_loops": [[opcodes]...], "stores_outside_loops": [...]}}
+    (run as this file's __main__, without the interpreter)."""
     from benchmarks.static_compile import compile_launch
 
     report = {}
@@ -86,7 +86,8 @@ def _compile_and_report() -> dict:
             report[f"{grad_dtype} sm_{capability}"] = {
                 "unordered": unordered_stores(kernel.instructions, kernel.loops),
                 "storing_loops": storing,
-                "stores_outside_loops": sorted({i.opcode for i in kernel.instructions if i.base == "STG" and not i.depth}),
+                "stores_outside_loops": sorted({i.opcode for i in kernel.instructions
+                                                if i.base == "STG" and not i.depth}),
             }
     return report
 
@@ -116,14 +117,15 @@ RACY = """
 
 def test_checker_flags_a_store_after_an_unfenced_load_and_passes_a_fenced_one():
     assert len(unordered_stores(*parse_sass(RACY))) == 2
-    fenced = RACY.replace("/*2e50*/", "/*2150*/                    BAR.SYNC.DEFER_BLOCKING 0x0 ;\n        /*2e50*/")
+    barrier = "/*2150*/                    BAR.SYNC.DEFER_BLOCKING 0x0 ;\n        /*2e50*/"
+    fenced = RACY.replace("/*2e50*/", barrier)
     assert unordered_stores(*parse_sass(fenced)) == []
     # the barrier must separate this trip's loads from its stores: one before the loads does not
     early = RACY.replace(".L_x_2:\n", ".L_x_2:\n        /*1fe0*/                    BAR.SYNC.DEFER_BLOCKING 0x0 ;\n")
     assert len(unordered_stores(*parse_sass(early))) == 2
     # a load after the stores is the next trip's: it reaches them through the back edge
     late = RACY.replace("/*3120*/", "/*3118*/               @!P2 LDG.E.128 R4, desc[UR16][R32.64] ;\n        /*3120*/")
-    fenced_late = late.replace("/*2e50*/", "/*2150*/                    BAR.SYNC.DEFER_BLOCKING 0x0 ;\n        /*2e50*/")
+    fenced_late = late.replace("/*2e50*/", barrier)
     assert unordered_stores(*parse_sass(fenced_late)) == []
     assert len(unordered_stores(*parse_sass(late))) == 2
     # a rotated loop (stores first, this trip's loads at its end): the walk wraps into the previous trip
@@ -136,6 +138,18 @@ def test_checker_flags_a_store_after_an_unfenced_load_and_passes_a_fenced_one():
     assert len(unordered_stores(*parse_sass(rotated))) == 1
     fenced_rotated = rotated.replace("/*0120*/", "/*0118*/                    BAR.SYNC 0x0 ;\n        /*0120*/")
     assert unordered_stores(*parse_sass(fenced_rotated)) == []
+
+
+@pytest.mark.parametrize("grad_dtype", GRAD_DTYPES)
+def test_each_row_stores_within_its_own_bytes(grad_dtype):
+    """The other half of the argument: a program writes only its own row's bytes (d_logits row r is
+    the start of fp32 row r), so only the warps of one program can meet, and the barrier orders them."""
+    (launch,) = pass2_launches(grad_dtype)
+    logits, stride_row, d_logits, stride_drow = launch.args[:4]
+    V = logits.shape[1]
+    assert logits.dtype.itemsize == 4 and logits.stride(1) == 1 and d_logits.stride(1) == 1
+    assert stride_drow * d_logits.dtype.itemsize == stride_row * logits.dtype.itemsize
+    assert V * d_logits.dtype.itemsize <= stride_row * logits.dtype.itemsize
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
