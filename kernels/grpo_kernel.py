@@ -14,9 +14,21 @@ then    the GRPO terms of kernels/token_math.py in registers: the ratio c1 = exp
 pass 2  d loss / d x_j = S [g (1[j == y] - p_j) - e p_j (log p_j + H)] f'(x_j) / T (d H / d z_j =
         -p_j (log p_j + H)), written in the input dtype over the first half of the token's own fp32
         row (d_logits, row stride 2V in elements of 2 bytes), so the caller's d_hidden = d_logits @ W
-        (and d_W += d_logits^T @ h) reuse the chunk's buffer. Pass 2 stores tile k at bytes
-        [2 k B, 2 (k+1) B) of the row, which pass 2 has already read (tile k reads [4 k B, 4 (k+1) B)):
-        no later load sees a store.
+        (and d_W += d_logits^T @ h) reuse the chunk's buffer.
+
+Writing over the row being read: tile k (B columns) reads the row's bytes [4 k B, 4 (k+1) B) and, in
+bf16 / fp16, stores [2 k B, 2 (k+1) B), i.e. fp32 columns [k B / 2, (k+1) B / 2) that tiles k / 2
+and k read in other threads and other warps (in tile 0 of the sm_90a code, warp w stores over what
+warps w / 2 and 4 + w / 2 read). Nothing orders one warp's stores after another warp's loads, so a
+barrier separates each tile's loads from its stores (bar.sync: every thread's earlier loads are
+performed before any thread passes it): when tile k stores, every warp has read tiles 0..k, which
+hold every byte tile k writes. A row's stores stay within its own 4V bytes, so programs never meet.
+The fp32 gradient overwrites the very elements it reads; the barrier orders that too, whatever
+layout the compiler gives the store. Cost: one BAR.SYNC per tile (38 per 152k-vocab row; the sm_90a
+loop grows from 282 to 283 instructions) and no memory. Rejected: a separate d_logits buffer (+2
+bytes a logit, half again the chunk's 4-byte budget, or a third fewer tokens per chunk); keeping
+each thread's stores within its own loads (in a blocked layout thread t's bf16 columns are fp32
+columns of thread t / 2). tests/test_row_kernel_race.py reads the compiled SASS for the barrier.
 
 S is a power of two (1 unless the input is fp16): fp16 cannot hold the off-target terms w * p_j
 (~1e-9 for a batch of thousands of tokens), so they are written scaled to fill fp16's range and
@@ -216,6 +228,8 @@ def _grpo_row_kernel(
             if ENTROPY_BONUS:
                 d = d - e_coef * p * (log_p + entropy)
             d = d * dz
+            # WAR: every warp has read the bytes this tile's stores overwrite (see the module docstring)
+            tl.debug_barrier()
             tl.store(d_base + cols, d.to(dlogits_ptr.dtype.element_ty), mask=col_mask)
 
 
