@@ -36,9 +36,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in a run directory that holds one, deleting its logs and checkpoints")
     parser.set_defaults(takes_overrides=True)  # any other --key value pairs override config fields
-    parser.epilog = ("Any GRPOConfig field is also an option, --key value or --key=value, overriding the "
-                     "YAML (e.g. --learning_rate 1e-5 --reward_functions mod:f,mod:g). With no options: "
-                     "the embedded demo (tiny model, built-in task, CPU). Keys: README.md, 'Training'.")
+    from .config_reference import help_text
+
+    parser.epilog = ("With no options: the embedded demo (tiny model, built-in task, CPU). Any key below is also an "
+                     "option overriding the YAML, e.g. --learning_rate 1e-5 --max_steps 200.\n\n" + help_text())
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo-fast", description="GRPO training on one GPU (or CPU for the demo)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, handler) in SUBCOMMANDS.items():
-        subparser = subparsers.add_parser(name, help=help_text, allow_abbrev=False)
+        subparser = subparsers.add_parser(name, help=help_text, allow_abbrev=False,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(subparser)
         subparser.add_argument("--debug", action="store_true",
                                help=f"show tracebacks instead of one-line errors (or set {DEBUG_VARIABLE}=1)")

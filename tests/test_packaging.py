@@ -80,7 +80,7 @@ def test_imports_from_the_repository_root_pick_hugging_faces_kernels():
 
 @needs_hf_kernels
 def test_imports_from_a_checkout_on_pythonpath_use_the_checkout(tmp_path):
-    """The README's GPU recipe runs a copied tree on PYTHONPATH with nothing of ours installed."""
+    """The documented GPU recipe (docs/benchmarks.md) runs a copied tree on PYTHONPATH with nothing of ours installed."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     copy = tmp_path / "checkout"
     for name in files:

@@ -33,12 +33,12 @@ def _goals(state: dict) -> dict:
 
 
 def _gpu_recipe_checkout(tmp_path) -> tuple[Path, dict]:
-    """A copy of the tree set up as README.md's recipe for a GPU machine without network sets it up: the
+    """A copy of the tree set up as the documented recipe (docs/benchmarks.md) for a GPU machine without network sets it up: the
     files without ``.git``, a ``.site`` folder for the peers' wheels (empty here: this environment has
     them), nothing of grpo-fast installed there, and ``PYTHONPATH`` from the recipe's own export line."""
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "benchmarks.md").read_text()
     recipe = re.search(r"\n```bash\n(?:(?!```).)*?--target \.site(?:(?!```).)*?```", readme, re.S)
-    assert recipe, "README.md: the GPU machine's recipe (pip install --target .site ...) is missing"
+    assert recipe, "docs/benchmarks.md: the GPU machine's recipe (pip install --target .site ...) is missing"
     export = re.search(r"^export PYTHONPATH=(\S+)$", recipe.group(0), re.M)
     assert export and re.search(r"^python -m benchmarks\.suite --commit ", recipe.group(0), re.M), recipe.group(0)
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
@@ -57,7 +57,7 @@ def _gpu_recipe_checkout(tmp_path) -> tuple[Path, dict]:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny CPU run; on GPU run the suite itself")
 def test_tiny_run_from_the_gpu_recipe_writes_every_part_and_an_honest_summary(tmp_path):
     """``python -m benchmarks.suite --tiny`` (each step a subprocess, as on a GPU) from a checkout set up
-    exactly as the README's GPU recipe says: the package's kernels and the benchmarks import from it."""
+    exactly as the documented GPU recipe says: the package's kernels and the benchmarks import from it."""
     checkout, env = _gpu_recipe_checkout(tmp_path)
     where = subprocess.run([sys.executable, "-c", "import grpo_fast.kernels.chunked as c, benchmarks.suite as s; "
                             "print(c.__file__); print(s.__file__)"], cwd=checkout, env=env, capture_output=True,

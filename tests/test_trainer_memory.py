@@ -159,12 +159,12 @@ def test_plan_command_sizes_to_max_memory_gb(capsys):
     assert "the rollout in waves of" in line
 
 
-def test_readme_table_is_the_memory_models():
+def test_documented_table_is_the_memory_models():
     from pathlib import Path
 
     from grpo_fast.memory import readme_table
 
-    assert readme_table() in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert readme_table() in (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
 
 
 def test_rollout_memory_free_samples_without_cuda_graphs():
