@@ -93,7 +93,7 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
-def _reason(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     text = str(error).strip()
     first = text.splitlines()[0][:300] if text else ""
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
@@ -123,13 +123,13 @@ def failure_reason(kernel: str, device: torch.device) -> Optional[str]:
 def record_failure(kernel: str, device: torch.device, error: BaseException) -> None:
     """``kernel`` failed to compile or launch on ``device``: raise under GRPO_FAST_STRICT=1, else warn
     (once per kernel and device) and mark it unusable there."""
-    message = f"grpo-fast: Triton kernel '{kernel}' failed on {describe_device(device)}: {_reason(error)}"
+    message = f"grpo-fast: Triton kernel '{kernel}' failed on {describe_device(device)}: {describe_error(error)}"
     if strict():
         raise KernelFailure(f"{message} ({STRICT_ENV}=1, so no torch fallback)") from error
     key = _key(kernel, device)
     with _lock:
         first = key not in _failed
-        _failed[key] = _reason(error)
+        _failed[key] = describe_error(error)
         _working.discard(key)
     if first:
         warnings.warn(f"{message}; using its torch path from now on (slower; set {STRICT_ENV}=1 to make this "

@@ -48,11 +48,10 @@ LORA_RANK_MULTIPLE = 16  # the epilogue's product with B is a tensor-core op ove
 
 
 def _linear4bit_class():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        return None
-    return bnb.nn.Linear4bit
+    from .console import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
+    return None if bnb is None else bnb.nn.Linear4bit
 
 
 def nf4_weight_of(layer: torch.nn.Module) -> NF4Weight:
