@@ -5,6 +5,7 @@
     grpo-fast train --config run.yaml --resume        # continue the latest run from its last checkpoint
     grpo-fast eval --model Qwen/Qwen2.5-0.5B-Instruct --adapter runs/<run>/checkpoints/step_000500/model --split test
     grpo-fast plan --config examples/gsm8k_qwen2.5_7b.yaml  # estimated peak memory, longest completion per budget
+    grpo-fast doctor                                  # versions, and each fused kernel checked here (bug reports)
 
 Any ``GRPOConfig`` field is an option ``--key value`` (or ``--key=value``); it overrides the YAML.
 Subcommands register in ``SUBCOMMANDS``; each adds its arguments and returns an exit code.
@@ -43,6 +44,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .console import import_bitsandbytes
+
+    import_bitsandbytes()  # before peft imports it: without its hub lookup's network trip and warning
     from .config import load_config
     from .trainer import train
 
@@ -104,9 +108,23 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from .console import import_bitsandbytes
+
+    import_bitsandbytes()  # as run_train
     from .evaluation import run_eval as evaluate_command
 
     return evaluate_command(args)
+
+
+def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Prints the environment, then checks each fused path on this machine against its eager "
+                     "reference; exit code 1 when a check fails. Paste its output into bug reports.")
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from .doctor import main as doctor
+
+    return doctor()
 
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
@@ -115,6 +133,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
              add_eval_arguments, run_eval),
     "plan": ("the estimated peak memory of a config's step, and the longest completion per budget",
              add_plan_arguments, run_plan),
+    "doctor": ("the environment, and each fused kernel checked on this machine against its eager reference",
+               add_doctor_arguments, run_doctor),
 }
 
 

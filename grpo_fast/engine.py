@@ -88,6 +88,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import fallback
 from .kernels.config import triton_available
 from .kernels.decode_attention import attention_supported
 from .kernels.decode_attention import decode_attention as fused_decode_attention
@@ -99,8 +100,9 @@ from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_
 
 try:  # the fused NF4 decode matmul (CUDA); absent or inapplicable means the bitsandbytes path
     from .nf4 import NF4DecodeCache, fused_nf4_decode
+    from .nf4 import kernel_works as nf4_kernel_works
 except ImportError:
-    NF4DecodeCache = fused_nf4_decode = None
+    NF4DecodeCache = fused_nf4_decode = nf4_kernel_works = None
 
 # Graphs of the decode step: one per (batch size, cache length). Batch sizes halve down to 8 and the
 # cache only grows, so a run makes a few dozen at most; past dynamo's default limit of 8 it would
@@ -597,8 +599,9 @@ class RolloutEngine:
         return step
 
     def _nf4_decode(self, decoder, device: torch.device):
-        """The fused NF4 decode matmul around the decode loop (CUDA; the one call site)."""
-        if self.fused_nf4 and fused_nf4_decode is not None and device.type == "cuda":
+        """The fused NF4 decode matmul around the decode loop (CUDA; the one call site), when its kernel
+        works here (decided before the decode step is compiled: see nf4.kernel_works)."""
+        if self.fused_nf4 and fused_nf4_decode is not None and device.type == "cuda" and nf4_kernel_works(decoder):
             return fused_nf4_decode(decoder, cache=self._kept_nf4(device))
         return contextlib.nullcontext()
 
@@ -610,7 +613,8 @@ class RolloutEngine:
 
     def _fused_sampling(self, params: SamplingParams, device: torch.device) -> bool:
         """Sample with the one-pass kernel (CUDA; no top-k other than 1, no top-p, no min-p)."""
-        return device.type == "cuda" and triton_available() and fused_sampling_supported(params)
+        return (device.type == "cuda" and triton_available() and fused_sampling_supported(params)
+                and fallback.usable(SAMPLING_KERNEL, device))
 
     def _kept_nf4(self, device: torch.device):
         """The cache of repacked NF4 weights when they are kept between calls, else None (freed on exit)."""
@@ -700,7 +704,8 @@ class RolloutEngine:
         # only for models whose attention goes through the attention interface (decode_attention gets
         # the cache there); one with its own attention would attend to the new token alone
         if (getattr(decoder, "_supports_attention_backend", False)
-                and self._fused_attention(decoder.config, implementation, device)):
+                and self._fused_attention(decoder.config, implementation, device)
+                and _attention_kernel_works(decoder.config, dtype, device)):
             cache.use_fused_attention(ModelShape.from_config(decoder.config).kv_heads)
         elif getattr(decoder, "_supports_attention_backend", False) and implementation == "sdpa":
             cache.split_attention = True
@@ -831,8 +836,39 @@ def _sample_one_pass(logits: torch.Tensor, steps: torch.Tensor, rows: torch.Tens
     torch path."""
     if logits.dtype != torch.float32:
         return torch_path(logits, steps, rows)
-    return sample_fused(logits.contiguous(), params.temperature, eos_ids, False, greedy, seed, 0, tickets,
-                        rows=rows, steps=steps, min_steps=params.min_completion_length)
+    # Sampling runs outside the compiled decode step, so it can fall back at any call.
+    return fallback.run(SAMPLING_KERNEL, logits.device,
+                        lambda: sample_fused(logits.contiguous(), params.temperature, eos_ids, False, greedy, seed, 0,
+                                             tickets, rows=rows, steps=steps, min_steps=params.min_completion_length),
+                        lambda: torch_path(logits, steps, rows))
+
+
+SAMPLING_KERNEL, ATTENTION_KERNEL = "sampling", "decode_attention"  # their names for grpo_fast.fallback
+
+
+def _attention_kernel_works(config, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the decode attention kernel compiles and launches for this model's heads and dtype,
+    decided once per process (``fallback.probe``) by two eager launches on a one-row cache before the
+    decode step is compiled: inside a CUDA-graph capture a failure could not fall back, so the choice
+    is made here (else the engine's sdpa paths attend). The launches cover the kernel's one-split and
+    split-merging variants; a failure at another split count fails the compiled step, and the engine
+    decodes eagerly (``_step_function``)."""
+    shape = ModelShape.from_config(config)
+    heads, kv_heads, head_dim = shape.heads, shape.kv_heads, shape.q_dim // shape.heads
+
+    def launch():
+        for prompt_length in (1, 256):  # one split; several (for blocks of 64 columns or fewer)
+            def zeros(*size, kind=dtype):
+                return torch.zeros(*size, device=device, dtype=kind)
+
+            index = [zeros(1, kind=torch.int32) for _ in range(3)]
+            fused_decode_attention(zeros(1, heads, head_dim), zeros(1, kv_heads, head_dim),
+                                   zeros(1, kv_heads, head_dim), zeros(1, kv_heads, prompt_length, head_dim),
+                                   zeros(1, kv_heads, prompt_length, head_dim), zeros(1, kv_heads, 2, head_dim),
+                                   zeros(1, kv_heads, 2, head_dim), *index, zeros(kv_heads, kind=torch.int32),
+                                   head_dim ** -0.5)
+
+    return fallback.probe(ATTENTION_KERNEL, device, launch)
 
 
 def _decode_step(decoder, head, transform: LogitTransform, cache: SlotCache, cache_keyword: str,

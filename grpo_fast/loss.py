@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .kernels import LossSpec, TokenInputs, default_kernel_config, forward_logprobs, fused_grpo_loss, triton_usable_on
 from .kernels.config import triton_available
+from . import fallback
 from .logits import check_logit_transform
 from .reference import nan_extreme
 
@@ -238,6 +239,19 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _with_fallback(kernel: str, backend: str, device: torch.device, run: Callable[[str], object]):
+    """``run(backend)``; for "triton", ``run("torch")`` when the kernel cannot compile or launch here
+    (grpo_fast.fallback: one warning, or an error under GRPO_FAST_STRICT=1).
+
+    Autograd: the fused pass computes every gradient in its forward and writes only buffers of its
+    own, so a failed launch leaves nothing behind (no graph node, no partial output) and the torch
+    pass recomputes the whole call. Its backward launches no kernel (it scales the stored fp32
+    gradients), so there is no failure to recover from there."""
+    if backend != "triton":
+        return run(backend)
+    return fallback.run(kernel, device, lambda: run("triton"), lambda: run("torch"))
+
+
 # ----------------------------------------------------------------------------------------------
 # advantages and loss normalisation (shared by every backend)
 # ----------------------------------------------------------------------------------------------
@@ -428,10 +442,12 @@ def grpo_loss(
         num_tokens=int(active.numel()),
     )
     hidden_active = hidden.reshape(B * T, hidden.shape[-1]).index_select(0, active)  # B or T may be 0
-    result = fused_grpo_loss(
-        hidden_active, weight, bias, inputs, config.spec(), backend,
-        default_kernel_config(device, hidden.dtype), config.chunk_size,
-    )
+
+    def run(on: str):
+        return fused_grpo_loss(hidden_active, weight, bias, inputs, config.spec(), on,
+                               default_kernel_config(device, hidden.dtype), config.chunk_size)
+
+    result = _with_fallback("grpo_loss", backend, device, run)
 
     logps = torch.zeros(B * T, device=device, dtype=torch.float32).index_copy_(0, active, result.logp)
     entropy = torch.zeros(B * T, device=device, dtype=torch.float32).index_copy_(0, active, result.entropy)
@@ -531,8 +547,12 @@ def token_logprobs(
                 flat, ids = flat.index_select(0, active), ids.index_select(0, active)
             spec = LossSpec(temperature=float(temperature), logit_scale=float(logit_scale),
                             logit_softcap=None if logit_softcap is None else float(logit_softcap))
-            lp, ent = forward_logprobs(flat, weight, ids, bias, spec, backend,
-                                       default_kernel_config(device, hidden.dtype), chunk_size, on_chip)
+
+            def run(on: str):
+                return forward_logprobs(flat, weight, ids, bias, spec, on, default_kernel_config(device, hidden.dtype),
+                                        chunk_size, on_chip and on == "triton")
+
+            lp, ent = _with_fallback("token_logprobs_on_chip" if on_chip else "token_logprobs", backend, device, run)
             if completion_mask is not None:
                 logps = torch.zeros(B * T, device=device).index_copy_(0, active, lp).view(B, T)
                 entropy = torch.zeros(B * T, device=device).index_copy_(0, active, ent).view(B, T)

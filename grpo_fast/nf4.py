@@ -36,21 +36,22 @@ from typing import Iterator, Optional
 
 import torch
 
+from . import fallback
 from .kernels.config import triton_available, triton_usable_on
 from .kernels.nf4_decode import DecodeConfig, DecodeNF4Weight, nf4_decode_matmul, repack_nf4
 from .kernels.nf4_matmul import NF4Weight
 
 # Sibling Linears that transformers' decoder blocks call on the same input (Llama, Qwen2/3, Mistral, Gemma...)
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+KERNEL = "nf4_decode"  # its name for grpo_fast.fallback
 LORA_RANK_MULTIPLE = 16  # the epilogue's product with B is a tensor-core op over the (padded) rank
 
 
 def _linear4bit_class():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        return None
-    return bnb.nn.Linear4bit
+    from .console import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
+    return None if bnb is None else bnb.nn.Linear4bit
 
 
 def nf4_weight_of(layer: torch.nn.Module) -> NF4Weight:
@@ -232,7 +233,12 @@ class FusedNF4Linear(torch.nn.Module):
         if not self._kernel_applies(x) or dtype != self.group.dtype:
             return self.original(x)
         rows = x.reshape(-1, x.shape[-1]).to(dtype)
-        out = self.group.output(self.index, x, rows)
+        if torch.compiler.is_compiling():  # a failure here fails the compiled step (the engine decodes eagerly)
+            out = self.group.output(self.index, x, rows)
+        else:
+            out = fallback.run(KERNEL, x.device, lambda: self.group.output(self.index, x, rows), lambda: None)
+            if out is None:  # the kernel cannot compile or launch here: bitsandbytes' path (and peft's)
+                return self.original(x)
         return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
 
     def extra_repr(self) -> str:
@@ -332,3 +338,22 @@ def fused_nf4_decode(model: torch.nn.Module, max_rows: int = 64, *, force: bool 
     finally:
         for name, original in reversed(swapped):
             model.set_submodule(name, original)
+
+
+def kernel_works(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether the decode kernel compiles and launches for ``model``'s NF4 layers on their device, decided
+    once per process (``fallback.probe``) by one eager launch on a one-row input: the rollout engine
+    asks before its decode step is compiled, since inside a CUDA-graph capture a failure could not fall
+    back. (Outside graphs each ``FusedNF4Linear`` call falls back by itself.) True without NF4 layers."""
+    groups = _members(model)
+    if not groups:
+        return True
+    base = groups[0][0].base
+    device = base.weight.device
+
+    def launch():
+        group = NF4DecodeGroup([_Member("", base, base)], dtype or base.compute_dtype or torch.float32)
+        nf4_decode_matmul(torch.zeros(1, group.weight.in_features, device=device, dtype=group.dtype), group.weight,
+                          config=group.config)
+
+    return fallback.probe(KERNEL, device, launch)
