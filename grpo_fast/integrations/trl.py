@@ -61,7 +61,7 @@ except ImportError as error:  # the optional extra is missing: say how to get it
         "grpo_fast.integrations.trl needs TRL: pip install 'grpo-fast[trl]' (trl==1.16.0)"
     ) from error
 
-from ..logits import check_logits, logit_transform
+from ..logits import autocast_dtype, check_logits, logit_transform
 from ..loss import TOKEN_NORMALISED_LOSS_TYPES as _TOKEN_NORMALISED
 from ..loss import GRPOLossConfig, grpo_loss, token_logprobs
 
@@ -155,7 +155,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         sampler_correction = self.use_vllm and self.vllm_importance_sampling_correction
-        with self._gathered_head(model):
+        with self._gathered_head(model), _fp32_logits(hidden):
             weight, bias = self._lm_head(model)
             hidden = hidden.to(weight.dtype)  # autocast or cast_lm_head_to_fp32 can leave them apart
             output = grpo_loss(
@@ -187,6 +187,9 @@ class FusedGRPOTrainer(GRPOTrainer):
 
     def _model_outputs(self, model, input_ids, attention_mask, aux_loss: bool = False):
         with self.accelerator.autocast():
+            # Under mixed precision the model's own head product (its logits, which the first forward
+            # checks) is computed in autocast's dtype, whatever dtype its tensors are stored in.
+            self._head_compute_dtype = autocast_dtype(input_ids.device.type)
             # Through the (possibly wrapped) model so DDP hooks, PEFT adapters and gradient
             # checkpointing all apply; logits_to_keep=1 keeps the model's own head to one position.
             extra = {"output_router_logits": True} if aux_loss else {}
@@ -253,7 +256,8 @@ class FusedGRPOTrainer(GRPOTrainer):
         the loss would be wrong."""
         with self._gathered_head(model):
             check_logits(self.accelerator.unwrap_model(model), last_hidden, last_logits, self.logit_transform,
-                         hidden_name="hidden_states[-1]", advice="; use trl.GRPOTrainer for this model")
+                         hidden_name="hidden_states[-1]", advice="; use trl.GRPOTrainer for this model",
+                         compute_dtype=self._head_compute_dtype)
         self._final_hidden_state_checked = True
 
     def _gathered_head(self, model):
@@ -301,7 +305,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
             hidden = self._completion_hidden_states(model, ids, mask, logits_to_keep)
-            with self._gathered_head(model):
+            with self._gathered_head(model), _fp32_logits(hidden):
                 weight, bias = self._lm_head(model)
                 logps, entropy = token_logprobs(
                     hidden.to(weight.dtype), weight, ids[:, -logits_to_keep:], bias=bias, temperature=self.temperature,
@@ -380,6 +384,14 @@ class FusedGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["clip_ratio/low_min"].append(_nan_reduce(gathered, torch.min))
             gathered = self.accelerator.gather(metrics["clip_ratio/high_max"].float().reshape(1))
             self._metrics[mode]["clip_ratio/high_max"].append(_nan_reduce(gathered, torch.max))
+
+
+def _fp32_logits(hidden: torch.Tensor):
+    """The fused head's matmuls with autocast off, so that its logits are fp32 products of the hidden
+    states and the head's weight as stored, whatever context the loss is called in. Under mixed precision
+    the backbone ran in autocast's dtype and TRL's fused head rounds each logit tile to it; grpo-fast does
+    not (the same hidden states, fp32 logits: TRL's numbers within that rounding)."""
+    return torch.autocast(hidden.device.type, enabled=False)
 
 
 def _nan_reduce(values: torch.Tensor, reduce) -> float:
