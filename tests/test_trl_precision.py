@@ -154,3 +154,53 @@ def test_same_loss_as_trl_under_fp16_autocast_with_loss_scaling(tmp_path):
         _assert_within(grads[name], fp32_grads[name], FP32_HEAD, name)
         head_rounding = max(head_rounding, _assert_within(grads[name], trl_grads[name], 5e-3, name))
     assert head_rounding > 10 * FP32_HEAD
+
+
+# --------------------------------------------------------------------------------------------
+# A short run in each precision set-up
+# --------------------------------------------------------------------------------------------
+
+
+def train_and_check(trainer, expected_metrics=("entropy", "reward")):
+    """What TRL's tests assert of a run: every trainable tensor changed, the loss and metrics are logged
+    (and finite here). Returns the train log entries."""
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    unchanged = [name for name, p in trainer.model.named_parameters()
+                 if name in before and torch.equal(p.detach(), before[name])]
+    assert before and not unchanged, f"parameters that did not change: {unchanged}"
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs and trainer.state.log_history[-1]["train_loss"] is not None
+    for entry in logs:
+        for name in ("loss",) + tuple(expected_metrics):
+            assert name in entry and torch.isfinite(torch.tensor(float(entry[name]))), (name, entry)
+    return logs
+
+
+# set-up: (weights' dtype, GRPOConfig options). bf16=True is TRL's default (use_cpu=True lets it autocast on
+# CPU). fp16=True: accelerate runs neither fp16 autocast nor a GradScaler on CPU (it trains in fp32 there);
+# the loss under fp16 autocast with a scaled loss is compared with TRL above.
+PRECISIONS = {
+    "fp32": (torch.float32, dict(bf16=False)),
+    "bf16-weights": (torch.bfloat16, dict(bf16=True)),
+    "fp16-weights": (torch.float16, dict(bf16=False)),
+    "fp32-weights-bf16-autocast": (torch.float32, dict(bf16=True)),
+    "fp32-weights-fp16-flag": (torch.float32, dict(bf16=False, fp16=True)),
+    "cast_lm_head_to_fp32": (torch.bfloat16, dict(bf16=True, cast_lm_head_to_fp32=True)),
+}
+
+
+@pytest.mark.parametrize("setup", list(PRECISIONS))
+def test_trains_in_every_precision_setup(tmp_path, setup):
+    dtype, options = PRECISIONS[setup]
+    tokenizer = tiny_tokenizer()
+    trainer = FusedGRPOTrainer(
+        model=tiny_model(tokenizer).to(dtype), reward_funcs=[varied_reward],
+        args=grpo_config(tmp_path, max_steps=1, **options),
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    autocast = trainer.accelerator.native_amp
+    assert autocast == options.get("bf16", False)  # the set-up is the one named
+    train_and_check(trainer, ("entropy", "reward", "clip_ratio/region_mean"))
+    head = trainer.model.get_output_embeddings().weight
+    assert head.dtype == (torch.float32 if options.get("cast_lm_head_to_fp32") else dtype)
+    assert trainer._head_compute_dtype == (torch.bfloat16 if autocast else None)
