@@ -18,9 +18,14 @@ from test_trl_integration import PROMPTS, grpo_config, length_reward, loss_and_g
 from tiny_lm import tiny_model, tiny_tokenizer  # noqa: E402
 
 
+def completion_text(completion) -> str:
+    """A standard completion, or a conversational one's last message."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
 def varied_reward(prompts, completions, **columns):
     """Differs between a group's completions (random bytes from a random model), so advantages are not 0."""
-    return [float(sum(c.encode()) % 7) for c in completions]
+    return [float(sum(completion_text(c).encode()) % 7) for c in completions]
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,8 +167,8 @@ def test_same_loss_as_trl_under_fp16_autocast_with_loss_scaling(tmp_path):
 
 
 def train_and_check(trainer, expected_metrics=("entropy", "reward")):
-    """What TRL's tests assert of a run: every trainable tensor changed, the loss and metrics are logged
-    (and finite here). Returns the train log entries."""
+    """What TRL's tests assert of a run: every trainable tensor changed, the loss is logged at every step and
+    each metric at least once (rewards only at generation steps), all finite. Returns the train log entries."""
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     unchanged = [name for name, p in trainer.model.named_parameters()
@@ -171,9 +176,10 @@ def train_and_check(trainer, expected_metrics=("entropy", "reward")):
     assert before and not unchanged, f"parameters that did not change: {unchanged}"
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logs and trainer.state.log_history[-1]["train_loss"] is not None
-    for entry in logs:
-        for name in ("loss",) + tuple(expected_metrics):
-            assert name in entry and torch.isfinite(torch.tensor(float(entry[name]))), (name, entry)
+    assert all(torch.isfinite(torch.tensor(float(entry["loss"]))) for entry in logs), logs
+    for name in expected_metrics:
+        values = [float(entry[name]) for entry in logs if name in entry]
+        assert values and torch.isfinite(torch.tensor(values)).all(), (name, logs)
     return logs
 
 

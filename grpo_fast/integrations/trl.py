@@ -37,9 +37,16 @@ accumulation, PEFT / quantised models, an lm_head bias, and the logit transforms
 ``logits_scaling``, ...: the loss applies them as the model's forward does). Every metric TRL logs
 for the loss is logged under TRL's name with TRL's reduction across processes.
 
-Refused at construction, with a ValueError naming the option: ``use_liger_kernel`` (Liger's head
-would replace grpo-fast's, which is the point of this class), and models of other families whose
-config sets a logit-transform field (named in the error). Refused at the first batch: image inputs
+Mixed precision: fp32, bf16 or fp16 weights, HF's ``bf16=True`` / ``fp16=True`` autocast (TRL's
+default), ``cast_lm_head_to_fp32``. The backbone runs as TRL runs it; the fused head computes fp32 logits
+from the hidden states and the head's weight as stored, with autocast off (TRL's own fused head rounds
+each logit tile to autocast's dtype unless ``cast_lm_head_to_fp32``), so the loss equals TRL's with
+``cast_lm_head_to_fp32`` and TRL's default within autocast's rounding. ``use_liger_kernel``: TRL 1.16
+applies Liger's layer kernels only (never its fused head), which the hidden-state forward reads as is.
+
+Refused at construction, with a ValueError naming the option or field: a ``loss_type`` or
+``importance_sampling_level`` TRL 1.16 does not define, and models of other families whose config
+sets a logit-transform field (named in the error). Refused at the first batch: image inputs
 (the hidden-state forward is text-only). On its first forward the trainer checks that the model's
 own logits are the transformed head output of the hidden states it reads.
 
@@ -79,8 +86,8 @@ def unsupported_options(args: GRPOConfig) -> list[str]:
     >>> options = dict(output_dir="/tmp/grpo", report_to=[], use_cpu=True)
     >>> unsupported_options(GRPOConfig(loss_type="dapo", beta=0.04, **options))
     []
-    >>> unsupported_options(GRPOConfig(use_liger_kernel=True, **options))
-    ['use_liger_kernel: expected False (grpo-fast replaces the fused loss head), received True']
+    >>> unsupported_options(GRPOConfig(loss_type="sft", **options))  # doctest: +ELLIPSIS
+    ["loss_type: expected one of ('grpo', ...), received 'sft'"]
     """
     problems = []
 
@@ -91,8 +98,6 @@ def unsupported_options(args: GRPOConfig) -> list[str]:
         refuse("loss_type", f"one of {SUPPORTED_LOSS_TYPES}", args.loss_type)
     if args.importance_sampling_level not in ("token", "sequence"):
         refuse("importance_sampling_level", "'token' or 'sequence'", args.importance_sampling_level)
-    if getattr(args, "use_liger_kernel", False):
-        refuse("use_liger_kernel", "False (grpo-fast replaces the fused loss head)", args.use_liger_kernel)
     return problems
 
 
