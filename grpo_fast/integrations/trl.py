@@ -127,6 +127,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         self.loss_backend = loss_backend
         self.loss_chunk_size = loss_chunk_size
         self._final_hidden_state_checked = False
+        self._head_compute_dtype = None  # autocast's dtype at the last hidden-state forward, or None
         super().__init__(*args, **kwargs)
         _raise_if_unsupported(self.args)  # TRL filled in the defaults when args was None
         # Gemma's soft cap, Cohere's or Granite's scale...: the loss applies it as the model does;
