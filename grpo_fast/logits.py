@@ -203,25 +203,42 @@ def logits_tolerance(dtype: torch.dtype) -> float:
     return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype matmuls on ``device_type`` run in at this point (autocast's), or None outside autocast.
+    Read inside the context a model's forward runs in: under mixed precision (fp32 weights, bf16 or
+    fp16 autocast, HF Trainer's ``bf16=True`` / ``fp16=True``) its logits are fp32 tensors holding a
+    bf16 or fp16 product, so their precision is this dtype, not theirs."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 @torch.no_grad()
 def check_logits(model, hidden: torch.Tensor, logits: torch.Tensor, transform: LogitTransform,
-                 hidden_name: str = "the final hidden states", advice: str = "") -> None:
+                 hidden_name: str = "the final hidden states", advice: str = "",
+                 compute_dtype: Optional[torch.dtype] = None) -> None:
     """Raise unless ``logits`` (the model's own, [..., V]) equal ``transform.apply(lm_head(hidden))``
-    within ``logits_tolerance``: else grpo-fast's log-probs would not be the model's."""
+    within ``logits_tolerance``: else grpo-fast's log-probs would not be the model's.
+
+    The tolerance is that of the least precise of the head's weight, ``hidden``, ``logits`` and
+    ``compute_dtype``: the dtype the model's head product was computed in when it is not the tensors'
+    (``autocast_dtype`` read where the forward ran). The expected logits are computed here in the
+    head's dtype, outside any autocast."""
     head = _base_model(model).get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     bias = None if bias is None else bias.to(weight.dtype)
-    expected = transform.apply(torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias))
+    with torch.autocast(weight.device.type, enabled=False):
+        expected = transform.apply(torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias))
     received = logits.float()
     error = ((expected - received).abs().max() / received.abs().max().clamp(min=1e-6)).item()
-    tolerance = max(logits_tolerance(tensor.dtype) for tensor in (weight, hidden, logits))
+    dtypes = [weight.dtype, hidden.dtype, logits.dtype] + ([compute_dtype] if compute_dtype is not None else [])
+    tolerance = max(logits_tolerance(dtype) for dtype in dtypes)
     if not error <= tolerance:  # NaN fails too
+        computed = "" if compute_dtype is None else f", the model's head computed in {compute_dtype}"
         raise ValueError(
             f"model: expected logits = f({hidden_name} @ lm_head.weight.T (+ bias)) with f = {transform} (the "
-            f"logit transform read from its config), received logits that differ by {error:.3g} (relative); "
-            f"grpo-fast cannot compute the log-probs of {type(_base_model(model)).__name__} from its hidden "
-            f"states{advice}")
+            f"logit transform read from its config), received logits that differ by {error:.3g} (relative, "
+            f"tolerance {tolerance:g}{computed}); grpo-fast cannot compute the log-probs of "
+            f"{type(_base_model(model)).__name__} from its hidden states{advice}")
 
 
-__all__ = ["FAMILIES", "IDENTITY", "LogitTransform", "check_logit_transform", "check_logits", "logit_transform",
-           "logits_tolerance"]
+__all__ = ["FAMILIES", "IDENTITY", "LogitTransform", "autocast_dtype", "check_logit_transform", "check_logits",
+           "logit_transform", "logits_tolerance"]

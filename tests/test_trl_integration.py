@@ -217,9 +217,20 @@ def test_same_no_grad_logprobs_as_trl(trainers):
 def test_refuses_only_what_cannot_be_fused(tmp_path):
     assert unsupported_options(grpo_config(tmp_path, loss_type="vespo", top_entropy_quantile=0.2, entropy_coef=0.01,
                                            use_adaptive_entropy=True, off_policy_mask_threshold=0.5)) == []
-    args = grpo_config(tmp_path, use_liger_kernel=True)
-    with pytest.raises(ValueError, match="use_liger_kernel"):
+    args = grpo_config(tmp_path, loss_type="sft")
+    with pytest.raises(ValueError, match="loss_type: expected one of .*, received 'sft'"):
         FusedGRPOTrainer(model="unused: the options are checked first", reward_funcs=[length_reward], args=args)
+
+
+def test_accepts_liger_layer_kernels(tmp_path):
+    """TRL 1.16's use_liger_kernel applies Liger's layer kernels (when training starts) and never its fused
+    head, which TRL turns off: nothing grpo-fast reads changes, so the option is accepted."""
+    assert unsupported_options(grpo_config(tmp_path, use_liger_kernel=True)) == []
+    tokenizer = tiny_tokenizer()
+    trainer = FusedGRPOTrainer(model=tiny_model(tokenizer), reward_funcs=[length_reward],
+                               args=grpo_config(tmp_path, use_liger_kernel=True), processing_class=tokenizer,
+                               train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}))
+    assert trainer.args.liger_kernel_config["fused_linear_cross_entropy"] is False
 
 
 def test_refuses_soft_capped_logits(tmp_path):

@@ -37,9 +37,16 @@ accumulation, PEFT / quantised models, an lm_head bias, and the logit transforms
 ``logits_scaling``, ...: the loss applies them as the model's forward does). Every metric TRL logs
 for the loss is logged under TRL's name with TRL's reduction across processes.
 
-Refused at construction, with a ValueError naming the option: ``use_liger_kernel`` (Liger's head
-would replace grpo-fast's, which is the point of this class), and models of other families whose
-config sets a logit-transform field (named in the error). Refused at the first batch: image inputs
+Mixed precision: fp32, bf16 or fp16 weights, HF's ``bf16=True`` / ``fp16=True`` autocast (TRL's
+default), ``cast_lm_head_to_fp32``. The backbone runs as TRL runs it; the fused head computes fp32 logits
+from the hidden states and the head's weight as stored, with autocast off (TRL's own fused head rounds
+each logit tile to autocast's dtype unless ``cast_lm_head_to_fp32``), so the loss equals TRL's with
+``cast_lm_head_to_fp32`` and TRL's default within autocast's rounding. ``use_liger_kernel``: TRL 1.16
+applies Liger's layer kernels only (never its fused head), which the hidden-state forward reads as is.
+
+Refused at construction, with a ValueError naming the option or field: a ``loss_type`` or
+``importance_sampling_level`` TRL 1.16 does not define, and models of other families whose config
+sets a logit-transform field (named in the error). Refused at the first batch: image inputs
 (the hidden-state forward is text-only). On its first forward the trainer checks that the model's
 own logits are the transformed head output of the hidden states it reads.
 
@@ -61,7 +68,7 @@ except ImportError as error:  # the optional extra is missing: say how to get it
         "grpo_fast.integrations.trl needs TRL: pip install 'grpo-fast[trl]' (trl==1.16.0)"
     ) from error
 
-from ..logits import check_logits, logit_transform
+from ..logits import autocast_dtype, check_logits, logit_transform
 from ..loss import TOKEN_NORMALISED_LOSS_TYPES as _TOKEN_NORMALISED
 from ..loss import GRPOLossConfig, grpo_loss, token_logprobs
 
@@ -79,8 +86,8 @@ def unsupported_options(args: GRPOConfig) -> list[str]:
     >>> options = dict(output_dir="/tmp/grpo", report_to=[], use_cpu=True)
     >>> unsupported_options(GRPOConfig(loss_type="dapo", beta=0.04, **options))
     []
-    >>> unsupported_options(GRPOConfig(use_liger_kernel=True, **options))
-    ['use_liger_kernel: expected False (grpo-fast replaces the fused loss head), received True']
+    >>> unsupported_options(GRPOConfig(loss_type="sft", **options))  # doctest: +ELLIPSIS
+    ["loss_type: expected one of ('grpo', ...), received 'sft'"]
     """
     problems = []
 
@@ -91,8 +98,6 @@ def unsupported_options(args: GRPOConfig) -> list[str]:
         refuse("loss_type", f"one of {SUPPORTED_LOSS_TYPES}", args.loss_type)
     if args.importance_sampling_level not in ("token", "sequence"):
         refuse("importance_sampling_level", "'token' or 'sequence'", args.importance_sampling_level)
-    if getattr(args, "use_liger_kernel", False):
-        refuse("use_liger_kernel", "False (grpo-fast replaces the fused loss head)", args.use_liger_kernel)
     return problems
 
 
@@ -122,6 +127,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         self.loss_backend = loss_backend
         self.loss_chunk_size = loss_chunk_size
         self._final_hidden_state_checked = False
+        self._head_compute_dtype = None  # autocast's dtype at the last hidden-state forward, or None
         super().__init__(*args, **kwargs)
         _raise_if_unsupported(self.args)  # TRL filled in the defaults when args was None
         # Gemma's soft cap, Cohere's or Granite's scale...: the loss applies it as the model does;
@@ -155,7 +161,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         sampler_correction = self.use_vllm and self.vllm_importance_sampling_correction
-        with self._gathered_head(model):
+        with self._gathered_head(model), _fp32_logits(hidden):
             weight, bias = self._lm_head(model)
             hidden = hidden.to(weight.dtype)  # autocast or cast_lm_head_to_fp32 can leave them apart
             output = grpo_loss(
@@ -187,6 +193,9 @@ class FusedGRPOTrainer(GRPOTrainer):
 
     def _model_outputs(self, model, input_ids, attention_mask, aux_loss: bool = False):
         with self.accelerator.autocast():
+            # Under mixed precision the model's own head product (its logits, which the first forward
+            # checks) is computed in autocast's dtype, whatever dtype its tensors are stored in.
+            self._head_compute_dtype = autocast_dtype(input_ids.device.type)
             # Through the (possibly wrapped) model so DDP hooks, PEFT adapters and gradient
             # checkpointing all apply; logits_to_keep=1 keeps the model's own head to one position.
             extra = {"output_router_logits": True} if aux_loss else {}
@@ -253,7 +262,8 @@ class FusedGRPOTrainer(GRPOTrainer):
         the loss would be wrong."""
         with self._gathered_head(model):
             check_logits(self.accelerator.unwrap_model(model), last_hidden, last_logits, self.logit_transform,
-                         hidden_name="hidden_states[-1]", advice="; use trl.GRPOTrainer for this model")
+                         hidden_name="hidden_states[-1]", advice="; use trl.GRPOTrainer for this model",
+                         compute_dtype=self._head_compute_dtype)
         self._final_hidden_state_checked = True
 
     def _gathered_head(self, model):
@@ -301,7 +311,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
             hidden = self._completion_hidden_states(model, ids, mask, logits_to_keep)
-            with self._gathered_head(model):
+            with self._gathered_head(model), _fp32_logits(hidden):
                 weight, bias = self._lm_head(model)
                 logps, entropy = token_logprobs(
                     hidden.to(weight.dtype), weight, ids[:, -logits_to_keep:], bias=bias, temperature=self.temperature,
@@ -380,6 +390,14 @@ class FusedGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["clip_ratio/low_min"].append(_nan_reduce(gathered, torch.min))
             gathered = self.accelerator.gather(metrics["clip_ratio/high_max"].float().reshape(1))
             self._metrics[mode]["clip_ratio/high_max"].append(_nan_reduce(gathered, torch.max))
+
+
+def _fp32_logits(hidden: torch.Tensor):
+    """The fused head's matmuls with autocast off, so that its logits are fp32 products of the hidden
+    states and the head's weight as stored, whatever context the loss is called in. Under mixed precision
+    the backbone ran in autocast's dtype and TRL's fused head rounds each logit tile to it; grpo-fast does
+    not (the same hidden states, fp32 logits: TRL's numbers within that rounding)."""
+    return torch.autocast(hidden.device.type, enabled=False)
 
 
 def _nan_reduce(values: torch.Tensor, reduce) -> float:
