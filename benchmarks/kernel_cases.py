@@ -81,7 +81,9 @@ def _module_names() -> list[str]:
 
     names = []
     for package in (grpo_fast, grpo_fast.kernels):
-        for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        # __path__, not __file__'s folder: grpo_fast.kernels' __init__ (grpo_fast/kernels.py) sits apart
+        # from its modules (the repository's kernels/ folder, or grpo_fast/kernels/ in a wheel)
+        for path in sorted(p for folder in package.__path__ for p in Path(folder).glob("*.py")):
             if "@triton.jit" in path.read_text(encoding="utf-8"):
                 names.append(f"{package.__name__}.{path.stem}")
     return names

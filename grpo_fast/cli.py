@@ -76,7 +76,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .memory import GIB, memory_budget, plan_table, rollout_rows, shape_of, size_to_budget
+    from .memory import GIB, estimate, memory_budget, plan_table, rollout_rows, shape_of, size_to_budget
 
     if args.prompt_length < 1:
         raise ValueError(f"--prompt-length: expected a positive number of tokens, received {args.prompt_length}")
@@ -84,20 +84,25 @@ def run_plan(args: argparse.Namespace) -> int:
     shape = shape_of(config)
     print(f"{config.model}: {shape.layers} layers, hidden {shape.hidden}, intermediate {shape.intermediate}, "
           f"{shape.heads} heads / {shape.kv_heads} KV heads, vocabulary {shape.vocab}", flush=True)
-    print(plan_table(config, shape, args.prompt_length), flush=True)
-    if config.max_memory_gb is not None:
-        sized = size_to_budget(config, shape, memory_budget(config, __import__("torch").device("cpu")),
-                               args.prompt_length)
-        changes = []
-        if sized.rollout_memory != config.rollout_memory:
-            changes.append("rollout_memory free (the engine's KV cache and NF4 decode copy freed for training)")
-        if sized.micro_batch_tokens != config.micro_batch_tokens:
-            changes.append(f"micro-batches of {sized.micro_batch_tokens} tokens")
-        wave = rollout_rows(sized, shape, config.max_memory_gb * GIB, args.prompt_length)
-        if wave < sized.generation_batch_size:
-            changes.append(f"the rollout in waves of {wave} of the step's {sized.generation_batch_size} completions")
-        print(f"with max_memory_gb {config.max_memory_gb:g}: " + (", ".join(changes) or "fits as configured"),
-              flush=True)
+    if config.max_memory_gb is None:
+        print(plan_table(config, shape, args.prompt_length), flush=True)
+        return 0
+    # With a budget: the plan the trainer would run (waves, micro-batches, the engine's memory), its
+    # terms, peak and headroom; not the unbudgeted step, whose peak the trainer never reaches.
+    budget = memory_budget(config, __import__("torch").device("cpu"))
+    sized = size_to_budget(config, shape, budget, args.prompt_length)
+    changes = []
+    if sized.rollout_memory != config.rollout_memory:
+        changes.append("rollout_memory free (the engine's KV cache and NF4 decode copy freed for training)")
+    if sized.micro_batch_tokens != config.micro_batch_tokens:
+        changes.append(f"micro-batches of {sized.micro_batch_tokens} tokens")
+    wave = rollout_rows(sized, shape, budget, args.prompt_length)
+    if wave < sized.generation_batch_size:
+        changes.append(f"the rollout in waves of {wave} of the step's {sized.generation_batch_size} completions")
+    print(plan_table(sized, shape, args.prompt_length, rollout_rows=wave), flush=True)
+    peak = estimate(sized, shape, prompt_length=args.prompt_length, rollout_rows=wave).peak
+    print(f"with max_memory_gb {config.max_memory_gb:g}: " + (", ".join(changes) or "fits as configured")
+          + f"; peak {peak / GIB:.2f} GiB, headroom {(budget - peak) / GIB:.2f} GiB", flush=True)
     return 0
 
 

@@ -323,7 +323,7 @@ def readme_table() -> str:
 
     from .config import GRPOConfig
 
-    header = "| model | " + " | ".join(f"{budget} GB" for budget in README_BUDGETS_GB) + " |"
+    header = "| model | " + " | ".join(f"{budget} GiB" for budget in README_BUDGETS_GB) + " |"
     lines = [header, "|---|" + "---:|" * len(README_BUDGETS_GB)]
     for name in README_MODELS:
         config = GRPOConfig(model=name, load_in_4bit=True, dtype="bfloat16", lora_r=16, prompts_per_step=8,
@@ -517,11 +517,13 @@ def shape_of(config) -> ModelShape:
     return ModelShape.from_config(hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config)
 
 
-def plan_table(config, shape: ModelShape, prompt_length: int, budgets_gb=(16, 24, 40, 80)) -> str:
-    """``grpo-fast plan``'s report: each term, the peak and its phase, the longest completion per budget."""
+def plan_table(config, shape: ModelShape, prompt_length: int, budgets_gb=(16, 24, 40, 80),
+               rollout_rows: Optional[int] = None) -> str:
+    """``grpo-fast plan``'s report: each term, the peak and its phase, the longest completion per budget
+    (``rollout_rows``: the rows the engine decodes together, when a budget sizes its waves)."""
     import dataclasses
 
-    result = estimate(config, shape, prompt_length=prompt_length)
+    result = estimate(config, shape, prompt_length=prompt_length, rollout_rows=rollout_rows)
     lines = [f"estimated memory of one step (prompts of {prompt_length} tokens, completions of "
              f"{config.max_completion_length}; an estimate: the GPU suite measures the truth)", ""]
     transient = {name: phase for phase, names in result.phases.items() for name in names}
@@ -535,6 +537,6 @@ def plan_table(config, shape: ModelShape, prompt_length: int, budgets_gb=(16, 24
         longest = longest_completion(config, shape, budget * GIB, prompt_length, limit=SEARCH_LIMIT)
         freed = kept and longest > longest_completion(kept, shape, budget * GIB, prompt_length, limit=SEARCH_LIMIT)
         shown = f"{longest}+" if longest >= SEARCH_LIMIT else str(longest)  # +: the search's end
-        lines.append(f"  {budget:>4} GB: {shown:>7} tokens"
+        lines.append(f"  {budget:>4} GiB: {shown:>7} tokens"
                      + ("  (with rollout_memory free: the engine's memory freed for training)" if freed else ""))
     return "\n".join(lines)

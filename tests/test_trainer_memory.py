@@ -136,7 +136,7 @@ def test_plan_command_prints_the_estimate(capsys, example):
     assert main(["plan", "--config", f"examples/{example}.yaml"]) == 0
     out = capsys.readouterr().out
     assert "rollout KV cache" in out and "peak" in out and "longest completion that fits" in out
-    assert "24 GB:" in out
+    assert "24 GiB:" in out
     # a named model is planned for the GPU run: the engine's NF4 decode copy where the config is 4-bit
     assert ("NF4 decode copy" in out) == (example != "gsm8k_qwen2.5_0.5b")  # that one is bf16
 
@@ -176,3 +176,22 @@ def test_rollout_memory_free_samples_without_cuda_graphs():
     for memory, graphs in (("free", False), ("keep", True), ("auto", True)):
         engine = rollout_sampler(GRPOConfig(rollout_engine="engine", rollout_memory=memory), device)
         assert engine.cuda_graphs is graphs
+
+
+def test_plan_with_a_budget_prints_the_budgeted_plan_its_peak_and_headroom(capsys):
+    """An adapted config (20,000-token completions in 24 GiB) is shown as the trainer would run it: the
+    table's peak is the budgeted plan's, within the budget, and the headroom is budget - peak; GiB only."""
+    import re
+
+    from grpo_fast.cli import main
+
+    assert main(["plan", "--config", "examples/qwen2.5_7b_qlora.yaml", "--max_completion_length", "20000",
+                 "--max_memory_gb", "24"]) == 0
+    out = capsys.readouterr().out
+    table_peak = float(re.search(r"^  peak\s+([\d.]+) GiB", out, re.M).group(1))
+    last = out.splitlines()[-1]
+    stated = re.search(r"; peak ([\d.]+) GiB, headroom ([\d.]+) GiB$", last)
+    assert stated, last
+    peak, headroom = float(stated.group(1)), float(stated.group(2))
+    assert peak == table_peak and peak <= 24 and abs(peak + headroom - 24) <= 0.011
+    assert not re.search(r"\d GB\b", out), out  # one unit: GiB
