@@ -199,11 +199,12 @@ class NF4Linear(torch.nn.Module):
     def rows(self) -> tuple[int, int]:
         return self.nf4_packed.segments[self.index], self.nf4_packed.segments[self.index + 1]
 
-    @property
-    def weight(self):
-        raise AttributeError("NF4Linear keeps its weight once, in the repacked layout (nf4_single_copy): it has no "
-                             "bitsandbytes weight to merge or export; call grpo_fast.nf4_train.restore_bitsandbytes"
-                             "(model) first")
+    def __getattr__(self, name: str):
+        if name == "weight":  # what peft's merge and exports read: say how to get it
+            raise AttributeError("NF4Linear keeps its weight once, in the repacked layout (nf4_single_copy): it has "
+                                 "no bitsandbytes weight to merge or export; call "
+                                 "grpo_fast.nf4_train.restore_bitsandbytes(model) first")
+        return super().__getattr__(name)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.compute_type_is_set:  # bitsandbytes' rule (Linear4bit.set_compute_type)

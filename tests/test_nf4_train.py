@@ -116,7 +116,8 @@ def _within_rounding(out, expected, dtype):
     """Equal up to a few roundings of the dtype relative to the output's size (fp32 sums in another order)."""
     eps = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-6
     scale = expected.double().abs().max().item()
-    assert (out.double() - expected.double()).abs().max().item() <= 2 * eps * scale
+    error = (out.double() - expected.double()).abs().max().item()
+    assert error <= 2 * eps * scale, (error, scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -169,3 +170,137 @@ def test_exact_model_shapes_forward_and_gradient_on_a_band_of_features(model_wei
         out.backward(grad)
         assert torch.equal(out, expected)  # one block of features: the same call
         _within_rounding(mine.grad, ref_x.grad, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model: bitsandbytes' layers replaced, peft's untouched
+# ----------------------------------------------------------------------------------------------
+
+
+def _linear4bit(in_features, out_features, compute_dtype, bias=True):
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+                              compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features), requires_grad=False,
+                                     compress_statistics=True, quant_type="nf4")
+    if bias:
+        layer.bias = torch.nn.Parameter(torch.randn(out_features).to(compute_dtype), requires_grad=False)
+    return layer.to(DEVICE).train()  # train mode: bitsandbytes' CPU repacking happens in eval mode only
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_layer_replaces_bitsandbytes_linear4bit_in_every_dtype(dtype):
+    """fp32 / bf16 inputs compute in their own dtype, fp16 ones in the compute dtype (bitsandbytes'
+    rule); forward and input gradient equal bitsandbytes' layer bit for bit, and its dequantise-then-matmul
+    within the dtype's rounding."""
+    compute = torch.bfloat16 if dtype == torch.float16 else torch.float32
+    layer = _linear4bit(192, 40, compute)
+    dense = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    model = torch.nn.Sequential(layer)
+    assert single_copy_nf4(model) == 1 and isinstance(model[0], NF4Linear) and model[0].bias is layer.bias
+    x = torch.randn(5, 192, device=DEVICE).to(dtype)
+    mine, ref_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, expected = model(mine), layer(ref_x)  # the bitsandbytes layer itself, still whole outside the model
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert out.dtype == dtype and torch.equal(out, expected) and torch.equal(mine.grad, ref_x.grad)
+    work = dtype if dtype != torch.float16 else compute
+    _within_rounding(out, torch.nn.functional.linear(x.double(), dense.double(), layer.bias.double()), work)
+    _within_rounding(mine.grad, grad.double() @ dense.double(), work)
+
+
+def _tiny_qlora(single_copy):
+    from grpo_fast.config import GRPOConfig
+    from grpo_fast.model import load_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(GRPOConfig(load_in_4bit=True, lora_r=4, lora_alpha=8, nf4_single_copy=single_copy),
+                                  torch.device(DEVICE))
+    with torch.no_grad():  # peft starts B at zero; give the adapter an effect
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    return model.train(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _tiny_qlora(False)[0], *_tiny_qlora(True)
+
+
+def _logits_and_grads(model, input_ids):
+    model.zero_grad()
+    logits = model(input_ids=input_ids).logits
+    logits.float().pow(2).mean().backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_trainer_model_holds_one_copy_and_trains_as_bitsandbytes(models):
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from grpo_fast.model import reference_policy
+    from grpo_fast.nf4 import NF4DecodeCache, fused_nf4_decode
+    from grpo_fast.nf4_train import NF4Packed
+
+    bnb_model, model, tokenizer = models
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert not any(isinstance(t, bnb.nn.Params4bit) for t in [*model.parameters(), *model.buffers()])
+    lora_layers = [m for m in model.modules() if isinstance(m, LoraLinear4bit)]
+    assert len(lora_layers) == 14 and all(isinstance(m.base_layer, NF4Linear) for m in lora_layers)
+    assert len([m for m in model.modules() if isinstance(m, NF4Packed)]) == 8  # q/k/v, o, gate/up, down x 2
+    input_ids = torch.randint(3, len(tokenizer), (2, 7), device=DEVICE)
+    logits, grads = _logits_and_grads(model, input_ids)
+    expected_logits, expected_grads = _logits_and_grads(bnb_model, input_ids)
+    assert torch.equal(logits, expected_logits)  # fp32 on CPU: the same dense weights, the same calls
+    assert grads.keys() == expected_grads.keys() and len(grads) == 28
+    assert all(torch.equal(grads[name], expected_grads[name]) for name in grads)
+    with torch.no_grad(), reference_policy(model), reference_policy(bnb_model):
+        assert torch.equal(model(input_ids=input_ids).logits, bnb_model(input_ids=input_ids).logits)
+    # the decode kernel reads the layers' own repacked weight: the cache holds only the LoRA snapshot
+    cache = NF4DecodeCache()
+    buffers = {p.data_ptr() for m in model.modules() if isinstance(m, NF4Packed) for p in m.buffers()}
+    with torch.no_grad(), fused_nf4_decode(model, max_rows=16, force=True, cache=cache) as swapped:
+        assert len(swapped) == 14
+        fused = model(input_ids=input_ids).logits
+    groups = list(cache.groups.values())
+    assert len(groups) == 8 and all(group.weight.qweight.data_ptr() in buffers for group in groups)
+    assert cache.nbytes == sum(g.lora_a.nbytes + g.lora_b.nbytes for g in groups)
+    torch.testing.assert_close(fused, logits, rtol=2e-2, atol=2e-2)  # bf16 LoRA snapshot: roundings differ
+
+
+def test_save_pretrained_writes_the_standard_adapter(models, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    bnb_model, model, tokenizer = models
+    model.save_pretrained(str(tmp_path / "single"))
+    bnb_model.save_pretrained(str(tmp_path / "bnb"))
+    mine, theirs = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("single", "bnb"))
+    assert mine.keys() == theirs.keys() and all("lora_" in key for key in mine)
+    # bitsandbytes' base with the saved adapter computes what the single-copy model does
+    base = _tiny_qlora(False)[0].get_base_model()
+    for name, tensor in mine.items():
+        theirs[name].copy_(tensor)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "single")).train()
+    input_ids = torch.randint(3, len(tokenizer), (1, 6), device=DEVICE)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
+
+
+def test_merging_needs_bitsandbytes_layers_back_which_hold_the_same_values():
+    model, tokenizer = _tiny_qlora(True)
+    input_ids = torch.randint(3, len(tokenizer), (1, 6), device=DEVICE)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    layer = model.get_submodule("base_model.model.model.layers.0.mlp.up_proj.base_layer")
+    with pytest.raises(AttributeError, match=r"restore_bitsandbytes\(model\)"):
+        layer.weight
+    assert restore_bitsandbytes(model) == 14
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, expected)
+        with model.disable_adapter():
+            reference = model(input_ids=input_ids).logits
+        merged = model.merge_and_unload()  # peft's own merge on bitsandbytes' layers (it re-quantises: lossy)
+        error = (merged(input_ids=input_ids).logits - expected).abs().max()
+    assert error < 0.5 * (reference - expected).abs().max()
