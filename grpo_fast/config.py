@@ -50,6 +50,7 @@ class GRPOConfig:
     model: str = "tiny"  # Hugging Face hub id or local folder; "tiny": a small model + char tokenizer built in code
     dtype: str = "auto"  # weights dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 (T4 / V100: fp16 compute, loss scaling, LoRA required) | float32
     load_in_4bit: bool = False  # NF4 base weights with double quantisation (bitsandbytes), fp16 compute with dtype float16, else bf16; implies LoRA
+    nf4_single_copy: bool = True  # with load_in_4bit: each NF4 Linear's weight held once, in the decode kernel's repacked layout, for training, the reference and decoding (bitsandbytes' tensors released; grpo_fast.nf4_train.restore_bitsandbytes converts back to merge or export); false: bitsandbytes' modules, and on a GPU the rollout engine keeps a second, repacked copy
     use_lora: bool | None = None  # train LoRA adapters instead of all weights; None: True with load_in_4bit, else False
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA scaling numerator (scale = lora_alpha / lora_r)
@@ -303,6 +304,11 @@ LOSS_OPTIONS = ("loss_type", "beta", "epsilon_low", "epsilon_high", "delta", "kl
 
 def lora_enabled(config: GRPOConfig) -> bool:
     return config.load_in_4bit if config.use_lora is None else config.use_lora
+
+
+def nf4_single_copy(config: GRPOConfig) -> bool:
+    """Whether the model grpo-fast loads keeps its NF4 weights once, in the repacked layout."""
+    return config.load_in_4bit and config.nf4_single_copy
 
 
 # --------------------------------------------------------------------------------------------

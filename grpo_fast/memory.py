@@ -6,15 +6,18 @@ the no-grad log-prob passes, and the training micro-batch (activations, the fuse
 Each term is a formula in the model's shape (its Hugging Face config) and the run's config:
 
     weights      NF4 Linear weights 0.516 B / param (4 bits, 8-bit absmax per 64 with fp32 scales per
-                 256 blocks: double quantisation), everything else in the compute dtype
+                 256 blocks: double quantisation), or with ``nf4_single_copy`` the one repacked copy
+                 that training and the engine's decode kernel share (0.5625 B / param, each group of
+                 Linears sharing an input padded to 128 output features: ``repacked_nf4_bytes``);
+                 everything else in the compute dtype
     trainable    LoRA (or all) parameters: fp32 value + gradient + AdamW moments (16 B / param; 8-bit
                  AdamW 10 B), in the parameters' dtype for full fine-tuning
     rollout KV   (prompts x prompt rounded up to 64 + rows x completion) x layers x 2 x
                  kv_heads x head_dim x 2 B (``ModelShape.rollout_kv_bytes``: a group's prompt KV is
                  stored once, shared by its rows): all of a step's rows, or within a budget the
                  waves of whole groups the engine decodes (``rollout_rows``: at least one group); on
-                 a GPU the engine keeps its KV cache and its NF4 decode copy (0.5625 B / NF4 param)
-                 between steps for its CUDA graphs, so both count as resident there (without the
+                 a GPU the engine keeps its KV cache and, without ``nf4_single_copy``, its NF4 decode
+                 copy (0.5625 B / NF4 param) between steps for its CUDA graphs, so both count as resident there (without the
                  decode attention kernel, after a compaction or with eager attention, the engine also
                  gathers one layer's prompt KV per row for each step: a transient not counted here)
     activations  per token: layers x (a hidden + b intermediate + c kv_dim + d) + (e hidden + ...)
@@ -67,6 +70,10 @@ KNOWN_SHAPES = {
                          intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
 }
 
+
+# kernels/nf4_decode.py's repack_nf4 (not imported: planning needs no Triton): features padded to a
+# multiple of ROW_ALIGN, one fp32 scale per chunk of 64 weights, the 16 levels in fp32, fp16 and bf16
+REPACK_ROW_ALIGN, REPACK_CHUNK, REPACK_TABLE_BYTES = 128, 64, 16 * (4 + 2 + 2)
 
 CACHE_LENGTH_MULTIPLE = 64  # the engine's prompt KV segment is a multiple of this long: few shapes across steps
 
@@ -134,6 +141,18 @@ class ModelShape:
     def other_params(self) -> int:
         """Embeddings, the head (when untied), norms."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * 2 * self.hidden + self.hidden
+
+    def repacked_nf4_bytes(self) -> int:
+        """Bytes of the decode kernel's repacked NF4 Linears (``repack_nf4``): per group of Linears that
+        share an input (q/k/v, o, gate/up, down) its output features padded to REPACK_ROW_ALIGN, half a
+        byte per weight, an fp32 scale per REPACK_CHUNK weights, its int32 split-K tickets (a byte per
+        padded feature) and its level tables (biases, as elsewhere here, not counted)."""
+        h, i = self.hidden, self.intermediate
+        total = 0
+        for in_features, out_features in ((h, self.q_dim + 2 * self.kv_dim), (self.q_dim, h), (h, 2 * i), (i, h)):
+            rows = -(-out_features // REPACK_ROW_ALIGN) * REPACK_ROW_ALIGN
+            total += rows * in_features // 2 + 4 * rows * in_features // REPACK_CHUNK + rows + REPACK_TABLE_BYTES
+        return self.layers * total
 
     def lora_params(self, rank: int) -> int:
         return self.layers * sum(rank * (a + b) for a, b in self.linear_shapes())
@@ -235,15 +254,17 @@ def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_
     ``prompt_length``: the longest prompt in tokens (the engine pads a step's prompts to it);
     ``completion_length``, ``micro_batch_tokens``: default the config's; ``rollout_rows``: the rows the
     engine decodes together (default all of the step's; fewer when it decodes in waves)."""
-    from .config import lora_enabled
+    from .config import lora_enabled, nf4_single_copy
 
     completion = completion_length or config.max_completion_length
     dtype_bytes = dtype_bytes or _dtype_bytes(config)
     compute = dtype_bytes
     rows = config.prompts_per_step * config.num_generations
     terms: dict[str, float] = {}
+    single_copy = nf4_single_copy(config)
     if config.load_in_4bit:
-        terms["weights"] = shape.linear_params * NF4_BYTES_PER_PARAM + shape.other_params * compute
+        nf4 = shape.repacked_nf4_bytes() if single_copy else shape.linear_params * NF4_BYTES_PER_PARAM
+        terms["weights"] = nf4 + shape.other_params * compute
     else:
         terms["weights"] = (shape.linear_params + shape.other_params) * dtype_bytes
     optimizer_bytes = 2 if config.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
@@ -260,10 +281,11 @@ def estimate(config, shape: ModelShape, *, prompt_length: int = 256, completion_
     terms["rollout prefill"] = (wave // config.num_generations) * prompt_length * _apply(
         ACTIVATION_COEFFICIENTS[compute][False][0], shape)
     terms["sampling logits"] = wave * shape.vocab * 4 * 3  # fp32 logits, scaled, filtered probabilities
-    # the engine's fused NF4 decode reads a repacked copy of the weights (on a GPU); with CUDA graphs
-    # it and the KV cache stay allocated through training, else both are freed after each rollout
+    # the engine's fused NF4 decode reads a repacked copy of bitsandbytes' weights (on a GPU; with
+    # nf4_single_copy the weights themselves); with CUDA graphs it and the KV cache stay allocated
+    # through training, else both are freed after each rollout
     kept = engine_keeps(config)
-    repacked = config.load_in_4bit and engine_samples(config) and planned_for_gpu(config)
+    repacked = config.load_in_4bit and not single_copy and engine_samples(config) and planned_for_gpu(config)
     if repacked:
         terms["NF4 decode copy"] = shape.linear_params * NF4_REPACK_BYTES_PER_PARAM
     # training: one micro-batch (prompt + completion tokens) forward and backward

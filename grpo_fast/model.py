@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import GRPOConfig, lora_enabled
+from .config import GRPOConfig, lora_enabled, nf4_single_copy
 from .errors import one_line
 from .logits import LogitTransform, check_logits
 
@@ -190,7 +190,8 @@ def load_model(config: GRPOConfig, device: torch.device | None = None):
 
 
 def prepare_for_training(model, config: GRPOConfig):
-    """Gradient checkpointing and LoRA (or all weights trainable)."""
+    """Gradient checkpointing and LoRA (or all weights trainable); with ``nf4_single_copy`` the NF4
+    base weights then move to the repacked layout (``grpo_fast.nf4_train``; peft's layers unchanged)."""
     keep_nf4_layout_for_training(model)
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings are fine).
@@ -212,7 +213,12 @@ def prepare_for_training(model, config: GRPOConfig):
         target_modules=config.lora_target_modules or "all-linear",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if nf4_single_copy(config):  # after peft, which wraps bitsandbytes' layers (it knows no others)
+        from .nf4_train import single_copy_nf4
+
+        single_copy_nf4(model)
+    return model
 
 
 def keep_nf4_layout_for_training(model) -> int:

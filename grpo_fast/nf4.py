@@ -66,6 +66,9 @@ def nf4_weight_of(layer: torch.nn.Module) -> NF4Weight:
 
 def _source_of(layer: torch.nn.Module) -> tuple[int, int]:
     """Identifies a 4-bit layer's current tensors: a repacked copy is valid while this is unchanged."""
+    packed = getattr(layer, "nf4_packed", None)  # a single-copy layer (grpo_fast.nf4_train.NF4Linear)
+    if packed is not None:
+        return packed.qweight.data_ptr(), id(packed)
     weight = layer.weight
     return weight.data_ptr(), id(getattr(weight, "quant_state", None))
 
@@ -106,8 +109,11 @@ class NF4DecodeGroup:
         self.dtype = dtype
         self.config = config
         self.sources = [_source_of(member.base) for member in members]
-        self.weight: DecodeNF4Weight = repack_nf4([nf4_weight_of(member.base) for member in members],
-                                                  [member.base.bias for member in members])
+        # single-copy layers (grpo_fast.nf4_train): their shared repacked weight itself, no copy
+        self.shared = getattr(members[0].base, "nf4_packed", None) is not None
+        self.weight: DecodeNF4Weight = (members[0].base.nf4_packed.weight if self.shared else
+                                        repack_nf4([nf4_weight_of(member.base) for member in members],
+                                                   [member.base.bias for member in members]))
         ranks = [sum(a.weight.shape[0] for a, _, _ in member.adapters) for member in members]
         self.rank = -(-max(ranks) // LORA_RANK_MULTIPLE) * LORA_RANK_MULTIPLE if max(ranks) else 0
         device = self.weight.qweight.device
@@ -128,7 +134,9 @@ class NF4DecodeGroup:
 
     @property
     def nbytes(self) -> int:
-        return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors())
+        """Bytes this group holds: its repacked copy (none when shared with single-copy layers) and LoRA snapshot."""
+        owned = [self.lora_a, self.lora_b] if self.shared else self.tensors()
+        return sum(tensor.numel() * tensor.element_size() for tensor in owned if tensor is not None)
 
     def matches(self, members: list[_Member], dtype: torch.dtype) -> bool:
         """Still valid for these modules: same layers, same bitsandbytes tensors, same rank and dtype."""
@@ -275,28 +283,42 @@ def _members(model: torch.nn.Module) -> list[list[_Member]]:
     linear4bit = _linear4bit_class()
     if linear4bit is None:
         return []
+
+    def nf4_layer(module) -> bool:  # bitsandbytes' own, or a single-copy layer (grpo_fast.nf4_train)
+        return isinstance(module, linear4bit) or hasattr(module, "nf4_packed")
+
     candidates: dict[str, _Member] = {}
-    wrapped = set()  # Linear4bit layers inside a peft LoRA layer: swapped with (or under) it
+    wrapped = set()  # NF4 layers inside a peft LoRA layer: swapped with (or under) it
     for name, module in model.named_modules():
         base = getattr(module, "base_layer", None)
-        if name and isinstance(base, linear4bit) and hasattr(module, "lora_A"):
+        if name and nf4_layer(base) and hasattr(module, "lora_A"):
             wrapped.add(id(base))
             adapters = _plain_lora(module)
             candidates[name] = (_Member(name, module, base, adapters) if adapters is not None
                                 else _Member(f"{name}.base_layer", base, base))
     for name, module in model.named_modules():
-        if name and isinstance(module, linear4bit) and id(module) not in wrapped:
+        if name and nf4_layer(module) and id(module) not in wrapped:
             candidates[name] = _Member(name, module, module)
     fused = [name for name, module in model.named_modules() if isinstance(module, FusedNF4Linear)]
-    members = {}
+    members, shared = {}, {}
     for name, member in candidates.items():
         if any(name.startswith(f"{other}.") for other in fused):
             continue  # already swapped by an enclosing block
+        packed = getattr(member.base, "nf4_packed", None)
+        if packed is not None:  # grouped as they were converted: the members of one shared weight
+            shared.setdefault(id(packed), {})[member.base.index] = member
+            continue
         try:
             nf4_weight_of(member.base)
         except ValueError:
             continue  # e.g. FP4 layers, or odd block sizes: they keep bitsandbytes' path
         members[name] = member
+    # a shared weight whose members are not all here (some swapped, some not) keeps their own forward
+    complete = []
+    for group in shared.values():
+        size = len(next(iter(group.values())).base.nf4_packed.segments) - 1
+        if sorted(group) == list(range(size)):
+            complete.append([group[i] for i in range(size)])
     groups, taken = [], set()
     for name in members:
         parent, _, leaf = name.rpartition(".")
@@ -307,7 +329,7 @@ def _members(model: torch.nn.Module) -> list[list[_Member]]:
                 groups.append(siblings)
                 taken.update(s.name for s in siblings)
     groups += [[member] for name, member in members.items() if name not in taken]
-    return groups
+    return groups + complete
 
 
 @contextlib.contextmanager

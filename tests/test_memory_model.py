@@ -139,7 +139,8 @@ def test_what_the_engine_keeps_on_a_gpu_is_resident():
     from grpo_fast.config import GRPOConfig
 
     shape = ModelShape.from_config(KNOWN_SHAPES["qwen2.5-7b"])
-    common = dict(model="Qwen/Qwen2.5-7B", load_in_4bit=True, dtype="bfloat16", max_completion_length=1024)
+    common = dict(model="Qwen/Qwen2.5-7B", load_in_4bit=True, dtype="bfloat16", max_completion_length=1024,
+                  nf4_single_copy=False)  # bitsandbytes' layers: the engine repacks a copy
     engine = estimate(GRPOConfig(rollout_engine="engine", **common), shape)
     hf = estimate(GRPOConfig(rollout_engine="hf", **common), shape)
     assert engine.terms["NF4 decode copy"] == shape.linear_params * 0.5625 and "NF4 decode copy" not in hf.terms
@@ -154,7 +155,7 @@ def test_rollout_memory_free_makes_the_engines_memory_a_rollout_phase():
 
     shape = ModelShape.from_config(KNOWN_SHAPES["qwen2.5-7b"])
     common = dict(model="Qwen/Qwen2.5-7B", load_in_4bit=True, dtype="bfloat16", max_completion_length=4096,
-                  gradient_checkpointing=True, micro_batch_size=1)
+                  gradient_checkpointing=True, micro_batch_size=1, nf4_single_copy=False)
     kept = estimate(GRPOConfig(rollout_engine="engine", **common), shape)
     freed = estimate(GRPOConfig(rollout_engine="engine", rollout_memory="free", **common), shape)
     hf = estimate(GRPOConfig(rollout_engine="hf", **common), shape)
@@ -174,14 +175,18 @@ def test_auto_frees_the_rollouts_memory_only_when_keeping_it_does_not_fit():
     qwen = ModelShape.from_config(KNOWN_SHAPES["qwen2.5-7b"])
     config = GRPOConfig(model="Qwen/Qwen2.5-7B", load_in_4bit=True, dtype="bfloat16", lora_r=16, prompts_per_step=8,
                         num_generations=8, max_completion_length=4096, gradient_checkpointing=True)
-    sized = size_to_budget(config, qwen, 24 * GIB, 256)
-    wave = rollout_rows(sized, qwen, 24 * GIB, 256)
-    assert sized.rollout_memory == "auto" and sized.micro_batch_tokens is not None and 8 <= wave < 64
-    assert estimate(sized, qwen, prompt_length=256, rollout_rows=wave).peak <= 24 * GIB
+    for single_copy, waves in ((False, range(8, 64)), (True, [64])):  # one NF4 copy: all 64 rows in one wave
+        sized = size_to_budget(dataclasses.replace(config, nf4_single_copy=single_copy), qwen, 24 * GIB, 256)
+        wave = rollout_rows(sized, qwen, 24 * GIB, 256)
+        assert sized.rollout_memory == "auto" and sized.micro_batch_tokens is not None and wave in waves
+        assert estimate(sized, qwen, prompt_length=256, rollout_rows=wave).peak <= 24 * GIB
 
     llama = ModelShape.from_config(KNOWN_SHAPES["llama-3.1-8b"])
     config = GRPOConfig(model="meta-llama/Llama-3.1-8B", load_in_4bit=True, dtype="bfloat16", lora_r=16,
-                        prompts_per_step=1, num_generations=8, max_completion_length=20480, gradient_checkpointing=True)
+                        prompts_per_step=1, num_generations=8, max_completion_length=20480, gradient_checkpointing=True,
+                        nf4_single_copy=False)  # the engine's NF4 copy beside bitsandbytes' weights
+    # with the one copy the NF4 decode copy's 3.7 GiB are not there to free: it fits with the memory kept
+    assert size_to_budget(dataclasses.replace(config, nf4_single_copy=True), llama, 40 * GIB, 256).rollout_memory == "auto"
     sized = size_to_budget(config, llama, 40 * GIB, 256)
     assert sized.rollout_memory == "free"
     peak = estimate(sized, llama, prompt_length=256, rollout_rows=rollout_rows(sized, llama, 40 * GIB, 256)).peak
@@ -190,3 +195,40 @@ def test_auto_frees_the_rollouts_memory_only_when_keeping_it_does_not_fit():
         size_to_budget(dataclasses.replace(config, rollout_memory="keep"), llama, 40 * GIB, 256)
     assert longest_completion(config, llama, 40 * GIB) >= 20480 > longest_completion(
         dataclasses.replace(config, rollout_memory="keep"), llama, 40 * GIB)
+
+
+def test_weights_term_is_what_the_single_copy_nf4_model_holds():
+    """The tiny model loaded in NF4 + LoRA as the trainer loads it (nf4_single_copy): the bytes of every
+    parameter and buffer it holds (each shared repacked weight once) are the weights term plus the LoRA
+    parameters; bitsandbytes' tensors are gone, so nothing else holds the base weights."""
+    from grpo_fast.config import GRPOConfig
+    from grpo_fast.memory import shape_of
+    from grpo_fast.model import load_model
+
+    config = GRPOConfig(load_in_4bit=True, lora_r=4)
+    model, _ = load_model(config, torch.device("cpu"))
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    shape = shape_of(config)
+    lora = shape.lora_params(4) * 4  # peft keeps the adapters in fp32
+    rotary = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "rotary" in name)
+    estimated = estimate(config, shape).terms["weights"] + lora + rotary
+    assert held == estimated, (held, estimated)
+    # a second copy (bitsandbytes' 0.516 B / weight beside the repacked one) would be far off
+    assert shape.linear_params * 0.5 > 0.3 * shape.repacked_nf4_bytes()
+
+
+def test_single_copy_counts_the_repacked_weights_once():
+    """With nf4_single_copy the engine's decode reads the weights themselves: no decode copy, resident or
+    in the rollout, and the weights term is the repacked layout's (0.5625 B / weight and padding)."""
+    from grpo_fast.config import GRPOConfig
+
+    shape = ModelShape.from_config(KNOWN_SHAPES["qwen2.5-7b"])
+    common = dict(model="Qwen/Qwen2.5-7B", load_in_4bit=True, dtype="bfloat16", max_completion_length=1024,
+                  rollout_engine="engine")
+    single = estimate(GRPOConfig(**common), shape)
+    two = estimate(GRPOConfig(nf4_single_copy=False, **common), shape)
+    assert "NF4 decode copy" not in single.terms and "NF4 decode copy" in two.terms
+    repacked = shape.repacked_nf4_bytes()
+    assert shape.linear_params * 0.5625 <= repacked <= shape.linear_params * 0.5625 * 1.01  # Qwen's padding is small
+    assert single.terms["weights"] - two.terms["weights"] == repacked - shape.linear_params * (0.5 + 1 / 64 + 4 / (64 * 256))
+    assert two.peak - single.peak == two.terms["NF4 decode copy"] + two.terms["weights"] - single.terms["weights"]

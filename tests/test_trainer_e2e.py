@@ -50,8 +50,11 @@ def test_4bit_lora_run_with_reference_kl(tmp_path):
                         beta=0.1, gradient_checkpointing=True, **FAST)
     result = train(config)
     model = result.model
-    quantised = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
-    assert len(quantised) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 blocks
+    from grpo_fast.nf4_train import NF4Linear
+
+    # q, k, v, o, gate, up, down in each of the 2 blocks, in the repacked layout (nf4_single_copy)
+    quantised = [module for module in model.modules() if isinstance(module, NF4Linear)]
+    assert len(quantised) == 2 * 7 and not any(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
     assert all(layer.gradient_checkpointing for layer in model.get_decoder().layers)
     trainable = _trainable(model)
     assert trainable and all("lora_" in name for name in trainable)
@@ -131,7 +134,7 @@ def test_8bit_optimizer_updates_lora(tmp_path):
 def test_eval_mode_passes_keep_4bit_gradients():
     """An eval-mode no-grad pass (rollouts, log-probs) must not switch bitsandbytes to its CPU inference
     layout, whose kernel has no autograd: LoRA gradients stay those of a model never run in eval mode."""
-    config = GRPOConfig(load_in_4bit=True, lora_r=4, **FAST)
+    config = GRPOConfig(load_in_4bit=True, lora_r=4, nf4_single_copy=False, **FAST)  # bitsandbytes' layers
     input_ids = torch.randint(0, 10, (2, 7))
 
     def lora_grads(eval_pass_first):
@@ -154,7 +157,7 @@ def test_eval_mode_passes_keep_4bit_gradients():
 def test_training_a_model_already_repacked_for_inference_is_an_error(tmp_path):
     from grpo_fast.model import keep_nf4_layout_for_training
 
-    config = GRPOConfig(load_in_4bit=True, lora_r=4, output_dir=str(tmp_path), **FAST)
+    config = GRPOConfig(load_in_4bit=True, lora_r=4, nf4_single_copy=False, output_dir=str(tmp_path), **FAST)
     model, tokenizer = load_model(config)
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):

@@ -51,11 +51,14 @@ def test_fp16_4bit_lora_trains_with_loss_scaling_and_resumes_exactly(tmp_path, o
     model = straight.model
 
     # The forward runs in fp16: NF4 base weights with fp16 compute, fp16 embeddings / norms / head.
-    quantised = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    from grpo_fast.nf4_train import NF4Linear  # the repacked layout (nf4_single_copy), bitsandbytes' compute rule
+
+    quantised = [module for module in model.modules() if isinstance(module, NF4Linear)]
+    assert not any(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
     assert len(quantised) == 2 * 7 and all(layer.compute_dtype == torch.float16 for layer in quantised)
-    assert all(layer.weight.dtype == torch.uint8 for layer in quantised)
+    assert all(layer.nf4_packed.qweight.dtype == torch.uint8 for layer in quantised)  # buffers, not parameters
     frozen = {parameter.dtype for parameter in model.parameters() if not parameter.requires_grad}
-    assert frozen == {torch.uint8, torch.float16}
+    assert frozen == {torch.float16}
     input_ids = torch.randint(3, len(straight.tokenizer), (2, 7))
     with torch.no_grad():
         hidden = completion_hidden_states(model, input_ids, torch.ones_like(input_ids), 4)

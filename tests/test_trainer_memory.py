@@ -137,22 +137,28 @@ def test_plan_command_prints_the_estimate(capsys, example):
     out = capsys.readouterr().out
     assert "rollout KV cache" in out and "peak" in out and "longest completion that fits" in out
     assert "24 GiB:" in out
-    # a named model is planned for the GPU run: the engine's NF4 decode copy where the config is 4-bit
-    assert ("NF4 decode copy" in out) == (example != "gsm8k_qwen2.5_0.5b")  # that one is bf16
+    # a named model is planned for the GPU run: the 4-bit configs keep one NF4 copy (nf4_single_copy), the
+    # engine's decode copy only beside bitsandbytes' weights
+    assert "NF4 decode copy" not in out
+    if example != "gsm8k_qwen2.5_0.5b":  # that one is bf16
+        assert main(["plan", "--config", f"examples/{example}.yaml", "--nf4_single_copy", "false"]) == 0
+        assert "NF4 decode copy" in capsys.readouterr().out
 
 
 def test_plan_command_sizes_to_max_memory_gb(capsys):
     """With max_memory_gb the plan says what the trainer would change: the issue's Llama-3.1-8B goal
-    config frees the rollout's memory for training; the Qwen2.5-7B one keeps it and decodes in waves."""
+    config frees the rollout's memory for training; the Qwen2.5-7B one keeps it and decodes in waves (both
+    with bitsandbytes' layers and the engine's NF4 copy: nf4_single_copy false)."""
     from grpo_fast.cli import main
 
     llama = ["plan", "--model", "meta-llama/Llama-3.1-8B", "--load_in_4bit", "true", "--dtype", "bfloat16",
              "--gradient_checkpointing", "true", "--lora_r", "16", "--prompts_per_step", "1",
-             "--num_generations", "8", "--max_completion_length", "20480", "--max_memory_gb", "40"]
+             "--num_generations", "8", "--max_completion_length", "20480", "--max_memory_gb", "40",
+             "--nf4_single_copy", "false"]  # beside bitsandbytes' weights, the engine's NF4 copy must go
     assert main(llama) == 0
     assert "with max_memory_gb 40: rollout_memory free" in capsys.readouterr().out
     qwen = ["plan", "--config", "examples/qwen2.5_7b_qlora.yaml", "--prompts_per_step", "8",
-            "--max_completion_length", "4096", "--max_memory_gb", "24"]
+            "--max_completion_length", "4096", "--max_memory_gb", "24", "--nf4_single_copy", "false"]
     assert main(qwen) == 0
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("with max_memory_gb 24: micro-batches of") and "rollout_memory free" not in line
