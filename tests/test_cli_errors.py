@@ -130,7 +130,7 @@ def test_every_config_key_is_validated_before_the_model_loads():
     """Each key has a value the config refuses at construction (the table above covers the CLI
     path): the refusal never waits for torch or peft to choke on it."""
     refused = {"output_dir": "", "run_name": "a/b", "seed": 2**32, "max_steps": 0, "resume": "yes", "overwrite": 1,
-               "model": "", "dtype": "fp8", "load_in_4bit": "no", "use_lora": "no", "lora_r": 0, "lora_alpha": -1,
+               "model": "", "dtype": "fp8", "load_in_4bit": "no", "nf4_single_copy": "yes", "use_lora": "no", "lora_r": 0, "lora_alpha": -1,
                "lora_dropout": 1.0, "lora_target_modules": [], "gradient_checkpointing": None,
                "attn_implementation": "", "trust_remote_code": "yes", "dataset": " ", "dataset_config": "",
                "dataset_split": "", "prompt_column": "", "shuffle": "no", "prompts_per_step": 0,
