@@ -4,9 +4,10 @@ TRL 1.16 renders the tools into the prompt with the tokenizer's chat template, p
 the tokenizer's ``response_template`` (transformers' response parsing), runs the calls, appends the rendered
 tool results to the completion and generates again; the tool-result tokens get ``tool_mask`` 0 and are left
 out of the loss. The tests' byte-level tokenizer gets a small tool-calling chat template of the usual shape
-(the tools' signatures in a system turn (kept short: TRL drops a tool result that takes the sequence past
-the model's ``max_position_embeddings``), ``<tool_call>{json}</tool_call>`` in the assistant turn, a ``tool`` turn for
-each result) and the matching response template, the markers being plain text.
+(the tools' signatures in a system turn, ``<tool_call>{json}</tool_call>`` in the assistant turn, a ``tool``
+turn for each result) and the matching response template, the markers being plain text. Prompts are kept
+short and ``max_completion_length`` long enough for the scripted turns: TRL drops a tool result that takes
+the completion past ``max_completion_length`` or the sequence past the model's ``max_position_embeddings``.
 
 A random tiny model would almost never write a well-formed call, so, as TRL's own tool tests do, the model's
 ``generate`` is replaced by a scripted one (token ids of fixed texts); everything after it (parsing, calling
