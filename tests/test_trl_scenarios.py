@@ -37,8 +37,11 @@ def reward_model(tokenizer):
         return LlamaForSequenceClassification(config)
 
 
-# architecture -> (config class, model class, fields): three besides Qwen2, one an MoE with its auxiliary
-# loss, two with logit transforms (Gemma 2's soft cap, Cohere 2's scale) applied by the fused loss
+# architecture -> (config class, model class, fields): Qwen2 and six others; two MoEs with their auxiliary
+# loss (Qwen3-MoE; GPT-OSS, with attention sinks and sliding-window layers), two with logit transforms
+# (Gemma 2's soft cap, Cohere 2's scale) applied by the fused loss, and two MoEs whose sigmoid routers have
+# no auxiliary loss: GLM-4-MoE (a dense first layer, shared experts) and Nemotron-H (hybrid Mamba-2 /
+# attention / MoE layers; the Mamba layers run transformers' PyTorch path on CPU)
 ARCHITECTURES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
@@ -47,7 +50,19 @@ ARCHITECTURES = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(final_logit_softcapping=5.0, head_dim=16,
                                                           query_pre_attn_scalar=16)),
     "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(logit_scale=0.25, head_dim=16)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8, output_router_logits=True,
+        router_aux_loss_coef=0.1, rope_parameters=dict(rope_type="yarn", factor=2.0, beta_fast=32.0, beta_slow=1.0,
+                                                       truncate=False, original_max_position_embeddings=128))),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+        first_k_dense_replace=1, head_dim=16, n_group=1, topk_group=1)),
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", dict(
+        layers_block_type=["linear_attention", "moe", "full_attention", "mlp"], head_dim=16, mamba_num_heads=4,
+        mamba_head_dim=16, ssm_state_size=16, n_groups=1, chunk_size=8, n_routed_experts=4, moe_intermediate_size=32,
+        moe_shared_expert_intermediate_size=32)),
 }
+AUX_LOSS = ("qwen3_moe", "gpt_oss")
 
 
 def architecture_model(name: str, tokenizer):
@@ -133,12 +148,12 @@ def test_architectures_train(tmp_path, architecture):
                                args=grpo_config(tmp_path, max_steps=1, bf16=True),
                                train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
                                processing_class=tokenizer)
-    moe = architecture == "qwen3_moe"
-    assert trainer.aux_loss_enabled == moe
-    train_and_check(trainer, ("entropy", "reward") + (("aux_loss",) if moe else ()))
+    aux_loss = architecture in AUX_LOSS
+    assert trainer.aux_loss_enabled == aux_loss
+    train_and_check(trainer, ("entropy", "reward") + (("aux_loss",) if aux_loss else ()))
 
 
-@pytest.mark.parametrize("architecture", ["qwen3_moe", "gemma2", "cohere2"])
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "gemma2", "cohere2", "gpt_oss"])
 def test_architectures_same_loss_as_trl(tmp_path, architecture):
     """The router's auxiliary loss (MoE) and the logit transforms under bf16 autocast: TRL's loss and
     gradients on the same batch (fp32 head: to fp32 rounding; TRL's bf16 head: within its rounding)."""
@@ -150,7 +165,7 @@ def test_architectures_same_loss_as_trl(tmp_path, architecture):
     assert grads.keys() == fp32_grads.keys()
     for name in grads:
         _assert_within(grads[name], fp32_grads[name], FP32_HEAD, name)
-    if architecture == "qwen3_moe":
+    if architecture in AUX_LOSS:
         assert metrics["aux_loss"] == pytest.approx(trl_metrics["aux_loss"], rel=1e-5)
         assert any("router" in name or "gate" in name for name in grads)
 
