@@ -34,6 +34,9 @@ ROLLOUT_ENGINES = ("auto", "engine", "hf")
 ROLLOUT_MEMORY = ("auto", "keep", "free")
 NONFINITE_ACTIONS = ("stop", "skip")
 SEED_LIMIT = 2**32  # NumPy's seeds are 32-bit
+# The embedded demo: its dataset and the reward that scores only that dataset
+DEMO_DATASET = "grpo_fast.tasks:letters_dataset"
+DEMO_REWARD_FUNCTIONS = ["grpo_fast.tasks:letters_reward"]
 
 
 @dataclass
@@ -61,7 +64,7 @@ class GRPOConfig:
     trust_remote_code: bool = False  # passed to from_pretrained for models with custom code
 
     # ---- data ---------------------------------------------------------------------------------
-    dataset: str = "grpo_fast.tasks:letters_dataset"  # hub id, local .jsonl/.json/.parquet file, or "module:function" returning rows
+    dataset: str = DEMO_DATASET  # hub id, local .jsonl/.json/.parquet file, or "module:function" returning rows
     dataset_config: str | None = None  # hub dataset configuration name (e.g. "main" for openai/gsm8k)
     dataset_split: str = "train"  # split to read
     prompt_column: str = "prompt"  # column holding a prompt string or a list of chat messages
@@ -81,7 +84,7 @@ class GRPOConfig:
     rollout_memory: str = "auto"  # the engine's KV cache and repacked NF4 weights on a GPU: keep (allocated between steps for its CUDA graphs: fastest) | free (released after each rollout for training, decoding without CUDA graphs) | auto (keep unless the step fits max_memory_gb only when they are freed)
 
     # ---- rewards ------------------------------------------------------------------------------
-    reward_functions: list[str] = field(default_factory=lambda: ["grpo_fast.tasks:letters_reward"])  # "module:function" paths
+    reward_functions: list[str] = field(default_factory=lambda: list(DEMO_REWARD_FUNCTIONS))  # "module:function" paths; the default scores only the demo dataset
     reward_weights: list[float] | None = None  # one weight per reward function; None: all 1.0
 
     # ---- loss ---------------------------------------------------------------------------------

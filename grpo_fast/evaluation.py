@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import one_line
 from .rewards import (
     RewardFunction,
     accuracy_reward,
@@ -235,28 +236,50 @@ def load_for_eval(
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``grpo-fast eval`` options, added to ``parser``."""
     parser.add_argument("--model", required=True, help="Hub id or local folder of the base model")
-    parser.add_argument("--adapter", default=None, help="folder of a LoRA adapter saved by training")
+    parser.add_argument("--adapter", default=None, help="folder of a LoRA adapter saved by training (default: none)")
     parser.add_argument("--dataset", default="openai/gsm8k",
-                        help="Hub id, or a local .jsonl/.json/.parquet file (or folder) with question/answer columns")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first LIMIT rows (after --offset)")
-    parser.add_argument("--offset", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--output", default="eval_results.jsonl", help="per-example results (JSONL)")
-    parser.add_argument("--dtype", default="auto", choices=sorted(_DTYPES))
+                        help="Hub id, or a local .jsonl/.json/.parquet file (or folder) with question/answer columns "
+                             "(default: %(default)s, GSM8K from the Hugging Face Hub)")
+    parser.add_argument("--split", default="test", help="the split to evaluate (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate the first LIMIT rows (after --offset; default: all)")
+    parser.add_argument("--offset", type=int, default=0, help="rows to skip first (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=512,
+                        help="new tokens per completion at most (default: %(default)s)")
+    parser.add_argument("--output", default="eval_results.jsonl",
+                        help="per-example results, JSONL (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=sorted(_DTYPES), help="weights dtype (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights (bitsandbytes, CUDA)")
     parser.add_argument("--lenient-format", action="store_true", help="score the layout leniently")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """``grpo-fast eval``: load, evaluate, print the summary as one JSON line; the exit code."""
+    from types import SimpleNamespace
+
+    from .model import check_model_source
     from .recipes import load_gsm8k
 
-    dataset = load_gsm8k(args.dataset, args.split, limit=args.limit, offset=args.offset)
+    # the inputs are checked as grpo-fast train checks them: a bad one is a ValueError naming the flag (exit 2)
+    check_model_source(SimpleNamespace(model=args.model, trust_remote_code=False), key="--model")
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise ValueError(f"--adapter: expected a folder holding a peft adapter (adapter_config.json), received "
+                         f"{args.adapter!r}")
+    try:
+        dataset = load_gsm8k(args.dataset, args.split, limit=args.limit, offset=args.offset)
+    except ValueError as error:  # load_gsm8k names its argument "source": here it is --dataset
+        message = str(error)
+        if message.startswith("source:"):
+            raise ValueError("--dataset:" + message[len("source:"):]) from error
+        raise
+    except Exception as error:  # not found, offline, no such split: the input, not a failure of the run
+        raise ValueError(f"--dataset: expected a hub dataset id or a local file or folder of GSM8K rows, received "
+                         f"{args.dataset!r} (split {args.split!r}) that could not be loaded: "
+                         f"{type(error).__name__}: {one_line(error)}") from error
     model, tokenizer = load_for_eval(
         args.model, args.adapter, dtype=args.dtype, device=args.device, load_in_4bit=args.load_in_4bit
     )

@@ -29,6 +29,7 @@ from .kernels import LossSpec, TokenInputs, default_kernel_config, forward_logpr
 from .kernels.config import triton_available
 from . import fallback
 from .logits import check_logit_transform
+from .outputs import GRPOLossOutput
 from .reference import nan_extreme
 
 LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")
@@ -145,15 +146,6 @@ class GRPOLossConfig:
             off_policy_mask_threshold=(None if self.off_policy_mask_threshold is None
                                        else float(self.off_policy_mask_threshold)),
         )
-
-
-@dataclass
-class GRPOLossOutput:
-    loss: Tensor  # scalar, differentiable w.r.t. hidden (and weight / bias when they require grad)
-    logps: Tensor  # [B, T] fp32 detached log-probs of the current policy (0 where the mask is 0)
-    advantages: Tensor  # [B] fp32 advantages used
-    metrics: dict = field(default_factory=dict)  # 0-dim detached tensors (see METRIC_NAMES)
-    entropy: Optional[Tensor] = None  # [B, T] fp32 detached per-token entropies (0 where the mask is 0)
 
 
 # TRL's names: kl (with ref_logps), entropy, and by loss type the clip ratios (clip types), cispo_clip_ratio

@@ -135,27 +135,57 @@ def _from_pretrained(source: str, config: GRPOConfig, device: torch.device):
     return model if config.load_in_4bit else model.to(device)
 
 
-def check_model_source(config: GRPOConfig) -> None:
+def hub_unreachable(repo_id: str, key: str, timeout_s: float = 3.0) -> str | None:
+    """Why ``repo_id`` cannot be fetched, when the Hub cannot be reached (one short connection probe),
+    else None. Without it, a hub id on a machine without network costs ~25 s of retries before
+    Hugging Face's own error. In offline mode (HF_HUB_OFFLINE=1) the cache answers: no probe."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+        return None
+    except OSError as error:
+        reason = f"{type(error).__name__}: {one_line(error)}"
+    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    advice = ("it is in the local cache: set HF_HUB_OFFLINE=1 to use the cached copy" if cached else
+              "download it where there is network (huggingface-cli download, or save_pretrained to a folder) and "
+              "pass the local folder, or set HF_HUB_OFFLINE=1 if it is cached elsewhere (HF_HOME)")
+    return (f"{key}: expected a hub id the Hugging Face Hub ({constants.ENDPOINT}) can serve, or a local folder, "
+            f"received {repo_id!r} while the Hub cannot be reached ({reason}); {advice}")
+
+
+def check_model_source(config, key: str = "model") -> None:
     """``model`` resolves before anything loads: "tiny", a local model (or peft adapter) folder, or a hub
-    id whose config transformers can fetch (or finds in its cache); else a ValueError naming ``model``."""
+    id whose config transformers can fetch (or finds in its cache); else a ValueError naming ``model``
+    (``key``: the name to give it, e.g. ``--model`` for ``grpo-fast eval``)."""
     model = config.model
     if model == TINY_MODEL:
         return
     path = Path(model).expanduser()
     if path.is_dir():
         if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
-            raise ValueError(f"model: expected a model folder holding a config.json (or a peft adapter's "
+            raise ValueError(f"{key}: expected a model folder holding a config.json (or a peft adapter's "
                              f"adapter_config.json), received {model!r} without one")
         return
     if path.exists() or model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1:
         found = "a file" if path.exists() else "no such folder"
-        raise ValueError(f"model: expected a local model folder or a hub id 'org/name', received {model!r} ({found})")
+        raise ValueError(f"{key}: expected a local model folder or a hub id 'org/name', received {model!r} ({found})")
+    unreachable = hub_unreachable(model, key)
+    if unreachable:
+        raise ValueError(unreachable)
     from transformers import AutoConfig
 
     try:
         AutoConfig.from_pretrained(model, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError, KeyError) as error:  # not found, offline, gated, unknown architecture
-        raise ValueError(f"model: expected a hub id or local folder transformers can load, received {model!r} "
+        raise ValueError(f"{key}: expected a hub id or local folder transformers can load, received {model!r} "
                          f"({type(error).__name__}: {one_line(error)})") from error
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .logits import LogitTransform
+from .outputs import GRPOLossOutput
 
 
 def reference_logprobs(hidden: Tensor, weight: Tensor, completion_ids: Tensor, bias: Optional[Tensor],
@@ -91,8 +92,6 @@ def reference_grpo_loss(hidden, weight, completion_ids, mask, advantages, old_lo
                         entropy_threshold_fn=None):
     """TRL 1.16 GRPOTrainer._compute_loss on materialised logits (its statement order and names), for one
     call without gradient accumulation. `importance_sampling_ratio`: [B, T] or [B, 1] (or [B])."""
-    from .loss import GRPOLossOutput
-
     B, T = mask.shape
     hidden, completion_ids, old_logps, ref_logps, sampling_logps = neutral_at_masked(
         mask, hidden, completion_ids, old_logps, ref_logps, sampling_logps)

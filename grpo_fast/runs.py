@@ -137,10 +137,13 @@ def plan_run(config: GRPOConfig) -> RunPlan:
         run_dir = _resume_dir(config, output_dir)
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
-            why = ("no such folder" if not run_dir.exists() else "no run there" if not holds_run(run_dir)
-                   else "the run stopped before its first save")
-            raise ValueError(f"resume: expected a complete checkpoint under {str(run_dir)!r}, received none ({why}); "
-                             "set run_name to resume another run, or start this one again with overwrite")
+            if not run_dir.exists() or not holds_run(run_dir):  # nothing to continue: start it, nothing to delete
+                why = "no such folder" if not run_dir.exists() else "no run there"
+                raise ValueError(f"resume: expected a complete checkpoint under {str(run_dir)!r}, received none "
+                                 f"({why}); start the run without resume, or set run_name to resume another run")
+            raise ValueError(f"resume: expected a complete checkpoint under {str(run_dir)!r}, received none (the run "
+                             "stopped before its first save); start it again with overwrite (deletes its logs), "
+                             "or set run_name to resume another run")
         check_output_dir(run_dir)
         step = check_resumable(config, checkpoint)
         for name in LOG_FILES:  # a damaged line is refused now; a torn last one is dropped when the run starts

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint
-from .config import LOSS_OPTIONS, GRPOConfig
+from .config import DEMO_DATASET, DEMO_REWARD_FUNCTIONS, LOSS_OPTIONS, GRPOConfig
 from .data import (check_prompt_column, load_prompts, load_rows, prompt_indices, render_prompts, take_rows,
                    tokenize_prompts)
 from .errors import NonFiniteError, TrainingInterrupted
@@ -694,6 +694,21 @@ class RunLoop:
                               "on_nonfinite: skip to skip such optimiser steps instead")
 
 
+def check_rewards_fit_the_data(config: GRPOConfig, dataset, *, rewards_given: bool) -> None:
+    """The demo's reward scores only rows that carry the demo's ``letters`` column: another dataset with
+    the default ``reward_functions`` would train on a meaningless reward, silently. Refused, naming the key."""
+    if rewards_given or list(config.reward_functions) != DEMO_REWARD_FUNCTIONS:
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        columns = list(dataset[0]) if len(dataset) else []
+    if "letters" not in columns:
+        raise ValueError(f"reward_functions: expected the reward functions that score dataset {config.dataset!r} "
+                         "('module:function' paths, e.g. --reward_functions my_rewards:correct), received the "
+                         f"default {DEMO_REWARD_FUNCTIONS}, which scores only rows with the built-in demo's "
+                         f"'letters' column ({DEMO_DATASET})")
+
+
 def train(
     config: GRPOConfig,
     *,
@@ -723,6 +738,11 @@ def train(
         dataset = load_prompts(config)
     else:
         check_prompt_column(dataset, config.prompt_column, "dataset argument")
+    check_rewards_fit_the_data(config, dataset, rewards_given=reward_functions is not None)
+    if len(dataset) < config.prompts_per_step:
+        print(f"note: the dataset has {len(dataset)} prompts, fewer than prompts_per_step {config.prompts_per_step}: "
+              "each step repeats prompts (set prompts_per_step to at most the number of prompts to avoid it)",
+              flush=True)
     functions = load_reward_functions(reward_functions if reward_functions is not None else config.reward_functions)
     if reward_functions is not None and config.reward_weights is not None and len(config.reward_weights) != len(functions):
         raise ValueError(f"reward_weights: expected {len(functions)} weights, received {len(config.reward_weights)}")

@@ -135,3 +135,35 @@ def test_top_level_names_and_a_light_import():
             "from grpo_fast import GRPOConfig, load_config, train; import grpo_fast.trainer as t; "
             "assert train is t.train and GRPOConfig is t.GRPOConfig and load_config().max_steps == 80")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def _relative_imports(path: Path) -> set[str]:
+    """The sibling modules a file imports (``from .x import ...`` / ``from . import x``), anywhere in it."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("grpo_fast"):
+            found.add("grpo_fast")
+        if isinstance(node, ast.Import) and any(alias.name.startswith("grpo_fast") for alias in node.names):
+            found.add("grpo_fast")
+    return found
+
+
+def test_the_loss_and_its_reference_do_not_import_each_other():
+    loss = _relative_imports(REPO / "grpo_fast" / "loss.py")
+    reference = _relative_imports(REPO / "grpo_fast" / "reference.py")
+    assert "reference" in loss and "loss" not in reference, (loss, reference)
+
+
+def test_the_kernels_import_nothing_from_grpo_fast():
+    """kernels/ is pure tensor code: its modules import each other, never the package around them."""
+    kernel_modules = {path.stem for path in (REPO / "kernels").glob("*.py")}
+    for path in (REPO / "kernels").glob("*.py"):
+        imported = _relative_imports(path)
+        assert imported <= kernel_modules, (path.name, imported - kernel_modules)
