@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from .kernels.nf4_decode import ROW_TILE, DecodeNF4Weight, repack_nf4
-from .kernels.nf4_dequant import _codes, nf4_dequantize
+from . import fallback
+from .kernels.nf4_dequant import _codes, nf4_dequantize, nf4_dequantize_torch
 
 MAX_TILE_BYTES = 64 * 1024 ** 2  # the largest dense block of a weight dequantised at once
 
@@ -105,15 +106,26 @@ def _column_blocks(rows: int, in_features: int, chunk: int, dtype_bytes: int,
     return [(start, min(start + per_block, in_features)) for start in range(0, in_features, per_block)]
 
 
+def _dense(weight: DecodeNF4Weight, rows: tuple[int, int], columns: Optional[tuple[int, int]],
+           dtype: torch.dtype) -> Tensor:
+    """The dequantised block: the Triton kernel on CUDA, its PyTorch twin (the same arithmetic, the same
+    bits) if the kernel cannot compile or launch there (grpo_fast.fallback: one warning, or an error with
+    GRPO_FAST_STRICT=1)."""
+    columns = columns or (0, weight.in_features)
+    return fallback.run("nf4_dequantize", weight.qweight.device,
+                        lambda: nf4_dequantize(weight, rows, columns, dtype=dtype),
+                        lambda: nf4_dequantize_torch(weight, rows, columns, dtype))
+
+
 def nf4_linear_forward(x: Tensor, weight: DecodeNF4Weight, rows: tuple[int, int], bias: Optional[Tensor],
                        max_tile_bytes: int = MAX_TILE_BYTES) -> Tensor:
     """x [M, K] @ W[rows].T (+ bias) in x's dtype, W dequantised in blocks of output features."""
     blocks = _row_blocks(rows, weight.in_features, x.element_size(), max_tile_bytes)
     if len(blocks) == 1:  # bitsandbytes' call exactly: one linear on the dense weight
-        return torch.nn.functional.linear(x, nf4_dequantize(weight, rows, dtype=x.dtype), bias)
+        return torch.nn.functional.linear(x, _dense(weight, rows, None, x.dtype), bias)
     out = x.new_empty(x.shape[0], rows[1] - rows[0])
     for start, stop in blocks:
-        tile = nf4_dequantize(weight, (start, stop), dtype=x.dtype)
+        tile = _dense(weight, (start, stop), None, x.dtype)
         view = out[:, start - rows[0]: stop - rows[0]]
         if bias is None:
             torch.mm(x, tile.t(), out=view)
@@ -129,10 +141,10 @@ def nf4_linear_input_grad(grad_out: Tensor, weight: DecodeNF4Weight, rows: tuple
     blocks = _column_blocks(rows[1] - rows[0], weight.in_features, weight.chunk, grad_out.element_size(),
                             max_tile_bytes)
     if len(blocks) == 1:
-        return torch.mm(grad_out, nf4_dequantize(weight, rows, dtype=grad_out.dtype))
+        return torch.mm(grad_out, _dense(weight, rows, None, grad_out.dtype))
     grad = grad_out.new_empty(grad_out.shape[0], weight.in_features)
     for start, stop in blocks:
-        tile = nf4_dequantize(weight, rows, (start, stop), dtype=grad_out.dtype)
+        tile = _dense(weight, rows, (start, stop), grad_out.dtype)
         torch.mm(grad_out, tile, out=grad[:, start:stop])
         del tile
     return grad

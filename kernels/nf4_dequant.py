@@ -98,7 +98,7 @@ def nf4_dequantize(weight: DecodeNF4Weight, rows: Optional[tuple[int, int]] = No
     device = weight.qweight.device
     if device.type == "cuda" or (force_triton and triton_usable_on(device)):
         return _launch(weight, rows, columns, out)
-    out.copy_(_dequantize_torch(weight, rows, columns, dtype))
+    out.copy_(nf4_dequantize_torch(weight, rows, columns, dtype))
     return out
 
 
@@ -129,7 +129,9 @@ def _codes(weight: DecodeNF4Weight, rows, columns) -> Tensor:
     return codes[offset: offset + rows[1] - rows[0]].long()
 
 
-def _dequantize_torch(weight: DecodeNF4Weight, rows, columns, dtype: torch.dtype) -> Tensor:
+def nf4_dequantize_torch(weight: DecodeNF4Weight, rows, columns, dtype: torch.dtype) -> Tensor:
+    """The kernel's arithmetic in PyTorch (the same bits): the path off CUDA, and the fallback where the
+    kernel cannot compile or launch."""
     k, chunk = weight.in_features, weight.chunk
     levels = weight.levels.to(device=weight.qweight.device, dtype=torch.float32)
     pairs = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)  # byte -> (high, low) levels

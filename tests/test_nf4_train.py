@@ -304,3 +304,43 @@ def test_merging_needs_bitsandbytes_layers_back_which_hold_the_same_values():
         merged = model.merge_and_unload()  # peft's own merge on bitsandbytes' layers (it re-quantises: lossy)
         error = (merged(input_ids=input_ids).logits - expected).abs().max()
     assert error < 0.5 * (reference - expected).abs().max()
+
+
+def test_a_dequantise_kernel_that_cannot_compile_falls_back_to_the_same_bits(monkeypatch):
+    """The training path's dequantisation through grpo_fast.fallback: the kernel made to fail as Triton
+    fails (a compile error) gives the PyTorch twin's result, bit for bit, with one warning; strict: an error."""
+    import ast
+    import functools
+    import warnings
+
+    from triton.compiler.errors import CompilationError
+
+    import grpo_fast.kernels.nf4_dequant as dequant_module
+    import grpo_fast.nf4_train as train_module
+    from grpo_fast import fallback
+
+    packed, state = _quantise(48, 128)
+    weight = repack_nf4([NF4Weight.from_bnb(packed, state)])
+    x = torch.randn(3, 128, device=DEVICE)
+    expected = nf4_linear(x, weight)  # CPU: the PyTorch path
+    monkeypatch.delenv(fallback.STRICT_ENV, raising=False)
+    fallback.reset()
+    monkeypatch.setattr(train_module, "nf4_dequantize", functools.partial(nf4_dequantize, force_triton=True))
+
+    def broken(*args, **kwargs):
+        raise CompilationError("x = tl.load(p)", ast.parse("x").body[0], "forced")
+
+    monkeypatch.setattr(dequant_module._nf4_dequant_kernel, "run", broken)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert torch.equal(nf4_linear(x, weight), expected)
+            assert torch.equal(nf4_linear(x, weight), expected)
+        ours = [w for w in caught if issubclass(w.category, fallback.KernelFallbackWarning)]
+        assert len(ours) == 1 and "'nf4_dequantize'" in str(ours[0].message)
+        fallback.reset()
+        monkeypatch.setenv(fallback.STRICT_ENV, "1")
+        with pytest.raises(fallback.KernelFailure):
+            nf4_linear(x, weight)
+    finally:
+        fallback.reset()
