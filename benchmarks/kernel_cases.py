@@ -282,6 +282,37 @@ def nf4_cases(full: bool, device) -> list[Case]:
     return cases
 
 
+def nf4_dequant_cases(full: bool, device) -> list[Case]:
+    """The training path's dequantisation (nf4_single_copy: kernels/nf4_dequant.py): a whole 7B Linear
+    from the repacked layout into bf16, as grpo_fast.nf4_train makes it for cuBLAS (a weight of at most
+    its 64 MiB tile in one launch: q/o and k/v whole, gate/up and down in blocks of features)."""
+    from grpo_fast.kernels.launch import recording
+    from grpo_fast.kernels.nf4_decode import MAX_CHUNK, ROW_ALIGN, ROW_TILE, DecodeNF4Weight
+    from grpo_fast.kernels.nf4_dequant import _launch
+
+    cases = []
+    names = list(QWEN_7B_SHAPES) if full else list(QWEN_7B_SHAPES)[:1]
+    for name in names:
+        n, k, _ = QWEN_7B_SHAPES[name]
+        n_pad = -(-n // ROW_ALIGN) * ROW_ALIGN
+        chunk = MAX_CHUNK
+        rows = min(n, max(ROW_TILE, (64 * 2**20) // (k * 2) // ROW_TILE * ROW_TILE))  # one 64 MiB bf16 tile
+        weight = DecodeNF4Weight(
+            qweight=_meta(n_pad * k // 2, dtype=torch.uint8), scales=_meta(k // chunk, n_pad), levels=_meta(16),
+            in_features=k, segments=(0, n), chunk=chunk, bias=None,
+            counters=_meta(4 * n_pad // ROW_TILE, dtype=torch.int32), tables={torch.float32: _meta(16)})
+        with recording() as launches:
+            _launch(weight, (0, rows), (0, k), _meta(rows, k, dtype=torch.bfloat16))
+        (record,) = launches
+        args, _ = bound_arguments(record)
+        traffic = rows * k * (0.5 + 4 / chunk) + rows * k * 2  # nibbles and scales read, bf16 written
+        cases.append(Case(
+            "nf4_dequant", f"{name} {rows}x{k} -> bf16", record, True, "bandwidth", "weight",
+            args["BLOCK_R"] * args["BLOCK_C"] * chunk, (args["BLOCK_C"],), kernel_bytes=traffic, useful_bytes=traffic,
+            params=dict(shape=name, N=rows, K=k)))
+    return cases
+
+
 # ----------------------------------------------------------------------------------------------
 # decode attention (kernels/decode_attention.py)
 # ----------------------------------------------------------------------------------------------
@@ -371,4 +402,5 @@ CASE_BUILDERS: dict[str, Callable] = {
     "grpo_fast.kernels.nf4_decode:_nf4_decode_kernel": lambda full, device: nf4_cases(full, device),
     "grpo_fast.kernels.decode_attention:_decode_attention_kernel": lambda full, device: attention_cases(full, device),
     "grpo_fast.kernels.sampling:_sample_kernel": lambda full, device: sampling_cases(full, device),
+    "grpo_fast.kernels.nf4_dequant:_nf4_dequant_kernel": lambda full, device: nf4_dequant_cases(full, device),
 }
