@@ -223,9 +223,10 @@ TORCH_FOR_TRITON = {"3.3": "2.7"}
 # holds pyproject to "floor" and the Triton / torch ones to the matrix).
 FLOORS = {
     "triton": dict(floor="3.3", evidence=(
-        "the oldest Triton in the matrix under which every launch compiles and fits; under 3.0 and 3.2 "
-        "kernels/nf4_decode.py does not compile (the `w0, ..., w7 = words` tuple given to a jitted helper: "
-        "NameError 'w1 is not defined' in 3.0, an LLVM assertion that aborts the process in 3.2)")),
+        "the oldest Triton in the matrix under which every launch compiles and fits; under 3.0.0 and 3.2.0 "
+        "the NF4 decode kernel (kernels/nf4_decode.py, the `words` tuple given to a jitted helper) does not "
+        "compile: ptxas is never reached, an LLVM assertion (ArrayRef 'Invalid index') aborts the process "
+        "(sm_80, q_proj 1 row; the row, log-prob, attention and sampling kernels compile under 3.2.0)")),
     "torch": dict(floor="2.7", evidence=(
         "the first PyTorch whose CUDA wheels pair with Triton 3.3 (torch 2.7 pins triton 3.3); with "
         "torch 2.4-2.6 (Triton 3.0-3.2) NF4 decoding cannot compile")),
