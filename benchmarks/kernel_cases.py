@@ -173,7 +173,7 @@ def row_cases(full: bool) -> list[Case]:
     return cases
 
 
-def logprob_cases(full: bool) -> list[Case]:
+def logprob_cases(full: bool, dtype: torch.dtype = torch.bfloat16) -> list[Case]:
     from grpo_fast.kernels.config import KernelConfig
     from grpo_fast.kernels.launch import recording
     from grpo_fast.kernels.logprob_kernel import logprobs_triton
@@ -181,7 +181,7 @@ def logprob_cases(full: bool) -> list[Case]:
     H, V = HEAD_7B
     n = LOSS_TOKENS_ON_CHIP
     with recording() as launches:
-        logprobs_triton(_meta(n, H, dtype=torch.bfloat16), _meta(V, H, dtype=torch.bfloat16),
+        logprobs_triton(_meta(n, H, dtype=dtype), _meta(V, H, dtype=dtype),
                         _meta(n, dtype=torch.int64), None, 1.0, KernelConfig())
     launch = launches[0]
     args, _ = bound_arguments(launch)
@@ -200,9 +200,10 @@ def logprob_cases(full: bool) -> list[Case]:
 LORA_RANK = 16  # the engine's LoRA cases: r16, B in the kernel's epilogue
 
 
-def _nf4_decode_launch(members: tuple[int, ...], k: int, m: int, device, bias: bool = False, lora: bool = False):
-    """The launch kernels/nf4_decode._launch makes for bf16 x [m, k] and a repacked weight of Linears
-    of ``members`` features each (together n), recorded on meta tensors with the device's SM count."""
+def _nf4_decode_launch(members: tuple[int, ...], k: int, m: int, device, bias: bool = False, lora: bool = False,
+                       dtype: torch.dtype = torch.bfloat16):
+    """The launch kernels/nf4_decode._launch makes for x [m, k] of ``dtype`` and a repacked weight of
+    Linears of ``members`` features each (together n), recorded on meta tensors with the device's SM count."""
     import dataclasses
 
     from grpo_fast.kernels.launch import recording
@@ -216,13 +217,13 @@ def _nf4_decode_launch(members: tuple[int, ...], k: int, m: int, device, bias: b
         qweight=_meta(n_pad * k // 2, dtype=torch.uint8), scales=_meta(k // chunk, n_pad), levels=_meta(16),
         in_features=k, segments=(0, *itertools.accumulate(members)), chunk=chunk,
         bias=_meta(n) if bias else None, counters=_meta(4 * n_pad // ROW_TILE, dtype=torch.int32),
-        tables={torch.bfloat16: _meta(16, dtype=torch.bfloat16)})
+        tables={dtype: _meta(16, dtype=dtype)})
     cfg = default_decode_config(m, META, capability=divmod(device.capability, 10))
     cfg = dataclasses.replace(cfg, num_sms=device.sms)
-    xa = _meta(m, len(members) * LORA_RANK, dtype=torch.bfloat16) if lora else None
-    lora_b = _meta(n_pad, LORA_RANK, dtype=torch.bfloat16) if lora else None
+    xa = _meta(m, len(members) * LORA_RANK, dtype=dtype) if lora else None
+    lora_b = _meta(n_pad, LORA_RANK, dtype=dtype) if lora else None
     with recording() as launches:
-        _launch(_meta(m, k, dtype=torch.bfloat16), weight, xa, lora_b, cfg)
+        _launch(_meta(m, k, dtype=dtype), weight, xa, lora_b, cfg)
     (record,) = launches
     args, _ = bound_arguments(record)
     block_n, cpi, splits = args["BLOCK_N"], args["CPI"], args["SPLITS"]
@@ -259,7 +260,7 @@ def _nf4_decode_launch(members: tuple[int, ...], k: int, m: int, device, bias: b
     return record, plan, traffic, trips, weights_per_program, later
 
 
-def nf4_cases(full: bool, device) -> list[Case]:
+def nf4_cases(full: bool, device, dtype: torch.dtype = torch.bfloat16) -> list[Case]:
     """Each 7B Linear alone (the goal shapes: no bias, no LoRA), and the engine's grouped launches
     (q/k/v with their biases, gate/up) with LoRA r16 in the epilogue."""
     # the launches the decode step makes (benchmarks.nf4.DECODE_STEP: grpo_fast/nf4.py groups shared-input
@@ -273,7 +274,7 @@ def nf4_cases(full: bool, device) -> list[Case]:
         n = sum(members)
         for m in ROWS_FULL if full else ROWS_QUICK:
             launch, plan, traffic, trips, weights_per_program, later = _nf4_decode_launch(
-                members, k, m, device, bias, lora)
+                members, k, m, device, bias, lora, dtype)
             cases.append(Case(
                 "nf4", f"{name} {n}x{k}, {m} rows", launch, True, "bandwidth", "weight", weights_per_program, trips,
                 kernel_bytes=traffic, useful_bytes=n * k / 2, goal=0.6 if m <= 16 else 0.5,  # issue 15's goals
@@ -282,7 +283,7 @@ def nf4_cases(full: bool, device) -> list[Case]:
     return cases
 
 
-def nf4_dequant_cases(full: bool, device) -> list[Case]:
+def nf4_dequant_cases(full: bool, device, dtype: torch.dtype = torch.bfloat16) -> list[Case]:
     """The training path's dequantisation (nf4_single_copy: kernels/nf4_dequant.py): a whole 7B Linear
     from the repacked layout into bf16, as grpo_fast.nf4_train makes it for cuBLAS (a weight of at most
     its 64 MiB tile in one launch: q/o and k/v whole, gate/up and down in blocks of features)."""
@@ -302,12 +303,12 @@ def nf4_dequant_cases(full: bool, device) -> list[Case]:
             in_features=k, segments=(0, n), chunk=chunk, bias=None,
             counters=_meta(4 * n_pad // ROW_TILE, dtype=torch.int32), tables={torch.float32: _meta(16)})
         with recording() as launches:
-            _launch(weight, (0, rows), (0, k), _meta(rows, k, dtype=torch.bfloat16))
+            _launch(weight, (0, rows), (0, k), _meta(rows, k, dtype=dtype))
         (record,) = launches
         args, _ = bound_arguments(record)
         traffic = rows * k * (0.5 + 4 / chunk) + rows * k * 2  # nibbles and scales read, bf16 written
         cases.append(Case(
-            "nf4_dequant", f"{name} {rows}x{k} -> bf16", record, True, "bandwidth", "weight",
+            "nf4_dequant", f"{name} {rows}x{k} -> {str(dtype).removeprefix('torch.')}", record, True, "bandwidth", "weight",
             args["BLOCK_R"] * args["BLOCK_C"] * chunk, (args["BLOCK_C"],), kernel_bytes=traffic, useful_bytes=traffic,
             params=dict(shape=name, N=rows, K=k)))
     return cases
@@ -323,10 +324,10 @@ QWEN_7B_ATTENTION = (28, 4, 128)  # query heads, KV heads, head_dim
 ATTENTION_CASES = ((64, 8, 512, 1536, 512), (8, 8, 2048, 6144, 4096))
 
 
-def attention_cases(full: bool, device) -> list[Case]:
-    """A decode step's attention over the bf16 two-segment cache: the useful bytes are each group's
-    prompt keys and values once and each row's written completion columns (each read once per KV
-    head), the ceiling their fraction of copy bandwidth. Rows of a group read their shared prompt
+def attention_cases(full: bool, device, dtype: torch.dtype = torch.bfloat16) -> list[Case]:
+    """A decode step's attention over the two-segment cache (bf16 unless ``dtype``): the useful bytes
+    are each group's prompt keys and values once and each row's written completion columns (each
+    read once per KV head), the ceiling their fraction of copy bandwidth. Rows of a group read their shared prompt
     from L2 after the first (neighbouring programs): the DRAM traffic assumes that locality."""
     from grpo_fast.kernels.decode_attention import _launch, attention_splits
     from grpo_fast.kernels.launch import recording
@@ -337,11 +338,12 @@ def attention_cases(full: bool, device) -> list[Case]:
         block = 64
         slots = rows // group
         splits = attention_splits(rows, kv_heads, prompt + completion, block, device.sms)
-        bf16 = dict(dtype=torch.bfloat16)
+        cache = dict(dtype=dtype)
         with recording() as launches:
-            _launch(_meta(rows, heads, d, **bf16), _meta(rows, kv_heads, d, **bf16), _meta(rows, kv_heads, d, **bf16),
-                    _meta(slots, kv_heads, prompt, d, **bf16), _meta(slots, kv_heads, prompt, d, **bf16),
-                    _meta(rows, kv_heads, completion, d, **bf16), _meta(rows, kv_heads, completion, d, **bf16),
+            _launch(_meta(rows, heads, d, **cache), _meta(rows, kv_heads, d, **cache),
+                    _meta(rows, kv_heads, d, **cache),
+                    _meta(slots, kv_heads, prompt, d, **cache), _meta(slots, kv_heads, prompt, d, **cache),
+                    _meta(rows, kv_heads, completion, d, **cache), _meta(rows, kv_heads, completion, d, **cache),
                     _meta(rows, dtype=torch.int32), _meta(rows, dtype=torch.int32), _meta(rows, dtype=torch.int32),
                     _meta(rows * kv_heads, dtype=torch.int32), d ** -0.5, splits=splits)
         (record,) = launches

@@ -123,6 +123,49 @@ def launch_signature(launch) -> tuple[dict, dict, dict, dict]:
     return signature, constexprs, attrs, options
 
 
+def _triton_before(major: int, minor: int) -> bool:
+    import triton
+
+    return tuple(int(part) for part in triton.__version__.split(".")[:2]) < (major, minor)
+
+
+def ast_source(launch, capability: int):
+    """The ASTSource of a recorded launch in the running Triton's convention: from 3.3 index paths
+    and attribute lists (launch_signature), before it names and an AttrsDescriptor built as that
+    version's runtime builds them (ints equal to 1 and None are constants there too, typed i32 and
+    *i8 in the signature). The support matrix compiles under Triton 3.0 and 3.2 with it."""
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs, _ = launch_signature(launch)
+    if not _triton_before(3, 3):
+        return ASTSource(launch.kernel, signature, constexprs, attrs)
+    old_signature, constants, hints = {}, {}, {}
+    for index, param in enumerate(launch.kernel.params):
+        kind = signature[param.name]
+        if param.is_constexpr or kind == "constexpr":
+            constants[param.name] = value = constexprs[(index,)]
+            if param.is_constexpr:
+                continue
+            kind = "*i8" if value is None else "i32"
+            hints[index] = 16 if value is None else 1
+        elif (index,) in attrs:
+            hints[index] = 16
+        old_signature[param.name] = kind
+    if _triton_before(3, 2):
+        from triton.compiler.compiler import AttrsDescriptor
+
+        descriptor = AttrsDescriptor(divisible_by_16={i for i, h in hints.items() if h == 16},
+                                     equal_to_1={i for i, h in hints.items() if h == 1})
+    else:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+
+        # the runtime's deduction, from stand-in values: 16 (divisible by 16), 1, or 3 (neither)
+        descriptor = make_backend(GPUTarget("cuda", capability, 32)).get_attrs_descriptor(
+            launch.kernel.params, [hints.get(i, 3) for i in range(len(launch.kernel.params))])
+    return ASTSource(launch.kernel, old_signature, constants, descriptor)
+
+
 def specialization_key(launch, capability: int) -> str:
     """Launches with equal keys compile to the same code."""
     signature, constexprs, attrs, options = launch_signature(launch)
@@ -255,12 +298,11 @@ def compile_launch(launch, capability: int) -> CompiledKernel:
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    signature, constexprs, attrs, options = launch_signature(launch)
+    options = launch_signature(launch)[3]
     began = time.perf_counter()
-    compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
-                              target=GPUTarget("cuda", capability, 32), options=options)
+    compiled = triton.compile(ast_source(launch, capability), target=GPUTarget("cuda", capability, 32),
+                              options=options)
     seconds = time.perf_counter() - began
     with tempfile.TemporaryDirectory() as folder:
         cubin, ptx = Path(folder) / "kernel.cubin", Path(folder) / "kernel.ptx"

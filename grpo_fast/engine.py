@@ -89,7 +89,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import fallback
-from .kernels.config import triton_available
+from .kernels.config import triton_usable_on
 from .kernels.decode_attention import attention_supported
 from .kernels.decode_attention import decode_attention as fused_decode_attention
 from .kernels.sampling import MAX_EOS, STREAM_ROWS, sample_fused
@@ -605,15 +605,17 @@ class RolloutEngine:
             return fused_nf4_decode(decoder, cache=self._kept_nf4(device))
         return contextlib.nullcontext()
 
-    def _fused_attention(self, config, implementation: str, device: torch.device) -> bool:
-        """Decode attention through the kernel (CUDA, the engine's sdpa path, a head size it takes)."""
+    def _fused_attention(self, config, implementation: str, device: torch.device,
+                         dtype: torch.dtype | None = None) -> bool:
+        """Decode attention through the kernel (CUDA of an architecture it supports for the cache's
+        ``dtype``, the engine's sdpa path, a head size it takes)."""
         shape = ModelShape.from_config(config)
-        return (device.type == "cuda" and triton_available() and implementation == "sdpa"
+        return (device.type == "cuda" and triton_usable_on(device, dtype) and implementation == "sdpa"
                 and attention_supported(shape.q_dim // shape.heads, shape.heads, shape.kv_heads))
 
     def _fused_sampling(self, params: SamplingParams, device: torch.device) -> bool:
         """Sample with the one-pass kernel (CUDA; no top-k other than 1, no top-p, no min-p)."""
-        return (device.type == "cuda" and triton_available() and fused_sampling_supported(params)
+        return (device.type == "cuda" and triton_usable_on(device, torch.float32) and fused_sampling_supported(params)
                 and fallback.usable(SAMPLING_KERNEL, device))
 
     def _kept_nf4(self, device: torch.device):
@@ -704,7 +706,7 @@ class RolloutEngine:
         # only for models whose attention goes through the attention interface (decode_attention gets
         # the cache there); one with its own attention would attend to the new token alone
         if (getattr(decoder, "_supports_attention_backend", False)
-                and self._fused_attention(decoder.config, implementation, device)
+                and self._fused_attention(decoder.config, implementation, device, dtype)
                 and _attention_kernel_works(decoder.config, dtype, device)):
             cache.use_fused_attention(ModelShape.from_config(decoder.config).kv_heads)
         elif getattr(decoder, "_supports_attention_backend", False) and implementation == "sdpa":

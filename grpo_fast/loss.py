@@ -218,14 +218,18 @@ def _check_ids(completion_ids, completion_mask, B, T, V, device):
             raise ValueError(f"completion_ids: expected ids in [0, {V}) (V from weight), got {bad}")
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """auto: triton on a GPU the kernels support for ``dtype`` (kernels.config.capability_supports: the
+    support matrix's architectures; no bf16 before sm_80), else torch."""
     _choice("backend", backend, BACKENDS)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton" and not triton_usable_on(device):
-        why = "triton is not installed" if not triton_available() else f"tensors are on {device}"
+        return "triton" if device.type == "cuda" and triton_usable_on(device, dtype) else "torch"
+    if backend == "triton" and not triton_usable_on(device, dtype):
+        why = ("triton is not installed" if not triton_available() else f"tensors are on {device}"
+               if device.type != "cuda" else f"{device} (sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}) "
+               f"is not an architecture the kernels support for {dtype}")
         raise ValueError(
-            f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), but {why}; "
+            f"backend: 'triton' needs CUDA tensors of a supported GPU (or TRITON_INTERPRET=1 on CPU), but {why}; "
             "use backend='torch' or 'auto'"
         )
     return backend
@@ -396,7 +400,7 @@ def grpo_loss(
     else:
         _tensor("advantages", advantages, shape=(B,), device=device, float_dtype=True)
         advantages = advantages.float()
-    backend = _resolve_backend(backend, device)
+    backend = _resolve_backend(backend, device, hidden.dtype)
 
     mask = completion_mask.bool()
     if backend == "reference":
@@ -517,7 +521,7 @@ def token_logprobs(
     if temperature == 0.0:
         raise ValueError("temperature: expected a value > 0, got 0.0")
     check_logit_transform(logit_scale, logit_softcap)
-    backend = _resolve_backend(backend, device)
+    backend = _resolve_backend(backend, device, hidden.dtype)
     if on_chip and backend != "triton":
         raise ValueError(f"on_chip: True needs the triton backend, got backend {backend!r}")
     with torch.no_grad():

@@ -230,7 +230,7 @@ class FusedNF4Linear(torch.nn.Module):
         if not torch.compiler.is_compiling() and self.group.sources[self.index] != _source_of(self.base_layer):
             return False  # the layer's tensors were replaced since they were repacked
         if x.device.type == "cuda":
-            return triton_available()
+            return triton_usable_on(x.device, x.dtype)  # a GPU the kernel supports (no bf16 before sm_80)
         return self.force and triton_usable_on(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,11 +37,32 @@ def triton_available() -> bool:
     return _TRITON_IMPORTED
 
 
-def triton_usable_on(device: torch.device) -> bool:
-    """Triton kernels can run on this device: CUDA, or any device under the interpreter."""
+# The architectures the kernels are compiled and checked for (benchmarks/results/static/support-matrix.json,
+# held to this by tests/test_support_matrix.py): the oldest is sm_75 (T4); bf16 from sm_80 (sm_75 has no
+# bf16 arithmetic, and its bf16 launches are not in the matrix).
+MIN_CAPABILITY = (7, 5)
+MIN_BF16_CAPABILITY = (8, 0)
+
+
+def capability_supports(capability: tuple[int, int], dtype: torch.dtype | None = None) -> bool:
+    """The kernels run on a GPU of this compute capability with ``dtype`` (None: any dtype the
+    trainer uses there) inputs: what the support matrix verified."""
+    if tuple(capability) < MIN_CAPABILITY:
+        return False
+    return dtype != torch.bfloat16 or tuple(capability) >= MIN_BF16_CAPABILITY
+
+
+def triton_usable_on(device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Triton kernels can run on this device (for ``dtype`` inputs, where given): CUDA of a
+    capability the support matrix covers (``capability_supports``), or any device under the
+    interpreter."""
     if not _TRITON_IMPORTED:
         return False
-    return device.type == "cuda" or (interpreting() and device.type == "cpu")
+    if interpreting() and device.type == "cpu":
+        return True
+    if device.type != "cuda":
+        return False
+    return capability_supports(torch.cuda.get_device_capability(device), dtype)
 
 
 @dataclass(frozen=True)
