@@ -205,3 +205,36 @@ def test_install_patches_verls_modules(monkeypatch):
     assert sorted(registry) == sorted(names) == sorted(f"grpo_fast_{t}" for t in LOSS_TYPES)
     assert torch_functional.FusedLinearForPPO is gv.FusedLinearForPPO
     assert torch_functional.FusedLinearForPPOFunction is gv.FusedLinearForPPOFunction
+
+
+@pytest.mark.skipif(importlib.util.find_spec("verl") is None, reason="verl is not installed")
+def test_verls_model_forward_runs_the_patched_function(monkeypatch):
+    # verl's own forward for use_fused_kernels with impl_backend=torch (dense_common.py), on a stand-in model:
+    # after patch_fused_linear() its per-call import finds grpo-fast's function (fp32 entropy from bf16)
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    verl_tf = verl_torch_functional()
+    root = os.path.dirname(importlib.util.find_spec("verl").origin)
+    spec = importlib.util.spec_from_file_location("verl_dense_common_under_test",
+                                                  os.path.join(root, "models", "transformers", "dense_common.py"))
+    dense_common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dense_common)
+    experimental = types.ModuleType("verl.utils.experimental")
+    experimental.torch_functional = verl_tf
+    for name, module in {"verl": types.ModuleType("verl"), "verl.utils": types.ModuleType("verl.utils"),
+                         "verl.utils.experimental": experimental,
+                         "verl.utils.experimental.torch_functional": verl_tf}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(verl_tf, "FusedLinearForPPO", verl_tf.FusedLinearForPPO)  # restored after the test
+    monkeypatch.setattr(verl_tf, "FusedLinearForPPOFunction", verl_tf.FusedLinearForPPOFunction)
+    gv.patch_fused_linear()
+
+    hidden, weight, ids, _, _ = inputs((1, 9), 16, 31, torch.bfloat16, seed=5)
+    model = types.SimpleNamespace(model=lambda **kwargs: BaseModelOutputWithPast(last_hidden_state=hidden), lm_head=types.SimpleNamespace(weight=weight),
+                                  config=types.SimpleNamespace(output_attentions=False, output_hidden_states=False),
+                                  _verl_fused_kernels_backend="torch")
+    out = dense_common.forward_with_torch_backend(model, input_ids=ids, return_dict=True, temperature=0.8)
+    assert out.log_probs.dtype == out.entropy.dtype == torch.float32
+    want_logp, want_ent = eager(hidden, weight, torch.roll(ids, -1, -1), 0.8)
+    torch.testing.assert_close(out.log_probs.double(), want_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.entropy.double(), want_ent, atol=1e-5, rtol=0)
