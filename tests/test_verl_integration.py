@@ -238,3 +238,14 @@ def test_verls_model_forward_runs_the_patched_function(monkeypatch):
     want_logp, want_ent = eager(hidden, weight, torch.roll(ids, -1, -1), 0.8)
     torch.testing.assert_close(out.log_probs.double(), want_logp, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.entropy.double(), want_ent, atol=1e-5, rtol=0)
+
+
+def test_the_verl_integration_imports_neither_transformers_nor_peft():
+    """docs/verl.md installs grpo-fast into verl's environment with --no-deps (verl pins an older
+    transformers): the integration must not need transformers or peft."""
+    import subprocess
+    import sys
+
+    code = ("import sys, grpo_fast.integrations.verl; "
+            "assert 'transformers' not in sys.modules and 'peft' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
