@@ -259,6 +259,42 @@ def _rows_triton(logits: Tensor, inputs: TokenInputs, spec: LossSpec, policy: Op
     return d_logits, (scales[0] if scales else None), entropy_grad
 
 
+def gradient_chunks(hidden: Tensor, head: Head, inputs: TokenInputs, spec: LossSpec, policy: Optional[Policy],
+                    backend: str, cfg: KernelConfig, chunk_size, out: dict, d_hidden: Optional[Tensor],
+                    d_weight: Optional[Tensor], d_bias: Optional[Tensor]) -> list:
+    """The training pass's chunk loop: per chunk of tokens (the forward's chunks: the same logits), the
+    fp32 logits, the row pass (writing ``out``'s per-token [n] tensors and the chunk's d_logits in place),
+    then d_hidden (rows of it), d_weight and d_bias accumulated in fp32 where given (None: not needed).
+    Returns each chunk's entropy gradient (None where the row pass has none)."""
+    n, V = hidden.shape[0], head.weight.shape[0]
+    entropy_grads = []
+    chunk = chunk_tokens(n, V, _bytes_per_logit(backend), cfg, chunk_size)
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        h = hidden[start:end]
+        logits = head.logits(h)
+        part = slice_inputs(inputs, start, end)
+        part_out = {k: (v[start:end] if v is not None else None) for k, v in out.items()}
+        if backend == "triton":
+            d_logits, scale, entropy_grad = _rows_triton(logits, part, spec, policy, start, part_out, cfg, hidden.dtype)
+        else:
+            d_logits, scale, entropy_grad = _rows_torch(logits, part, spec, policy, start, part_out, hidden.dtype)
+        entropy_grads.append(entropy_grad)
+        del logits
+        inv_scale = None if scale is None else 1.0 / scale
+        if d_hidden is not None:
+            head.d_hidden_into(d_logits, out=d_hidden[start:end])
+            if inv_scale is not None:
+                d_hidden[start:end].mul_(inv_scale)
+        if d_weight is not None:  # fp16: one host sync per chunk for the product's scalar factor
+            head.accumulate_d_weight(d_weight, d_logits, h, alpha=1.0 if inv_scale is None else float(inv_scale))
+        if d_bias is not None:
+            column_sums = d_logits.sum(0, dtype=torch.float32)
+            d_bias.add_(column_sums if inv_scale is None else column_sums.mul_(inv_scale))
+        del d_logits
+    return entropy_grads
+
+
 def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str, cfg: KernelConfig,
          chunk_size, need_dh: bool, need_dw: bool, need_db: bool):
     n, H = hidden.shape
@@ -290,32 +326,8 @@ def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str
     d_hidden = torch.empty(n, H, **f32) if need_dh else None
     d_weight = torch.zeros(V, H, **f32) if need_dw else None
     d_bias = torch.zeros(V, **f32) if need_db else None
-    entropy_grads = []
-
-    chunk = chunk_tokens(n, V, _bytes_per_logit(backend), cfg, chunk_size)
-    for start in range(0, n, chunk):
-        end = min(n, start + chunk)
-        h = hidden[start:end]
-        logits = head.logits(h)
-        part = slice_inputs(inputs, start, end)
-        part_out = {k: (v[start:end] if v is not None else None) for k, v in out.items()}
-        if backend == "triton":
-            d_logits, scale, entropy_grad = _rows_triton(logits, part, spec, policy, start, part_out, cfg, hidden.dtype)
-        else:
-            d_logits, scale, entropy_grad = _rows_torch(logits, part, spec, policy, start, part_out, hidden.dtype)
-        entropy_grads.append(entropy_grad)
-        del logits
-        inv_scale = None if scale is None else 1.0 / scale
-        if need_dh:
-            head.d_hidden_into(d_logits, out=d_hidden[start:end])
-            if inv_scale is not None:
-                d_hidden[start:end].mul_(inv_scale)
-        if need_dw:  # fp16: one host sync per chunk for the product's scalar factor
-            head.accumulate_d_weight(d_weight, d_logits, h, alpha=1.0 if inv_scale is None else float(inv_scale))
-        if need_db:
-            column_sums = d_logits.sum(0, dtype=torch.float32)
-            d_bias.add_(column_sums if inv_scale is None else column_sums.mul_(inv_scale))
-        del d_logits
+    entropy_grads = gradient_chunks(hidden, head, inputs, spec, policy, backend, cfg, chunk_size, out,
+                                    d_hidden, d_weight, d_bias)
 
     loss = out["loss"].sum() + (policy.loss if policy is not None else 0.0)
     entropy_grad = None if not entropy_grads or entropy_grads[0] is None else torch.cat(entropy_grads)

@@ -44,9 +44,9 @@ from torch import Tensor, nn
 
 from .. import fallback
 from ..kernels import LossSpec, TokenInputs, default_kernel_config, forward_logprobs
-from ..kernels.chunked import _bytes_per_logit, _rows_torch, _rows_triton, chunk_tokens
+from ..kernels.chunked import gradient_chunks
 from ..kernels.matmul import Head
-from ..kernels.token_math import Policy, gamma_weight, log_importance_ratio, slice_inputs, token_policy
+from ..kernels.token_math import Policy, gamma_weight, log_importance_ratio, token_policy
 from ..loss import LOSS_TYPES, GRPOLossConfig, _check_head, _check_ids, _choice, _finite, _resolve_backend
 
 # TRL's loss type -> the verl loss_agg_mode that normalises as TRL does. bnpo: verl's token-mean counts
@@ -79,30 +79,12 @@ def _input_grads(hidden, weight, targets, d_logp, d_entropy, spec, backend, cfg,
     inputs = TokenInputs(targets=targets, token_weight=zeros, advantages=zeros,
                          seq_index=torch.zeros(n, device=hidden.device, dtype=torch.long), num_sequences=1,
                          num_tokens=n)
-    head = Head(weight, None)
     d_hidden = torch.empty(n, H, **f32) if need_dh else None
     d_weight = torch.zeros(V, H, **f32) if need_dw else None
-    chunk = chunk_tokens(n, V, _bytes_per_logit(backend), cfg, chunk_size)  # as the forward: the same logits
-    for start in range(0, n, chunk):
-        end = min(n, start + chunk)
-        h = hidden[start:end]
-        logits = head.logits(h)
-        out = {k: torch.empty(end - start, **f32) for k in ("logp", "entropy", "loss", "low", "high")}
-        out["kl"] = None
-        part = slice_inputs(inputs, start, end)
-        if backend == "triton":
-            d_logits, scale, _ = _rows_triton(logits, part, spec, policy, start, out, cfg, hidden.dtype)
-        else:
-            d_logits, scale, _ = _rows_torch(logits, part, spec, policy, start, out, hidden.dtype)
-        del logits
-        inv_scale = None if scale is None else 1.0 / scale
-        if need_dh:
-            head.d_hidden_into(d_logits, out=d_hidden[start:end])
-            if inv_scale is not None:
-                d_hidden[start:end].mul_(inv_scale)
-        if need_dw:
-            head.accumulate_d_weight(d_weight, d_logits, h, alpha=1.0 if inv_scale is None else float(inv_scale))
-        del d_logits
+    out = {k: torch.empty(n, **f32) for k in ("logp", "entropy", "loss", "low", "high")}
+    out["kl"] = None
+    gradient_chunks(hidden, Head(weight, None), inputs, spec, policy, backend, cfg, chunk_size, out,
+                    d_hidden, d_weight, None)
     return d_hidden, d_weight
 
 
