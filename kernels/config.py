@@ -42,14 +42,31 @@ def triton_available() -> bool:
 # bf16 arithmetic, and its bf16 launches are not in the matrix).
 MIN_CAPABILITY = (7, 5)
 MIN_BF16_CAPABILITY = (8, 0)
+# Triton 3.3 compiles every kernel for sm_80 and newer but not the tensor-core ones (NF4 decode, decode
+# attention, the on-chip log-probs) for sm_75 ("PassManager::run failed"); 3.6 compiles them all.
+MIN_TRITON_FOR_CAPABILITY = {(7, 5): (3, 6)}
 
 
-def capability_supports(capability: tuple[int, int], dtype: torch.dtype | None = None) -> bool:
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton; (0, 0) without one."""
+    if not _TRITON_IMPORTED:
+        return (0, 0)
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def capability_supports(capability: tuple[int, int], dtype: torch.dtype | None = None,
+                        triton_release: tuple[int, int] | None = None) -> bool:
     """The kernels run on a GPU of this compute capability with ``dtype`` (None: any dtype the
-    trainer uses there) inputs: what the support matrix verified."""
-    if tuple(capability) < MIN_CAPABILITY:
+    trainer uses there) inputs under Triton ``triton_release`` (default: the installed one): what the
+    support matrix verified."""
+    capability = tuple(capability)
+    if capability < MIN_CAPABILITY:
         return False
-    return dtype != torch.bfloat16 or tuple(capability) >= MIN_BF16_CAPABILITY
+    if dtype == torch.bfloat16 and capability < MIN_BF16_CAPABILITY:
+        return False
+    needed = MIN_TRITON_FOR_CAPABILITY.get(capability)
+    return needed is None or tuple(triton_release or triton_version()) >= needed
 
 
 def triton_usable_on(device: torch.device, dtype: torch.dtype | None = None) -> bool:
