@@ -147,7 +147,8 @@ class Step:
 #               2 steps: generation ~1.3 s, training 8 x 640 tokens with checkpointing ~3 s (3 x
 #               2 x 7.6e9 x 5120 = 2.3e14 FLOP at ~50% MFU, plus NF4 dequantisation); start ~9. => ~91
 #  train-0.5b   start ~9; engine: compile ~45 + 2 steps ~5; trl: 2 steps of HF generate at ~25 ms x
-#               512 + ~1.5 s training ~28 + build/init ~5; trl_fused the same.          => ~129
+#               512 + ~1.5 s training ~28 + build/init ~5; trl_fused the same; the engine again with
+#               bitsandbytes' layers (nf4_single_copy off, last) ~50.                   => ~179
 #  train-7b-trl 2 trainers x (build ~15 + 2 steps x (512 x ~35 ms + ~4 s training)).     => ~127
 #  memory-7b-24 build ~14; compile ~60; two waves (48 + 16 rows) x 4,096 decode steps at ~5 ms ~40;
 #               training 64 x 4,352 tokens, checkpointed: 4 x 2 x 7.6e9 x 2.8e5 = 1.7e16 FLOP at
@@ -155,9 +156,9 @@ class Step:
 #  memory-8b-40 build ~15; the rollout's memory freed for training, so decoding without CUDA
 #               graphs: 20,480 steps at ~25 ms (launch-bound) ~510; training 8 x 20,736 tokens
 #               ~1e16 FLOP ~35; start ~9.                                                 => ~570
-# The plan without the memory part is ~772 s (with it ~1,522), more than the default 480: the nominal budgets fund tests, loss-flat,
+# The plan without the memory part is ~822 s (with it ~1,572), more than the default 480: the nominal budgets fund tests, loss-flat,
 # nf4, rollout-64, train-7b and train-0.5b (~515 s estimated, so some of it may still be cut);
-# loss-peaked, logprob-accuracy, rollout-8, train-7b-trl and the memory part run on time left over (--budget-s 1522 funds every step at
+# loss-peaked, logprob-accuracy, rollout-8, train-7b-trl and the memory part run on time left over (--budget-s 1572 funds every step at
 # its nominal budget or estimate; or rerun them with --parts into the same folder).
 GPU_PLAN = {
     # name: (estimate_s, nominal_s, first_result_s)
@@ -169,7 +170,7 @@ GPU_PLAN = {
     "rollout-64": (94, 96, 90),
     "rollout-8": (73, 0, 70),
     "train-7b": (91, 92, 85),
-    "train-0.5b": (129, 100, 60),
+    "train-0.5b": (179, 100, 60),
     "train-7b-trl": (127, 0, 60),
     "memory-7b-24": (180, 0, 170),
     "memory-8b-40": (570, 0, 560),
@@ -276,7 +277,9 @@ def plan(tiny: bool) -> list[Step]:
         step("train-7b", "train", "benchmarks.train", train + ["--model", big, "--trainers", "grpo_fast_engine"],
              needs=bnb_on_gpu),
         step("train-0.5b", "train", "benchmarks.train",
-             train + ["--model", small, "--trainers", "grpo_fast_engine,trl,trl_fused"], needs=bnb_on_gpu),
+             # grpo_fast_engine_bnb last: when the step's time runs out, it is what goes, not TRL
+             train + ["--model", small, "--trainers", "grpo_fast_engine,trl,trl_fused,grpo_fast_engine_bnb"],
+             needs=bnb_on_gpu),
         step("train-7b-trl", "train", "benchmarks.train", train + ["--model", big, "--trainers", "trl,trl_fused"],
              needs=bnb_on_gpu + ("trl", "datasets")),
         long_step("memory-7b-24"),
@@ -669,6 +672,18 @@ def step_ratio_figures(ev: Evidence) -> list[Figure]:
     return out
 
 
+def single_copy_figures(ev: Evidence) -> list[Figure]:
+    """The training part of the engine's step with one NF4 copy (nf4_single_copy: the repacked layout,
+    dequantised by grpo-fast's kernel) over the same with bitsandbytes' layers, in one process (train-0.5b)."""
+    model, label = ev.cases.models[1], ev.cases.labels[1]
+    ours, why = ev.row("train-0.5b", f"grpo_fast_engine on {model}", trainer="grpo_fast_engine", model=model)
+    bnb, why_bnb = ev.row("train-0.5b", f"grpo_fast_engine_bnb on {model}", trainer="grpo_fast_engine_bnb",
+                          model=model)
+    if ours and bnb:
+        return [Figure(label, ours["training_s"] / bnb["training_s"])]
+    return [Figure(label, None, why or why_bnb)]
+
+
 def test_figures(ev: Evidence) -> list[Figure]:
     record, payload = ev.records.get("tests"), ev.payload("tests")
     if payload is None:
@@ -720,6 +735,8 @@ GOALS = [
          lambda v: f"{v:.2f} GiB", memory_figures),
     Goal("train_step", "trainer step time with the engine vs TRL's GRPOTrainer", "<= 0.5x", lambda v: v <= 0.5,
          _times, step_ratio_figures),
+    Goal("single_copy_training", "training time with one NF4 copy (repacked, grpo-fast's dequantisation) vs "
+         "bitsandbytes' layers", "<= 1.0x", lambda v: v <= 1.0, _times, single_copy_figures),
     Goal("long_memory", "long completions (7B 8x8x4,096 / 8B-shape 8x20,480): step peak allocated vs the budget",
          "< 100% of 24 / 40 GiB", lambda v: v < 1.0, _percent, long_memory_figures),
 ]

@@ -7,6 +7,8 @@
 Trainers (one step each = one generation batch and one optimiser step, num_iterations=1):
   grpo_fast   grpo_fast.trainer.train: HF generate, fused loss on hidden states (Triton on CUDA)
   grpo_fast_engine   the same trainer sampling with grpo_fast.engine.RolloutEngine (its default on CUDA)
+  grpo_fast_engine_bnb  the same with nf4_single_copy off: bitsandbytes' NF4 layers train (their
+                     dequantisation) and the engine keeps its own repacked copy, as before issue 24
   trl         trl.GRPOTrainer (TRL's own loss path)
   trl_fused   grpo_fast.integrations.trl.FusedGRPOTrainer: TRL's loop with grpo-fast's fused loss
 
@@ -55,7 +57,7 @@ from . import common
 from .models import (BLOCK_LINEARS, SHAPES, build_random_model, build_tokenizer, even_token_reward,
                      forced_length_engine, forced_length_generate, random_prompts)
 
-TRAINERS = ("grpo_fast", "grpo_fast_engine", "trl", "trl_fused")
+TRAINERS = ("grpo_fast", "grpo_fast_engine", "grpo_fast_engine_bnb", "trl", "trl_fused")
 BASELINE = "trl"
 GPU_MODELS = ["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"]
 
@@ -99,8 +101,8 @@ class Workload:
         return self.batch_size * self.completion_length
 
 
-def grpo_fast_config(work: Workload, output_dir: str, steps: int):
-    return GRPOConfig(
+def grpo_fast_config(work: Workload, output_dir: str, steps: int, single_copy: bool = True):
+    return GRPOConfig(nf4_single_copy=single_copy,
         model=f"random-{work.model}", output_dir=output_dir, run_name="run", seed=work.seed, max_steps=steps,
         load_in_4bit=work.load_in_4bit, use_lora=True, lora_r=work.lora_r, lora_alpha=work.lora_alpha,
         lora_target_modules=BLOCK_LINEARS, gradient_checkpointing=work.gradient_checkpointing,
@@ -133,14 +135,16 @@ def trl_config(work: Workload, output_dir: str, steps: int, device: torch.device
     )
 
 
-def build_policy(work: Workload, device: torch.device):
-    """(LoRA-wrapped random model, tokenizer): the same weights and adapter init on every call."""
+def build_policy(work: Workload, device: torch.device, single_copy: bool = False):
+    """(LoRA-wrapped random model, tokenizer): the same weights and adapter init on every call;
+    ``single_copy``: NF4 layers in the repacked layout (grpo-fast's trainer default), else bitsandbytes'
+    (what TRL trains)."""
     from grpo_fast.model import prepare_for_training
 
     shape = SHAPES[work.model]
     torch.manual_seed(work.seed)
     model = build_random_model(shape, device, work.load_in_4bit)
-    model = prepare_for_training(model, grpo_fast_config(work, tempfile.gettempdir(), 1))
+    model = prepare_for_training(model, grpo_fast_config(work, tempfile.gettempdir(), 1, single_copy))
     return model, build_tokenizer(shape["vocab_size"])
 
 
@@ -154,7 +158,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_grpo_fast(work: Workload, model, tokenizer, device: torch.device, steps: int, engine: bool = False) -> list[dict]:
+def run_grpo_fast(work: Workload, model, tokenizer, device: torch.device, steps: int, engine: bool = False,
+                  single_copy: bool = True) -> list[dict]:
     from grpo_fast.trainer import train
 
     with tempfile.TemporaryDirectory(prefix="bench-grpo-fast-") as output_dir:
@@ -162,7 +167,7 @@ def run_grpo_fast(work: Workload, model, tokenizer, device: torch.device, steps:
                               SHAPES[work.model]["vocab_size"], seed=work.seed)
         generate = forced_length_engine() if engine else forced_length_generate
         try:
-            result = train(grpo_fast_config(work, output_dir, steps), model=model, tokenizer=tokenizer,
+            result = train(grpo_fast_config(work, output_dir, steps, single_copy), model=model, tokenizer=tokenizer,
                            dataset=rows, reward_functions=[even_token_reward], generate=generate)
         finally:
             if engine:  # its KV cache and CUDA-graph pools must not count against the next trainer
@@ -271,10 +276,11 @@ def run_trl(work: Workload, model, tokenizer, device: torch.device, steps: int, 
 
 def run_steps(trainer: str, work: Workload, device: torch.device, steps: int) -> list[dict]:
     """Build a fresh policy and run ``steps`` steps of ``trainer`` on it."""
-    model, tokenizer = build_policy(work, device)
+    model, tokenizer = build_policy(work, device, single_copy=trainer in ("grpo_fast", "grpo_fast_engine"))
     try:
-        if trainer in ("grpo_fast", "grpo_fast_engine"):
-            return run_grpo_fast(work, model, tokenizer, device, steps, engine=trainer == "grpo_fast_engine")
+        if trainer in ("grpo_fast", "grpo_fast_engine", "grpo_fast_engine_bnb"):
+            return run_grpo_fast(work, model, tokenizer, device, steps, engine=trainer != "grpo_fast",
+                                 single_copy=trainer != "grpo_fast_engine_bnb")
         return run_trl(work, model, tokenizer, device, steps, fused=trainer == "trl_fused")
     finally:
         del model
@@ -434,7 +440,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=common.comma_list, default=None,
                    help=f"comma-separated, from {', '.join(SHAPES)}; default the three Qwen2.5 models (CPU: tiny)")
-    p.add_argument("--trainers", type=common.comma_list, default=list(TRAINERS), help=f"from {', '.join(TRAINERS)}")
+    p.add_argument("--trainers", type=common.comma_list, default=[t for t in TRAINERS if t != "grpo_fast_engine_bnb"],
+                   help=f"from {', '.join(TRAINERS)} (default: all but grpo_fast_engine_bnb)")
     p.add_argument("--warmup-steps", type=int, default=1, help="steps run first and not measured (compiles, caches)")
     p.add_argument("--steps", type=int, default=2, help="measured steps (their mean is reported)")
     p.add_argument("--prompts-per-step", type=int, default=1)

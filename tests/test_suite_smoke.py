@@ -227,8 +227,10 @@ def test_goal_verdicts_on_gpu_shaped_results(tmp_path):
         {"model": "qwen2.5-7b", "trainer": "grpo_fast_engine", "status": "ok", "step_s": 6.0,
          "peak_allocated_gib": 10.4, "peak_reserved_gib": 11.0}])
     _write(tmp_path, "train-0.5b", [
-        {"model": "qwen2.5-0.5b", "trainer": "grpo_fast_engine", "status": "ok", "step_s": 3.0},
-        {"model": "qwen2.5-0.5b", "trainer": "trl", "status": "ok", "step_s": 15.0}])
+        {"model": "qwen2.5-0.5b", "trainer": "grpo_fast_engine", "status": "ok", "step_s": 3.0, "training_s": 1.2},
+        {"model": "qwen2.5-0.5b", "trainer": "trl", "status": "ok", "step_s": 15.0},
+        {"model": "qwen2.5-0.5b", "trainer": "grpo_fast_engine_bnb", "status": "ok", "step_s": 2.9,
+         "training_s": 1.0}])
     _write(tmp_path, "tests", [], counts={"passed": 8, "failed": 1, "error": 0, "skipped": 0})
     fused = dict(provider="fused", status="ok")
     _write(tmp_path, "nf4", [
@@ -249,7 +251,7 @@ def test_goal_verdicts_on_gpu_shaped_results(tmp_path):
     expected = {"tests": "short", "loss_time": "met", "loss_memory": "met", "loss_matmul": "met",
                 "loss_liger": "not measured", "logprobs_time": "short", "rollout_speedup": "met",
                 "rollout_bandwidth": "short", "train_memory": "met", "train_step": "met",
-                "long_memory": "not measured", "nf4_small": "short", "nf4_64": "met"}
+                "long_memory": "not measured", "nf4_small": "short", "nf4_64": "met", "single_copy_training": "short"}
     assert {key: goal["status"] for key, goal in goals.items()} == expected
     assert "flat: 0.5x" == goals["loss_time"]["measured"]  # the 4,096-token row is not the goal's case
     assert "loss-peaked: skipped (budget: 5 s left" in goals["loss_time"]["missing"]
@@ -259,6 +261,7 @@ def test_goal_verdicts_on_gpu_shaped_results(tmp_path):
     assert goals["train_step"]["measured"] == "qwen2.5-0.5b: 0.2x"
     assert "train-7b-trl: not run" in goals["train_step"]["missing"]
     assert goals["tests"]["measured"] == "8 passed, 1 failed"
+    assert goals["single_copy_training"]["measured"] == "qwen2.5-0.5b: 1.2x"  # 1.2 s against bitsandbytes' 1.0
     # each launch's worst row count, the report's ceiling beside it; what was not measured says why
     assert goals["nf4_small"]["measured"] == ("qkv (grouped) + LoRA, 16 rows, report's ceiling 62.0%: 58.0%; "
                                               "q_proj,o_proj, 8 rows: 70.0%")
