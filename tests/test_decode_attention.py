@@ -108,7 +108,7 @@ def test_engine_with_the_attention_kernel_equals_generate_with_grouped_query_att
     from tiny_lm import tiny_tokenizer
 
     class Fused(RolloutEngine):
-        def _fused_attention(self, config, implementation, device):
+        def _fused_attention(self, config, implementation, device, dtype=None):
             return implementation == "sdpa"
 
     tokenizer = tiny_tokenizer()

@@ -364,7 +364,7 @@ def test_fused_decode_step_traces_as_one_graph_of_at_most_15_kernels_per_layer(t
         def _nf4_decode(self, decoder, device):
             return fused_nf4_decode(decoder, force=True)
 
-        def _fused_attention(self, config, implementation, device):
+        def _fused_attention(self, config, implementation, device, dtype=None):
             return implementation == "sdpa"
 
     prompts = _prompts(tokenizer)[:2]

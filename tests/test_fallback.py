@@ -252,7 +252,7 @@ def test_decode_attention_is_decided_before_the_decode_loop(monkeypatch, gqa_mod
     from test_engine import _params
 
     class Fused(RolloutEngine):
-        def _fused_attention(self, config, implementation, device):
+        def _fused_attention(self, config, implementation, device, dtype=None):
             return implementation == "sdpa"
 
     model, tokenizer = gqa_model
@@ -287,7 +287,7 @@ def test_a_working_attention_kernel_is_probed_once_and_used(monkeypatch, gqa_mod
     from test_engine import _params
 
     class Fused(RolloutEngine):
-        def _fused_attention(self, config, implementation, device):
+        def _fused_attention(self, config, implementation, device, dtype=None):
             return implementation == "sdpa"
 
     model, tokenizer = gqa_model
