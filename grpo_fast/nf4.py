@@ -229,8 +229,8 @@ class FusedNF4Linear(torch.nn.Module):
             return False  # the kernel has no backward: training forwards stay on bitsandbytes / peft
         if not torch.compiler.is_compiling() and self.group.sources[self.index] != _source_of(self.base_layer):
             return False  # the layer's tensors were replaced since they were repacked
-        if x.device.type == "cuda":
-            return triton_usable_on(x.device, x.dtype)  # a GPU the kernel supports (no bf16 before sm_80)
+        if x.device.type == "cuda":  # the GPU and dtype were checked eagerly when the layer was put in
+            return triton_available()
         return self.force and triton_usable_on(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -349,6 +349,9 @@ def fused_nf4_decode(model: torch.nn.Module, max_rows: int = 64, *, force: bool 
     try:
         for members in _members(model):
             group_dtype = dtype or members[0].base.compute_dtype or torch.float32
+            device = members[0].base.weight.device
+            if device.type == "cuda" and not triton_usable_on(device, group_dtype):
+                continue  # an architecture (or bf16 before sm_80) the kernel is not built for: bitsandbytes
             group = (cache.group(members, group_dtype, config) if cache is not None
                      else NF4DecodeGroup(members, group_dtype, config))
             group.refresh(members)
