@@ -64,6 +64,12 @@ def nf4_weight_of(layer: torch.nn.Module) -> NF4Weight:
     return NF4Weight.from_bnb(weight.data, quant_state)
 
 
+def _layer_device(layer: torch.nn.Module) -> torch.device:
+    """Where a 4-bit layer's weight lives: a single-copy layer's repacked tensors, else bitsandbytes'."""
+    packed = getattr(layer, "nf4_packed", None)  # a single-copy layer (grpo_fast.nf4_train.NF4Linear)
+    return packed.qweight.device if packed is not None else layer.weight.device
+
+
 def _source_of(layer: torch.nn.Module) -> tuple[int, int]:
     """Identifies a 4-bit layer's current tensors: a repacked copy is valid while this is unchanged."""
     packed = getattr(layer, "nf4_packed", None)  # a single-copy layer (grpo_fast.nf4_train.NF4Linear)
@@ -349,7 +355,7 @@ def fused_nf4_decode(model: torch.nn.Module, max_rows: int = 64, *, force: bool 
     try:
         for members in _members(model):
             group_dtype = dtype or members[0].base.compute_dtype or torch.float32
-            device = members[0].base.weight.device
+            device = _layer_device(members[0].base)
             if device.type == "cuda" and not triton_usable_on(device, group_dtype):
                 continue  # an architecture (or bf16 before sm_80) the kernel is not built for: bitsandbytes
             group = (cache.group(members, group_dtype, config) if cache is not None
@@ -374,10 +380,16 @@ def kernel_works(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) ->
     if not groups:
         return True
     base = groups[0][0].base
-    device = base.weight.device
+    device = _layer_device(base)
+    compute_dtype = dtype or base.compute_dtype or torch.float32
 
     def launch():
-        group = NF4DecodeGroup([_Member("", base, base)], dtype or base.compute_dtype or torch.float32)
+        packed = getattr(base, "nf4_packed", None)
+        if packed is not None:  # a single-copy layer: the model's own repacked weight, as decoding reads it
+            nf4_decode_matmul(torch.zeros(1, packed.weight.in_features, device=device, dtype=compute_dtype),
+                              packed.weight)
+            return
+        group = NF4DecodeGroup([_Member("", base, base)], compute_dtype)
         nf4_decode_matmul(torch.zeros(1, group.weight.in_features, device=device, dtype=group.dtype), group.weight,
                           config=group.config)
 

@@ -197,6 +197,27 @@ def test_nf4_probe_passes_for_a_working_kernel():
     assert kernel_works(torch.nn.Sequential(torch.nn.Linear(4, 4)))  # no NF4 layer: nothing to decide
 
 
+def test_nf4_probe_reads_a_single_copy_model():
+    """With nf4_single_copy the layers hold no bitsandbytes weight: the probe launches the kernel on the
+    model's own repacked weight (and finds the device there), as the engine asks before compiling."""
+    pytest.importorskip("bitsandbytes")
+    from grpo_fast import nf4 as nf4_module
+    from grpo_fast.nf4 import kernel_works
+    from grpo_fast.nf4_train import NF4Linear, single_copy_nf4
+    from test_nf4_decode import _linear4bit
+
+    model = torch.nn.Sequential(_linear4bit(64, 24))
+    assert single_copy_nf4(model) == 1 and isinstance(model[0], NF4Linear)
+    launched = []
+    decode = nf4_module.nf4_decode_matmul
+    nf4_module_launch = lambda *a, **k: launched.append(a[1]) or decode(*a, **k)  # noqa: E731
+    import unittest.mock
+
+    with unittest.mock.patch.object(nf4_module, "nf4_decode_matmul", nf4_module_launch):
+        assert kernel_works(model)
+    assert launched == [model[0].nf4_packed.weight]
+
+
 # ---- the engine: sampling and decode attention ------------------------------------------------
 
 
