@@ -67,7 +67,7 @@ TINY_GROUPED = {"tiny_qkv (grouped) + LoRA": ((40, 24, 24), 128, True)}
 PROVIDERS = ("fused", "bnb", "bf16")
 STATIC_REPORT = common.RESULTS_DIR / "static" / "kernel-report.json"
 # the part of a GPU's name (torch.cuda.get_device_name) -> the static report's model of that part
-# (benchmarks/static_model.DEVICES); other variants (H100 PCIe, A100 40GB...) have other SM counts or
+# (benchmarks/static/static_model.DEVICES); other variants (H100 PCIe, A100 40GB...) have other SM counts or
 # bandwidths and get no ceiling
 MODELLED_GPUS = (("H200", "h200"), ("H100 80GB HBM3", "h100"), ("A100-SXM4-80GB", "a100"), ("RTX 4090", "rtx4090"))
 COLUMNS = [
@@ -158,7 +158,7 @@ def make_layer(n: int, k: int, device: torch.device, bias: bool = False):
 def static_ceilings(device_name: str, path: Path = STATIC_REPORT) -> tuple[Optional[str], dict]:
     """The committed static kernel report's NF4 ceilings {(shape, rows): fraction of copy} for the
     modelled GPU whose name ``device_name`` contains (with that model's name), or (None, {})."""
-    from .static_model import DEVICES
+    from .static.static_model import DEVICES
 
     key = next((key for tag, key in MODELLED_GPUS if tag in device_name), None)
     if key is None or not path.exists():

@@ -1,6 +1,6 @@
 """Kernel launches through one function, so that the static kernel report can record them.
 
-`python -m benchmarks.kernel_report` compiles the Triton kernels offline for GPUs the machine does
+`python -m benchmarks.static.kernel_report` compiles the Triton kernels offline for GPUs the machine does
 not have. To compile each kernel with the arguments, constexprs and launch options its launcher
 really passes (rather than a copy of the launcher's choices), the report calls the launchers on
 meta tensors inside `recording()`: there `launch` appends the call to a list instead of running it,
@@ -49,7 +49,7 @@ def recording() -> Iterator[list[Launch]]:
 
 
 # How a launch's programs share an SM: the one rule the NF4 decode planner (kernels/nf4_decode.py)
-# and the static kernel report's model (benchmarks/static_model.py) both charge instructions by.
+# and the static kernel report's model (benchmarks/static/static_model.py) both charge instructions by.
 
 SCHEDULERS_PER_SM = 4  # warp schedulers (SM sub-partitions) per SM, sm_80 to sm_90
 

@@ -353,11 +353,11 @@ def test_fused_decode_step_traces_as_one_graph_of_at_most_15_kernels_per_layer(t
     """As on CUDA: the decode loop inside fused_nf4_decode and with the decode attention kernel (forced
     here: the Triton interpreter), every NF4 linear (LoRA included, q/k/v and gate/up grouped) and the
     attention one opaque op of the single traced graph, the tokens those of the plain engine; the
-    step's kernels per layer, counted from that graph (benchmarks.step_kernels), at most 15 (the plain
+    step's kernels per layer, counted from that graph (benchmarks.static.step_kernels), at most 15 (the plain
     engine's step: twice that)."""
     import grpo_fast.kernels.decode_attention as attention_module
     import grpo_fast.kernels.nf4_decode as kernel_module
-    from benchmarks.step_kernels import count_kernels, decode_step_graphs
+    from benchmarks.static.step_kernels import count_kernels, decode_step_graphs
     from grpo_fast.nf4 import fused_nf4_decode
 
     class Fused(RolloutEngine):

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import static_model as model
-from benchmarks.kernel_report import check_failures
-from benchmarks.kernel_report_render import markdown
+from benchmarks.static import static_model as model
+from benchmarks.static.kernel_report import check_failures
+from benchmarks.static.kernel_report_render import markdown
 from benchmarks.nf4 import QWEN_7B_SHAPES
-from benchmarks.static_compile import CompiledKernel, parse_sass
+from benchmarks.static.static_compile import CompiledKernel, parse_sass
 from grpo_fast.kernels.launch import launch, recording
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,7 +218,7 @@ def report(tmp_path_factory):
     """The default (H200) report, compiled in a process without the interpreter, with --check."""
     out = tmp_path_factory.mktemp("static")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--check", "--out-dir", str(out)],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.static.kernel_report", "--check", "--out-dir", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     payload = json.loads((out / "kernel-report-quick.json").read_text()) if done.returncode in (0, 1) else None
     return done, payload, out

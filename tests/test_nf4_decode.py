@@ -516,7 +516,7 @@ def test_benchmark_reads_the_static_reports_ceilings_for_the_gpus_it_models(tmp_
     import json
 
     from benchmarks import nf4 as nf4_bench
-    from benchmarks.static_model import DEVICES
+    from benchmarks.static.static_model import DEVICES
 
     report = json.loads(nf4_bench.STATIC_REPORT.read_text())
     for gpu, key in (("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100"),

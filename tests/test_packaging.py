@@ -36,8 +36,10 @@ from trl import GRPOConfig
 import grpo_fast.kernels as k
 from grpo_fast.kernels.chunked import fused_grpo_loss
 assert k.fused_grpo_loss is fused_grpo_loss
-for name in sorted(p.stem for p in pathlib.Path("benchmarks").glob("*.py") if not p.stem.startswith("test_")):
-    importlib.import_module("benchmarks." + name)
+for path in sorted(pathlib.Path("benchmarks").rglob("*.py")):
+    if not path.stem.startswith("test_"):
+        parts = path.with_suffix("").parts
+        importlib.import_module(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
 print(pathlib.Path(k.chunked.__file__).resolve())
 """
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.static_compile import parse_sass
+from benchmarks.static.static_compile import parse_sass
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def pass2_launches(grad_dtype):
     (kernels.chunked._rows_triton) called on meta tensors at the 7B head with the default config."""
     import torch
 
-    from benchmarks.kernel_cases import HEAD_7B, loss_chunk_tokens
+    from benchmarks.static.kernel_cases import HEAD_7B, loss_chunk_tokens
     from grpo_fast.kernels.chunked import _rows_triton
     from grpo_fast.kernels.config import KernelConfig
     from grpo_fast.kernels.launch import recording
@@ -73,7 +73,7 @@ def pass2_launches(grad_dtype):
 def _compile_and_report() -> dict:
     """{"<dtype> sm_<cap>": {"unordered": [...], "storing_loops": [[opcodes]...], "stores_outside_loops": [...]}}
     (run as this file's __main__, without the interpreter)."""
-    from benchmarks.static_compile import compile_launch
+    from benchmarks.static.static_compile import compile_launch
 
     report = {}
     for grad_dtype in GRAD_DTYPES:

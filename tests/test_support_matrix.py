@@ -1,6 +1,6 @@
 """pyproject's dependency floors and kernels/config.py's architecture rule, held to the committed
 support matrix (benchmarks/results/static/support-matrix.json, written by
-`python -m benchmarks.support_matrix`). Nothing is compiled here: the matrix is read."""
+`python -m benchmarks.static.support_matrix`). Nothing is compiled here: the matrix is read."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 tomllib = pytest.importorskip("tomllib")  # the standard library from Python 3.11
 
-from benchmarks.support_matrix import ARCHS, FLOORS, TORCH_FOR_TRITON
+from benchmarks.static.support_matrix import ARCHS, FLOORS, TORCH_FOR_TRITON
 from grpo_fast.kernels.config import capability_supports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def _made(run: dict) -> list[dict]:
 
 
 def test_matrix_covers_every_architecture_triton_version_and_kernel():
-    from benchmarks.kernel_cases import CASE_BUILDERS
+    from benchmarks.static.kernel_cases import CASE_BUILDERS
 
     assert {a["name"] for a in MATRIX["archs"]} == ARCH_NAMES
     versions = [run["triton"] for run in MATRIX["runs"]]

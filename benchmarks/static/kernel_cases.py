@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .nf4 import DECODE_STEP, QWEN_7B_GROUPED, QWEN_7B_SHAPES
+from ..nf4 import DECODE_STEP, QWEN_7B_GROUPED, QWEN_7B_SHAPES
 from .static_compile import bound_arguments
 
 HEAD_7B = (3584, 152064)  # Qwen2.5-7B's lm_head (H, V), as benchmarks/loss.py's HEADS

@@ -1,15 +1,15 @@
 """Static kernel report: every Triton kernel of grpo-fast compiled offline for GPUs (no GPU needed),
 with its registers, spills, shared memory, occupancy, hardware paths, SASS instruction counts per
-weight or logit, and the ceilings those counts imply (estimates, see benchmarks/static_model.py).
+weight or logit, and the ceilings those counts imply (estimates, see benchmarks/static/static_model.py).
 
-    python -m benchmarks.kernel_report              # H200 (sm_90a), the goal shapes in brief (~20 s)
-    python -m benchmarks.kernel_report --full       # + A100 (sm_80), RTX 4090 (sm_89), every variant and row count
-    python -m benchmarks.kernel_report --check      # exit 1 on a spilling hot kernel, a failed compile or an uncovered kernel
-    python -m benchmarks.kernel_report --sass-dir /tmp/sass   # also write each variant's SASS
+    python -m benchmarks.static.kernel_report              # H200 (sm_90a), the goal shapes in brief (~20 s)
+    python -m benchmarks.static.kernel_report --full       # + A100 (sm_80), RTX 4090 (sm_89), every variant and row count
+    python -m benchmarks.static.kernel_report --check      # exit 1 on a spilling hot kernel, a failed compile or an uncovered kernel
+    python -m benchmarks.static.kernel_report --sass-dir /tmp/sass   # also write each variant's SASS
 
 Writes `<name>.json` (environment, device assumptions, every figure) and `<name>.md` into
-benchmarks/results/static/ (`--out-dir`). Kernels and their launches: benchmarks/kernel_cases.py;
-compilation and SASS reading: benchmarks/static_compile.py; the model: benchmarks/static_model.py.
+benchmarks/results/static/ (`--out-dir`). Kernels and their launches: benchmarks/static/kernel_cases.py;
+compilation and SASS reading: benchmarks/static/static_compile.py; the model: benchmarks/static/static_model.py.
 The GPU suite (`python -m benchmarks.suite`) measures what these ceilings bound.
 """
 
@@ -35,7 +35,7 @@ from typing import Optional  # noqa: E402
 
 import torch  # noqa: E402
 
-from . import common  # noqa: E402
+from .. import common  # noqa: E402
 from . import static_model as model  # noqa: E402
 from .kernel_cases import CASE_BUILDERS, discover_kernels, kernel_id, loss_chunk_tokens, HEAD_7B  # noqa: E402
 from .kernel_report_render import markdown  # noqa: E402
@@ -55,7 +55,7 @@ CALIBRATION = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.static.kernel_report", description=__doc__.split("\n")[0])
     p.add_argument("--full", action="store_true", help="every device, variant and row count (default: H200, goal shapes)")
     p.add_argument("--devices", type=common.comma_list, default=None, help=f"from {', '.join(model.DEVICES)}")
     p.add_argument("--check", action="store_true", help="exit 1 on spills in a hot kernel, a failed compile or an uncovered kernel")
@@ -218,7 +218,7 @@ def check_failures(payload: dict) -> list[str]:
                 for v in payload["hot_kernels_spilling"]]
     problems += [f"compile failed: {f['kernel']} ({f['case']}, {f['device']}): {f['error'][:300]}"
                  for f in payload["compile_failures"]]
-    problems += [f"kernel {k} has no launch case in benchmarks/kernel_cases.py (CASE_BUILDERS)"
+    problems += [f"kernel {k} has no launch case in benchmarks/static/kernel_cases.py (CASE_BUILDERS)"
                  for k in payload["uncovered_kernels"]]
     return problems
 

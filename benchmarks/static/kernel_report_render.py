@@ -1,4 +1,4 @@
-"""Markdown of the static kernel report (benchmarks/kernel_report.py's JSON payload)."""
+"""Markdown of the static kernel report (benchmarks/static/kernel_report.py's JSON payload)."""
 
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ def markdown(payload: dict) -> str:
         "clock) at the CUDA Programming Guide's rates, DRAM traffic at an assumed copy bandwidth, and tensor cores at "
         "their dense rate; latency (a warp's wait for its previous results, memory latency), barriers and launch "
         "overhead are not modelled, so real kernels reach less, few-warp launches most. "
-        "The GPU suite (`python -m benchmarks.suite`) measures the truth. Model: benchmarks/static_model.py.", "",
+        "The GPU suite (`python -m benchmarks.suite`) measures the truth. Model: benchmarks/static/static_model.py.", "",
     ]
     lines += ["Devices assumed:", ""] + [f"- {d['name']}: {d['sms']} SMs at {d['clock_ghz']} GHz, "
                                          f"{d['dram_tbs']} TB/s (copy {_pct(d['copy_fraction'])}), "
@@ -213,7 +213,7 @@ def markdown(payload: dict) -> str:
               + _variants(payload))
     if payload["uncovered_kernels"] or payload["compile_failures"]:
         lines += ["## Not covered", ""]
-        lines += [f"- {k}: no launch case (benchmarks/kernel_cases.py)" for k in payload["uncovered_kernels"]]
+        lines += [f"- {k}: no launch case (benchmarks/static/kernel_cases.py)" for k in payload["uncovered_kernels"]]
         lines += [f"- {f['kernel']} ({f['case']}, {f['device']}): compile failed: {f['error'][:200]}"
                   for f in payload["compile_failures"]]
         lines.append("")

@@ -1,7 +1,7 @@
 """The performance model of the static kernel report: what compiled code allows at best on a GPU.
 
 Every figure here is an estimate (a ceiling), computed from the SASS instruction counts of a
-compiled kernel (benchmarks/static_compile.py), the bytes and FLOPs of its launch, and a device's
+compiled kernel (benchmarks/static/static_compile.py), the bytes and FLOPs of its launch, and a device's
 published or assumed rates (DEVICES, each with its source). The GPU suite (`python -m
 benchmarks.suite`) measures the truth; this says how far the code itself lets a kernel go.
 

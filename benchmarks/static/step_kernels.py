@@ -1,6 +1,6 @@
 """Kernels per decoder layer of the rollout engine's decode step, counted from its compiled graph.
 
-    python -m benchmarks.step_kernels            # CPU: tiny NF4 + LoRA Llama, kernels in the interpreter
+    python -m benchmarks.static.step_kernels            # CPU: tiny NF4 + LoRA Llama, kernels in the interpreter
 
 The decode step is traced as torch.compile does on CUDA (one graph, dynamo then AOT autograd's
 functionalised ATen graph) and its nodes are counted the way inductor turns them into kernels:
@@ -210,7 +210,7 @@ def tiny_engine_counts(fused: bool) -> StepKernels:
 
 
 def main(argv=None) -> dict:
-    argparse.ArgumentParser(prog="python -m benchmarks.step_kernels", description=__doc__.split("\n")[0]).parse_args(argv)
+    argparse.ArgumentParser(prog="python -m benchmarks.static.step_kernels", description=__doc__.split("\n")[0]).parse_args(argv)
     results = {}
     for name, fused in (("plain engine (bitsandbytes + peft, sdpa)", False),
                         ("fused NF4 + LoRA, decode attention", True)):
