@@ -694,7 +694,8 @@ class RunLoop:
                               "on_nonfinite: skip to skip such optimiser steps instead")
 
 
-def check_rewards_fit_the_data(config: GRPOConfig, dataset, *, rewards_given: bool) -> None:
+def check_rewards_fit_the_data(config: GRPOConfig, dataset, *, rewards_given: bool,
+                               dataset_given: bool = False) -> None:
     """The demo's reward scores only rows that carry the demo's ``letters`` column: another dataset with
     the default ``reward_functions`` would train on a meaningless reward, silently. Refused, naming the key."""
     if rewards_given or list(config.reward_functions) != DEMO_REWARD_FUNCTIONS:
@@ -703,7 +704,8 @@ def check_rewards_fit_the_data(config: GRPOConfig, dataset, *, rewards_given: bo
     if columns is None:
         columns = list(dataset[0]) if len(dataset) else []
     if "letters" not in columns:
-        raise ValueError(f"reward_functions: expected the reward functions that score dataset {config.dataset!r} "
+        source = "the dataset argument's rows" if dataset_given else f"dataset {config.dataset!r}"
+        raise ValueError(f"reward_functions: expected the reward functions that score {source} "
                          "('module:function' paths, e.g. --reward_functions my_rewards:correct), received the "
                          f"default {DEMO_REWARD_FUNCTIONS}, which scores only rows with the built-in demo's "
                          f"'letters' column ({DEMO_DATASET})")
@@ -734,11 +736,13 @@ def train(
         raise ValueError("model / tokenizer: expected both or neither, received only one")
     plan = plan_run(config)
     seed_everything(config.seed)
+    dataset_given = dataset is not None
     if dataset is None:
         dataset = load_prompts(config)
     else:
         check_prompt_column(dataset, config.prompt_column, "dataset argument")
-    check_rewards_fit_the_data(config, dataset, rewards_given=reward_functions is not None)
+    check_rewards_fit_the_data(config, dataset, rewards_given=reward_functions is not None,
+                               dataset_given=dataset_given)
     if len(dataset) < config.prompts_per_step:
         print(f"note: the dataset has {len(dataset)} prompts, fewer than prompts_per_step {config.prompts_per_step}: "
               "each step repeats prompts (set prompts_per_step to at most the number of prompts to avoid it)",

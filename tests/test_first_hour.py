@@ -48,6 +48,8 @@ def test_the_demo_rows_keep_their_reward(workdir):
     with pytest.raises(ValueError, match="reward_functions:"):
         trainer_module.check_rewards_fit_the_data(GRPOConfig(dataset="mine.jsonl"), PROMPTS, rewards_given=False)
     trainer_module.check_rewards_fit_the_data(GRPOConfig(dataset="mine.jsonl"), PROMPTS, rewards_given=True)
+    with pytest.raises(ValueError, match="^reward_functions: .* the dataset argument's rows"):  # rows from Python
+        trainer_module.check_rewards_fit_the_data(GRPOConfig(), PROMPTS, rewards_given=False, dataset_given=True)
 
 
 def test_fewer_prompts_than_a_step_takes_is_said(workdir, capsys):
