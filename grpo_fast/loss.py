@@ -19,7 +19,7 @@ and the no-grad `token_logprobs` alike, so both give the same log-probs. Checks 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -225,9 +225,13 @@ def _resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.d
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_usable_on(device, dtype) else "torch"
     if backend == "triton" and not triton_usable_on(device, dtype):
-        why = ("triton is not installed" if not triton_available() else f"tensors are on {device}"
-               if device.type != "cuda" else f"{device} (sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}) "
-               f"is not an architecture the kernels support for {dtype}")
+        if not triton_available():
+            why = "triton is not installed"
+        elif device.type != "cuda":
+            why = f"tensors are on {device}"
+        else:
+            major, minor = torch.cuda.get_device_capability(device)
+            why = f"{device} (sm_{major}{minor}) is not an architecture the kernels support for {dtype}"
         raise ValueError(
             f"backend: 'triton' needs CUDA tensors of a supported GPU (or TRITON_INTERPRET=1 on CPU), but {why}; "
             "use backend='torch' or 'auto'"

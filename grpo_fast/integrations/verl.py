@@ -42,12 +42,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .. import fallback
 from ..kernels import LossSpec, TokenInputs, default_kernel_config, forward_logprobs
 from ..kernels.chunked import gradient_chunks
 from ..kernels.matmul import Head
 from ..kernels.token_math import Policy, gamma_weight, log_importance_ratio, token_policy
-from ..loss import LOSS_TYPES, GRPOLossConfig, _check_head, _check_ids, _choice, _finite, _resolve_backend
+from ..loss import (LOSS_TYPES, GRPOLossConfig, _check_head, _check_ids, _choice, _finite, _resolve_backend,
+                    _with_fallback)
 
 # TRL's loss type -> the verl loss_agg_mode that normalises as TRL does. bnpo: verl's token-mean counts
 # the tokens of the global batch (TRL's bnpo those of one process's batch), as dapo does.
@@ -58,6 +58,7 @@ LOSS_AGG_MODES = {
     "luspo": "seq-mean-token-sum",
 }
 LOSS_PREFIX = "grpo_fast_"
+KERNEL = "verl_fused_linear"  # its name for grpo_fast.fallback
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class FusedLinearForPPOFunction(torch.autograd.Function):
             raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
         flat, ids = _flat_inputs(hidden_states, vocab_weights, input_ids)
         device = flat.device
-        backend = _resolve_backend(backend, device)
+        backend = _resolve_backend(backend, device, flat.dtype)
         if backend == "reference":
             raise ValueError("backend: expected 'auto', 'triton' or 'torch' (the chunked passes), got 'reference'")
         spec = LossSpec(temperature=float(temperature))
@@ -129,10 +130,8 @@ class FusedLinearForPPOFunction(torch.autograd.Function):
         def run(on):
             return (on,) + tuple(forward_logprobs(flat, vocab_weights, ids, None, spec, on, cfg, chunk_size))
 
-        if backend == "triton":  # the backward reruns the row pass on whichever backend the forward ran
-            used, logp, entropy = fallback.run("verl_fused_linear", device, lambda: run("triton"), lambda: run("torch"))
-        else:
-            used, logp, entropy = run(backend)
+        # the backward reruns the row pass on whichever backend the forward ran
+        used, logp, entropy = _with_fallback(KERNEL, backend, device, run)
         ctx.save_for_backward(flat, vocab_weights, ids)
         ctx.options = (spec, used, cfg, chunk_size, tuple(hidden_states.shape))
         return logp.view(input_ids.shape), entropy.view(input_ids.shape)
@@ -147,11 +146,7 @@ class FusedLinearForPPOFunction(torch.autograd.Function):
         def run(on):  # each run writes only buffers of its own, so a failed Triton launch leaves nothing
             return _input_grads(flat, weight, ids, d_logp, d_entropy, spec, on, cfg, chunk_size, need_dh, need_dw)
 
-        if backend == "triton":
-            d_hidden, d_weight = fallback.run("verl_fused_linear", flat.device, lambda: run("triton"),
-                                              lambda: run("torch"))
-        else:
-            d_hidden, d_weight = run(backend)
+        d_hidden, d_weight = _with_fallback(KERNEL, backend, flat.device, run)
         return (None if d_hidden is None else d_hidden.to(flat.dtype).view(shape),
                 None if d_weight is None else d_weight.to(weight.dtype), None, None, None, None)
 
