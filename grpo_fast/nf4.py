@@ -383,12 +383,7 @@ def kernel_works(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) ->
     device = _layer_device(base)
     compute_dtype = dtype or base.compute_dtype or torch.float32
 
-    def launch():
-        packed = getattr(base, "nf4_packed", None)
-        if packed is not None:  # a single-copy layer: the model's own repacked weight, as decoding reads it
-            nf4_decode_matmul(torch.zeros(1, packed.weight.in_features, device=device, dtype=compute_dtype),
-                              packed.weight)
-            return
+    def launch():  # a single-copy layer's group reads the model's own repacked weight, as decoding does
         group = NF4DecodeGroup([_Member("", base, base)], compute_dtype)
         nf4_decode_matmul(torch.zeros(1, group.weight.in_features, device=device, dtype=group.dtype), group.weight,
                           config=group.config)
