@@ -78,7 +78,7 @@ def test_token_logprobs_over_the_kept_set(backend, dtype):
     untruncated, _ = reference_logprobs(hidden.double(), weight.double(), ids, None, 0.7)
     assert (exact[kinds == SOME] > untruncated[kinds == SOME] + 1e-3).all()
     # the target alone: log 1; no truncation: the untruncated log-prob
-    assert (logps[kinds == TARGET_ONLY] == 0.0).all()
+    assert logps[kinds == TARGET_ONLY].abs().max() <= 1e-6
     torch.testing.assert_close(logps[kinds == FULL], full[kinds == FULL], rtol=0, atol=1e-6)
     # the entropy describes the model, not the sampler: the full distribution's, threshold or not
     torch.testing.assert_close(entropy, full_entropy, rtol=0, atol=1e-6)
@@ -154,6 +154,7 @@ def test_loss_and_gradients_match_reference(backend, name, dtype):
         # a token whose kept set is the target alone has log-prob 0 whatever the logits: no gradient
         alone = (case["kinds"] == TARGET_ONLY) & case["mask"]
         assert alone.any()
+        # (0 on CPU; a compiled kernel may fuse z / T - lse' into one rounding: ~1e-7 of a row's scale)
         assert fused["d_hidden"][alone].abs().max() <= 1e-6 * fused["d_hidden"].abs().max()
     else:  # the entropy bonus acts on the full distribution, also there
         assert torch.count_nonzero(fused["d_hidden"][case["kinds"] == TARGET_ONLY].abs().sum(-1)) > 0
