@@ -6,6 +6,8 @@ loss from the last hidden states and the lm_head weight, i.e. the value and grad
     logp  = log_softmax(f((hidden @ weight.T + bias).float()) / temperature).gather(completion_ids)
             f(x) = logit_softcap * tanh(logit_scale * x / logit_softcap)   (or logit_scale * x: the
                    model's logit transform, e.g. Gemma's final_logit_softcapping; identity by default)
+            (with logit_threshold, a truncating sampler's: the log_softmax over the kept set only,
+             {v : z_v / temperature >= threshold} plus the target)
     ratio = exp(logp - old_logps)            (token level; sequence level: masked mean per row)
     loss  = aggregate_{loss_type}( -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
                                     + beta * (exp(ref - logp) - (ref - logp) - 1) [* ratio] )
@@ -218,6 +220,21 @@ def _check_ids(completion_ids, completion_mask, B, T, V, device):
             raise ValueError(f"completion_ids: expected ids in [0, {V}) (V from weight), got {bad}")
 
 
+def _check_threshold(logit_threshold, shape, device, active: Optional[Tensor] = None) -> None:
+    """A truncating sampler's per-token thresholds: fp32 of `shape` on `device`, no NaN at the tokens
+    that are computed (`active`: a bool mask of them, None: all); -inf = not truncated."""
+    if logit_threshold is None:
+        return
+    _tensor("logit_threshold", logit_threshold, shape=shape, device=device)
+    if logit_threshold.dtype != torch.float32:
+        raise ValueError(f"logit_threshold: expected dtype torch.float32 (thresholds on the temperature-scaled "
+                         f"logits, -inf where the sampler kept every token), got {logit_threshold.dtype}")
+    values = logit_threshold if active is None else logit_threshold[active]
+    if bool(torch.isnan(values).any()):
+        raise ValueError("logit_threshold: expected no NaN (-inf where the sampler kept every token), got NaN at "
+                         f"{int(torch.isnan(values).sum())} computed token(s)")
+
+
 def _resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
     """auto: triton on a GPU the kernels support for ``dtype`` (kernels.config.capability_supports: the
     support matrix's architectures; no bf16 before sm_80), else torch."""
@@ -347,6 +364,7 @@ def grpo_loss(
     importance_sampling_ratio: Optional[Tensor] = None,
     sampling_logps: Optional[Tensor] = None,
     entropy_threshold_fn: Optional[Callable[[Tensor, float], Tensor]] = None,
+    logit_threshold: Optional[Tensor] = None,
 ) -> GRPOLossOutput:
     """GRPO loss of TRL's GRPOTrainer, computed from hidden states and the lm_head weight.
 
@@ -366,6 +384,12 @@ def grpo_loss(
             (None: old_logps, else the current log-probs).
         entropy_threshold_fn: (entropies, q) -> the q-quantile for config.top_entropy_quantile
             (default torch.quantile of this call's tokens; a distributed trainer gathers them first).
+        logit_threshold: [B, T] float32, for a sampler that truncated (top-k, top-p, min-p): the
+            smallest temperature-scaled logit it kept at each token (-inf: it kept every token).
+            The log-probs are then over the kept set {v : z_v / temperature >= threshold} plus the
+            sampled token, and so are everything computed from them (ratio, KL, off-policy mask);
+            the entropies (metric and bonus) stay those of the full distribution. old_logps,
+            ref_logps and sampling_logps must be computed over the same kept sets to compare.
 
     Returns a GRPOLossOutput; `logps` is 0 where the mask is 0 (padding is never computed).
     """
@@ -389,6 +413,7 @@ def grpo_loss(
             raise ValueError(f"importance_sampling_ratio: expected one ratio per token, shape ({B}, {T}), with "
                              f"loss_type='vespo' (as TRL, which needs a token-level correction mode), "
                              f"got {tuple(importance_sampling_ratio.shape)}")
+    _check_threshold(logit_threshold, (B, T), device, completion_mask.bool())
     if entropy_threshold_fn is not None and not callable(entropy_threshold_fn):
         raise ValueError(f"entropy_threshold_fn: expected a callable or None, got {type(entropy_threshold_fn).__name__}")
     if config.beta != 0.0 and ref_logps is None:
@@ -413,7 +438,7 @@ def grpo_loss(
         return reference_grpo_loss(
             hidden, weight, completion_ids, mask, advantages, old_logps, ref_logps, bias, config,
             sampling_logps=sampling_logps, importance_sampling_ratio=importance_sampling_ratio,
-            entropy_threshold_fn=entropy_threshold_fn,
+            entropy_threshold_fn=entropy_threshold_fn, logit_threshold=logit_threshold,
         )
 
     flat_mask = mask.reshape(-1)
@@ -440,6 +465,7 @@ def grpo_loss(
         sampling_logps=pick(sampling_logps),
         entropy_threshold_fn=entropy_threshold_fn,
         num_tokens=int(active.numel()),
+        logit_threshold=pick(logit_threshold),
     )
     hidden_active = hidden.reshape(B * T, hidden.shape[-1]).index_select(0, active)  # B or T may be 0
 
@@ -504,12 +530,15 @@ def token_logprobs(
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
     on_chip: bool = False,
+    logit_threshold: Optional[Tensor] = None,
 ):
     """Per-token log-probs `log_softmax(f(hidden @ weight.T + bias) / temperature)[completion_ids]`
     as a detached [B, T] fp32 tensor, without materialising the logits (old / reference policy
     passes, evaluation); f is the model's logit transform (`logit_scale`, `logit_softcap`, as in
     GRPOLossConfig). With `completion_mask`, only masked-in tokens are computed (others are 0).
-    With `return_entropy=True`, returns (logps, entropy).
+    With `return_entropy=True`, returns (logps, entropy). `logit_threshold` ([B, T] float32, as in
+    `grpo_loss`): each log-prob over the sampler's kept set {v : z_v / temperature >= threshold} plus
+    the token itself; the entropy stays the full distribution's.
 
     For the same inputs and `chunk_size` the log-probs are those of `grpo_loss(...).logps` on the
     same backend, bit for bit: both compute one chunk of fp32 logits at a time (a few hundred MB)
@@ -525,6 +554,7 @@ def token_logprobs(
     if temperature == 0.0:
         raise ValueError("temperature: expected a value > 0, got 0.0")
     check_logit_transform(logit_scale, logit_softcap)
+    _check_threshold(logit_threshold, (B, T), device, None if completion_mask is None else completion_mask.bool())
     backend = _resolve_backend(backend, device, hidden.dtype)
     if on_chip and backend != "triton":
         raise ValueError(f"on_chip: True needs the triton backend, got backend {backend!r}")
@@ -533,24 +563,28 @@ def token_logprobs(
             from .reference import neutral_at_masked, reference_logprobs
 
             keep = None if completion_mask is None else completion_mask.bool()
+            threshold = logit_threshold
             if keep is not None:  # as the fused backends, never read masked positions (NaN, id -100)
                 hidden, completion_ids = neutral_at_masked(keep, hidden, completion_ids)
+                (threshold,) = neutral_at_masked(keep, threshold, fill=-math.inf)
             logps, entropy = reference_logprobs(hidden, weight, completion_ids, bias, temperature,
-                                                logit_scale, logit_softcap)
+                                                logit_scale, logit_softcap, threshold)
             if keep is not None:
                 logps, entropy = logps * keep, entropy * keep
         else:
             flat = hidden.reshape(B * T, H)
             ids = completion_ids.reshape(-1).long()
+            threshold = None if logit_threshold is None else logit_threshold.reshape(-1)
             if completion_mask is not None:
                 active = completion_mask.reshape(-1).bool().nonzero().squeeze(1)
                 flat, ids = flat.index_select(0, active), ids.index_select(0, active)
+                threshold = None if threshold is None else threshold.index_select(0, active)
             spec = LossSpec(temperature=float(temperature), logit_scale=float(logit_scale),
                             logit_softcap=None if logit_softcap is None else float(logit_softcap))
 
             def run(on: str):
                 return forward_logprobs(flat, weight, ids, bias, spec, on, default_kernel_config(device, hidden.dtype),
-                                        chunk_size, on_chip and on == "triton")
+                                        chunk_size, on_chip and on == "triton", logit_threshold=threshold)
 
             lp, ent = _with_fallback("token_logprobs_on_chip" if on_chip else "token_logprobs", backend, device, run)
             if completion_mask is not None:

@@ -19,8 +19,11 @@ from .outputs import GRPOLossOutput
 
 
 def reference_logprobs(hidden: Tensor, weight: Tensor, completion_ids: Tensor, bias: Optional[Tensor],
-                       temperature: float, logit_scale: float = 1.0,
-                       logit_softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                       temperature: float, logit_scale: float = 1.0, logit_softcap: Optional[float] = None,
+                       logit_threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(log-probs of completion_ids, entropies); with `logit_threshold` [B, T] the log-probs of the
+    distribution a truncating sampler drew from: the logits below the threshold masked out except
+    the target's, then log_softmax. The entropies are always the full distribution's."""
     # logits in the input dtype, as a Hugging Face model returns them to TRL
     logits = hidden @ weight.T
     if bias is not None:
@@ -29,8 +32,12 @@ def reference_logprobs(hidden: Tensor, weight: Tensor, completion_ids: Tensor, b
     # in double precision)
     logits = LogitTransform(logit_scale, logit_softcap).apply(logits) / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
-    logps = log_probs.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1)
+    targets = completion_ids.long().unsqueeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
+    if logit_threshold is not None:
+        dropped = (logits < logit_threshold.unsqueeze(-1)).scatter(-1, targets, False)
+        log_probs = torch.log_softmax(logits.masked_fill(dropped, -math.inf), dim=-1)
+    logps = log_probs.gather(-1, targets).squeeze(-1)
     return logps, entropy
 
 
@@ -89,17 +96,19 @@ def gamma_weights(advantages: Tensor, log_ratio: Tensor, mask: Tensor, importanc
 
 def reference_grpo_loss(hidden, weight, completion_ids, mask, advantages, old_logps, ref_logps, bias, config, *,
                         sampling_logps: Optional[Tensor] = None, importance_sampling_ratio: Optional[Tensor] = None,
-                        entropy_threshold_fn=None):
+                        entropy_threshold_fn=None, logit_threshold: Optional[Tensor] = None):
     """TRL 1.16 GRPOTrainer._compute_loss on materialised logits (its statement order and names), for one
-    call without gradient accumulation. `importance_sampling_ratio`: [B, T] or [B, 1] (or [B])."""
+    call without gradient accumulation. `importance_sampling_ratio`: [B, T] or [B, 1] (or [B]);
+    `logit_threshold`: [B, T], the log-probs over a truncating sampler's kept sets (reference_logprobs)."""
     B, T = mask.shape
     hidden, completion_ids, old_logps, ref_logps, sampling_logps = neutral_at_masked(
         mask, hidden, completion_ids, old_logps, ref_logps, sampling_logps)
     if importance_sampling_ratio is not None and importance_sampling_ratio.shape == mask.shape:
         # 1, not 0: vespo sums the ratio's log over every position of a sequence, as TRL does
         (importance_sampling_ratio,) = neutral_at_masked(mask, importance_sampling_ratio, fill=1.0)
+    (logit_threshold,) = neutral_at_masked(mask, logit_threshold, fill=-math.inf)
     logps, entropy = reference_logprobs(hidden, weight, completion_ids, bias, config.temperature,
-                                        config.logit_scale, config.logit_softcap)
+                                        config.logit_scale, config.logit_softcap, logit_threshold)
     mask = mask.to(logps.dtype)
     adv = advantages.to(logps.dtype).unsqueeze(1)
     is_ratio = None

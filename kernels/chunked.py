@@ -28,8 +28,8 @@ from torch import Tensor
 
 from .config import KernelConfig
 from .matmul import Head
-from .token_math import (LossSpec, Policy, TokenInputs, inputs_entropy_grad, slice_inputs, token_terms,
-                         transform_logits_, whole_batch_policy)
+from .token_math import (LossSpec, Policy, TokenInputs, inputs_entropy_grad, kept_log_sum_exp, slice_inputs,
+                         token_terms, transform_logits_, whole_batch_policy)
 
 FP16_MAX = 65504.0
 
@@ -68,6 +68,28 @@ def log_sum_exp(z: Tensor) -> Tensor:
     return m.squeeze(-1) + torch.log(torch.exp(z - m).sum(dim=-1))
 
 
+def truncated_log_sum_exps(z: Tensor, z_target: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """(log_sum_exp(z), the log-sum-exp over each row's kept set {z >= threshold} + {target}), the
+    second from the first's max and exps (as the Triton kernels compute it)."""
+    m = z.amax(dim=-1, keepdim=True)
+    e = torch.exp(z - m)
+    m = m.squeeze(-1)
+    lse = m + torch.log(e.sum(dim=-1))
+    s_kept = e.masked_fill_(z < threshold[:, None], 0.0).sum(dim=-1)
+    return lse, kept_log_sum_exp(m, s_kept, z_target, threshold)
+
+
+def _row_logp(z: Tensor, targets: Tensor, threshold: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(logp, lse, lse over the kept set or None) of temperature-scaled fp32 logits z: the one
+    log-prob computation of the torch backend's no-grad and training passes."""
+    z_target = z.gather(1, targets[:, None]).squeeze(1)
+    if threshold is None:
+        lse = log_sum_exp(z)
+        return z_target - lse, lse, None
+    lse, lse_kept = truncated_log_sum_exps(z, z_target, threshold)
+    return z_target - lse_kept, lse, lse_kept
+
+
 # The token tile of the chunk's GEMMs (cuBLAS's and Triton's largest M tile): a chunk that is not a
 # multiple of it ends in a partly empty row of tiles (882 tokens = 6.9 tiles of 128).
 GEMM_TILE_TOKENS = 128
@@ -91,7 +113,7 @@ def chunk_tokens(n: int, vocab: int, bytes_per_logit: int, cfg: KernelConfig, ch
 # ----------------------------------------------------------------------------------------------
 
 
-def _logprobs_torch(head: Head, hidden, targets, spec: LossSpec, chunk) -> tuple[Tensor, Tensor]:
+def _logprobs_torch(head: Head, hidden, targets, spec: LossSpec, chunk, threshold) -> tuple[Tensor, Tensor]:
     n = hidden.shape[0]
     logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
     entropy = torch.empty(n, device=hidden.device, dtype=torch.float32)
@@ -99,14 +121,13 @@ def _logprobs_torch(head: Head, hidden, targets, spec: LossSpec, chunk) -> tuple
         end = min(n, start + chunk)
         z, _ = transform_logits_(head.logits(hidden[start:end]), spec.logit_scale, spec.logit_softcap)
         z.mul_(1.0 / spec.temperature)
-        lse = log_sum_exp(z)
-        logp[start:end] = z.gather(1, targets[start:end, None]).squeeze(1) - lse
+        logp[start:end], lse, _ = _row_logp(z, targets[start:end], None if threshold is None else threshold[start:end])
         log_p = z.sub_(lse[:, None])
         entropy[start:end] = -(log_p.exp() * log_p).sum(-1)
     return logp, entropy
 
 
-def _logprobs_triton(head: Head, hidden, targets, spec: LossSpec, chunk, cfg) -> tuple[Tensor, Tensor]:
+def _logprobs_triton(head: Head, hidden, targets, spec: LossSpec, chunk, cfg, threshold) -> tuple[Tensor, Tensor]:
     from .grpo_kernel import logprob_rows_triton
 
     n = hidden.shape[0]
@@ -116,7 +137,8 @@ def _logprobs_triton(head: Head, hidden, targets, spec: LossSpec, chunk, cfg) ->
         end = min(n, start + chunk)
         logprob_rows_triton(head.logits(hidden[start:end]), targets[start:end], logp[start:end], entropy[start:end],
                             temperature=spec.temperature, logit_scale=spec.logit_scale,
-                            logit_softcap=spec.logit_softcap, cfg=cfg)
+                            logit_softcap=spec.logit_softcap, cfg=cfg,
+                            logit_threshold=None if threshold is None else threshold[start:end])
     return logp, entropy
 
 
@@ -130,10 +152,15 @@ def forward_logprobs(
     cfg: KernelConfig,
     chunk_size: Optional[int] = None,
     on_chip: bool = False,
+    logit_threshold: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token (logp, entropy) in fp32 for hidden [n, H]; no autograd; spec's temperature and logit
     transform. The logits of a chunk are computed and read exactly as in the training pass (same
     chunking for the same `chunk_size`), so the log-probs equal the training pass's.
+
+    `logit_threshold` ([n] fp32, or None): truncated sampling's threshold on z / T; each log-prob is
+    then over the kept set {v : z_v / T >= threshold} + {target} (-inf: the full vocabulary), the
+    entropy still of the full distribution.
 
     `on_chip` (triton only): the forward-only kernel whose logit tiles never leave the chip: no chunk
     buffer, but fp32 sums in another order (log-probs within ~1e-5 of the training pass's)."""
@@ -142,12 +169,13 @@ def forward_logprobs(
             from .logprob_kernel import logprobs_triton
 
             return logprobs_triton(hidden, weight, targets, bias, spec.temperature, cfg,
-                                   logit_scale=spec.logit_scale, logit_softcap=spec.logit_softcap)
+                                   logit_scale=spec.logit_scale, logit_softcap=spec.logit_softcap,
+                                   logit_threshold=logit_threshold)
         head = Head(weight, bias)
         chunk = chunk_tokens(hidden.shape[0], weight.shape[0], _bytes_per_logit(backend), cfg, chunk_size)
         if backend == "triton":
-            return _logprobs_triton(head, hidden, targets, spec, chunk, cfg)
-        return _logprobs_torch(head, hidden, targets, spec, chunk)
+            return _logprobs_triton(head, hidden, targets, spec, chunk, cfg, logit_threshold)
+        return _logprobs_torch(head, hidden, targets, spec, chunk, logit_threshold)
 
 
 def _bytes_per_logit(backend: str) -> int:
@@ -190,8 +218,11 @@ def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, policy: Opt
     inv_t = 1.0 / spec.temperature
     z, dz = transform_logits_(logits, spec.logit_scale, spec.logit_softcap, want_derivative=True)
     z.mul_(inv_t)
-    lse = log_sum_exp(z)
-    logp = z.gather(1, inputs.targets[:, None]).squeeze(1) - lse
+    threshold = inputs.logit_threshold
+    logp, lse, lse_kept = _row_logp(z, inputs.targets, threshold)
+    kept = None
+    if threshold is not None:  # the kept set K, before z becomes log p
+        kept = (z >= threshold[:, None]).scatter_(1, inputs.targets[:, None], True)
     log_p = z.sub_(lse[:, None])
     entropy = -(log_p.exp() * log_p).sum(-1)
     out["entropy"].copy_(entropy)
@@ -204,13 +235,14 @@ def _rows_torch(logits: Tensor, inputs: TokenInputs, spec: LossSpec, policy: Opt
         out["low"].copy_(terms.low)
     if terms.high is not None:
         out["high"].copy_(terms.high)
-    # d loss / d raw logit = S [g (onehot - p) - e p (log p + H)] dz/dx / T
+    # d loss / d raw logit = S [g (onehot - p') - e p (log p + H)] dz/dx / T, p' = p without a
+    # threshold, else the kept set's softmax (0 outside it: masked, as its exp may overflow there)
     scale = None
     if grad_dtype == torch.float16:
         scale = _gradient_scale_fn(spec, entropy, terms.entropy_grad)(terms.grad)
     if terms.entropy_grad is not None:
         bonus = log_p.add(entropy[:, None]).mul_(log_p.exp()).mul_(terms.entropy_grad[:, None])
-    p = log_p.exp_()
+    p = log_p.exp_() if kept is None else log_p.add_((lse - lse_kept)[:, None]).exp_().masked_fill_(~kept, 0.0)
     p.neg_().scatter_add_(1, inputs.targets[:, None], torch.ones_like(logp[:, None])).mul_(terms.grad[:, None])
     if terms.entropy_grad is not None:
         p.sub_(bonus)
@@ -246,6 +278,7 @@ def _rows_triton(logits: Tensor, inputs: TokenInputs, spec: LossSpec, policy: Op
         "policy_grad": None if policy is None else policy.token_grad[start:end],
         "seq_ratio": None if policy is None or policy.token_ratio is None else policy.token_ratio[start:end],
         "entropy_grad": entropy_grad,
+        "threshold": inputs.logit_threshold,
     }
     scales = []
     pick = _gradient_scale_fn(spec, out["entropy"], entropy_grad)
@@ -304,8 +337,10 @@ def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str
     if inputs.num_tokens is None:  # the entropy bonus's mean is over the call's tokens, not a chunk's
         inputs = replace(inputs, num_tokens=n)
 
+    threshold = inputs.logit_threshold
     if not (need_dh or need_dw or need_db):
-        logp, entropy = forward_logprobs(hidden, weight, inputs.targets, bias, spec, backend, cfg, chunk_size)
+        logp, entropy = forward_logprobs(hidden, weight, inputs.targets, bias, spec, backend, cfg, chunk_size,
+                                         logit_threshold=threshold)
         policy = whole_batch_policy(logp, entropy, inputs, spec) if spec.whole_batch else None
         terms = token_terms(logp, entropy, inputs, spec, policy)
         loss = terms.loss.sum() + (policy.loss if policy is not None else 0.0)
@@ -316,7 +351,8 @@ def _run(hidden, weight, bias, inputs: TokenInputs, spec: LossSpec, backend: str
 
     policy = None
     if spec.whole_batch:  # every token's log-prob first: the same values the chunks below compute
-        pre_logp, pre_entropy = forward_logprobs(hidden, weight, inputs.targets, bias, spec, backend, cfg, chunk_size)
+        pre_logp, pre_entropy = forward_logprobs(hidden, weight, inputs.targets, bias, spec, backend, cfg, chunk_size,
+                                                 logit_threshold=threshold)
         policy = whole_batch_policy(pre_logp, pre_entropy, inputs, spec)
 
     head = Head(weight, bias)

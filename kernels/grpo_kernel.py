@@ -4,6 +4,9 @@ For token n with raw logits x = h W^T + b (fp32, from a tensor-core matmul with 
 z = f(x) / T (f: the model's logit transform, kernels/tl_math.py; identity for most models):
 
 pass 1  online log-sum-exp, entropy and target logit:  lse, logp = z[y] - lse, H = lse - sum p z
+        (THRESHOLD, truncated sampling: logp = z[y] - lse' with lse' the log-sum-exp over the kept
+        set K = {j : z_j >= threshold} + {y}, summed beside lse from the same exps; H stays the full
+        distribution's)
 then    the GRPO terms of kernels/token_math.py in registers: the ratio c1 = exp(logp - old), the
         policy surrogate (POLICY: the clipped one with its optional delta cap, CISPO's capped
         detached ratio, or SAPO's soft gate; or a coefficient precomputed from the whole batch),
@@ -12,9 +15,10 @@ then    the GRPO terms of kernels/token_math.py in registers: the ratio c1 = exp
         turn the loss into 0 * inf), weighted by w, and the entropy bonus e * H, giving the token's
         loss contribution, g = d loss / d logp and e = d loss / d H
 pass 2  d loss / d x_j = S [g (1[j == y] - p_j) - e p_j (log p_j + H)] f'(x_j) / T (d H / d z_j =
-        -p_j (log p_j + H)), written in the input dtype over the first half of the token's own fp32
-        row (d_logits, row stride 2V in elements of 2 bytes), so the caller's d_hidden = d_logits @ W
-        (and d_W += d_logits^T @ h) reuse the chunk's buffer.
+        -p_j (log p_j + H); THRESHOLD: the first p_j is p'_j = 1[j in K] exp(z_j - lse')), written
+        in the input dtype over the first half of the token's own fp32 row (d_logits, row stride 2V
+        in elements of 2 bytes), so the caller's d_hidden = d_logits @ W (and d_W += d_logits^T @ h)
+        reuse the chunk's buffer.
 
 Writing over the row being read: tile k (B columns) reads the row's bytes [4 k B, 4 (k+1) B) and, in
 bf16 / fp16, stores [2 k B, 2 (k+1) B), i.e. fp32 columns [k B / 2, (k+1) B / 2) that tiles k / 2
@@ -47,7 +51,7 @@ from torch import Tensor
 
 from .config import KernelConfig
 from .launch import launch
-from .tl_math import transform_logits
+from .tl_math import kept_log_sum_exp, transform_logits
 
 # POLICY values (constexpr): the policy term's coefficient read from memory, or one of the surrogates
 PRECOMPUTED, CLIP, CISPO, SAPO = 0, 1, 2, 3
@@ -89,6 +93,8 @@ def _grpo_row_kernel(
     cispo_max,  # CISPO's cap on the ratio (epsilon_high)
     tau_pos,  # SAPO's temperature for A > 0
     tau_neg,  # and for A <= 0
+    threshold_ptr,  # [n] fp32 the sampler's threshold on z / T (THRESHOLD; None otherwise)
+    lse_kept_ptr,  # [n] fp32 the kept set's log-sum-exp, pass 1 to a separate pass 2 (THRESHOLD)
     TERMS: tl.constexpr,  # False: log-probs and entropies only (the no-grad passes)
     POLICY: tl.constexpr,
     HAS_OLD: tl.constexpr,
@@ -102,6 +108,7 @@ def _grpo_row_kernel(
     PASS1: tl.constexpr,
     PASS2: tl.constexpr,
     SCALED: tl.constexpr,
+    THRESHOLD: tl.constexpr,  # truncated sampling: logp over the kept set {z / T >= threshold} + {target}
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -114,6 +121,9 @@ def _grpo_row_kernel(
         m = float("-inf")
         s = 0.0
         a = 0.0
+        if THRESHOLD:
+            threshold = tl.load(threshold_ptr + row)
+            s_kept = 0.0  # sum exp(z - m) over z >= threshold: it shares the row's max and exps
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_mask = cols < V
@@ -125,10 +135,17 @@ def _grpo_row_kernel(
             e = tl.where(col_mask, tl.exp(z - m_new), 0.0)
             s = s * rescale + tl.sum(e, 0)
             a = a * rescale + tl.sum(e * tl.where(col_mask, z, 0.0), 0)  # no 0 * -inf
+            if THRESHOLD:
+                s_kept = s_kept * rescale + tl.sum(tl.where(z >= threshold, e, 0.0), 0)
             m = m_new
         lse = m + tl.log(s)
         z_target, _ = transform_logits(tl.load(base + target), logit_scale, softcap, SOFTCAP)
-        logp = z_target * inv_temperature - lse
+        if THRESHOLD:
+            z_target = z_target * inv_temperature
+            lse_kept = kept_log_sum_exp(m, s_kept, z_target, threshold)
+            logp = z_target - lse_kept
+        else:
+            logp = z_target * inv_temperature - lse
         entropy = lse - a / s
 
         if TERMS:
@@ -202,9 +219,14 @@ def _grpo_row_kernel(
         if TERMS and not PASS2:
             tl.store(lse_ptr + row, lse)
             tl.store(grad_ptr + row, grad)
+            if THRESHOLD:
+                tl.store(lse_kept_ptr + row, lse_kept)
     else:
         lse = tl.load(lse_ptr + row)
         grad = tl.load(grad_ptr + row)
+        if THRESHOLD:
+            threshold = tl.load(threshold_ptr + row)
+            lse_kept = tl.load(lse_kept_ptr + row)
         if ENTROPY_BONUS:
             entropy = tl.load(entropy_ptr + row)
             e_bonus = tl.load(entropy_grad_ptr + row)
@@ -222,11 +244,22 @@ def _grpo_row_kernel(
             col_mask = cols < V
             x = tl.load(base + cols, mask=col_mask, other=0.0)
             z, dz = transform_logits(x, logit_scale, softcap, SOFTCAP)
-            log_p = z * inv_temperature - lse
-            p = tl.exp(log_p)
-            d = coef * (tl.where(cols == target, 1.0, 0.0) - p)
-            if ENTROPY_BONUS:
-                d = d - e_coef * p * (log_p + entropy)
+            if THRESHOLD:
+                # d logp / d z_j = 1[j == y] - p'_j, p' the kept set's softmax (0 outside it, where
+                # exp may overflow); the entropy bonus's term stays on the full distribution
+                z = z * inv_temperature
+                kept = (z >= threshold) | (cols == target)
+                p_kept = tl.where(kept, tl.exp(z - lse_kept), 0.0)
+                d = coef * (tl.where(cols == target, 1.0, 0.0) - p_kept)
+                if ENTROPY_BONUS:
+                    log_p = z - lse
+                    d = d - e_coef * tl.exp(log_p) * (log_p + entropy)
+            else:
+                log_p = z * inv_temperature - lse
+                p = tl.exp(log_p)
+                d = coef * (tl.where(cols == target, 1.0, 0.0) - p)
+                if ENTROPY_BONUS:
+                    d = d - e_coef * p * (log_p + entropy)
             d = d * dz
             # WAR: every warp has read the bytes this tile's stores overwrite (see the module docstring)
             tl.debug_barrier()
@@ -250,7 +283,8 @@ def grpo_rows_triton(
     `tensors`: the chunk's [n] inputs: "targets", "weight", "policy_weight", "advantages", and, each
     optional (None), "old", "ref", "policy_grad" (the whole batch's precomputed policy coefficient),
     "seq_ratio" (the sequence ratio for the KL correction), "entropy_grad" (the entropy bonus's
-    d loss / d H). `spec`: the kernels.token_math.LossSpec.
+    d loss / d H), "threshold" (truncated sampling's per-token threshold on z / T).
+    `spec`: the kernels.token_math.LossSpec.
 
     `grad_scale`: None, or a callable (g [n] fp32 -> S [1] fp32) that picks the gradient scale S from
     the chunk's gradient coefficients; the passes then run as two launches."""
@@ -282,6 +316,12 @@ def grpo_rows_triton(
         float(spec.epsilon_high), float(spec.sapo_temperature_pos), float(spec.sapo_temperature_neg),
     ]
     has_ref = tensors.get("ref") is not None
+    threshold = tensors.get("threshold")
+    lse_kept = None
+    if threshold is not None:
+        lse_kept = torch.empty(n, device=logits.device, dtype=torch.float32) if split else dummy
+    # None (no threshold) is a constexpr: the kernel then compiles without these two arguments
+    truncation = [threshold, lse_kept]
     flags = dict(
         TERMS=True,
         POLICY=PRECOMPUTED if tensors.get("policy_grad") is not None else INLINE_POLICIES[spec.policy],
@@ -293,15 +333,16 @@ def grpo_rows_triton(
         KL_CORRECTION=bool(spec.kl_bias_correction) and has_ref,
         ENTROPY_BONUS=tensors.get("entropy_grad") is not None,
         SOFTCAP=spec.logit_softcap is not None,
+        THRESHOLD=threshold is not None,
         BLOCK_V=min(cfg.row_block_v, triton.next_power_of_2(V)),
         num_warps=cfg.row_num_warps,
     )
     if not split:
-        launch(_grpo_row_kernel, (n,), *args, dummy, *scalars, PASS1=True, PASS2=True, SCALED=False, **flags)
+        launch(_grpo_row_kernel, (n,), *args, dummy, *scalars, *truncation, PASS1=True, PASS2=True, SCALED=False, **flags)
         return
-    launch(_grpo_row_kernel, (n,), *args, dummy, *scalars, PASS1=True, PASS2=False, SCALED=False, **flags)
+    launch(_grpo_row_kernel, (n,), *args, dummy, *scalars, *truncation, PASS1=True, PASS2=False, SCALED=False, **flags)
     scale = grad_scale(grad)
-    launch(_grpo_row_kernel, (n,), *args, scale, *scalars, PASS1=False, PASS2=True, SCALED=True, **flags)
+    launch(_grpo_row_kernel, (n,), *args, scale, *scalars, *truncation, PASS1=False, PASS2=True, SCALED=True, **flags)
 
 
 def logprob_rows_triton(
@@ -314,10 +355,12 @@ def logprob_rows_triton(
     logit_scale: float,
     logit_softcap: Optional[float],
     cfg: KernelConfig,
+    logit_threshold: Optional[Tensor] = None,
 ) -> None:
     """Pass 1 alone (no GRPO terms, no gradient): per-token log-probs and entropies of fp32 `logits`
-    [n, V] into the fp32 [n] `logp` and `entropy`. The training pass runs the same code on the same
-    logits, so its log-probs equal these."""
+    [n, V] into the fp32 [n] `logp` and `entropy` (`logit_threshold` [n] fp32: the log-probs over
+    each row's kept set, the entropies still of the full distribution). The training pass runs the
+    same code on the same logits, so its log-probs equal these."""
     n, V = logits.shape
     if n == 0:
         return
@@ -326,8 +369,8 @@ def logprob_rows_triton(
         _grpo_row_kernel, (n,), logits, logits.stride(0), logits, logits.stride(0), targets,
         *([logp] * 8), logp, entropy, *([logp] * 7),
         V, 1.0 / temperature, float(logit_scale), float(logit_softcap) if logit_softcap is not None else 1.0,
-        0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, logit_threshold, None,
         TERMS=False, POLICY=CLIP, HAS_OLD=False, HAS_REF=False, USE_KL=False, HAS_DELTA=False, SEQ_RATIO=False,
         KL_CORRECTION=False, ENTROPY_BONUS=False, SOFTCAP=logit_softcap is not None, PASS1=True, PASS2=False,
-        SCALED=False, BLOCK_V=min(cfg.row_block_v, triton.next_power_of_2(V)), num_warps=cfg.row_num_warps,
+        SCALED=False, THRESHOLD=logit_threshold is not None, BLOCK_V=min(cfg.row_block_v, triton.next_power_of_2(V)), num_warps=cfg.row_num_warps,
     )

@@ -14,6 +14,10 @@ merged in PyTorch (O(tokens) memory):
 
     lse = M + log(sum_k s_k exp(m_k - M)),  logp = t - lse,  entropy = lse - sum_k a_k exp(m_k - M) / S
 
+With a per-token threshold (truncated sampling) a fifth partial, k = sum exp(z - m) over the logits
+z >= threshold, gives the log-sum-exp over the kept set {z >= threshold} + {target} and the log-prob
+t - lse' (kernels/token_math.kept_log_sum_exp); the entropy stays the full distribution's.
+
 H is large (3584 for a 7B model), so neither operand stays on chip across vocabulary tiles: each
 program re-streams its hidden block for every tile. Programs are therefore launched in groups of
 GROUP_N token blocks x all vocabulary splits (the grouped ordering of Triton's matmul tutorial):
@@ -33,6 +37,7 @@ from torch import Tensor
 from .config import KernelConfig, interpreting
 from .launch import launch
 from .tl_math import transform_logits
+from .token_math import kept_log_sum_exp
 
 
 @triton.jit
@@ -49,6 +54,8 @@ def _logprob_fwd_kernel(
     part_s_ptr,  # [num_splits, N] fp32 partial sum of exp (output)
     part_a_ptr,  # [num_splits, N] fp32 partial sum of exp * logit (output)
     part_t_ptr,  # [num_splits, N] fp32 target logit if it falls in this split, else 0 (output)
+    threshold_ptr,  # [N] fp32 the sampler's threshold on z (THRESHOLD; None otherwise)
+    part_k_ptr,  # [num_splits, N] fp32 sum exp(z - m) over z >= threshold (output, THRESHOLD)
     N,
     V,
     H,
@@ -65,6 +72,7 @@ def _logprob_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,
+    THRESHOLD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
@@ -83,6 +91,9 @@ def _logprob_fwd_kernel(
     s = tl.zeros([BLOCK_N], tl.float32)
     a = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
+    if THRESHOLD:
+        thresholds = tl.load(threshold_ptr + rows, mask=row_mask, other=float("-inf"))
+        k = tl.zeros([BLOCK_N], tl.float32)
 
     v_start = pid_s * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
@@ -123,6 +134,8 @@ def _logprob_fwd_kernel(
         s = s * rescale + tl.sum(e, 1)
         a = a * rescale + tl.sum(e * z_finite, 1)  # e is 0 outside the vocabulary
         t = t + tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), 1)
+        if THRESHOLD:
+            k = k * rescale + tl.sum(tl.where(z >= thresholds[:, None], e, 0.0), 1)
         m = m_new
 
     out = pid_s * N + rows
@@ -130,6 +143,8 @@ def _logprob_fwd_kernel(
     tl.store(part_s_ptr + out, s, mask=row_mask)
     tl.store(part_a_ptr + out, a, mask=row_mask)
     tl.store(part_t_ptr + out, t, mask=row_mask)
+    if THRESHOLD:
+        tl.store(part_k_ptr + out, k, mask=row_mask)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -148,9 +163,11 @@ def logprobs_triton(
     *,
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
+    logit_threshold: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Launcher: per-token (logp, entropy) in fp32 for hidden [N, H], weight [V, H], targets [N];
-    logits z = softcap(logit_scale * (h W^T + b)) / temperature (kernels/tl_math.py)."""
+    logits z = softcap(logit_scale * (h W^T + b)) / temperature (kernels/tl_math.py).
+    `logit_threshold` [N] fp32: log-probs over each token's kept set {z >= threshold} + {target}."""
     N, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
@@ -166,7 +183,8 @@ def logprobs_triton(
     tiles_per_split = triton.cdiv(v_tiles, min(want_splits, v_tiles))
     v_per_split = tiles_per_split * cfg.fwd_block_v
     num_splits = triton.cdiv(V, v_per_split)
-    parts = torch.empty(4, num_splits, N, device=device, dtype=torch.float32)
+    truncated = logit_threshold is not None
+    parts = torch.empty(5 if truncated else 4, num_splits, N, device=device, dtype=torch.float32)
     grid = (n_blocks * num_splits,)
     launch(
         _logprob_fwd_kernel,
@@ -183,6 +201,8 @@ def logprobs_triton(
         parts[1],
         parts[2],
         parts[3],
+        logit_threshold,  # None (no threshold): a constexpr, so the kernel compiles without it
+        parts[4] if truncated else None,
         N,
         V,
         H,
@@ -199,15 +219,21 @@ def logprobs_triton(
         BLOCK_V=cfg.fwd_block_v,
         BLOCK_H=cfg.fwd_block_h,
         GROUP_N=cfg.fwd_group_n,
+        THRESHOLD=truncated,
         num_warps=cfg.fwd_num_warps,
         num_stages=cfg.fwd_num_stages,
     )
-    part_m, part_s, part_a, part_t = parts
+    part_m, part_s, part_a, part_t = parts[:4]
     big_m = part_m.max(0).values
     scale = torch.exp(part_m - big_m)
     total_s = (part_s * scale).sum(0)
     total_a = (part_a * scale).sum(0)
     lse = big_m + torch.log(total_s)
-    torch.sub(part_t.sum(0), lse, out=logp)
+    z_target = part_t.sum(0)
+    if truncated:  # the split holding the row's max holds the kept set's max: no underflow (see kept_log_sum_exp)
+        kept_lse = kept_log_sum_exp(big_m, (parts[4] * scale).sum(0), z_target, logit_threshold)
+        torch.sub(z_target, kept_lse, out=logp)
+    else:
+        torch.sub(z_target, lse, out=logp)
     torch.sub(lse, total_a / total_s, out=entropy)
     return logp, entropy

@@ -1,5 +1,5 @@
-"""Triton helpers shared by the kernels: the model's logit transform and its derivative, and
-round-to-nearest bf16 under the interpreter.
+"""Triton helpers shared by the kernels: the model's logit transform and its derivative, the
+log-sum-exp over a truncated sampler's kept set, and round-to-nearest bf16 under the interpreter.
 
 Some models change the logits after the lm_head (transformers' CausalLM forwards):
 
@@ -41,3 +41,14 @@ def round_to_bf16_bits(value):
     bits = value.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def kept_log_sum_exp(m, s_kept, z_target, threshold):
+    """log sum exp(z) over the kept set {z >= threshold} + {target} (a truncating sampler's support,
+    the sampled token always in it), from the running max m of the whole row and
+    s_kept = sum exp(z - m) over {z >= threshold}. That set, when not empty, holds the row's max, so
+    s_kept >= 1 and nothing underflows; when it is empty the target is alone: z_target. The torch
+    twin is kernels.token_math.kept_log_sum_exp."""
+    extra = tl.where(z_target < threshold, tl.exp(z_target - m), 0.0)
+    return tl.where(s_kept > 0.0, m + tl.log(s_kept + extra), z_target)

@@ -86,6 +86,14 @@ def transform_logits_(x: Tensor, logit_scale: float, logit_softcap: Optional[flo
     return t.mul_(logit_softcap), derivative
 
 
+def kept_log_sum_exp(m: Tensor, s_kept: Tensor, z_target: Tensor, threshold: Tensor) -> Tensor:
+    """log sum exp(z) over the kept set {z >= threshold} + {target} of each row, from the row's max m
+    and s_kept = sum exp(z - m) over {z >= threshold} (the PyTorch twin of tl_math.kept_log_sum_exp:
+    that set, when not empty, holds the max, so s_kept >= 1; when empty the target is alone)."""
+    extra = torch.where(z_target < threshold, torch.exp(z_target - m), 0.0)
+    return torch.where(s_kept > 0.0, m + torch.log(s_kept + extra), z_target)
+
+
 @dataclass
 class TokenInputs:
     """Per-token inputs, flattened to the active tokens (completion_mask == 1) in row-major order."""
@@ -102,6 +110,8 @@ class TokenInputs:
     # the whole-batch options' threshold of the entropies: (local entropies, q) -> threshold (torch.quantile)
     entropy_threshold_fn: Optional[Callable[[Tensor, float], Tensor]] = None
     num_tokens: Optional[int] = None  # the call's active tokens (a chunk's inputs are a slice of them)
+    # [n] fp32 truncated sampling: log-probs over {v : z_v / T >= threshold} + {target} (-inf: every token)
+    logit_threshold: Optional[Tensor] = None
 
     def policy_weight(self, spec: LossSpec) -> Tensor:
         """[n] weight of the token's policy term: w, times the sampler IS ratio (which vespo puts in phi)."""
@@ -117,7 +127,7 @@ def slice_inputs(inputs: TokenInputs, start: int, end: int) -> TokenInputs:
     return replace(inputs, targets=inputs.targets[start:end], token_weight=inputs.token_weight[start:end],
                    advantages=inputs.advantages[start:end], seq_index=inputs.seq_index[start:end],
                    old_logps=cut(inputs.old_logps), ref_logps=cut(inputs.ref_logps), is_ratio=cut(inputs.is_ratio),
-                   sampling_logps=cut(inputs.sampling_logps))
+                   sampling_logps=cut(inputs.sampling_logps), logit_threshold=cut(inputs.logit_threshold))
 
 
 # ----------------------------------------------------------------------------------------------

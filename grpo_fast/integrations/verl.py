@@ -46,8 +46,8 @@ from ..kernels import LossSpec, TokenInputs, default_kernel_config, forward_logp
 from ..kernels.chunked import gradient_chunks
 from ..kernels.matmul import Head
 from ..kernels.token_math import Policy, gamma_weight, log_importance_ratio, token_policy
-from ..loss import (LOSS_TYPES, GRPOLossConfig, _check_head, _check_ids, _choice, _finite, _resolve_backend,
-                    _with_fallback)
+from ..loss import (LOSS_TYPES, GRPOLossConfig, _check_head, _check_ids, _check_threshold, _choice, _finite,
+                    _resolve_backend, _with_fallback)
 
 # TRL's loss type -> the verl loss_agg_mode that normalises as TRL does. bnpo: verl's token-mean counts
 # the tokens of the global batch (TRL's bnpo those of one process's batch), as dapo does.
@@ -66,7 +66,8 @@ KERNEL = "verl_fused_linear"  # its name for grpo_fast.fallback
 # ----------------------------------------------------------------------------------------------
 
 
-def _input_grads(hidden, weight, targets, d_logp, d_entropy, spec, backend, cfg, chunk_size, need_dh, need_dw):
+def _input_grads(hidden, weight, targets, threshold, d_logp, d_entropy, spec, backend, cfg, chunk_size, need_dh,
+                 need_dw):
     """fp32 (d hidden [n, H], d weight [V, H]) of sum(d_logp * logp + d_entropy * entropy), one chunk of
     logits at a time. The incoming gradients are the row pass's per-token coefficients (a Policy
     computed outside), so the rows are the loss's own torch / Triton code."""
@@ -79,7 +80,7 @@ def _input_grads(hidden, weight, targets, d_logp, d_entropy, spec, backend, cfg,
                     low=None, high=None)
     inputs = TokenInputs(targets=targets, token_weight=zeros, advantages=zeros,
                          seq_index=torch.zeros(n, device=hidden.device, dtype=torch.long), num_sequences=1,
-                         num_tokens=n)
+                         num_tokens=n, logit_threshold=threshold)
     d_hidden = torch.empty(n, H, **f32) if need_dh else None
     d_weight = torch.zeros(V, H, **f32) if need_dw else None
     out = {k: torch.empty(n, **f32) for k in ("logp", "entropy", "loss", "low", "high")}
@@ -109,10 +110,13 @@ class FusedLinearForPPOFunction(torch.autograd.Function):
     """verl's ``FusedLinearForPPOFunction.apply(hidden_states, vocab_weights, input_ids, temperature,
     chunk_size)``: per-token (log-probs, entropies), both fp32 and shaped as ``input_ids``, of
     ``softmax(hidden_states @ vocab_weights.T / temperature)``, differentiable w.r.t. hidden_states
-    and vocab_weights. ``chunk_size`` None: grpo-fast's memory budget; ``backend`` as grpo_loss's."""
+    and vocab_weights. ``chunk_size`` None: grpo-fast's memory budget; ``backend`` and
+    ``logit_threshold`` (float32, shaped as ``input_ids``: log-probs over a truncating sampler's kept
+    sets) as grpo_loss's."""
 
     @staticmethod
-    def forward(ctx, hidden_states, vocab_weights, input_ids, temperature=1.0, chunk_size=None, backend="auto"):
+    def forward(ctx, hidden_states, vocab_weights, input_ids, temperature=1.0, chunk_size=None, backend="auto",
+                logit_threshold=None):
         ctx.set_materialize_grads(False)
         _finite("temperature", temperature, minimum=0.0)
         if temperature == 0.0:
@@ -121,6 +125,8 @@ class FusedLinearForPPOFunction(torch.autograd.Function):
             raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
         flat, ids = _flat_inputs(hidden_states, vocab_weights, input_ids)
         device = flat.device
+        _check_threshold(logit_threshold, tuple(input_ids.shape), device)
+        threshold = None if logit_threshold is None else logit_threshold.reshape(-1)
         backend = _resolve_backend(backend, device, flat.dtype)
         if backend == "reference":
             raise ValueError("backend: expected 'auto', 'triton' or 'torch' (the chunked passes), got 'reference'")
@@ -128,27 +134,29 @@ class FusedLinearForPPOFunction(torch.autograd.Function):
         cfg = default_kernel_config(device, flat.dtype)
 
         def run(on):
-            return (on,) + tuple(forward_logprobs(flat, vocab_weights, ids, None, spec, on, cfg, chunk_size))
+            return (on,) + tuple(forward_logprobs(flat, vocab_weights, ids, None, spec, on, cfg, chunk_size,
+                                                  logit_threshold=threshold))
 
         # the backward reruns the row pass on whichever backend the forward ran
         used, logp, entropy = _with_fallback(KERNEL, backend, device, run)
-        ctx.save_for_backward(flat, vocab_weights, ids)
+        ctx.save_for_backward(flat, vocab_weights, ids, threshold)
         ctx.options = (spec, used, cfg, chunk_size, tuple(hidden_states.shape))
         return logp.view(input_ids.shape), entropy.view(input_ids.shape)
 
     @staticmethod
     def backward(ctx, d_logp, d_entropy):
-        flat, weight, ids = ctx.saved_tensors
+        flat, weight, ids, threshold = ctx.saved_tensors
         spec, backend, cfg, chunk_size, shape = ctx.options
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (d_logp is None and d_entropy is None) or not (need_dh or need_dw):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         def run(on):  # each run writes only buffers of its own, so a failed Triton launch leaves nothing
-            return _input_grads(flat, weight, ids, d_logp, d_entropy, spec, on, cfg, chunk_size, need_dh, need_dw)
+            return _input_grads(flat, weight, ids, threshold, d_logp, d_entropy, spec, on, cfg, chunk_size, need_dh,
+                                need_dw)
 
         d_hidden, d_weight = _with_fallback(KERNEL, backend, flat.device, run)
         return (None if d_hidden is None else d_hidden.to(flat.dtype).view(shape),
-                None if d_weight is None else d_weight.to(weight.dtype), None, None, None, None)
+                None if d_weight is None else d_weight.to(weight.dtype), None, None, None, None, None)
 
 
 class FusedLinearForPPO(nn.Module):
@@ -164,9 +172,10 @@ class FusedLinearForPPO(nn.Module):
         self.impl_backend = impl_backend
         self.backend = backend
 
-    def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor, temperature: float = 1.0):
+    def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor, temperature: float = 1.0,
+                logit_threshold: Optional[Tensor] = None):
         return FusedLinearForPPOFunction.apply(hidden_states, vocab_weights, input_ids, temperature,
-                                               self.chunk_size, self.backend)
+                                               self.chunk_size, self.backend, logit_threshold)
 
 
 # ----------------------------------------------------------------------------------------------
