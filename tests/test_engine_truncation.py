@@ -37,8 +37,9 @@ def test_the_threshold_is_the_least_score_the_warpers_keep(option):
     scores = torch.randn(64, 151) * 3  # no ties: the kept set is Hugging Face's exactly
     kept = _hugging_face(scores, option)
     threshold = truncation_threshold(scores, *_arguments(option))
-    expected = kept.masked_fill(torch.isinf(kept), math.inf).amin(dim=-1)
-    assert torch.equal(threshold, expected)
+    least_kept = kept.masked_fill(torch.isinf(kept), math.inf).amin(dim=-1)
+    greatest_dropped = scores.masked_fill(torch.isfinite(kept), -math.inf).amax(dim=-1)
+    torch.testing.assert_close(threshold, (least_kept + greatest_dropped) / 2)  # mid-gap: robust to rounding
     assert torch.equal(scores >= threshold[:, None], torch.isfinite(kept))
     assert (~torch.isfinite(kept)).any(dim=-1).all()  # each option drops something here
 
@@ -47,8 +48,10 @@ def test_ties_with_the_last_kept_score_are_kept():
     # top-p keeps 0.5 of the mass: one of the two tied 1.0 scores is enough, and both stay
     scores = torch.tensor([[1.0, 1.0, 0.0, -1.0]])
     threshold = truncation_threshold(scores, 0, 0.4, 0.0)
-    assert threshold.item() == 1.0
-    assert truncation_threshold(scores, 2, 1.0, 0.0).item() == 1.0  # top-2: both tied tokens
+    assert threshold.item() == 0.5  # between the tied pair and the next score
+    assert truncation_threshold(scores, 2, 1.0, 0.0).item() == 0.5  # top-2: both tied tokens
+    assert truncation_threshold(scores, 1, 1.0, 0.0).item() == 0.5  # top-1 too: the tie cannot be split
+    assert truncation_threshold(scores, 0, 0.99, 0.0).item() == -math.inf  # 0.99 of the mass: all kept
     assert truncation_threshold(scores, 0, 1.0, 0.0) is None  # nothing truncates
 
 
