@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from grpo_fast.engine import RolloutEngine, records_truncation, sample_tokens, truncation_threshold
+from grpo_fast.engine import RolloutEngine, records_truncation, sample_tokens
 from grpo_fast.rollout import SamplingParams
+from grpo_fast.truncation import truncation_threshold
 from tiny_lm import tiny_model, tiny_tokenizer
 
 OPTIONS = [dict(top_k=3), dict(top_p=0.5), dict(min_p=0.2), dict(top_k=4, top_p=0.8, min_p=0.05), dict(top_p=0.8)]
