@@ -42,7 +42,10 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    while slots are refilled.
 4. **Sampling on the device** (``sample_tokens``): EOS suppressed before
    ``min_completion_length``, temperature, top-k, top-p, min-p (Hugging Face's order and
-   semantics), then an exponential-race draw (``argmax(p / Exp(1))``, a categorical sample with no
+   semantics, except that a token tied with the last one top-p keeps stays too: each truncation then
+   keeps every token whose scaled logit is at least one threshold per draw, which the engine records
+   with the draw's log-prob under the truncated distribution, ``EngineOutput.logit_thresholds`` and
+   ``kept_logprobs``, for the trainer to score the same distribution), then an exponential-race draw (``argmax(p / Exp(1))``, a categorical sample with no
    host sync) from a seeded ``torch.Generator``. ``top_k=1`` is greedy decoding. On CUDA without
    top-k (other than 1), top-p or min-p, one Triton pass over the logits does all of it instead
    (``kernels/sampling.py``: a Gumbel-max draw from Philox uniforms keyed by a seed the generator
@@ -97,6 +100,7 @@ from .logits import LogitTransform, logit_transform
 from .memory import ModelShape, cache_length
 from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
                       stop_strings_tokenizer)
+from .truncation import truncates, truncation_threshold
 
 try:  # the fused NF4 decode matmul (CUDA); absent or inapplicable means the bitsandbytes path
     from .nf4 import NF4DecodeCache, fused_nf4_decode
@@ -124,6 +128,11 @@ class EngineOutput:
     completion_ids: list[list[int]]  # [B] as a Generate returns them (EOS kept, cut at stop strings)
     logprobs: list[list[float]]  # [B] per completion token: log_softmax(logits / temperature)[token]
     slots_per_step: list[int] = field(default_factory=list)  # cache rows computed at each decode step
+    # With top-k / top-p / min-p (``records_truncation``), per completion token: the least temperature-scaled
+    # logit the truncation kept (the kept set is every token at or above it: the loss's ``logit_threshold``)
+    # and the token's log-prob under the truncated distribution it was drawn from; else None.
+    logit_thresholds: list[list[float]] | None = None
+    kept_logprobs: list[list[float]] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,21 +141,11 @@ class EngineOutput:
 
 
 def filter_logits(scores: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """``scores`` [B, V] with the tokens outside top-k, then top-p, then min-p set to -inf
-    (Hugging Face's warpers: ties with the k-th score stay; the most likely token always stays)."""
-    if 0 < top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, -math.inf)
-    if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1)  # ascending: the tail comes first
-        tail_mass = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        remove = tail_mass <= 1.0 - top_p
-        remove[..., -1] = False
-        scores = scores.masked_fill(remove.scatter(-1, order, remove), -math.inf)
-    if min_p > 0.0:
-        probs = scores.softmax(dim=-1)
-        scores = scores.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), -math.inf)
-    return scores
+    """``scores`` [B, V] with the tokens that top-k, then top-p, then min-p drop set to -inf
+    (``truncation_threshold``: Hugging Face's warpers, except that a token tied with the last one top-p
+    keeps is kept too)."""
+    threshold = truncation_threshold(scores, top_k, top_p, min_p)
+    return scores if threshold is None else scores.masked_fill(scores < threshold[..., None], -math.inf)
 
 
 def race_argmax(probs: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
@@ -158,9 +157,12 @@ def race_argmax(probs: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int | torch.Tensor, eos_ids: torch.Tensor,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None, *, truncation: bool = False):
     """(tokens [B], log-probs [B]) for one decode step from float32 ``logits`` [B, V], on their device.
-    ``step``: the tokens sampled so far, one for all rows or per row ([B]: EOS suppressed per row)."""
+    ``step``: the tokens sampled so far, one for all rows or per row ([B]: EOS suppressed per row).
+    ``truncation``: also return (thresholds [B], kept log-probs [B]): the least temperature-scaled logit
+    top-k / top-p / min-p kept (``truncation_threshold``; -inf where nothing was dropped) and the sampled
+    token's log-prob under the truncated distribution it was drawn from."""
     scaled = logits / params.temperature
     # The log-prob is the loss's: the full, unfiltered distribution at this temperature.
     log_normaliser = torch.logsumexp(scaled, dim=-1)
@@ -170,14 +172,21 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int | torc
             scaled[:, eos_ids] = scaled[:, eos_ids].masked_fill(early, -math.inf)
     elif step < params.min_completion_length:
         scaled = scaled.index_fill(-1, eos_ids, -math.inf)
+    threshold = truncation_threshold(scaled, params.top_k, params.top_p, params.min_p)
+    kept = scaled if threshold is None else scaled.masked_fill(scaled < threshold[:, None], -math.inf)
     if params.top_k == 1:
         tokens = scaled.argmax(dim=-1)
     else:
-        probs = filter_logits(scaled, params.top_k, params.top_p, params.min_p).softmax(dim=-1)
+        probs = kept.softmax(dim=-1)
         tokens = race_argmax(probs, torch.empty_like(probs).exponential_(generator=generator))
     # EOS suppression only touched EOS entries, never sampled then: `scaled` holds the sampled token's value.
-    logprobs = scaled.gather(-1, tokens[:, None])[:, 0] - log_normaliser
-    return tokens, logprobs
+    chosen = scaled.gather(-1, tokens[:, None])[:, 0]
+    logprobs = chosen - log_normaliser
+    if not truncation:
+        return tokens, logprobs
+    if threshold is None:
+        return tokens, logprobs, torch.full_like(logprobs, -math.inf), logprobs
+    return tokens, logprobs, threshold, chosen - torch.logsumexp(kept, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,14 +663,21 @@ class RolloutEngine:
                 # Without CUDA graphs nothing needs the KV buffers' addresses to stay: free them for the
                 # training pass. With graphs they stay (a replay reads and writes them in place).
                 self._cache = None
-        completions, completion_logprobs = [], []
-        for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
+        thresholds = kept_logprobs = None
+        if logprobs.dim() == 3:  # truncated sampling: (full log-prob, threshold, kept log-prob) per token
+            logprobs, thresholds, kept_logprobs = logprobs.unbind(-1)
+        completions = []
+        for row in tokens.tolist():
             ids = cut_at_eos(row, params.eos_token_ids, params.max_completion_length)
             if params.stop_strings:
                 ids = cut_at_stop_strings(ids, params.stop_strings, tokenizer)
             completions.append(ids)
-            completion_logprobs.append(row_logprobs[: len(ids)])
-        return EngineOutput(completions, completion_logprobs, slots)
+
+        def per_completion(values):
+            return None if values is None else [row[: len(ids)] for row, ids in zip(values.tolist(), completions)]
+
+        return EngineOutput(completions, per_completion(logprobs), slots, logit_thresholds=per_completion(thresholds),
+                            kept_logprobs=per_completion(kept_logprobs))
 
     def prompts_per_wave(self, config, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
                          dtype: torch.dtype) -> int:
@@ -714,7 +730,10 @@ class RolloutEngine:
 
         # Outputs per output row (prompt p's rows p * group ...); column max_new takes finished rows' draws.
         out_tokens = torch.full((total * group, max_new + 1), params.pad_token_id, dtype=torch.long, device=device)
-        out_logprobs = torch.zeros(total * group, max_new + 1, dtype=torch.float32, device=device)
+        # Truncated sampling: each draw's (full log-prob, threshold, kept log-prob) in the last dimension.
+        record = records_truncation(params)
+        out_logprobs = torch.zeros(total * group, max_new + 1, *((3,) if record else ()), dtype=torch.float32,
+                                   device=device)
         # Per cache row, on the device: its output row, tokens sampled so far, done, prompt length, last token.
         row_ids = torch.zeros(rows, dtype=torch.long, device=device)
         steps = torch.zeros(rows, dtype=torch.long, device=device)
@@ -722,7 +741,10 @@ class RolloutEngine:
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         tokens = torch.full((rows,), params.pad_token_id, dtype=torch.long, device=device)
         def sample(logits, steps, rows):  # the draws come from the generator, in batch order
-            return sample_tokens(logits, params, steps, eos_ids, generator)
+            if not record:
+                return sample_tokens(logits, params, steps, eos_ids, generator)
+            tokens, *figures = sample_tokens(logits, params, steps, eos_ids, generator, truncation=True)
+            return tokens, torch.stack(figures, dim=-1)
 
         if self._fused_sampling(params, device) and total * group <= STREAM_ROWS:  # rows key the kernel's draws
             greedy = params.top_k == 1
@@ -820,6 +842,12 @@ class RolloutEngine:
         if not stopped:
             return done
         return done | torch.isin(row_ids, torch.tensor(stopped, device=row_ids.device))
+
+
+def records_truncation(params: SamplingParams) -> bool:
+    """Whether the engine records each draw's truncation threshold: sampling (not greedy) with top-k,
+    top-p or min-p (the one-pass sampling kernel never runs then: it does not truncate)."""
+    return params.top_k != 1 and truncates(params.top_k, params.top_p, params.min_p)
 
 
 def fused_sampling_supported(params: SamplingParams) -> bool:

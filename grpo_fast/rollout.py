@@ -74,6 +74,9 @@ class Rollout:
     columns: dict[str, list]  # the dataset's other columns, repeated per completion
     group_size: int
     sampling_logps: torch.Tensor | None = None  # [B, C] the sampler's log-probs of its tokens (the engine's), 0 padding
+    # [B, C] with truncated sampling replayed (replay_truncation): each token's least kept temperature-scaled
+    # logit (the loss's logit_threshold), -inf padding; None: log-probs over the full vocabulary
+    logit_thresholds: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]

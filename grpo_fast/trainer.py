@@ -220,10 +220,15 @@ def generate_rollout(model, tokenizer, rows: list[dict], config: GRPOConfig, gen
     params = sampling_params(config, tokenizer)
     texts = render_prompts([row[config.prompt_column] for row in rows], tokenizer)
     prompt_ids = tokenize_prompts(texts, tokenizer)
-    sampled_logprobs = None
-    if wants_sampler_logprobs(config) and hasattr(generate, "generate"):
+    sampled_logprobs = thresholds = None
+    if hasattr(generate, "generate"):  # the engine: its log-probs (and truncation thresholds) come free
         output = generate.generate(model, prompt_ids, params)
-        completions, sampled_logprobs = output.completion_ids, output.logprobs
+        completions = output.completion_ids
+        if output.logit_thresholds is None:  # untruncated sampling: the full distribution is the sampler's
+            sampled_logprobs = output.logprobs if wants_sampler_logprobs(config) else None
+        else:  # the draws came from the truncated distribution: that is the sampler's log-prob
+            sampled_logprobs = output.kept_logprobs if wants_sampler_logprobs(config) else None
+            thresholds = output.logit_thresholds if config.replay_truncation else None
     elif config.importance_sampling_correction != "none":
         raise ValueError("importance_sampling_correction: expected a sampler that returns its log-probs (the "
                          f"rollout engine), received {type(generate).__name__}")
@@ -231,11 +236,21 @@ def generate_rollout(model, tokenizer, rows: list[dict], config: GRPOConfig, gen
         completions = generate(model, prompt_ids, params)
     rollout = build_rollout(rows, config.prompt_column, prompt_ids, completions, tokenizer, params,
                             mask_truncated=config.mask_truncated_completions)
+    width = rollout.completion_ids.shape[1]
     if sampled_logprobs is not None:
-        width = rollout.completion_ids.shape[1]
         rollout.sampling_logps = torch.tensor([row + [0.0] * (width - len(row)) for row in sampled_logprobs],
                                               dtype=torch.float32).reshape(len(rollout), width)
+    if thresholds is not None:
+        rollout.logit_thresholds = torch.tensor([row + [-math.inf] * (width - len(row)) for row in thresholds],
+                                                dtype=torch.float32).reshape(len(rollout), width)
     return rollout
+
+
+def _thresholds(rollout: Rollout, rows: torch.Tensor, width: int, device: torch.device) -> dict:
+    """The loss's ``logit_threshold`` keyword for these rows when truncated sampling is replayed."""
+    if rollout.logit_thresholds is None:
+        return {}
+    return {"logit_threshold": rollout.logit_thresholds[rows, :width].to(device)}
 
 
 def score_rollout(functions: Sequence[RewardFunction], config: GRPOConfig, rollout: Rollout) -> Scores:
@@ -305,6 +320,7 @@ def batch_logprobs(model, rollout: Rollout, config: GRPOConfig, device: torch.de
             values = token_logprobs(hidden, weight.to(hidden.dtype), batch["completion_ids"], bias=bias,
                                     temperature=config.temperature, backend=config.loss_backend,
                                     completion_mask=batch["completion_mask"], chunk_size=config.loss_chunk_size,
+                                    **_thresholds(rollout, rows, batch["completion_ids"].shape[1], device),
                                     **logit_transform(model).loss_keywords())
             logps[rows, : values.shape[1]] = values.float().cpu()
     finally:
@@ -465,6 +481,7 @@ def optimise(model, optimizer, scheduler, scaler: torch.amp.GradScaler, rollout:
                     bias=bias, config=settings, backend=config.loss_backend,
                     importance_sampling_ratio=None if ratio is None else ratio[:, :width].to(device),
                     sampling_logps=None if sampling_logps is None else sampling_logps[rows, :width].to(device),
+                    **_thresholds(rollout, rows, width, device),
                 )
                 scaler.scale(out.loss * share).backward()
                 loss_value = float(out.loss.detach())  # the host reads it after queuing the backward

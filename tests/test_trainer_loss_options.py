@@ -47,6 +47,24 @@ def test_engine_sampler_correction_is_one_in_full_precision(tmp_path):
         assert record["sampling/sampling_logp_difference/max"] < 1e-4
 
 
+@pytest.mark.parametrize("replay", [True, False])
+def test_truncated_sampling_is_replayed(tmp_path, replay):
+    # top_p 0.8: the engine draws from the kept tokens only, so the sampler's probability of a draw is
+    # p / (kept mass). Replayed, the trainer scores that same truncated distribution and the first
+    # iteration's ratio is 1 for every token; over the full vocabulary it is the kept mass, below 1.
+    result = train(GRPOConfig(output_dir=str(tmp_path), run_name="run", rollout_engine="engine", top_p=0.8,
+                              importance_sampling_correction="token_truncate", importance_sampling_clip_max=10.0,
+                              replay_truncation=replay, **{**FAST, "max_steps": 1}))
+    record = result.history[0]
+    if replay:
+        assert abs(record["sampling/importance_sampling_ratio/min"] - 1.0) < 1e-4
+        assert abs(record["sampling/importance_sampling_ratio/max"] - 1.0) < 1e-4
+    else:
+        assert record["sampling/importance_sampling_ratio/max"] <= 1.0 + 1e-4
+        assert record["sampling/importance_sampling_ratio/min"] < 0.95
+    assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
+
+
 def test_sampler_correction_modes():
     old = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -3.0, 0.0]])
     sampler = torch.tensor([[-1.5, -1.0, -0.5], [-0.1, float("nan"), 0.0]])

@@ -30,7 +30,9 @@ cispo / sapo (``sapo_temperature_pos`` / ``_neg``) / vespo (``vespo_k_*`` / ``ve
 it by the importance ratio), ``entropy_coef`` and ``use_adaptive_entropy`` (the entropy bonus and
 its gradient inside the fused pass; TRL's controller), ``top_entropy_quantile`` (the quantile over
 every process's tokens, as TRL takes it), ``off_policy_mask_threshold`` and vLLM's
-importance-sampling correction (TRL's sampler log-probs and ratios, every mode), MoE router
+importance-sampling correction (TRL's sampler log-probs and ratios, every mode; under top-k / top-p /
+min-p every log-prob of the loss is over the tokens the truncation kept, replayed on the policy's own
+logits, so the ratio is not the kept mass: ``replay_truncation``), MoE router
 auxiliary losses, ``temperature``, ``cast_lm_head_to_fp32``, ``num_iterations`` > 1, gradient
 accumulation, PEFT / quantised models, an lm_head bias, and the logit transforms of
 ``grpo_fast.logits`` (Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
@@ -71,6 +73,7 @@ except ImportError as error:  # the optional extra is missing: say how to get it
 from ..logits import autocast_dtype, check_logits, logit_transform
 from ..loss import TOKEN_NORMALISED_LOSS_TYPES as _TOKEN_NORMALISED
 from ..loss import GRPOLossConfig, grpo_loss, token_logprobs
+from ..truncation import replayed_thresholds, truncates
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 
@@ -105,14 +108,18 @@ class FusedGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose training loss runs through ``grpo_fast.grpo_loss``.
 
     Takes exactly ``GRPOTrainer``'s arguments, plus ``loss_backend`` ("auto": Triton on CUDA,
-    chunked PyTorch elsewhere; "torch"; "triton"; "reference") and ``loss_chunk_size`` (tokens
-    per chunk of logits; None: the backend's memory budget).
+    chunked PyTorch elsewhere; "torch"; "triton"; "reference"), ``loss_chunk_size`` (tokens
+    per chunk of logits; None: the backend's memory budget) and ``replay_truncation`` (default True:
+    when vLLM samples with top-k / top-p / min-p and its log-probs correct the loss, every log-prob of
+    the loss is taken over the tokens the truncation kept, replayed on the policy's own logits:
+    ``grpo_fast.truncation.replayed_thresholds``).
 
     >>> trainer = FusedGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...))  # doctest: +SKIP
     >>> trainer.train()  # doctest: +SKIP
     """
 
-    def __init__(self, *args, loss_backend: str = "auto", loss_chunk_size: int | None = None, **kwargs):
+    def __init__(self, *args, loss_backend: str = "auto", loss_chunk_size: int | None = None,
+                 replay_truncation: bool = True, **kwargs):
         training_args = kwargs.get("args", args[2] if len(args) > 2 else None)
         if training_args is not None:
             if not isinstance(training_args, GRPOConfig):
@@ -126,6 +133,9 @@ class FusedGRPOTrainer(GRPOTrainer):
             )
         self.loss_backend = loss_backend
         self.loss_chunk_size = loss_chunk_size
+        self.replay_truncation = replay_truncation
+        self._replayed: torch.Tensor | None = None  # this generation batch's thresholds, once computed
+        self._replaying = False  # inside _generate_and_score_completions with replay on
         self._final_hidden_state_checked = False
         self._head_compute_dtype = None  # autocast's dtype at the last hidden-state forward, or None
         super().__init__(*args, **kwargs)
@@ -177,6 +187,7 @@ class FusedGRPOTrainer(GRPOTrainer):
                 backend=self.loss_backend,
                 importance_sampling_ratio=inputs.get("importance_sampling_ratio") if sampler_correction else None,
                 sampling_logps=inputs.get("sampling_per_token_logps"),
+                logit_threshold=inputs.get("logit_thresholds"),
                 entropy_threshold_fn=self._entropy_threshold if self.top_entropy_quantile < 1.0 else None,
             )
         loss = output.loss
@@ -307,21 +318,52 @@ class FusedGRPOTrainer(GRPOTrainer):
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal_inputs,
             )
         batch_size = batch_size or input_ids.size(0)
-        all_logps, all_entropies = [], []
+        # The generation batch's first no-grad pass is the policy's (old log-probs): with truncation
+        # replayed, its logits give the thresholds, which the reference pass and the loss then reuse.
+        replay_now = self._replaying and self._replayed is None
+        all_logps, all_entropies, all_thresholds = [], [], []
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
             hidden = self._completion_hidden_states(model, ids, mask, logits_to_keep)
             with self._gathered_head(model), _fp32_logits(hidden):
                 weight, bias = self._lm_head(model)
+                hidden = hidden.to(weight.dtype)
+                if replay_now:
+                    all_thresholds.append(replayed_thresholds(
+                        hidden, weight, bias, self.logit_transform, self.temperature, self.top_k or 0,
+                        1.0 if self.top_p is None else self.top_p, self.min_p or 0.0))
+                threshold = (all_thresholds[-1] if replay_now else
+                             None if not self._replaying else self._replayed[start : start + batch_size])
                 logps, entropy = token_logprobs(
-                    hidden.to(weight.dtype), weight, ids[:, -logits_to_keep:], bias=bias, temperature=self.temperature,
+                    hidden, weight, ids[:, -logits_to_keep:], bias=bias, temperature=self.temperature,
                     backend=self.loss_backend, completion_mask=mask[:, -logits_to_keep:], return_entropy=True,
-                    chunk_size=self.loss_chunk_size, **self.logit_transform.loss_keywords(),
+                    chunk_size=self.loss_chunk_size, logit_threshold=threshold, **self.logit_transform.loss_keywords(),
                 )
             all_logps.append(logps)
             all_entropies.append(entropy)
+        if replay_now:
+            self._replayed = torch.cat(all_thresholds)
         entropies = torch.cat(all_entropies) if compute_entropy else None
         return torch.cat(all_logps), entropies, None
+
+    def _replays_truncation(self) -> bool:
+        """Whether this batch's log-probs replay the sampler's truncation: vLLM sampled with top-k /
+        top-p / min-p and its log-probs correct the loss (where TRL's ratio is otherwise the kept mass)."""
+        sampler_used = self.use_vllm and (self.vllm_importance_sampling_correction
+                                          or self.args.off_policy_mask_threshold is not None)
+        return (self.replay_truncation and sampler_used
+                and truncates(self.top_k or 0, 1.0 if self.top_p is None else self.top_p, self.min_p or 0.0))
+
+    def _generate_and_score_completions(self, inputs):
+        self._replaying, self._replayed = self._replays_truncation(), None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._replaying = False
+        if self._replayed is not None:
+            output["logit_thresholds"] = self._replayed
+        self._replayed = None
+        return output
 
     def _loss_config(self, inputs, mode: str, accumulation: float = 1.0) -> GRPOLossConfig:
         num_items_in_batch = None
