@@ -1,0 +1,185 @@
+"""The sandbox's launcher: ``python -I -S _sandbox_launcher.py CONFIG_JSON``, started by ``grpo_fast.sandbox``.
+
+It runs in the child, single-threaded, before the untrusted code: it puts itself under the limits and the
+protections the kernel grants, writes to the status pipe which ones it got, and executes a fresh interpreter
+on the program (so nothing of this script stays in the untrusted process). Every step is attempted and its
+outcome reported; none is claimed that failed. Only the standard library: this runs with ``-I -S``.
+
+Linux pieces (each optional, probed here): dropping from root to an unprivileged uid (RLIMIT_NPROC means
+nothing to root); ``unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID)`` (a network with no interface up,
+a process count of its own, and a pid namespace whose processes all die with its first one); Landlock
+(writes only under the sandbox directory, no TCP bind/connect, no signals or abstract sockets out of it).
+"""
+
+import ctypes
+import json
+import os
+import resource
+import struct
+import sys
+
+CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x10000000, 0x40000000, 0x20000000
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+# The same numbers on every architecture (the syscalls came after the tables were unified).
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_CREATE_RULESET_VERSION, LANDLOCK_RULE_PATH_BENEATH = 1, 1
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+FS_TRUNCATE = 1 << 14
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def _can_run_as(uid: int, gid: int, paths: list) -> bool:
+    """Whether ``uid`` may read the interpreter, its standard library and the program (root's home is often
+    private, and an interpreter installed there cannot be run by anyone else)."""
+    os.setegid(gid)
+    os.seteuid(uid)
+    try:
+        return all(os.access(path, os.R_OK, effective_ids=True) for path in paths)
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def _drop_root(cfg: dict, active: dict) -> None:
+    uid, gid = cfg["unprivileged_uid"], cfg["unprivileged_gid"]
+    paths = [sys.executable, os.path.dirname(os.__file__), cfg["program"]]
+    if not _can_run_as(uid, gid, paths):
+        active.setdefault("remarks", []).append(
+            f"running as root: uid {uid} cannot read the interpreter or its standard library, so the code runs "
+            "as root (no RLIMIT_NPROC for root; only a pids cgroup can bound its processes)")
+        return
+    os.chown(cfg["directory"], uid, gid)
+    os.chown(cfg["program"], uid, gid)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    active["uid"] = uid
+
+
+def _unshare(libc, active: dict) -> None:
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID) == 0:
+        # Map the uid to itself, so that files keep their owners and the code has no capability inside.
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{uid} {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{gid} {gid} 1")
+        active.update(user_namespace=True, network_namespace=True, pid_namespace=True)
+        return
+    # Root that kept its uid (no user namespaces here): namespaces of its own without a user namespace.
+    if os.geteuid() == 0 and libc.unshare(CLONE_NEWNET) == 0:
+        active["network_namespace"] = True
+    if os.geteuid() == 0 and libc.unshare(CLONE_NEWPID) == 0:
+        active["pid_namespace"] = True
+
+
+def _tasks_of(uid: int) -> int:
+    """The tasks (processes and threads) that RLIMIT_NPROC counts for ``uid`` outside a user namespace."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+                if int(fields["Uid"].split()[0]) == uid:
+                    count += int(fields["Threads"])
+            except (OSError, KeyError, ValueError):
+                continue  # it exited while being read
+    return count
+
+
+def _process_limit(cfg: dict, active: dict) -> None:
+    # Set after unshare: a new user namespace takes the creator's RLIMIT_NPROC as its ceiling in the parent.
+    allowed = cfg["max_processes"] + (1 if active.get("pid_namespace") else 0)  # + this launcher, the relay
+    if os.getuid() == 0:
+        return  # the kernel never applies RLIMIT_NPROC to root
+    if active.get("user_namespace"):
+        active["process_limit"] = "user-namespace"  # the count is this namespace's own
+    else:
+        allowed += _tasks_of(os.getuid())
+        active["process_limit"] = "uid-count"  # shared with the uid's other processes
+    resource.setrlimit(resource.RLIMIT_NPROC, (allowed, allowed))
+
+
+def _landlock(libc, cfg: dict, active: dict) -> None:
+    abi = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), LANDLOCK_CREATE_RULESET_VERSION)
+    if abi < 1:
+        return
+    handled_fs = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
+    handled_net = 0b11 if abi >= 4 else 0  # TCP bind, TCP connect: handled and never allowed
+    scoped = 0b11 if abi >= 6 else 0  # abstract unix sockets, signals: only within the sandbox
+    attr = struct.pack("=QQQ", handled_fs, handled_net, scoped)[: 8 if abi < 4 else 16 if abi < 6 else 24]
+    ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(len(attr)), 0)
+    if ruleset < 0:
+        return
+    read_only = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+    rules = [("/", read_only), (cfg["directory"], handled_fs),
+             ("/dev/null", FS_READ_FILE | FS_WRITE_FILE | (FS_TRUNCATE if abi >= 3 else 0))]
+    for path, access in rules:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        rule = struct.pack("=Qi", access, fd)
+        if libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, rule, 0) != 0:
+            return
+        os.close(fd)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        return
+    active["no_new_privs"] = True
+    if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) == 0:
+        active.update(landlock_abi=abi, write_confinement=True, landlock_tcp=abi >= 4, landlock_scope=abi >= 6)
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    status = os.fdopen(cfg["status_fd"], "w", buffering=1)
+    active: dict = {}
+    try:
+        if cfg.get("cgroup_procs"):
+            with open(cfg["cgroup_procs"], "w") as f:
+                f.write(str(os.getpid()))
+            active["process_limit_cgroup"] = True
+        for name, value in cfg["rlimits"].items():
+            resource.setrlimit(getattr(resource, name), (value, value))
+        active["rlimits"] = True
+        if sys.platform == "darwin":
+            active.setdefault("remarks", []).append(
+                "macOS: no memory (address-space) limit, process-count limit, write confinement, network "
+                "isolation or pid namespace; only CPU time, file size, open files and the process group kill")
+        if sys.platform == "linux":
+            libc = _libc()
+            if os.geteuid() == 0 and cfg.get("unprivileged_uid") is not None:
+                _drop_root(cfg, active)
+            _unshare(libc, active)
+            _process_limit(cfg, active)
+            _landlock(libc, cfg, active)
+            if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
+                active["no_new_privs"] = True
+        argv = [sys.executable, "-I", "-B", *(["-S"] if not cfg["site_packages"] else []), cfg["program"]]
+        if active.get("pid_namespace"):
+            # The first process of the namespace runs the program; when it ends (or this relay is killed)
+            # the kernel kills everything left in the namespace, escaped process groups included.
+            child = os.fork()
+            if child == 0:
+                _libc().prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+                status.close()
+                os.execv(sys.executable, argv)
+            status.write(json.dumps(active) + "\n")
+            _, wait_status = os.waitpid(child, 0)
+            status.write(json.dumps({"wait_status": wait_status}) + "\n")
+            os._exit(0)
+        status.write(json.dumps(active) + "\n")
+        status.close()
+        os.execv(sys.executable, argv)
+    except BaseException as error:  # reported to the parent, which turns it into the run's error
+        status.write(json.dumps({**active, "launcher_error": f"{type(error).__name__}: {error}"}) + "\n")
+        os._exit(126)
+
+
+if __name__ == "__main__":
+    main()
