@@ -19,7 +19,7 @@ import struct
 import sys
 
 CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x10000000, 0x40000000, 0x20000000
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 # The same numbers on every architecture (the syscalls came after the tables were unified).
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 LANDLOCK_CREATE_RULESET_VERSION, LANDLOCK_RULE_PATH_BENEATH = 1, 1
@@ -34,7 +34,7 @@ def _libc():
 
 
 def _can_run_as(uid: int, gid: int, paths: list) -> bool:
-    """Whether ``uid`` may read the interpreter, its standard library and the program (root's home is often
+    """Whether ``uid`` may read the interpreter and its standard library (root's home is often
     private, and an interpreter installed there cannot be run by anyone else)."""
     os.setegid(gid)
     os.seteuid(uid)
@@ -45,10 +45,9 @@ def _can_run_as(uid: int, gid: int, paths: list) -> bool:
         os.setegid(0)
 
 
-def _drop_root(cfg: dict, active: dict) -> None:
+def _drop_root(libc, cfg: dict, active: dict) -> None:
     uid, gid = cfg["unprivileged_uid"], cfg["unprivileged_gid"]
-    paths = [sys.executable, os.path.dirname(os.__file__), cfg["program"]]
-    if not _can_run_as(uid, gid, paths):
+    if not _can_run_as(uid, gid, [sys.executable, os.path.dirname(os.__file__)]):
         active.setdefault("remarks", []).append(
             f"running as root: uid {uid} cannot read the interpreter or its standard library, so the code runs "
             "as root (no RLIMIT_NPROC for root; only a pids cgroup can bound its processes)")
@@ -58,6 +57,8 @@ def _drop_root(cfg: dict, active: dict) -> None:
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    # A uid change leaves /proc/self owned by root, which would forbid writing our own uid_map next.
+    libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     active["uid"] = uid
 
 
@@ -154,7 +155,7 @@ def main() -> None:
         if sys.platform == "linux":
             libc = _libc()
             if os.geteuid() == 0 and cfg.get("unprivileged_uid") is not None:
-                _drop_root(cfg, active)
+                _drop_root(libc, cfg, active)
             _unshare(libc, active)
             _process_limit(cfg, active)
             _landlock(libc, cfg, active)

@@ -22,16 +22,14 @@ import json
 import os
 import re
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 _LAUNCHER = Path(__file__).with_name("_sandbox_launcher.py")
 _CGROUP_COUNTER = itertools.count()
@@ -227,6 +225,8 @@ def run_python(code: str, *, stdin: str | None = None, timeout_s: float = 10.0, 
             os.close(status_write)
         try:
             out, err, limit, truncated = _collect(process, start + timeout_s, max_output_bytes, group)
+            if sys.platform == "linux":
+                _end_session(process.pid)
             _, wait_status, usage = os.wait4(process.pid, 0)
             process.returncode = -1  # reaped above; keeps Popen from waiting on a pid that is gone
         finally:
@@ -312,6 +312,38 @@ def _collect(process: subprocess.Popen, deadline: float, cap: int, group: Path |
         process.stdout.close()
         process.stderr.close()
     return bytes(buffers[process.stdout]), bytes(buffers[process.stderr]), limit, truncated
+
+
+def _session_members(session: int) -> list[int]:
+    """Live processes of a session (Linux), zombies left out: they are already dead, waiting for a parent."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # it exited while being read
+            if int(fields[3]) == session and fields[0] not in "ZX":
+                members.append(int(entry))
+    return members
+
+
+def _end_session(session: int) -> None:
+    """Kill what is left of the run's session and wait until it is gone: processes that moved to another
+    process group escape ``killpg`` but not this (only ``setsid`` escapes it, which the pid namespace and
+    the cgroup cover where active)."""
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        members = [pid for pid in _session_members(session) if pid != session]
+        if not members:
+            return
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
 
 
 def _kill_cgroup_members(group: Path) -> None:
