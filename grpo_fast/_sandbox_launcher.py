@@ -136,6 +136,44 @@ def _landlock(libc, cfg: dict, active: dict) -> None:
         active.update(landlock_abi=abi, write_confinement=True, landlock_tcp=abi >= 4, landlock_scope=abi >= 6)
 
 
+# seccomp: the one syscall filtered is socket(AF_UNIX, ...): a Unix socket reached by its path (Docker's,
+# a desktop bus) is neither a write nor a network, so neither Landlock nor the network namespace stops it.
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
+EPERM, EACCES, AF_UNIX = 1, 13, 1
+# machine -> (the audit arch seccomp reports, socket's number, its x32 twin where there is one)
+SECCOMP_ARCHES = {"x86_64": (0xC000003E, 41, 41 | 0x40000000), "aarch64": (0xC00000B7, 198, 198)}
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _seccomp(libc, active: dict) -> None:
+    arch = SECCOMP_ARCHES.get(os.uname().machine)
+    if arch is None:
+        return
+    audit_arch, socket_nr, socket_x32 = arch
+    program = [
+        (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+        (BPF_JEQ_K, 1, 0, audit_arch),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | EPERM),  # another ABI (32-bit calls): refused outright
+        (BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+        (BPF_JEQ_K, 2, 0, socket_nr),
+        (BPF_JEQ_K, 1, 0, socket_x32),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        (BPF_LD_W_ABS, 0, 0, 16),  # the low half of args[0], the address family (little-endian)
+        (BPF_JEQ_K, 0, 1, AF_UNIX),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | EACCES),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+    ]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *op) for op in program))
+    fprog = _SockFprog(len(program), ctypes.addressof(code))
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0:
+        active["unix_sockets_blocked"] = True
+
+
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     status = os.fdopen(cfg["status_fd"], "w", buffering=1)
@@ -159,8 +197,9 @@ def main() -> None:
             _unshare(libc, active)
             _process_limit(cfg, active)
             _landlock(libc, cfg, active)
-            if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
+            if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:  # seccomp needs it too
                 active["no_new_privs"] = True
+                _seccomp(libc, active)
         argv = [sys.executable, "-I", "-B", *(["-S"] if not cfg["site_packages"] else []), cfg["program"]]
         if active.get("pid_namespace"):
             # The first process of the namespace runs the program; when it ends (or this relay is killed)

@@ -47,6 +47,7 @@ class Protections:
     pid_namespace: bool = False  # every process of the run dies with it, escaped process groups too
     signal_scope: bool = False  # Landlock: no signals to processes outside the sandbox
     no_new_privs: bool = False  # setuid programs gain nothing
+    unix_sockets_blocked: bool = False  # seccomp: socket(AF_UNIX) refused (Docker's socket and the like)
     remarks: str = ""  # why a protection the launcher tried was not granted
 
     @classmethod
@@ -56,13 +57,14 @@ class Protections:
         return cls(rlimits=bool(report.get("rlimits")), process_limit=process_limit, uid=report.get("uid"),
                    write_confinement=bool(report.get("write_confinement")), network=network,
                    pid_namespace=bool(report.get("pid_namespace")), signal_scope=bool(report.get("landlock_scope")),
-                   no_new_privs=bool(report.get("no_new_privs")), remarks="; ".join(report.get("remarks", [])))
+                   no_new_privs=bool(report.get("no_new_privs")),
+                   unix_sockets_blocked=bool(report.get("unix_sockets_blocked")), remarks="; ".join(report.get("remarks", [])))
 
     def not_enforced(self) -> list[str]:
         """The protections this run lacked, in words."""
         missing = [("resource limits", self.rlimits), ("process-count limit", self.process_limit),
                    ("write confinement", self.write_confinement), ("network isolation", self.network),
-                   ("pid namespace", self.pid_namespace)]
+                   ("pid namespace", self.pid_namespace), ("Unix-socket block", self.unix_sockets_blocked)]
         return [name for name, present in missing if not present]
 
 

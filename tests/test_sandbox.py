@@ -163,6 +163,24 @@ def test_a_socket_connect_to_a_local_listener(protections):
         _runs_after(result)
 
 
+def test_a_unix_socket_connect_by_path(tmp_path, protections):
+    path = tmp_path / "listener.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(8)
+        path.chmod(0o777)
+        result = run_python(f"import socket\nsocket.socket(socket.AF_UNIX).connect({str(path)!r})\nprint('connected')\n",
+                            **LIMITS)
+        if not protections.unix_sockets_blocked:
+            assert "Unix-socket block" in result.protections.not_enforced()
+            return
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+        assert "connected" not in result.stdout and "PermissionError" in result.stderr
+        _runs_after(result)
+
+
 def test_a_flood_of_output_is_cut_at_the_cap():
     result = run_python("import sys\nwhile True:\n    print('x' * 1000)\n    sys.stderr.write('y' * 100)\n", **LIMITS)
     assert result.limit == "output" and result.truncated and "output limit" in result.error_text()
