@@ -10,7 +10,7 @@ each completion's code against the dataset row's tests.
   runs without an exception, else 0.0; a list of strings: the fraction that pass), rows in parallel.
 
 The tests run in the same process as the solution, so a program that sets out to forge its result can
-(see the training guide's "Running model-written code"); plain cheats (``sys.exit(0)``, ``os._exit(0)``,
+(docs/code-execution.md); plain cheats (``sys.exit(0)``, ``os._exit(0)``,
 printing a fake summary) score 0.
 """
 

@@ -9,9 +9,9 @@ open files, no core files. Output is read as it comes and the run is killed once
 On Linux the launcher (``_sandbox_launcher.py``) adds what the kernel grants without asking anyone: a
 user + network + pid namespace, Landlock write confinement, an unprivileged uid when started as root, a
 process-count limit. It reports which it got; ``SandboxResult.protections`` carries that report and
-``sandbox_protections()`` probes it once. What this does not isolate is listed in the training guide
-("Running model-written code"): it is a guard against accidents and runaway programs, not a security
-boundary against a determined attacker.
+``sandbox_protections()`` probes it once. What this does not isolate is listed in the docs
+(docs/code-execution.md): it is a guard against accidents and runaway programs, not a security boundary
+against a determined attacker.
 """
 
 from __future__ import annotations
