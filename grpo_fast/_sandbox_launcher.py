@@ -180,9 +180,12 @@ def main() -> None:
     active: dict = {}
     try:
         if cfg.get("cgroup_procs"):
-            with open(cfg["cgroup_procs"], "w") as f:
-                f.write(str(os.getpid()))
-            active["process_limit_cgroup"] = True
+            try:
+                with open(cfg["cgroup_procs"], "w") as f:
+                    f.write(str(os.getpid()))
+                active["process_limit_cgroup"] = True
+            except OSError as error:  # a delegated cgroup may still refuse a move across subtrees
+                active.setdefault("remarks", []).append(f"could not join the pids cgroup: {error}")
         for name, value in cfg["rlimits"].items():
             resource.setrlimit(getattr(resource, name), (value, value))
         active["rlimits"] = True

@@ -116,7 +116,7 @@ def check_limits(*, timeout_s: float, cpu_s: int | None, **positive_ints: int) -
     return cpu_s
 
 
-def _cgroup_for_run() -> Path | None:
+def _cgroup_for_run(max_pids: int) -> Path | None:
     """A fresh pids cgroup under this process's own (cgroup v1 ``pids`` or v2 with pids delegated), where this
     process may create one (usually root); None elsewhere. It bounds the run's processes even for root."""
     try:
@@ -136,14 +136,18 @@ def _cgroup_for_run() -> Path | None:
             mount_point, (fstype, _, options) = fields[0].split()[4], fields[1].split()[:3]
             if (v2 and fstype == "cgroup2") or (not v2 and fstype == "cgroup" and "pids" in options.split(",")):
                 parent = Path(mount_point + path)
-                if v2 and "pids" not in (parent / "cgroup.subtree_control").read_text().split():
-                    continue
                 group = parent / f"grpo-fast-sandbox-{os.getpid()}-{next(_CGROUP_COUNTER)}"
                 try:
+                    if v2 and "pids" not in (parent / "cgroup.subtree_control").read_text().split():
+                        continue
                     group.mkdir()
-                    return group
                 except OSError:
                     continue
+                try:
+                    (group / "pids.max").write_text(str(max_pids))
+                    return group
+                except OSError:
+                    group.rmdir()
     return None
 
 
@@ -208,9 +212,8 @@ def run_python(code: str, *, stdin: str | None = None, timeout_s: float = 10.0, 
         stdin_file.write((stdin or "").encode())
         stdin_file.seek(0)
         status_read, status_write = os.pipe()
-        group = _cgroup_for_run() if sys.platform == "linux" else None
-        if group is not None:
-            (group / "pids.max").write_text(str(max_processes + 1))  # + the launcher, left as the relay
+        # + 1: the launcher, which stays as the relay when there is a pid namespace
+        group = _cgroup_for_run(max_processes + 1) if sys.platform == "linux" else None
         config = {"status_fd": status_write, "rlimits": rlimits, "directory": directory, "program": str(program),
                   "max_processes": max_processes, "site_packages": site_packages,
                   "unprivileged_uid": unprivileged_uid, "unprivileged_gid": unprivileged_uid,

@@ -73,7 +73,7 @@ def test_a_failing_program_reports_its_exit_status_and_traceback():
 
 
 def test_an_infinite_loop_is_stopped_by_the_cpu_limit():
-    result = run_python("while True:\n    pass\n", **LIMITS)
+    result = run_python("while True:\n    pass\n", **{**LIMITS, "timeout_s": 60})  # CPU, not wall time, stops it
     assert result.limit == "cpu" and result.signal is not None and "CPU-time limit" in result.error_text()
     _runs_after(result)
 
@@ -228,7 +228,7 @@ def test_limits_are_checked_by_name():
 def test_the_python_tool_schema_and_results():
     from transformers.utils import get_json_schema
 
-    tool = make_python_tool(**LIMITS)
+    tool = make_python_tool(**{**LIMITS, "timeout_s": 60})
     schema = get_json_schema(tool)["function"]
     assert schema["name"] == "python" and schema["parameters"]["required"] == ["code"]
     assert schema["parameters"]["properties"]["code"]["type"] == "string"
