@@ -7,11 +7,16 @@ it active; where it is not active on the machine, the run must say so (never cla
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +26,7 @@ if sys.platform != "linux":
 from grpo_fast.code_tools import make_code_reward, make_python_tool  # noqa: E402
 from grpo_fast.sandbox import run_python, sandbox_protections  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 LIMITS = dict(timeout_s=10, cpu_s=1, memory_mb=512, max_processes=8, max_output_bytes=4096)
 
 
@@ -263,3 +269,47 @@ def test_the_code_reward_on_correct_wrong_and_hostile_completions(protections):
     assert reward([None], [solution], tests=[None]) == [None]
     with pytest.raises(ValueError, match="needs a 'tests' column"):
         reward([None], [solution], answer=["3"])
+
+
+_OTHER_PATHS_SCRIPT = """
+import importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
+sandbox = importlib.util.module_from_spec(spec)
+sys.modules["sandbox"] = sandbox
+spec.loader.exec_module(sandbox)
+spawn = ("import os, time\\nstarted = 0\\ntry:\\n    for _ in range(40):\\n        if os.fork() == 0:\\n"
+         "            time.sleep(30)\\n            os._exit(0)\\n        started += 1\\nexcept OSError:\\n    print(started)\\n")
+write = sandbox.run_python("import os\\nprint(os.getuid())\\nopen(%r, 'w')\\n" % sys.argv[2], timeout_s=10, max_processes=8)
+count = sandbox.run_python(spawn, timeout_s=10, max_processes=8)
+print(json.dumps({"protections": write.protections.__dict__, "uid": int(write.stdout.split()[0]),
+                  "write_refused": "PermissionError" in write.stderr, "started": int(count.stdout)}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not os.access("/usr/bin/python3", os.X_OK),
+                    reason="needs root, setpriv and a system Python to try the unprivileged paths")
+@pytest.mark.parametrize("as_nobody", [False, True], ids=["root-switches-to-nobody", "unprivileged-trainer"])
+def test_the_unprivileged_paths(as_nobody):
+    """The trainer as root with an interpreter that nobody can run (the uid switch), and as an ordinary user."""
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                            f"import os; open({str(ROOT / 'grpo_fast' / 'sandbox.py')!r})"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("uid 65534 cannot run the system Python or read this checkout here")
+    with tempfile.TemporaryDirectory() as directory:  # not pytest's: its parent is private to root
+        os.chmod(directory, 0o777)  # only the sandbox's own confinement may stop the write
+        target = Path(directory) / "outside.txt"
+        script = Path(directory) / "paths.py"
+        script.write_text(_OTHER_PATHS_SCRIPT)
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_nobody else []
+        result = subprocess.run([*prefix, "/usr/bin/python3", str(script), str(ROOT / "grpo_fast" / "sandbox.py"),
+                                 str(target)], capture_output=True, text=True, timeout=120, cwd=directory)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout)
+        protections = report["protections"]
+        assert report["uid"] == 65534 and protections["uid"] == (None if as_nobody else 65534)
+        if protections["write_confinement"]:
+            assert report["write_refused"] and not target.exists()
+        if protections["process_limit"] == "user-namespace":
+            assert report["started"] == 7  # max_processes 8, the program included
+        elif protections["process_limit"] is not None:
+            assert report["started"] <= 7
