@@ -228,11 +228,12 @@ def run_python(code: str, *, stdin: str | None = None, timeout_s: float = 10.0, 
                 start_new_session=True)
         finally:
             os.close(status_write)
+        child = _Child(process.pid)
         try:
-            out, err, limit, truncated = _collect(process, start + timeout_s, max_output_bytes, group)
+            out, err, limit, truncated = _collect(process, child, start + timeout_s, max_output_bytes, group)
             if sys.platform == "linux":
-                _end_session(process.pid)
-            _, wait_status, usage = os.wait4(process.pid, 0)
+                _end_session(process.pid)  # before reaping: the session id stays ours while the leader is a zombie
+            wait_status, usage = child.reap()
             process.returncode = -1  # reaped above; keeps Popen from waiting on a pid that is gone
         finally:
             if group is not None:
@@ -259,13 +260,29 @@ def run_python(code: str, *, stdin: str | None = None, timeout_s: float = 10.0, 
                          protections=Protections.from_report(report), pid=process.pid)
 
 
-def _exited(pid: int) -> bool:
-    """Whether the child has ended, without reaping it: while it is a zombie its process-group id cannot be
-    reused, so killing the group afterwards cannot hit an unrelated process. Without waitid (macOS) this says
-    no, and the run ends when its pipes close or at the deadline."""
-    if not hasattr(os, "waitid"):
-        return False
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+class _Child:
+    """The launcher's process: whether it has ended, and its exit status and resource usage once reaped."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.reaped: tuple[int, Any] | None = None
+
+    def ended(self) -> bool:
+        if hasattr(os, "waitid"):
+            # Without reaping it: while it is a zombie its process-group id cannot be reused, so killing the
+            # group afterwards cannot hit an unrelated process.
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        if self.reaped is None:  # macOS has no WNOWAIT: reaped here, the group id could in theory be reused
+            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+            if pid:
+                self.reaped = (status, usage)
+        return self.reaped is not None
+
+    def reap(self) -> tuple[int, Any]:
+        if self.reaped is None:
+            _, status, usage = os.wait4(self.pid, 0)
+            self.reaped = (status, usage)
+        return self.reaped
 
 
 def _kill_group(pid: int) -> None:
@@ -275,44 +292,48 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _collect(process: subprocess.Popen, deadline: float, cap: int, group: Path | None):
+def _collect(process: subprocess.Popen, child: _Child, deadline: float, cap: int, group: Path | None):
     """Read stdout and stderr as they come until both close, the deadline passes or the output passes ``cap``;
-    kill the process group (and the cgroup) on any of those, and once the program has ended."""
+    wait for the launcher to end (until the deadline: with a pid namespace it still has to report its child's
+    status), then kill whatever is left of the process group and the cgroup."""
     buffers = {process.stdout: bytearray(), process.stderr: bytearray()}
     selector = selectors.DefaultSelector()
     for stream in buffers:
         os.set_blocking(stream.fileno(), False)
         selector.register(stream, selectors.EVENT_READ)
-    limit, truncated, killed = None, False, False
+    limit, truncated, swept = None, False, False
     try:
         while selector.get_map():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                limit = limit or "timeout"
+                limit = "timeout"
                 break
             for key, _ in selector.select(min(remaining, 0.05)):
                 chunk = os.read(key.fileobj.fileno(), 65536)
                 if not chunk:
                     selector.unregister(key.fileobj)
                     continue
-                buffer = buffers[key.fileobj]
                 room = cap - sum(len(b) for b in buffers.values())
-                buffer += chunk[:max(room, 0)]
-                if len(chunk) > room and limit is None:
+                buffers[key.fileobj] += chunk[:max(room, 0)]
+                if len(chunk) > room:
                     limit, truncated = "output", True
-                    _kill_group(process.pid)
-                    killed = True
-            if not killed and _exited(process.pid):
-                _kill_group(process.pid)  # what it left behind in its group; the pipes then close
+                    break
+            if limit:
+                break
+            if not swept and child.ended():
+                _kill_group(process.pid)  # what it left behind in its group holds the pipes open
                 if group is not None:
                     _kill_cgroup_members(group)
-                killed = True
+                swept = True
+        while limit is None and not child.ended():
+            if time.monotonic() >= deadline:  # it closed its output but runs on
+                limit = "timeout"
+                break
+            time.sleep(0.005)
     finally:
-        _kill_group(process.pid)  # the child is unreaped until the caller's wait4, so its group id is still ours
+        _kill_group(process.pid)
         if group is not None:
             _kill_cgroup_members(group)
-        if hasattr(os, "waitid"):
-            os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
         selector.close()
         process.stdout.close()
         process.stderr.close()
