@@ -136,40 +136,78 @@ def _landlock(libc, cfg: dict, active: dict) -> None:
         active.update(landlock_abi=abi, write_confinement=True, landlock_tcp=abi >= 4, landlock_scope=abi >= 6)
 
 
-# seccomp: the one syscall filtered is socket(AF_UNIX, ...): a Unix socket reached by its path (Docker's,
-# a desktop bus) is neither a write nor a network, so neither Landlock nor the network namespace stops it.
+# seccomp: a Unix socket reached by its path (Docker's, a desktop bus, the journal) is neither a write nor a
+# network, so neither Landlock nor the network namespace stops it. Refused: socket(AF_UNIX, ...), datagram
+# socketpair(AF_UNIX) (it can sendto() any path), io_uring (it opens sockets without these system calls), and
+# every system call of another ABI (32-bit calls go around the numbers below). Stream socketpairs (asyncio,
+# multiprocessing's pipes) stay.
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
-BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
-EPERM, EACCES, AF_UNIX = 1, 13, 1
-# machine -> (the audit arch seccomp reports, socket's number, its x32 twin where there is one)
-SECCOMP_ARCHES = {"x86_64": (0xC000003E, 41, 41 | 0x40000000), "aarch64": (0xC00000B7, 198, 198)}
+BPF_LD_W_ABS, BPF_ALU_AND_K, BPF_JEQ_K, BPF_RET_K = 0x20, 0x54, 0x15, 0x06
+EPERM, EACCES, ENOSYS, AF_UNIX, SOCK_DGRAM, SOCK_TYPE_MASK = 1, 13, 38, 1, 2, 0xF
+X32 = 0x40000000
+# machine -> (the audit arch seccomp reports, socket, socketpair, io_uring_setup; x86_64 adds their x32 twins)
+SECCOMP_ARCHES = {"x86_64": (0xC000003E, (41, 41 | X32), (53, 53 | X32), (425, 425 | X32)),
+                  "aarch64": (0xC00000B7, (198,), (199,), (425,))}
 
 
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+def _assemble(program: list) -> bytes:
+    """Classic BPF from (code, k) and (JEQ, k, "label") steps, "label:" strings marking targets."""
+    steps = [step for step in program if not isinstance(step, str)]
+    labels, index = {}, 0
+    for step in program:
+        if isinstance(step, str):
+            labels[step.rstrip(":")] = index
+        else:
+            index += 1
+    code = []
+    for position, step in enumerate(steps):
+        if len(step) == 3:  # jump to the label when equal, else fall through
+            code.append(struct.pack("=HBBI", step[0], labels[step[2]] - position - 1, 0, step[1]))
+        else:
+            code.append(struct.pack("=HBBI", step[0], 0, 0, step[1]))
+    return b"".join(code)
+
+
 def _seccomp(libc, active: dict) -> None:
     arch = SECCOMP_ARCHES.get(os.uname().machine)
     if arch is None:
         return
-    audit_arch, socket_nr, socket_x32 = arch
+    audit_arch, sockets, socketpairs, io_uring = arch
     program = [
-        (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
-        (BPF_JEQ_K, 1, 0, audit_arch),
-        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | EPERM),  # another ABI (32-bit calls): refused outright
-        (BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
-        (BPF_JEQ_K, 2, 0, socket_nr),
-        (BPF_JEQ_K, 1, 0, socket_x32),
-        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
-        (BPF_LD_W_ABS, 0, 0, 16),  # the low half of args[0], the address family (little-endian)
-        (BPF_JEQ_K, 0, 1, AF_UNIX),
-        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | EACCES),
-        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        (BPF_LD_W_ABS, 4),  # seccomp_data.arch
+        (BPF_JEQ_K, audit_arch, "native"),
+        (BPF_RET_K, SECCOMP_RET_ERRNO | EPERM),
+        "native:",
+        (BPF_LD_W_ABS, 0),  # seccomp_data.nr
+        *[(BPF_JEQ_K, nr, "io_uring") for nr in io_uring],
+        *[(BPF_JEQ_K, nr, "socket") for nr in sockets],
+        *[(BPF_JEQ_K, nr, "socketpair") for nr in socketpairs],
+        (BPF_RET_K, SECCOMP_RET_ALLOW),
+        "io_uring:",
+        (BPF_RET_K, SECCOMP_RET_ERRNO | ENOSYS),
+        "socket:",
+        (BPF_LD_W_ABS, 16),  # the low half of args[0] (little-endian), the family, as the kernel's int reads it
+        (BPF_JEQ_K, AF_UNIX, "refuse"),
+        (BPF_RET_K, SECCOMP_RET_ALLOW),
+        "socketpair:",
+        (BPF_LD_W_ABS, 16),
+        (BPF_JEQ_K, AF_UNIX, "unix_pair"),
+        (BPF_RET_K, SECCOMP_RET_ALLOW),
+        "unix_pair:",
+        (BPF_LD_W_ABS, 24),  # args[1]: the type, with SOCK_CLOEXEC / SOCK_NONBLOCK above the mask
+        (BPF_ALU_AND_K, SOCK_TYPE_MASK),
+        (BPF_JEQ_K, SOCK_DGRAM, "refuse"),
+        (BPF_RET_K, SECCOMP_RET_ALLOW),
+        "refuse:",
+        (BPF_RET_K, SECCOMP_RET_ERRNO | EACCES),
     ]
-    code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *op) for op in program))
-    fprog = _SockFprog(len(program), ctypes.addressof(code))
+    code = ctypes.create_string_buffer(_assemble(program))
+    fprog = _SockFprog(len([step for step in program if not isinstance(step, str)]), ctypes.addressof(code))
     if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0:
         active["unix_sockets_blocked"] = True
 

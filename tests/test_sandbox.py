@@ -170,20 +170,26 @@ def test_a_socket_connect_to_a_local_listener(protections):
 
 
 def test_a_unix_socket_connect_by_path(tmp_path, protections):
-    path = tmp_path / "listener.sock"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(path))
+    stream_path, datagram_path = tmp_path / "stream.sock", tmp_path / "datagram.sock"
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as datagram:
+        listener.bind(str(stream_path))
         listener.listen(8)
-        path.chmod(0o777)
-        result = run_python(f"import socket\nsocket.socket(socket.AF_UNIX).connect({str(path)!r})\nprint('connected')\n",
-                            **LIMITS)
+        datagram.bind(str(datagram_path))
+        code = ("import asyncio, socket\nasyncio.run(asyncio.sleep(0))\nprint('asyncio runs')\ntry:\n"
+                "    socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)[0].sendto(b'hello', %r)\n"
+                "except OSError:\n    pass\nsocket.socket(socket.AF_UNIX).connect(%r)\nprint('connected')\n"
+                % (str(datagram_path), str(stream_path)))
+        result = run_python(code, **LIMITS)
         if not protections.unix_sockets_blocked:
             assert "Unix-socket block" in result.protections.not_enforced()
             return
         listener.setblocking(False)
+        datagram.setblocking(False)
         with pytest.raises(BlockingIOError):
             listener.accept()
-        assert "connected" not in result.stdout and "PermissionError" in result.stderr
+        with pytest.raises(BlockingIOError):  # a datagram to a local socket is queued before sendto() returns
+            datagram.recvfrom(16)
+        assert result.stdout == "asyncio runs\n" and "PermissionError" in result.stderr  # stream pairs stay
         _runs_after(result)
 
 
