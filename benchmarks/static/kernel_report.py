@@ -55,10 +55,10 @@ _OLD_CODE = ("measured on earlier code (an ad-hoc harness; chunks of bf16 logits
 CALIBRATION = (
     ("h100", "route:training", "loss fwd+bwd, 16,384 tokens: cuBLAS chunks + row kernel", 612 / 748,
      f"612 of 748 TFLOP/s ({H100_RESULTS})",
-     f"agrees at the assumed GEMM rate (0.95 of the matmul rate), but {_OLD_CODE}: the model of that code, with half "
-     "the row pass's traffic, would sit a few points higher. Left out: the GEMMs' real rate with an fp32 result (the "
-     "0.90-1.00 range), launch gaps between a chunk's GEMM and row pass (they do not overlap), L2 (the chunk, "
-     "~0.45 GB, is modelled at DRAM copy bandwidth both ways)"),
+     f"agrees at the assumed GEMM rate (0.95 of the matmul rate), but {_OLD_CODE}: the model of that code, with less "
+     "traffic in the row pass, would sit higher. Left out: the GEMMs' real rate with an fp32 result (the 0.90-1.00 "
+     "range), launch gaps between a chunk's GEMMs and its row pass (they run one after the other), and the row pass "
+     "below its modelled copy bandwidth"),
     ("h100", "route:training", "loss fwd+bwd, 4,096 tokens: cuBLAS chunks + row kernel",
      4 * 4096 * _HV / 15.4e-3 / _H100_MATMUL,
      f"15.4 ms ({H100_RESULTS}): 4·N·H·V / 15.4 ms / 748 TFLOP/s",
@@ -71,7 +71,7 @@ CALIBRATION = (
      "spills' local-memory round trips (564 / 532 B per thread under Triton 3.9; 296 B under the measured 3.6), a "
      "warp's wait on its previous result in the online log-sum-exp (max, exp2, sum) with few warps per scheduler, "
      "the wgmma pipeline refilling at each vocabulary tile, and the last partial wave of programs; it also assumes "
-     "the main loop runs at cuBLAS's efficiency, which Triton's loop without warp specialisation does not"),
+     "the main loop runs at cuBLAS's efficiency, which a Triton loop alone on its SM need not reach"),
     ("h100", "logprob", "no-grad log-probs, 4,096 tokens: the on-chip kernel", 2 * 4096 * _HV / 8.7e-3 / _H100_MATMUL,
      f"8.7 ms ({H100_RESULTS}): 2·N·H·V / 8.7 ms / 748 TFLOP/s",
      "as at 16,384 tokens (epilogue latency, spills, pipeline refills); closer to the model here, plausibly because "
