@@ -364,10 +364,12 @@ def test_figures(ev: Evidence) -> list[Figure]:
 # "The model against measurements"): the route's estimate matched its H100 measurement (82%), so its
 # remaining loss is the fp32 chunk's round trip through DRAM, which only a GEMM that keeps its logits on chip removes.
 NEXT_LOSS_STEP = ("next: an epilogue-fused GEMM whose logit tiles never leave the chip (the row pass in the GEMM's "
-                  "epilogue, no fp32 chunk written and re-read). The calibrated model puts the chunk route at 82-85% "
-                  "(82% measured on an H100) and such a kernel at the GEMM's own rate only if its epilogue overlaps "
-                  "the next tile's main loop; the on-chip log-prob kernel, whose epilogue does not (one block per "
-                  "SM, spills), was estimated at 89% and measured at 63%")
+                  "epilogue, no fp32 chunk written and re-read). By the calibrated static model the chunk route sits "
+                  "at its estimate (82% on an H100, where 82% was measured; 85% on an H200), 10-13 points under the "
+                  "GEMM's assumed 95% because of the row pass; a fused GEMM whose epilogue overlaps the next tile's "
+                  "main loop is bounded by the GEMM's 90-100% (the published CuTe DSL kernel's ~95% shows it can be "
+                  "reached), one whose epilogue does not lands where the on-chip log-prob kernel did (estimated 89%, "
+                  "measured 63-69%)")
 
 
 def _times(v: float) -> str:
