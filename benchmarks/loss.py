@@ -324,7 +324,7 @@ def add_derived(rows: list[dict], matmul_tflops: Optional[float]) -> None:
         r["frac_matmul"] = r["tflops"] / matmul_tflops if r["tflops"] and matmul_tflops else None
         # the pass's GEMM FLOPs at the same-run matmul rate: the time a kernel at cuBLAS's rate would take,
         # so that a figure published for the same GPU model can be set beside this run's matmul rate
-        r["ms_at_matmul"] = r["flops"] / (matmul_tflops * 1e12) * 1e3 if r.get("flops") and matmul_tflops else None
+        r["ms_at_matmul"] = r["flops"] / (matmul_tflops * 1e12) * 1e3 if ok and r["flops"] and matmul_tflops else None
 
 
 # ----------------------------------------------------------------------------------------------
