@@ -26,7 +26,8 @@ Inputs: B = tokens / seq_len sequences; completion mask with random lengths in [
 with --peaked, hidden states pushed towards the target token's weight row so that it takes most of
 the probability mass, as in a trained model (the measured mean target probability is recorded).
 FLOP rates count useful work on the active tokens N: 4·N·H·V for full (6·N·H·V with
---train-head), 2·N·H·V for logprobs, against a same-run bf16 torch.matmul.
+--train-head), 2·N·H·V for logprobs, against a same-run bf16 torch.matmul; "ms at matmul rate" is
+that work at the same-run matmul rate (what a pass as fast as cuBLAS's GEMMs would take).
 """
 
 from __future__ import annotations
@@ -321,6 +322,9 @@ def add_derived(rows: list[dict], matmul_tflops: Optional[float]) -> None:
                            if ok and base and r["peak_mib"] is not None and base["peak_mib"] else None)
         r["tflops"] = r["flops"] / (r["ms_median"] * 1e-3) / 1e12 if ok and r["flops"] else None
         r["frac_matmul"] = r["tflops"] / matmul_tflops if r["tflops"] and matmul_tflops else None
+        # the pass's GEMM FLOPs at the same-run matmul rate: the time a kernel at cuBLAS's rate would take,
+        # so that a figure published for the same GPU model can be set beside this run's matmul rate
+        r["ms_at_matmul"] = r["flops"] / (matmul_tflops * 1e12) * 1e3 if ok and r["flops"] and matmul_tflops else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +389,8 @@ COLUMNS = [
     ["provider", "provider", "s"], ["status", "status", "s"], ["ms_median", "median ms", ".3f"],
     ["ms_p20", "p20 ms", ".3f"], ["ms_p80", "p80 ms", ".3f"], ["time_vs_ref", "time ×ref", ".2f"],
     ["peak_mib", "peak MiB above inputs", ".1f"], ["mem_vs_ref", "mem ×ref", ".3f"],
-    ["tflops", "TFLOP/s", ".4g"], ["frac_matmul", "of matmul", ".2f"], ["check", "loss / mean logp", ".5f"],
+    ["tflops", "TFLOP/s", ".4g"], ["frac_matmul", "of matmul", ".2f"], ["ms_at_matmul", "ms at matmul rate", ".3f"],
+    ["check", "loss / mean logp", ".5f"],
     ["error", "note", "s60"],
 ]
 
@@ -479,7 +484,7 @@ def notes(args, rows, matmul) -> list[str]:
         f"(active fraction {min(active, default=1):.2f}-{max(active, default=1):.2f}); "
         f"lm_head {'trained' if args.train_head else 'frozen'}; {'off' if args.off_policy else 'on'}-policy",
         f"same-run {matmul['dtype']} torch.matmul {matmul['size']}^3: {matmul['tflops']:.4g} TFLOP/s "
-        "(the 'of matmul' column)",
+        "(the 'of matmul' column; 'ms at matmul rate': the pass's GEMM FLOPs at that rate)",
         f"TFLOP/s count useful work on active tokens N: {'6' if args.train_head else '4'}·N·H·V for full, "
         "2·N·H·V for logprobs; none for forward/backward alone",
         "torch, triton and liger compute the gradient in the forward pass (backward only scales it): "

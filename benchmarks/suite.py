@@ -11,6 +11,9 @@ Parts, in order; each is one or more steps, each step one existing benchmark scr
   2. loss     `benchmarks.loss` on Qwen2.5-7B's head (H=3584, V=152064), bf16, 16,384 and 4,096
               tokens, fwd+bwd and no-grad log-probs; providers reference, torch, triton,
               triton_on_chip, liger, trl; a same-run bf16 matmul rate. Steps loss-flat, loss-peaked.
+              loss-peers (GPU only, on time left over): the shape peers publish, H=4096, V=128256
+              (Llama-3-8B's head), bf16, trained head, fwd+bwd at 8,192 and 16,384 tokens: triton,
+              liger, trl, to set beside published H200 figures (a cross-run comparison).
   3. nf4      `benchmarks.nf4`: the fused NF4 decode matmul vs bitsandbytes vs bf16 on the decode
               step's launches (q/k/v and gate/up grouped with LoRA r16, o, down), then k/v and
               gate/up alone, 1-64 rows, against a same-run copy bandwidth, beside the static
@@ -54,6 +57,9 @@ and the case it was measured on; a goal measured on several cases is met only if
   - the gpu-marked tests all pass;
   - loss fwd+bwd at 16,384 tokens: <= 0.8x eager time, extra peak memory <= 5% of eager's,
     >= 60% of the same-run bf16 matmul rate, faster than Liger; no-grad log-probs <= 0.6x eager;
+    issue 27: >= 90% of the same-run matmul rate and faster than TRL's default path;
+  - the published shape (loss-peers): faster than each peer's published H200 time (PUBLISHED_PEERS),
+    judged only when this run's GPU is an H200;
   - rollouts at 64 sequences: >= 10x HF generate tokens/s, >= 50% of the bandwidth limit;
   - the 7B NF4 step: peak allocated < 12 GiB; the step with the engine <= 0.5x TRL's step time;
   - the long-completion steps: peak allocated under their budgets (24 and 40 GiB).
@@ -84,8 +90,8 @@ import torch
 from . import common
 from .nf4 import DECODE_STEP as NF4_DECODE_STEP
 # the evidence and the goals: reading the steps' results back (re-exported: the suite's names)
-from .suite_goals import (GOALS, LONG_STEPS, LOSS_STEPS, OUTCOMES, TEST_COLUMNS, Evidence, Figure, Goal,  # noqa: F401
-                          evaluate, pytest_results, summary_markdown, tail, write_summary, write_tests_result)
+from .suite_goals import (GOALS, LONG_STEPS, LOSS_STEPS, OUTCOMES, PUBLISHED_PEERS, TEST_COLUMNS,  # noqa: F401
+                          Evidence, Figure, Goal, evaluate, pytest_results, summary_markdown, tail, write_summary, write_tests_result)
 
 if not torch.cuda.is_available():  # before triton is first imported (env_info), or in-process steps fail on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -130,6 +136,10 @@ class Step:
 #               2NHV at half that; 4,096 tokens at the do_bench floor (~0.3 s each): 26 measurements
 #               ~14 s; Triton JIT ~8; Liger's torch.compile ~25; start + inputs ~12.        => ~60
 #  loss-peaked  the same measurements with the kernels and Liger's graph cached.            => ~33
+#  loss-peers   trained head 4096 x 128256: full = 6NHV = 2.6e13 FLOP at 8,192 tokens, 5.2e13 at
+#               16,384; triton ~45 / ~90 ms (~0.5 / ~1 s a measurement), TRL ~2x, Liger ~150 / ~300
+#               ms (~1.6 / ~3 s): ~10 s; inputs (off-policy log-probs) ~2; Triton JIT ~8; Liger's
+#               torch.compile with a trained head ~25; start ~10.                           => ~55
 #  logprob-accuracy  a float64 head built on the host (545M normal draws ~8 s, 256 least-squares
 #               fits ~2 s), moved to the GPU; the float64 answer 256 x 3584 x 152064 ~0.3 s; the
 #               paths' passes and JIT ~5; start ~9.                                         => ~25
@@ -157,15 +167,16 @@ class Step:
 #  memory-8b-40 build ~15; the rollout's memory freed for training, so decoding without CUDA
 #               graphs: 20,480 steps at ~25 ms (launch-bound) ~510; training 8 x 20,736 tokens
 #               ~1e16 FLOP ~35; start ~9.                                                 => ~570
-# The plan without the memory part is ~822 s (with it ~1,572), more than the default 480: the nominal budgets fund tests, loss-flat,
-# nf4, rollout-64, train-7b and train-0.5b (~515 s estimated, so some of it may still be cut);
-# loss-peaked, logprob-accuracy, rollout-8, train-7b-trl and the memory part run on time left over (--budget-s 1572 funds every step at
-# its nominal budget or estimate; or rerun them with --parts into the same folder).
+# The plan without the memory part is ~877 s (with it ~1,627), more than the default 480: the nominal budgets
+# fund tests, loss-flat, nf4, rollout-64, train-7b and train-0.5b (~515 s estimated, so some of it may still be cut);
+# loss-peaked, loss-peers, logprob-accuracy, rollout-8, train-7b-trl and the memory part run on time left over
+# (--budget-s 1627 funds every step at its nominal budget or estimate; or rerun them with --parts into the same folder).
 GPU_PLAN = {
     # name: (estimate_s, nominal_s, first_result_s)
     "tests": (90, 85, 10),
     "loss-flat": (60, 65, 40),
     "loss-peaked": (33, 0, 25),
+    "loss-peers": (55, 0, 45),
     "logprob-accuracy": (25, 0, 20),
     "nf4": (50, 42, 15),
     "rollout-64": (94, 96, 90),
@@ -192,6 +203,13 @@ TINY_PLAN = {
     "memory-7b-24": (12, 30, 5),
     "memory-8b-40": (12, 30, 5),
 }
+# The shape peers publish fused linear cross-entropy at (H=4096, V=128256: Llama-3-8B's head), trained head,
+# fwd+bwd; GPU only: its cases are the published ones or nothing, and the tiny run has no stand-in for them.
+PEERS_HEAD = "llama-3-8b"
+PEERS_TOKENS = (8192, 16384)
+PEERS_ARGV = ("--heads", PEERS_HEAD, "--tokens", ",".join(map(str, PEERS_TOKENS)), "--train-head", "--modes", "full",
+              "--providers", "triton,liger,trl", "--padding", "none", "--off-policy")
+
 # HF generate's forced length: the longest of these whose estimated time, (8 + 2 x length) steps at
 # HF_STEP_S (one warm-up and two measured calls), is at most HF_SHARE of the rollout step's budget.
 HF_LENGTHS = (512, 256, 128, 64, 32)
@@ -264,10 +282,12 @@ def plan(tiny: bool) -> list[Step]:
     def step(name, part, module, argv, needs=()):
         return Step(name, part, module, tuple(argv), *numbers[name], needs=tuple(needs))
 
+    peers = [] if tiny else [step("loss-peers", "loss", "benchmarks.loss", PEERS_ARGV)]
     return [
         step("tests", "tests", "pytest", tests),
         step("loss-flat", "loss", "benchmarks.loss", loss),
         step("loss-peaked", "loss", "benchmarks.loss", loss + ["--peaked"]),
+        *peers,
         step("logprob-accuracy", "loss", "benchmarks.logprob_accuracy",
              ["--tiny"] if tiny else ["--tokens", "256"]),
         step("nf4", "nf4", "benchmarks.nf4", nf4, needs=["bitsandbytes"]),

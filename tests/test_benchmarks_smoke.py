@@ -50,6 +50,8 @@ def test_loss_benchmark_cli_writes_results_and_report_rebuilds_them(tmp_path):
         if row["status"] == "ok":
             assert row["ms_median"] > 0 and row["ms_p20"] <= row["ms_median"] <= row["ms_p80"]
             assert row["tflops"] > 0 and row["frac_matmul"] > 0
+            # the pass's work at the same-run matmul rate: its time over its fraction of that rate
+            assert row["ms_at_matmul"] == pytest.approx(row["ms_median"] * row["frac_matmul"])
             assert 0 < row["active_fraction"] <= 1
     for mode in ("full", "logprobs"):
         ok = [r for r in rows if r["mode"] == mode and r["status"] == "ok"]

@@ -224,6 +224,32 @@ def report(tmp_path_factory):
     return done, payload, out
 
 
+def test_calibration_sets_every_h100_measurement_beside_the_model_with_what_it_leaves_out():
+    """Each measurement (from the committed H100 file: 612 TFLOP/s, 15.4 ms, ~470 TFLOP/s, 8.7 ms) beside the
+    model's figure for its code path; times turned into fractions with the useful FLOPs worked out here."""
+    from benchmarks.static.kernel_report import _calibration
+
+    h100 = model.DEVICES["h100"].name
+    routes = [dict(route="training", device=h100, fraction_by_gemm_fraction={"0.90": 0.78, "0.95": 0.82, "1.00": 0.85})]
+    rows = [dict(group="logprob", device=h100, ceiling=0.89)]
+    found = _calibration(["h100"], rows, routes)
+    assert not _calibration(["h200"], rows, routes)  # no measurement on an H200
+    flops_4096 = 4096 * 3584 * 152064  # N·H·V at Qwen2.5-7B's head
+    expected = [(0.82, 612 / 748), (0.82, 4 * flops_4096 / 15.4e-3 / 748e12), (0.89, 470 / 748),
+                (0.89, 2 * flops_4096 / 8.7e-3 / 748e12)]
+    assert [c["model"] for c in found] == [m for m, _ in expected]
+    assert [c["measured"] for c in found] == pytest.approx([m for _, m in expected])
+    assert found[1]["measured"] == pytest.approx(0.775, abs=5e-4)  # 580 TFLOP/s
+    assert found[3]["measured"] == pytest.approx(0.686, abs=5e-4)  # 513 TFLOP/s
+    assert found[0]["model_range"] == [0.78, 0.85] and found[2]["model_range"] is None
+    assert all(c["left_out"] and "nvidia-h100-80gb-hbm3" in c["source"] for c in found)
+    payload = dict(env={}, seconds=0, devices={}, cases=[], routes=[], hot_kernels_spilling=[], variants=[],
+                   uncovered_kernels=[], compile_failures=[], loss_chunk_tokens=768, calibration=found)
+    text = markdown(payload)
+    assert "| what the model leaves out |" in text
+    assert "| 82% (GEMM at 0.90-1.00: 78%-85%) | 82% |" in text and "| 89% | 63% |" in text and "| 89% | 69% |" in text
+
+
 def test_report_compiles_every_kernel_without_hot_spills(report):
     done, payload, out = report
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -123,8 +123,8 @@ def test_default_budget_funds_the_goal_steps_and_leftovers_fund_the_rest():
     steps, parts = suite.schedule(suite.plan(False), 480, tiny=False)
     funded = {s.name: s.nominal_s for s in steps}
     assert sum(funded.values()) == pytest.approx(480) and sum(parts.values()) == pytest.approx(480)
-    assert {name for name, seconds in funded.items() if seconds == 0} == {"loss-peaked", "logprob-accuracy", "rollout-8",
-                                                                          "train-7b-trl", "memory-7b-24", "memory-8b-40"}
+    assert {name for name, seconds in funded.items() if seconds == 0} == {
+        "loss-peaked", "loss-peers", "logprob-accuracy", "rollout-8", "train-7b-trl", "memory-7b-24", "memory-8b-40"}
     assert list(parts) == list(suite.PARTS)
     rollout = next(s for s in steps if s.name == "rollout-64")
     assert rollout.argv[rollout.argv.index("--hf-completion-length") + 1] == "64"  # 512 would not fit 100 s
@@ -217,6 +217,7 @@ def test_goal_verdicts_on_gpu_shaped_results(tmp_path):
         {**loss, "mode": "full", "provider": "triton", "ms_median": 60.0, "time_vs_ref": 0.5, "mem_vs_ref": 0.02,
          "frac_matmul": 0.75},
         {**loss, "mode": "full", "provider": "liger", "status": "unavailable", "error": "not importable: liger_kernel"},
+        {**loss, "mode": "full", "provider": "trl", "ms_median": 80.0},
         {**loss, "mode": "logprobs", "provider": "triton", "time_vs_ref": 0.7},
         {**loss, "tokens": 4096, "mode": "full", "provider": "triton", "time_vs_ref": 9.0},  # not the goal's case
     ])
@@ -249,11 +250,18 @@ def test_goal_verdicts_on_gpu_shaped_results(tmp_path):
     records["loss-peaked"] = {"status": "skipped", "note": "budget: 5 s left in part loss, first result needs ~25 s"}
     goals = _goals({"goals": suite.evaluate(suite.Evidence(tmp_path, records, suite.GPU_CASES))})
     expected = {"tests": "short", "loss_time": "met", "loss_memory": "met", "loss_matmul": "met",
-                "loss_liger": "not measured", "logprobs_time": "short", "rollout_speedup": "met",
+                "loss_liger": "not measured", "loss_trl": "met", "loss_matmul_90": "short",
+                **{f"published_{p.key}": "not measured" for p in suite.PUBLISHED_PEERS}, "logprobs_time": "short",
+                "rollout_speedup": "met",
                 "rollout_bandwidth": "short", "train_memory": "met", "train_step": "met",
                 "long_memory": "not measured", "nf4_small": "short", "nf4_64": "met", "single_copy_training": "short"}
     assert {key: goal["status"] for key, goal in goals.items()} == expected
     assert "flat: 0.5x" == goals["loss_time"]["measured"]  # the 4,096-token row is not the goal's case
+    assert goals["loss_trl"]["measured"] == "flat: 0.75x"  # 60 ms against TRL's 80 in the same run
+    # short of 90%: the summary names the next design step; a met or unmeasured goal names none
+    assert goals["loss_matmul_90"]["measured"] == "flat: 75.0%"
+    assert "epilogue-fused GEMM" in goals["loss_matmul_90"]["next"]
+    assert not goals["loss_matmul"]["next"] and "loss-peers: not run" in goals["published_quack"]["missing"]
     assert "loss-peaked: skipped (budget: 5 s left" in goals["loss_time"]["missing"]
     assert "liger full at 16384 tokens: unavailable (not importable: liger_kernel)" in goals["loss_liger"]["missing"]
     assert goals["rollout_speedup"]["measured"] == "64 sequences (HF at 64 tokens): 12.5x"
@@ -269,6 +277,56 @@ def test_goal_verdicts_on_gpu_shaped_results(tmp_path):
         goals["nf4_small"]["missing"]
     assert "q_proj,o_proj, 64 rows: fused: error (RuntimeError: boom)" in goals["nf4_64"]["missing"]
     assert "down_proj: nf4 finished without" in goals["nf4_64"]["missing"]
+
+
+def test_the_published_shape_is_planned_on_gpu_only():
+    """loss-peers measures the shape peers publish (H=4096, V=128256, trained head, fwd+bwd, 8,192 and
+    16,384 tokens) on the GPU; the tiny run has no stand-in for it."""
+    peers = next(s for s in suite.plan(False) if s.name == "loss-peers")
+    argv = list(peers.argv)
+    assert peers.part == "loss" and peers.module == "benchmarks.loss" and peers.nominal_s == 0
+    assert argv[argv.index("--tokens") + 1] == "8192,16384" and "--train-head" in argv
+    assert argv[argv.index("--modes") + 1] == "full"
+    assert set(argv[argv.index("--providers") + 1].split(",")) == {"triton", "liger", "trl"}
+    from benchmarks.loss import head_dims
+    assert head_dims(argv[argv.index("--heads") + 1]) == (4096, 128256)
+    assert "loss-peers" not in {s.name for s in suite.plan(True)}
+
+
+@pytest.mark.parametrize("device", ["NVIDIA H200", "NVIDIA H100 80GB HBM3"])
+def test_published_peer_goals_hold_the_run_against_the_published_h200_figures(tmp_path, device):
+    """One goal line per published figure: this run's time over the published one, judged only on the
+    GPU model the figures were published on; the summary says the comparison is cross-run."""
+    case = dict(head="llama-3-8b", mode="full", provider="triton", status="ok")
+    _write(tmp_path, "loss-peers", [
+        {**case, "tokens": 8192, "ms_median": 35.0, "frac_matmul": 0.9, "ms_at_matmul": 31.5},
+        {**case, "tokens": 16384, "ms_median": 80.0, "frac_matmul": 0.8, "ms_at_matmul": 64.0}],
+        env={"device": device}, settings={"train_head": True})
+    state = {"env": {"device": device, "torch": "t", "triton": "t", "cuda": "c", "python": "p", "date_utc": "d",
+                     "device_type": "cuda"},
+             "invocations": [], "settings": {"tiny": False}, "plan": [], "part_budgets": {}}
+    state["goals"] = suite.evaluate(suite.Evidence(tmp_path, {"loss-peers": {"status": "ok", "note": None}},
+                                                   suite.GPU_CASES))
+    goals = _goals(state)
+    published = {p.key: goals[f"published_{p.key}"] for p in suite.PUBLISHED_PEERS}
+    assert len(published) == 4
+    if "H200" in device:
+        # 35 ms against CuTe DSL's 34.35 and QuACK's 35.47, 80 against 73.7 at 16,384, 35 against Liger's 154
+        assert {k: g["status"] for k, g in published.items()} == {"cute_dsl": "short", "quack": "met",
+                                                                  "cute_16k": "short", "liger_triton": "met"}
+        assert published["cute_dsl"]["figures"][0]["value"] == pytest.approx(35.0 / 34.35)
+        shown = published["cute_16k"]["measured"]
+        assert "80.00 ms vs 73.7 ms published" in shown and "cross-run" in shown
+        # the same-run matmul rate beside it: 64 ms at it, so 73.7 ms would be 86.8% of it
+        assert "80.0% of the matmul rate, 64.00 ms at it" in shown and "86.8% of it" in shown
+    else:
+        for goal in published.values():
+            assert goal["status"] == "not measured"
+            assert "published on an H200, this run on NVIDIA H100" in goal["missing"]
+    summary = suite.summary_markdown(state, tmp_path)
+    for goal in published.values():
+        assert f"| {goal['text']} | < 1x (faster) |" in summary and "cross-run" in goal["text"]
+    assert "not a same-run measurement" in summary
 
 
 def test_a_script_stopped_mid_run_keeps_the_cases_it_finished(tmp_path, monkeypatch):

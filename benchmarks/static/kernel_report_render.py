@@ -57,7 +57,7 @@ def _goals(payload: dict) -> list[str]:
     measured = next((c for c in payload.get("calibration", []) if c["what"] == "logprob"), None)
     for case in payload["cases"]:
         if case["group"] == "logprob":
-            note = f"; measured {_pct(measured['measured'])} on an H100, see below" if measured else ""
+            note = f"; measured {_pct(measured['measured'])} on an H100, see the calibration" if measured else ""
             rows.append([f"forward-only log-probs >= {_pct(case['goal'])} of the matmul rate: on-chip kernel (opt-in)",
                          case["device"], _pct(case["ceiling"]) + note, _met(case["met"])])
     spilling = payload["hot_kernels_spilling"]
@@ -67,14 +67,19 @@ def _goals(payload: dict) -> list[str]:
 
 
 def _calibration(payload: dict) -> list[str]:
-    rows = [[c["device"], c["label"], _pct(c["model"]), _pct(c["measured"]), c["source"]] for c in payload["calibration"]]
+    rows = []
+    for c in payload["calibration"]:
+        span = c.get("model_range")
+        model = _pct(c["model"]) + (f" (GEMM at 0.90-1.00: {_pct(span[0])}-{_pct(span[1])})" if span else "")
+        rows.append([c["device"], c["label"], model, _pct(c["measured"]), c["source"], c.get("left_out") or "–"])
     if not rows:
         return []
-    return ["## The model against measurements", "",
-            "Where a GPU run measured the same figure, beside this model's ceiling for that device. A ceiling far "
-            "above the measurement means the code is limited by what the model leaves out (latency, barriers, "
-            "spill traffic, pipeline refills): read such a kernel's ceiling as an upper bound only.", ""] + _table(
-        ["device", "figure", "model (ceiling)", "measured", "measurement"], rows) + [""]
+    return ["## The model against measurements (calibration)", "",
+            "Every GPU measurement the project has, beside this model's figure for that device and code path, with "
+            "what the model leaves out that explains the difference. A ceiling far above the measurement means the "
+            "code is limited by what the model leaves out: read such a kernel's ceiling as an upper bound only; an "
+            "estimate without a row here has not been checked on a GPU.", ""] + _table(
+        ["device", "figure", "model (estimate)", "measured", "measurement", "what the model leaves out"], rows) + [""]
 
 
 def _variants(payload: dict) -> list[str]:
