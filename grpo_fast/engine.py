@@ -68,6 +68,15 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    (the graphs read it at fixed addresses; ``keep_nf4_repack``), else it is freed after each call.
    Both are off on CPU.
 
+8. **Multi-turn rollouts** (``generate(..., turns=handler)``, a ``rollout.TurnHandler``; the
+   bookkeeping is ``grpo_fast.turns``): a row that ends a turn with EOS is offered to the handler at
+   the next host check; the future it returns pauses the row (it decodes no more, but keeps its slot
+   and its place in the cache) while the other rows decode on; once the future is done, its tokens
+   (a tool turn) are fed to the row one per decode step through the same step (no new shapes), then
+   the row samples again. Appended tokens count against ``max_completion_length`` and carry
+   ``tool_mask`` 0 and log-prob 0.0. When every live row waits on a tool, the host waits for the
+   first one instead of decoding. Without a handler the loop is the single-turn one above.
+
 Attention runs through ``decode_attention`` (on CUDA, for models on transformers' attention
 interface, the decode attention kernel ``kernels/decode_attention.py``: a row's shared prompt slot
 and its own completion, read in place; else transformers' sdpa, with grouped-query decode on the KV
@@ -829,13 +838,13 @@ class RolloutEngine:
             iteration += 1
             tokens, logprobs = sample(logits, steps=steps, rows=row_ids)
             column = torch.where(done, max_new, steps)  # finished rows' draws go to the discarded column
-            if turns is not None:  # forced (appended) ids in place of draws; done rows' steps stay their lengths
+            if turns is None:
+                out_tokens[row_ids, column] = tokens
+                out_logprobs[row_ids, column] = logprobs
+                done = done | torch.isin(tokens, eos_ids) | (steps + 1 >= max_new)
+                steps = steps + 1
+            else:  # forced (appended) ids in place of draws; done rows' steps stay their lengths
                 tokens, done, steps = turns.step(tokens, logprobs, row_ids, column, done, steps)
-                continue
-            out_tokens[row_ids, column] = tokens
-            out_logprobs[row_ids, column] = logprobs
-            done = done | torch.isin(tokens, eos_ids) | (steps + 1 >= max_new)
-            steps = steps + 1
         cache.batch = cache.capacity
         return out_tokens[:, :max_new].cpu(), out_logprobs[:, :max_new].cpu(), slots_per_step, turns
 
