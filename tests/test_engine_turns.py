@@ -26,19 +26,37 @@ MAX_TURNS = 2
 
 class ScriptedTurns:
     """After each of a row's first ``max_turns`` turns, ``appended`` from a thread after ``delay(row)``
-    seconds; rows in ``finish`` end at their first EOS (the handler returns None)."""
+    seconds; rows in ``finish`` end at their first EOS (the handler returns None). ``hold``: that
+    row's first tool result is given only once 3 turns of other rows have ended meanwhile (so the
+    engine must decode the others while it waits), or by a timer after 20 s if they never do."""
 
-    def __init__(self, appended, *, max_turns=MAX_TURNS, delay=lambda row: 0.0, finish=()):
+    def __init__(self, appended, *, max_turns=MAX_TURNS, delay=lambda row: 0.0, finish=(), hold=None):
         self.appended, self.max_turns, self.delay, self.finish = list(appended), max_turns, delay, set(finish)
         self.pool = concurrent.futures.ThreadPoolExecutor(4)
         self.calls: dict[int, list[list[int]]] = {}
         self.threads = set()
+        self.hold, self.held, self.others_since, self.released_by = hold, None, 0, None
+
+    def _release(self, by):
+        if self.released_by is None:
+            self.released_by = by
+            self.held.set_result(self.appended)
 
     def turn_ended(self, row, completion_ids):
         calls = self.calls.setdefault(row, [])
         calls.append(list(completion_ids))
+        if self.held is not None and row != self.hold:
+            self.others_since += 1
+            if self.others_since == 3:
+                self._release("other rows' turns")
         if row in self.finish or len(calls) > self.max_turns:
             return None
+        if row == self.hold and len(calls) == 1:
+            self.held = concurrent.futures.Future()
+            timer = threading.Timer(20.0, self._release, ("timer",))
+            timer.daemon = True
+            timer.start()
+            return self.held
 
         def tool():
             self.threads.add(threading.get_ident())
@@ -71,14 +89,15 @@ def setting(tokenizer, model):
     return prompts, params, appended
 
 
-def alone(model, prompt, params, appended, finishes: bool):
+def alone(model, prompt, params, appended, finishes: bool, engine=None):
     """One conversation decoded on its own with plain one-row engine calls: each turn continues the
     prompt + the completion so far; -> (completion, tool mask, the completions the handler was given)."""
+    engine = engine or RolloutEngine()
     completion, mask, calls = [], [], []
     eos, max_new = set(params.eos_token_ids), params.max_completion_length
     while True:
         left = dataclasses.replace(params, num_generations=1, max_completion_length=max_new - len(completion))
-        part = RolloutEngine()(model, [prompt + completion], left)[0]
+        part = engine(model, [prompt + completion], left)[0]
         completion, mask = completion + part, mask + [1] * len(part)
         if len(completion) >= max_new or part[-1] not in eos:
             return completion, mask, calls
@@ -91,12 +110,12 @@ def alone(model, prompt, params, appended, finishes: bool):
             return completion, mask, calls
 
 
-def expected_rows(model, prompts, params, appended, finish):
+def expected_rows(model, prompts, params, appended, finish, engine=None):
     conversations = {}  # a group's rows are the same conversation unless the handler finishes one
     for row in range(len(prompts) * params.num_generations):
         key = (row // params.num_generations, row in finish)
         if key not in conversations:
-            conversations[key] = alone(model, prompts[key[0]], params, appended, key[1])
+            conversations[key] = alone(model, prompts[key[0]], params, appended, key[1], engine)
         yield conversations[key]
 
 
@@ -106,9 +125,10 @@ def assert_logprobs_are_the_models(model, prompts, params, output, pad_id):
     prompt_ids, prompt_mask = pad([p for p in prompts for _ in range(group)], pad_id, left=True)
     completion_ids, present = pad(output.completion_ids, pad_id, left=False)
     mask = torch.cat([prompt_mask, present], dim=1)
+    device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=mask,
-                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float()
+        logits = model(input_ids=torch.cat([prompt_ids, completion_ids], 1).to(device), attention_mask=mask.to(device),
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device)).logits.float().cpu()
     width = prompt_ids.shape[1]
     expected = torch.log_softmax(logits[:, width - 1:-1], -1).gather(-1, completion_ids[..., None])[..., 0]
     actual, sampled = torch.zeros_like(expected), torch.zeros_like(present, dtype=torch.bool)
@@ -149,8 +169,11 @@ def test_turns_equal_each_conversation_decoded_alone(model, tokenizer, setting, 
               "sync-every-3": lambda: RolloutEngine(sync_every=3, compact=False),
               "slot-refill": lambda: RolloutEngine(sync_every=2, max_kv_bytes=2 * _group_kv_bytes(
                   model, prompts, params) + 1)}[case]()
-    handler = ScriptedTurns(appended, delay=lambda row: 0.01 * (row % 4), finish=FINISH)
+    hold = 2 if case == "one-batch-compacted" else None
+    handler = ScriptedTurns(appended, delay=lambda row: 0.01 * (row % 4), finish=FINISH, hold=hold)
     output = engine.generate(model, prompts, params, turns=handler)
+    if hold is not None:  # the other rows decoded on (and ended turns) while row 2 waited on its tool
+        assert handler.released_by == "other rows' turns"
     assert output.completion_ids == [ids for ids, _, _ in reference]
     assert output.tool_mask == [mask for _, mask, _ in reference]
     assert handler.calls == {row: calls for row, (_, _, calls) in enumerate(reference) if calls}
@@ -250,7 +273,8 @@ def test_turns_under_cuda_graphs_equal_each_conversation_decoded_alone(tokenizer
 
     prompts, params, appended = setting
     model = tiny_model(tokenizer, hidden_size=64, seed=1).eval().cuda()
-    reference = list(expected_rows(model, prompts, params, appended, FINISH))
+    # each conversation alone, decoded eagerly (one engine: no compile per call)
+    reference = list(expected_rows(model, prompts, params, appended, FINISH, RolloutEngine(cuda_graphs=False)))
     for engine in (RolloutEngine(sync_every=2), RolloutEngine(sync_every=4, max_kv_bytes=2 * _group_kv_bytes(
             model, prompts, params) + 1)):
         handler = ScriptedTurns(appended, delay=lambda row: 0.01 * (row % 4), finish=FINISH)
@@ -261,5 +285,4 @@ def test_turns_under_cuda_graphs_equal_each_conversation_decoded_alone(tokenizer
         assert engine.cuda_graphs and engine._compiled_step is not None
         assert output.completion_ids == [ids for ids, _, _ in reference]
         assert output.tool_mask == [mask for _, mask, _ in reference]
-        assert_logprobs_are_the_models(model.cpu(), prompts, params, output, tokenizer.pad_token_id)
-        model.cuda()
+        assert_logprobs_are_the_models(model, prompts, params, output, tokenizer.pad_token_id)
