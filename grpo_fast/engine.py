@@ -75,7 +75,8 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    (a tool turn) are fed to the row one per decode step through the same step (no new shapes), then
    the row samples again. Appended tokens count against ``max_completion_length`` and carry
    ``tool_mask`` 0 and log-prob 0.0. When every live row waits on a tool, the host waits for the
-   first one instead of decoding. Without a handler the loop is the single-turn one above.
+   first one instead of decoding. Sampled draws are keyed by output row and step (as the one-pass
+   kernel's are), so a rollout does not depend on when its tools finish. Without a handler the loop is the single-turn one above.
 
 Attention runs through ``decode_attention`` (on CUDA, for models on transformers' attention
 interface, the decode attention kernel ``kernels/decode_attention.py``: a row's shared prompt slot
@@ -106,7 +107,7 @@ from .logits import LogitTransform, logit_transform
 from .memory import ModelShape, cache_length
 from .rollout import (SamplingParams, TurnHandler, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
                       stop_strings_tokenizer)
-from .turns import TurnState
+from .turns import TurnState, keyed_exponentials
 
 try:  # the fused NF4 decode matmul (CUDA); absent or inapplicable means the bitsandbytes path
     from .nf4 import NF4DecodeCache, fused_nf4_decode
@@ -170,9 +171,12 @@ def race_argmax(probs: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int | torch.Tensor, eos_ids: torch.Tensor,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None, keyed: tuple[int, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B], log-probs [B]) for one decode step from float32 ``logits`` [B, V], on their device.
-    ``step``: the tokens sampled so far, one for all rows or per row ([B]: EOS suppressed per row)."""
+    ``step``: the tokens sampled so far, one for all rows or per row ([B]: EOS suppressed per row).
+    ``keyed``: (seed, output rows [B]): draws keyed by seed, row, ``step`` and token
+    (``turns.keyed_exponentials``) instead of taken from ``generator`` in batch order."""
     scaled = logits / params.temperature
     # The log-prob is the loss's: the full, unfiltered distribution at this temperature.
     log_normaliser = torch.logsumexp(scaled, dim=-1)
@@ -186,7 +190,9 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int | torc
         tokens = scaled.argmax(dim=-1)
     else:
         probs = filter_logits(scaled, params.top_k, params.top_p, params.min_p).softmax(dim=-1)
-        tokens = race_argmax(probs, torch.empty_like(probs).exponential_(generator=generator))
+        race = (torch.empty_like(probs).exponential_(generator=generator) if keyed is None
+                else keyed_exponentials(keyed[0], keyed[1], step, probs.shape[-1]))
+        tokens = race_argmax(probs, race)
     # EOS suppression only touched EOS entries, never sampled then: `scaled` holds the sampled token's value.
     logprobs = scaled.gather(-1, tokens[:, None])[:, 0] - log_normaliser
     return tokens, logprobs
@@ -751,6 +757,12 @@ class RolloutEngine:
         tokens = torch.full((rows,), params.pad_token_id, dtype=torch.long, device=device)
         def sample(logits, steps, rows):  # the draws come from the generator, in batch order
             return sample_tokens(logits, params, steps, eos_ids, generator)
+
+        if turns is not None and params.top_k != 1:  # a row's draws must not depend on when its tools finished
+            keyed_seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device))
+
+            def sample(logits, steps, rows):  # noqa: F811 - the keyed draws replace the generator's
+                return sample_tokens(logits, params, steps, eos_ids, generator, keyed=(keyed_seed, rows))
 
         if self._fused_sampling(params, device) and total * group <= STREAM_ROWS:  # rows key the kernel's draws
             greedy = params.top_k == 1

@@ -186,6 +186,60 @@ def test_turns_equal_each_conversation_decoded_alone(model, tokenizer, setting, 
         assert max(output.slots_per_step) == 2 * GROUP, output.slots_per_step
 
 
+def test_sampled_turns_are_reproducible_and_their_logprobs_the_models(model, tokenizer, setting):
+    """Temperature sampling with 30 EOS ids (turns end often): a seed reproduces the completions, every
+    tool turn holds the appended tokens, the sampled tokens' log-probs are a full forward pass's (at
+    the temperature), the appended ones' 0.0."""
+    prompts, params, appended = setting
+    prompts = prompts[:4]
+    params = dataclasses.replace(params, top_k=0, temperature=0.9, eos_token_ids=tuple(range(30, 60)))
+    outputs = [RolloutEngine(sync_every=2).generate(model, prompts, params, seed=5, turns=ScriptedTurns(appended))
+               for _ in range(2)]
+    assert outputs[0].completion_ids == outputs[1].completion_ids and outputs[0].logprobs == outputs[1].logprobs
+    output = outputs[0]
+    assert sum(mask.count(0) for mask in output.tool_mask) >= 2 * len(appended)  # several tool turns
+    for ids, mask in zip(output.completion_ids, output.tool_mask):
+        starts = [i for i in range(len(mask)) if mask[i] == 0 and (i == 0 or mask[i - 1] == 1)]
+        for start in starts:  # each tool turn follows an EOS and is the appended tokens (the last one maybe cut)
+            assert ids[start - 1] in params.eos_token_ids
+            assert ids[start: start + len(appended)] == appended[: len(ids) - start]
+    scaled = dataclasses.replace(params, temperature=1.0)
+    logits_model = _TemperatureModel(model, params.temperature)
+    assert_logprobs_are_the_models(logits_model, prompts, scaled, output, tokenizer.pad_token_id)
+
+
+def test_keyed_draws_follow_the_distribution_and_depend_on_row_step_and_seed():
+    """40,000 keyed exponential races over a fixed 6-token distribution (one per row): frequencies
+    within 0.01 of softmax; the same key gives the same draws, another row, step or seed others."""
+    from grpo_fast.engine import race_argmax
+    from grpo_fast.turns import keyed_exponentials
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    rows, steps = torch.arange(40_000), torch.full((40_000,), 7)
+    draws = race_argmax(logits.softmax(-1).repeat(40_000, 1), keyed_exponentials(3, rows, steps, 6))
+    frequencies = torch.bincount(draws, minlength=6).float() / 40_000
+    torch.testing.assert_close(frequencies, logits.softmax(-1), atol=0.01, rtol=0)
+    one = keyed_exponentials(3, torch.tensor([5]), torch.tensor([2]), 300)
+    assert torch.equal(one, keyed_exponentials(3, torch.tensor([5]), torch.tensor([2]), 300))
+    for other in (keyed_exponentials(3, torch.tensor([6]), torch.tensor([2]), 300),
+                  keyed_exponentials(3, torch.tensor([5]), torch.tensor([3]), 300),
+                  keyed_exponentials(4, torch.tensor([5]), torch.tensor([2]), 300)):
+        assert not torch.isclose(one, other).any()
+
+
+class _TemperatureModel(torch.nn.Module):
+    """``model`` with its logits divided by ``temperature`` (the engine's log-probs are at the temperature)."""
+
+    def __init__(self, model, temperature):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, **kwargs):
+        output = self.model(**kwargs)
+        output.logits = output.logits / self.temperature
+        return output
+
+
 def test_every_row_paused_waits_for_its_tool_instead_of_decoding(model, setting):
     """One row, host checks every step: while its tool runs nothing is decoded (a decode step per
     completion token after the first, which the prefill samples), and the tokens are the reference's."""
