@@ -139,8 +139,8 @@ def main(argv=None) -> dict:
     plain = dataclasses.replace(params, min_completion_length=args.max_new)  # EOS suppressed
     first, last = args.max_new // 10, args.max_new * 9 // 10
     appended = list(range(2, 2 + args.appended))
-    print(f"device: {common.device_name(device)} ({torch.get_num_threads()} torch threads); model {name}, {args.rows} rows, {args.max_new} tokens, "
-          f"tool {args.tool_ms:.0f} ms, sync_every {args.sync_every}", flush=True)
+    print(f"device: {common.device_name(device)} ({torch.get_num_threads()} torch threads); model {name}, "
+          f"{args.rows} rows, {args.max_new} tokens, tool {args.tool_ms:.0f} ms, sync_every {args.sync_every}", flush=True)
 
     probability, rows = None, []
     for rep in range(args.reps + 1):  # rep 0 warms up (and sets p from the step time)
@@ -161,8 +161,8 @@ def main(argv=None) -> dict:
         waiting = waiting_fraction(tool.spans, args.rows, start, end)
         turns = sum(mask.count(0) for mask in output.tool_mask) / max(1, args.appended) / args.rows
         row = {"rep": rep, "steps_per_s_without_tools": base, "steps_per_s_with_tools": with_tools,
-               "ratio": with_tools / base, "median_step_ratio": tools_median / base_median, "waiting": waiting, "tool_turns_per_row": turns,
-               "eos_probability": probability}
+               "ratio": with_tools / base, "median_step_ratio": tools_median / base_median, "waiting": waiting,
+               "tool_turns_per_row": turns, "eos_probability": probability}
         print(("warm-up " if rep == 0 else "") + ", ".join(
             f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
         if rep:
@@ -181,8 +181,8 @@ def main(argv=None) -> dict:
         "title": "Tool execution overlapping decoding: decode steps/s with and without tools",
         "env": env,
         "notes": [f"model {name} (random weights), {args.rows} rows, prompts of {args.prompt_length} tokens, "
-                  f"{args.max_new} tokens per row, sync_every {args.sync_every}, {torch.get_num_threads()} torch threads; tool: sleeps {args.tool_ms:.0f} ms "
-                  f"in a thread pool, appends {args.appended} tokens",
+                  f"{args.max_new} tokens per row, sync_every {args.sync_every}, {torch.get_num_threads()} torch threads; "
+                  f"tool: sleeps {args.tool_ms:.0f} ms in a thread pool, appends {args.appended} tokens",
                   f"rate: decode steps/s over steps {first}..{last} (no row can finish before); waiting: the share "
                   f"of row-time in that window spent waiting on the tool; EOS sampled with probability p each step",
                   "without tools: turns=None, EOS suppressed; ratio = with / without (goal >= 0.9), per "
@@ -190,7 +190,8 @@ def main(argv=None) -> dict:
                   "other processes' bursts, blind to rare long waits); the median row: medians of the columns"],
         "rows": rows,
         "columns": [["rep", "rep", "s"], ["steps_per_s_without_tools", "steps/s without tools", ".1f"],
-                    ["steps_per_s_with_tools", "steps/s with tools", ".1f"], ["ratio", "ratio", ".3f"], ["median_step_ratio", "ratio of median steps", ".3f"],
+                    ["steps_per_s_with_tools", "steps/s with tools", ".1f"], ["ratio", "ratio", ".3f"],
+                    ["median_step_ratio", "ratio of median steps", ".3f"],
                     ["waiting", "rows waiting", ".1%"], ["tool_turns_per_row", "tool turns/row", ".1f"],
                     ["eos_probability", "p(EOS)", ".3f"]],
     }

@@ -76,7 +76,8 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    the row samples again. Appended tokens count against ``max_completion_length`` and carry
    ``tool_mask`` 0 and log-prob 0.0. When every live row waits on a tool, the host waits for the
    first one instead of decoding. Sampled draws are keyed by output row and step (as the one-pass
-   kernel's are), so a rollout does not depend on when its tools finish. Without a handler the loop is the single-turn one above.
+   kernel's are), so a rollout does not depend on when its tools finish. Without a handler the loop
+   is the single-turn one above.
 
 Attention runs through ``decode_attention`` (on CUDA, for models on transformers' attention
 interface, the decode attention kernel ``kernels/decode_attention.py``: a row's shared prompt slot
@@ -755,14 +756,14 @@ class RolloutEngine:
         done = torch.ones(rows, dtype=torch.bool, device=device)
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         tokens = torch.full((rows,), params.pad_token_id, dtype=torch.long, device=device)
-        def sample(logits, steps, rows):  # the draws come from the generator, in batch order
-            return sample_tokens(logits, params, steps, eos_ids, generator)
-
         if turns is not None and params.top_k != 1:  # a row's draws must not depend on when its tools finished
             keyed_seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device))
 
-            def sample(logits, steps, rows):  # noqa: F811 - the keyed draws replace the generator's
+            def sample(logits, steps, rows):  # draws keyed by seed, output row, step and token
                 return sample_tokens(logits, params, steps, eos_ids, generator, keyed=(keyed_seed, rows))
+        else:
+            def sample(logits, steps, rows):  # the draws come from the generator, in batch order
+                return sample_tokens(logits, params, steps, eos_ids, generator)
 
         if self._fused_sampling(params, device) and total * group <= STREAM_ROWS:  # rows key the kernel's draws
             greedy = params.top_k == 1

@@ -116,8 +116,8 @@ def test_tool_overlap_benchmark_writes_both_rates(tmp_path):
 
     threads = torch.get_num_threads()
     try:  # the benchmark sets torch's CPU threads for its process
-        payload = tool_overlap.main(["--model", "tiny", "--max-new", "24", "--rows", "8", "--reps", "1", "--tool-ms", "5",
-                                     "--out-dir", str(tmp_path), "--name", "smoke"])
+        payload = tool_overlap.main(["--model", "tiny", "--max-new", "24", "--rows", "8", "--reps", "1",
+                                     "--tool-ms", "5", "--out-dir", str(tmp_path), "--name", "smoke"])
     finally:
         torch.set_num_threads(threads)
     assert [row["rep"] for row in payload["rows"]] == [1, "median"]
