@@ -89,7 +89,7 @@ class TurnState:
         """Rows that ended a turn since the last sync go to the handler (paused or finished); live rows
         that met a stop string in their turn finish; paused rows whose future is done resume.
         -> (done, tokens) with those changes."""
-        finished = []  # (row, end) of rows live on the device that must stop
+        stopped = []  # live rows whose turn met a stop string
         ids_host, done_host, steps_host = torch.stack([row_ids, done.long(), steps]).tolist()
         ended = [(row, n) for row, is_done, n in zip(ids_host, done_host, steps_host)
                  if is_done and row not in self.ends and row not in self.pending]
@@ -102,13 +102,13 @@ class TurnState:
             if index >= len(ended):  # a live row
                 if stop is not None:
                     self.ends[row] = stop
-                    finished.append(row)
+                    stopped.append(row)
             elif stop is not None or n >= self.max_new or ids[-1] not in self.eos:
                 self.ends[row] = stop if stop is not None else n
             else:
                 self._offer(row, ids)
-        if finished:
-            done = done | torch.isin(row_ids, torch.tensor(finished, device=done.device))
+        if stopped:
+            done = done | torch.isin(row_ids, torch.tensor(stopped, device=done.device))
         return self._resume_ready(row_ids, done, steps, tokens, iteration, deadline)
 
     def wait(self) -> None:
@@ -172,6 +172,7 @@ class TurnState:
         for row, length in enumerate(lengths):
             mask = [1] * length
             for start, end in self.spans[row]:
-                mask[start:min(end, length)] = [0] * max(0, min(end, length) - start)
+                end = min(end, length)
+                mask[start:end] = [0] * max(0, end - start)
             masks.append(mask)
         return masks
