@@ -71,6 +71,17 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    (the graphs read it at fixed addresses; ``keep_nf4_repack``), else it is freed after each call.
    Both are off on CPU.
 
+8. **Multi-turn rollouts** (``generate(..., turns=handler)``, a ``rollout.TurnHandler``; the
+   bookkeeping is ``grpo_fast.turns``): a row that ends a turn with EOS is offered to the handler at
+   the next host check; the future it returns pauses the row (it decodes no more, but keeps its slot
+   and its place in the cache) while the other rows decode on; once the future is done, its tokens
+   (a tool turn) are fed to the row one per decode step through the same step (no new shapes), then
+   the row samples again. Appended tokens count against ``max_completion_length`` and carry
+   ``tool_mask`` 0 and log-prob 0.0. When every live row waits on a tool, the host waits for the
+   first one instead of decoding. Sampled draws are keyed by output row and step (as the one-pass
+   kernel's are), so a rollout does not depend on when its tools finish. Without a handler the loop
+   is the single-turn one above.
+
 Attention runs through ``decode_attention`` (on CUDA, for models on transformers' attention
 interface, the decode attention kernel ``kernels/decode_attention.py``: a row's shared prompt slot
 and its own completion, read in place; else transformers' sdpa, with grouped-query decode on the KV
@@ -98,9 +109,10 @@ from .kernels.decode_attention import decode_attention as fused_decode_attention
 from .kernels.sampling import MAX_EOS, STREAM_ROWS, sample_fused
 from .logits import LogitTransform, logit_transform
 from .memory import ModelShape, cache_length
-from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
+from .rollout import (SamplingParams, TurnHandler, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
                       stop_strings_tokenizer)
 from .truncation import truncates, truncation_threshold
+from .turns import TurnState, keyed_exponentials
 
 try:  # the fused NF4 decode matmul (CUDA); absent or inapplicable means the bitsandbytes path
     from .nf4 import NF4DecodeCache, fused_nf4_decode
@@ -128,9 +140,11 @@ class EngineOutput:
     completion_ids: list[list[int]]  # [B] as a Generate returns them (EOS kept, cut at stop strings)
     logprobs: list[list[float]]  # [B] per completion token: log_softmax(logits / temperature)[token]
     slots_per_step: list[int] = field(default_factory=list)  # cache rows computed at each decode step
-    # With top-k / top-p / min-p (``records_truncation``), per completion token: the least temperature-scaled
-    # logit the truncation kept (the kept set is every token at or above it: the loss's ``logit_threshold``)
-    # and the token's log-prob under the truncated distribution it was drawn from; else None.
+    # [B] per completion token with a TurnHandler: 1 sampled by the model, 0 appended by the handler; else None
+    tool_mask: list[list[int]] | None = None
+    # With top-k / top-p / min-p (``records_truncation``), per completion token: the threshold of the
+    # truncation it was drawn under (the kept set is every temperature-scaled logit at or above it: the
+    # loss's ``logit_threshold``) and its log-prob under that truncated distribution; else None.
     logit_thresholds: list[list[float]] | None = None
     kept_logprobs: list[list[float]] | None = None
 
@@ -157,12 +171,15 @@ def race_argmax(probs: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int | torch.Tensor, eos_ids: torch.Tensor,
-                  generator: torch.Generator | None, *, truncation: bool = False):
+                  generator: torch.Generator | None, keyed: tuple[int, torch.Tensor] | None = None, *,
+                  truncation: bool = False):
     """(tokens [B], log-probs [B]) for one decode step from float32 ``logits`` [B, V], on their device.
     ``step``: the tokens sampled so far, one for all rows or per row ([B]: EOS suppressed per row).
-    ``truncation``: also return (thresholds [B], kept log-probs [B]): the least temperature-scaled logit
-    top-k / top-p / min-p kept (``truncation_threshold``; -inf where nothing was dropped) and the sampled
-    token's log-prob under the truncated distribution it was drawn from."""
+    ``keyed``: (seed, output rows [B]): draws keyed by seed, row, ``step`` and token
+    (``turns.keyed_exponentials``) instead of taken from ``generator`` in batch order.
+    ``truncation``: also return (thresholds [B], kept log-probs [B]): the threshold of top-k / top-p /
+    min-p (``truncation_threshold``; -inf where nothing was dropped) and the sampled token's log-prob
+    under the truncated distribution it was drawn from."""
     scaled = logits / params.temperature
     # The log-prob is the loss's: the full, unfiltered distribution at this temperature.
     log_normaliser = torch.logsumexp(scaled, dim=-1)
@@ -178,7 +195,9 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int | torc
         tokens = scaled.argmax(dim=-1)
     else:
         probs = kept.softmax(dim=-1)
-        tokens = race_argmax(probs, torch.empty_like(probs).exponential_(generator=generator))
+        race = (torch.empty_like(probs).exponential_(generator=generator) if keyed is None
+                else keyed_exponentials(keyed[0], keyed[1], step, probs.shape[-1]))
+        tokens = race_argmax(probs, race)
     # EOS suppression only touched EOS entries, never sampled then: `scaled` holds the sampled token's value.
     chosen = scaled.gather(-1, tokens[:, None])[:, 0]
     logprobs = chosen - log_normaliser
@@ -638,8 +657,13 @@ class RolloutEngine:
 
     @torch.no_grad()
     def generate(self, model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
-                 seed: int | None = None, tokenizer=None) -> EngineOutput:
-        """``params.num_generations`` completions per prompt (a group's rows contiguous) and their log-probs."""
+                 seed: int | None = None, tokenizer=None, turns: TurnHandler | None = None) -> EngineOutput:
+        """``params.num_generations`` completions per prompt (a group's rows contiguous) and their log-probs.
+
+        ``turns``: multi-turn rollouts (``grpo_fast.turns``): a row that ends a turn with EOS is offered
+        to ``turns.turn_ended``; the tokens of the future it returns are appended (log-prob 0.0,
+        ``tool_mask`` 0, counted against ``max_completion_length``) and the row decodes on, while the
+        other rows keep decoding. A completion is cut at its own end, not at its first EOS."""
         check_sampling_params(params)
         tokenizer = stop_strings_tokenizer(params, tokenizer if tokenizer is not None else self.tokenizer)
         for index, prompt in enumerate(prompt_ids):
@@ -655,8 +679,9 @@ class RolloutEngine:
         generator = self._generator_for(device, seed)
         try:
             with _mask_friendly_attention(model) as implementation, self._nf4_decode(decoder, device):
-                tokens, logprobs, slots = self._decode(decoder, head, transform, prompt_ids, params, implementation,
-                                                       device, generator, tokenizer, slots=prompts_per_wave)
+                tokens, logprobs, slots, state = self._decode(decoder, head, transform, prompt_ids, params,
+                                                              implementation, device, generator, tokenizer,
+                                                              slots=prompts_per_wave, turns=turns)
         finally:
             model.train(was_training)
             if not self._uses_cuda_graphs(device):
@@ -667,17 +692,21 @@ class RolloutEngine:
         if logprobs.dim() == 3:  # truncated sampling: (full log-prob, threshold, kept log-prob) per token
             logprobs, thresholds, kept_logprobs = logprobs.unbind(-1)
         completions = []
-        for row in tokens.tolist():
-            ids = cut_at_eos(row, params.eos_token_ids, params.max_completion_length)
-            if params.stop_strings:
-                ids = cut_at_stop_strings(ids, params.stop_strings, tokenizer)
+        for index, row in enumerate(tokens.tolist()):
+            if state is not None:  # its own end (appended tool turns hold EOS ids; stop strings applied per turn)
+                ids = row[: state.ends[index]]
+            else:
+                ids = cut_at_eos(row, params.eos_token_ids, params.max_completion_length)
+                if params.stop_strings:
+                    ids = cut_at_stop_strings(ids, params.stop_strings, tokenizer)
             completions.append(ids)
 
         def per_completion(values):
             return None if values is None else [row[: len(ids)] for row, ids in zip(values.tolist(), completions)]
 
-        return EngineOutput(completions, per_completion(logprobs), slots, logit_thresholds=per_completion(thresholds),
-                            kept_logprobs=per_completion(kept_logprobs))
+        tool_mask = state.tool_masks([len(ids) for ids in completions]) if state is not None else None
+        return EngineOutput(completions, per_completion(logprobs), slots, tool_mask,
+                            logit_thresholds=per_completion(thresholds), kept_logprobs=per_completion(kept_logprobs))
 
     def prompts_per_wave(self, config, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
                          dtype: torch.dtype) -> int:
@@ -702,12 +731,16 @@ class RolloutEngine:
 
     def _decode(self, decoder, head, transform: LogitTransform, prompt_ids, params: SamplingParams,
                 implementation: str, device: torch.device, generator: torch.Generator,
-                tokenizer, slots: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                tokenizer, slots: int, turns: TurnHandler | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[int], TurnState | None]:
         """All of ``prompt_ids`` through a cache of ``slots`` prompt slots (and their groups' rows): the
         first prompts are prefilled into every slot; at a sync point, a slot whose rows are all done takes
         the next waiting prompt (prefilled into it, its rows restarted at step 0) while the other rows go
         on. Rows stay slot-major (row ``s * group + j`` of slot s) while prompts wait: compaction only
-        once none does. -> (tokens, log-probs [prompts x group, max_new] on the CPU, rows per decode step)."""
+        once none does. With ``turns``, rows pause and resume (``TurnState``): a paused row is done on
+        the device but not finished (its slot is kept, it is not compacted out), and when every live
+        row is paused the host waits for a tool instead of decoding.
+        -> (tokens, log-probs [prompts x group, max_new] on the CPU, rows per decode step, the turns' state)."""
         group, max_new = params.num_generations, params.max_completion_length
         total = len(prompt_ids)
         slots = min(slots, total)
@@ -734,16 +767,24 @@ class RolloutEngine:
         record = records_truncation(params)
         out_logprobs = torch.zeros(total * group, max_new + 1, *((3,) if record else ()), dtype=torch.float32,
                                    device=device)
+        if turns is not None:
+            turns = TurnState(turns, out_tokens, out_logprobs, params, eos_ids, tokenizer)
         # Per cache row, on the device: its output row, tokens sampled so far, done, prompt length, last token.
         row_ids = torch.zeros(rows, dtype=torch.long, device=device)
         steps = torch.zeros(rows, dtype=torch.long, device=device)
         done = torch.ones(rows, dtype=torch.bool, device=device)
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         tokens = torch.full((rows,), params.pad_token_id, dtype=torch.long, device=device)
-        def sample(logits, steps, rows):  # the draws come from the generator, in batch order
+        # with turns a row's draws must not depend on when its tools finished: keyed by seed, output row,
+        # step and token; else from the generator, in batch order
+        if turns is not None and params.top_k != 1:
+            keyed_seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device))
+
+        def sample(logits, steps, rows):
+            keys = (keyed_seed, rows) if turns is not None and params.top_k != 1 else None
             if not record:
-                return sample_tokens(logits, params, steps, eos_ids, generator)
-            tokens, *figures = sample_tokens(logits, params, steps, eos_ids, generator, truncation=True)
+                return sample_tokens(logits, params, steps, eos_ids, generator, keys)
+            tokens, *figures = sample_tokens(logits, params, steps, eos_ids, generator, keys, truncation=True)
             return tokens, torch.stack(figures, dim=-1)
 
         if self._fused_sampling(params, device) and total * group <= STREAM_ROWS:  # rows key the kernel's draws
@@ -793,21 +834,32 @@ class RolloutEngine:
         while True:
             if (iteration + 1) % self.sync_every == 0 or iteration >= min(deadline.values(), default=0):
                 # the only host syncs of the loop
-                if params.stop_strings:
+                if turns is not None:  # turns ended since the last sync, stop strings, tools done
+                    done, tokens = turns.sync(row_ids, done, steps, tokens, iteration, deadline)
+                elif params.stop_strings:
                     done = self._stop_at_strings(out_tokens, row_ids, done, steps, params.stop_strings, tokenizer)
                 for slot in [slot for slot, last in deadline.items() if last <= iteration]:
-                    del deadline[slot]  # certainly done
-                while waiting < total:  # slots whose rows are all done take the next prompts (rows slot-major)
-                    free = torch.nonzero(done.view(-1, group).all(dim=1))[:, 0].tolist()
-                    if not free:
+                    del deadline[slot]  # certainly done (or paused: a resumed row gets a deadline of its own)
+                while True:
+                    finished = done if turns is None else turns.finished(done, row_ids)
+                    while waiting < total:  # slots whose rows are all finished take the next prompts (slot-major)
+                        free = torch.nonzero(finished.view(-1, group).all(dim=1))[:, 0].tolist()
+                        if not free:
+                            break
+                        start(free, iteration)
+                        if turns is not None:  # a first token may end a turn already
+                            done, tokens = turns.sync(row_ids, done, steps, tokens, iteration, deadline)
+                        finished = done if turns is None else turns.finished(done, row_ids)
+                    live = int((~finished).sum())
+                    if turns is None or not turns.pending or not bool(done.all()):
                         break
-                    start(free, iteration)
-                live = int((~done).sum())
+                    turns.wait()  # every live row is paused: nothing to decode until a tool is done
+                    done, tokens = turns.sync(row_ids, done, steps, tokens, iteration, deadline)
                 if live == 0:
                     break
                 size = max(MIN_COMPACT_ROWS, 1 << (live - 1).bit_length())  # a power of two: few shapes
                 if self.compact and waiting == total and size <= cache.batch // 2:
-                    order = torch.argsort(done.to(torch.int8), stable=True)[:size]  # live rows first
+                    order = torch.argsort(finished.to(torch.int8), stable=True)[:size]  # live rows first
                     cache.compact(order)
                     row_ids, steps, lengths, done, tokens = (
                         tensor[order] for tensor in (row_ids, steps, lengths, done, tokens))
@@ -821,12 +873,15 @@ class RolloutEngine:
             iteration += 1
             tokens, logprobs = sample(logits, steps=steps, rows=row_ids)
             column = torch.where(done, max_new, steps)  # finished rows' draws go to the discarded column
-            out_tokens[row_ids, column] = tokens
-            out_logprobs[row_ids, column] = logprobs
-            done = done | torch.isin(tokens, eos_ids) | (steps + 1 >= max_new)
-            steps = steps + 1
+            if turns is None:
+                out_tokens[row_ids, column] = tokens
+                out_logprobs[row_ids, column] = logprobs
+                done = done | torch.isin(tokens, eos_ids) | (steps + 1 >= max_new)
+                steps = steps + 1
+            else:  # forced (appended) ids in place of draws; done rows' steps stay their lengths
+                tokens, done, steps = turns.step(tokens, logprobs, row_ids, column, done, steps)
         cache.batch = cache.capacity
-        return out_tokens[:, :max_new].cpu(), out_logprobs[:, :max_new].cpu(), slots_per_step
+        return out_tokens[:, :max_new].cpu(), out_logprobs[:, :max_new].cpu(), slots_per_step, turns
 
     @staticmethod
     def _stop_at_strings(out_tokens, row_ids, done, steps, stop_strings, tokenizer) -> torch.Tensor:
