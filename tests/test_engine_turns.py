@@ -340,3 +340,27 @@ def test_turns_under_cuda_graphs_equal_each_conversation_decoded_alone(tokenizer
         assert output.completion_ids == [ids for ids, _, _ in reference]
         assert output.tool_mask == [mask for _, mask, _ in reference]
         assert_logprobs_are_the_models(model, prompts, params, output, tokenizer.pad_token_id)
+
+
+def test_truncated_sampling_records_each_model_token_with_turns(tokenizer, model, setting):
+    """top-p with tool turns: every sampled token's recorded threshold and kept log-prob are those of
+    one forward pass over the whole conversation (the trainer replays them); appended tokens: zeros."""
+    from grpo_fast.truncation import truncation_threshold
+
+    prompts, params, appended = setting
+    params = dataclasses.replace(params, top_k=0, top_p=0.7, temperature=0.9)
+    output = RolloutEngine(seed=0).generate(model, prompts, params, turns=ScriptedTurns(appended))
+    assert any(0 in mask for mask in output.tool_mask)  # some rows did take a tool turn
+    for row, ids in enumerate(output.completion_ids):
+        prompt = prompts[row // GROUP]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1: -1].float() / 0.9
+        threshold = truncation_threshold(logits, 0, 0.7, 0.0)
+        kept = logits.masked_fill(logits < threshold[:, None], float("-inf")).log_softmax(-1)
+        expected = kept.gather(-1, torch.tensor(ids)[:, None])[:, 0]
+        sampled = torch.tensor(output.tool_mask[row], dtype=torch.bool)
+        recorded_thresholds = torch.tensor(output.logit_thresholds[row])
+        recorded_kept = torch.tensor(output.kept_logprobs[row])
+        torch.testing.assert_close(recorded_thresholds[sampled], threshold[sampled], atol=1e-4, rtol=0)
+        torch.testing.assert_close(recorded_kept[sampled], expected[sampled], atol=1e-4, rtol=0)
+        assert torch.all(recorded_kept[~sampled] == 0.0) and torch.all(recorded_thresholds[~sampled] == 0.0)
