@@ -135,7 +135,7 @@ def test_every_config_key_is_validated_before_the_model_loads():
                "attn_implementation": "", "trust_remote_code": "yes", "dataset": " ", "dataset_config": "",
                "dataset_split": "", "prompt_column": "", "shuffle": "no", "prompts_per_step": 0,
                "num_generations": 1, "max_completion_length": 0, "temperature": 0.0, "top_p": 0.0, "top_k": -1,
-               "min_p": 1.5, "stop_strings": [""], "mask_truncated_completions": 0, "rollout_engine": "vllm",
+               "min_p": 1.5, "replay_truncation": "yes", "stop_strings": [""], "mask_truncated_completions": 0, "rollout_engine": "vllm",
                "rollout_memory": "offload",
                "reward_functions": [], "reward_weights": [float("inf")], "loss_type": "ppo", "beta": -0.1,
                "epsilon_low": 1.0, "epsilon_high": float("nan"), "delta": 0.5, "kl_bias_correction": "yes",
