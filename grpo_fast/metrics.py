@@ -37,6 +37,7 @@ import torch
 
 from .config import GRPOConfig, config_to_dict
 from .fsio import append_lines, write_text_atomic
+from .agent import model_token_lengths
 from .rollout import Rollout
 from .scoring import Scores
 
@@ -60,11 +61,12 @@ def step_figures(rollout: Rollout, scores: Scores, loss_figures: dict[str, float
         record[f"reward/{name}/mean"], record[f"reward/{name}/std"] = _mean_std(values)
     grouped = scores.total.view(-1, rollout.group_size)
     record["frac_reward_zero_std"] = float((grouped.std(dim=1) < 1e-6).float().mean())
-    lengths = rollout.completion_lengths.float()
+    lengths = model_token_lengths(rollout).float()  # with tools: the model's tokens only (TRL's)
     record["completions/mean_length"] = float(lengths.mean())
     record["completions/min_length"] = int(lengths.min())
     record["completions/max_length"] = int(lengths.max())
     record["completions/clipped_ratio"] = float(rollout.truncated.float().mean())
+    record.update(rollout.tool_figures)
     record.update(loss_figures)
     record["lr"] = lr
     step_time = sum(timings.values())

@@ -14,7 +14,7 @@ column ``P`` and position ``P - 1`` predicts its first token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -74,6 +74,8 @@ class Rollout:
     columns: dict[str, list]  # the dataset's other columns, repeated per completion
     group_size: int
     sampling_logps: torch.Tensor | None = None  # [B, C] the sampler's log-probs of its tokens (the engine's), 0 padding
+    tool_mask: torch.Tensor | None = None  # [B, C] with tools: 1 on tokens the model sampled, 0 on appended tool results (completion_mask already holds it)
+    tool_figures: dict[str, float] = field(default_factory=dict)  # with tools: tools/call_frequency, tools/failure_frequency
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]

@@ -59,3 +59,51 @@ def letters_reward(
     if letters is None:
         letters = [prompt.rsplit(SEPARATOR, 1)[0] for prompt in prompts]
     return [letters_score(completion, allowed) for completion, allowed in zip(completions, letters)]
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in agent task: the letters are in a vault, and only its tool opens it
+# --------------------------------------------------------------------------------------------
+# A prompt says nothing but "open the vault" (the user turn ":"); each row's ``letters`` stay inside the row's
+# ``Vault`` environment, whose one tool, ``open_vault()``, returns them. The reward is ``letters_score`` of the
+# final answer (the last assistant turn): a model that does not call the tool can at best write letters of the
+# alphabet at random (about ``LETTERS_PER_PROMPT / len(ALPHABET)``); one that calls it and copies the tool's
+# answer scores 1. ``examples/agent_tiny.yaml`` trains the tiny model on it.
+
+
+class Vault:
+    """An environment (TRL's ``environment_factory``): one per rollout, reset with the row's columns."""
+
+    def __init__(self):
+        self.letters = ""
+        self.opened = 0
+
+    def reset(self, letters: str = "", **row: Any) -> None:
+        self.letters, self.opened = letters, 0
+
+    def open_vault(self) -> str:
+        """
+        Opens the vault and returns the letters inside it.
+        """
+        self.opened += 1
+        return self.letters
+
+
+def vault_dataset(num_prompts: int = 512, seed: int = 4321) -> list[dict[str, Any]]:
+    """Rows ``{"prompt": [{"role": "user", "content": ":"}], "letters": "bfg"}``: every prompt the same."""
+    return [{"prompt": [{"role": "user", "content": SEPARATOR}], "letters": row["letters"]}
+            for row in letters_dataset(num_prompts, seed)]
+
+
+def final_answer(completion: Any) -> str:
+    """The text of a completion's last assistant turn (a completion is text or TRL's list of messages)."""
+    if isinstance(completion, str):
+        return completion
+    answers = [message.get("content") or "" for message in completion if message.get("role") == "assistant"]
+    return answers[-1] if answers else ""
+
+
+def vault_reward(prompts: Sequence[Any], completions: Sequence[Any], completion_ids=None, letters=None,
+                 **columns: Any) -> list[float]:
+    """``letters_score`` of each completion's final answer against its row's vault letters."""
+    return [letters_score(final_answer(completion), allowed) for completion, allowed in zip(completions, letters)]

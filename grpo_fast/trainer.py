@@ -52,6 +52,7 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint
 from .config import DEMO_DATASET, DEMO_REWARD_FUNCTIONS, LOSS_OPTIONS, GRPOConfig
 from .data import (check_prompt_column, load_prompts, load_rows, prompt_indices, render_prompts, take_rows,
                    tokenize_prompts)
+from .agent import AgentRollouts
 from .errors import NonFiniteError, TrainingInterrupted
 from .evaluation import generate_greedy
 from .interrupts import InterruptGuard, StepAbandoned, UpdateCounter
@@ -167,8 +168,10 @@ class EntropyControl:
 
 
 def samples_with_engine(config: GRPOConfig, device: torch.device) -> bool:
-    """``rollout_engine: engine``, or ``auto`` on CUDA (where it pays); else Hugging Face generate."""
-    return config.rollout_engine == "engine" or (config.rollout_engine == "auto" and device.type == "cuda")
+    """``rollout_engine: engine``, or ``auto`` on CUDA (where it pays) or with tools (only the engine runs
+    them between turns); else Hugging Face generate."""
+    uses_tools = bool(config.tools) or config.environment is not None
+    return config.rollout_engine == "engine" or (config.rollout_engine == "auto" and (device.type == "cuda" or uses_tools))
 
 
 def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None,
@@ -176,7 +179,8 @@ def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None,
     """``rollout_engine``: the engine (auto: on CUDA, where it pays) or Hugging Face ``generate``;
     ``tokenizer`` matches stop strings; ``max_kv_bytes``: the engine's KV budget (it decodes in waves). The engine samples from global-RNG-drawn seeds, so resumed
     runs sample as uninterrupted ones."""
-    if config.importance_sampling_correction != "none" and config.rollout_engine == "auto" and device.type != "cuda":
+    if (config.importance_sampling_correction != "none" and config.rollout_engine == "auto"
+            and not samples_with_engine(config, device)):
         raise ValueError("importance_sampling_correction: expected none when rollout_engine auto samples with "
                          f"Hugging Face generate (on {device.type}), received {config.importance_sampling_correction!r};"
                          " the correction uses the engine's sampled-token log-probs: set rollout_engine: engine")
@@ -214,12 +218,17 @@ def wants_sampler_logprobs(config: GRPOConfig) -> bool:
     return config.importance_sampling_correction != "none" or config.off_policy_mask_threshold is not None
 
 
-def generate_rollout(model, tokenizer, rows: list[dict], config: GRPOConfig, generate: Generate) -> Rollout:
+def generate_rollout(model, tokenizer, rows: list[dict], config: GRPOConfig, generate: Generate,
+                     agent: AgentRollouts | None = None) -> Rollout:
     """The completions, with the sampler's log-probs of its tokens when the loss uses them and the
-    sampler gives them (the engine's ``generate``)."""
+    sampler gives them (the engine's ``generate``); with ``agent``, multi-turn with tool calls."""
     params = sampling_params(config, tokenizer)
-    texts = render_prompts([row[config.prompt_column] for row in rows], tokenizer)
-    prompt_ids = tokenize_prompts(texts, tokenizer)
+    if agent is not None:
+        rollout, sampled_logprobs = agent.rollout(model, tokenizer, rows, params, generate,
+                                                  prompt_column=config.prompt_column,
+                                                  mask_truncated=config.mask_truncated_completions)
+        return with_sampler_logprobs(rollout, sampled_logprobs if wants_sampler_logprobs(config) else None)
+    prompt_ids = tokenize_prompts(render_prompts([row[config.prompt_column] for row in rows], tokenizer), tokenizer)
     sampled_logprobs = None
     if wants_sampler_logprobs(config) and hasattr(generate, "generate"):
         output = generate.generate(model, prompt_ids, params)
@@ -231,6 +240,10 @@ def generate_rollout(model, tokenizer, rows: list[dict], config: GRPOConfig, gen
         completions = generate(model, prompt_ids, params)
     rollout = build_rollout(rows, config.prompt_column, prompt_ids, completions, tokenizer, params,
                             mask_truncated=config.mask_truncated_completions)
+    return with_sampler_logprobs(rollout, sampled_logprobs)
+
+
+def with_sampler_logprobs(rollout: Rollout, sampled_logprobs: list[list[float]] | None) -> Rollout:
     if sampled_logprobs is not None:
         width = rollout.completion_ids.shape[1]
         rollout.sampling_logps = torch.tensor([row + [0.0] * (width - len(row)) for row in sampled_logprobs],
@@ -239,8 +252,11 @@ def generate_rollout(model, tokenizer, rows: list[dict], config: GRPOConfig, gen
 
 
 def score_rollout(functions: Sequence[RewardFunction], config: GRPOConfig, rollout: Rollout) -> Scores:
-    return score(functions, config.reward_weights, rollout.prompts, rollout.completions,
-                 rollout.completion_token_ids, rollout.columns)
+    weights = config.reward_weights
+    if weights is not None and len(functions) > len(weights):  # environments' get_reward follow, weight 1 (TRL)
+        weights = list(weights) + [1.0] * (len(functions) - len(weights))
+    return score(functions, weights, rollout.prompts, rollout.completions, rollout.completion_token_ids,
+                 rollout.columns)
 
 
 def micro_batch_rows(rollout: Rollout, config: GRPOConfig) -> list[torch.Tensor]:
@@ -515,12 +531,13 @@ def _keep_extreme(extremes: dict[str, float], name: str, value: float) -> None:
 
 def train_step(model, reference_model, tokenizer, optimizer, scheduler, scaler, functions, rows: list[dict],
                config: GRPOConfig, generate: Generate, device: torch.device,
-               entropy_control: EntropyControl | None = None) -> tuple[dict[str, Any], Rollout, Scores]:
+               entropy_control: EntropyControl | None = None,
+               agent: AgentRollouts | None = None) -> tuple[dict[str, Any], Rollout, Scores]:
     """One generation batch: rollout -> rewards -> advantages -> old/ref log-probs -> optimise."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    rollout = generate_rollout(model, tokenizer, rows, config, generate)
+    rollout = generate_rollout(model, tokenizer, rows, config, generate, agent)
     generated = time.perf_counter()
     scores = score_rollout(functions, config, rollout)
     scored = time.perf_counter()
@@ -638,6 +655,7 @@ class RunLoop:
     device: torch.device
     logger: MetricsLogger
     position: int = 0  # prompts consumed
+    agent: AgentRollouts | None = None  # tools / environments
     saved: int | None = None  # the last step with a checkpoint
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -647,7 +665,7 @@ class RunLoop:
         record, rollout, scores = train_step(self.model, self.reference_model, self.tokenizer, self.optimizer,
                                              self.scheduler, self.scaler, self.functions,
                                              take_rows(self.dataset, indices), config, self.generate, self.device,
-                                             self.entropy_control)
+                                             self.entropy_control, self.agent)
         self.position += config.prompts_per_step
         record = {"step": step, "data_position": self.position, **record}
         if self.eval_rows and config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
@@ -750,6 +768,12 @@ def train(
     functions = load_reward_functions(reward_functions if reward_functions is not None else config.reward_functions)
     if reward_functions is not None and config.reward_weights is not None and len(config.reward_weights) != len(functions):
         raise ValueError(f"reward_weights: expected {len(functions)} weights, received {len(config.reward_weights)}")
+    agent = AgentRollouts.from_config(config)
+    if agent is not None:
+        functions += agent.reward_functions()
+        if not functions:
+            raise ValueError("reward_functions: expected reward functions or an environment with get_reward(), "
+                             "received neither")
     eval_rows = None
     if eval_dataset is not None or config.eval_every > 0:
         eval_rows = load_eval_rows(config, eval_dataset)
@@ -784,7 +808,7 @@ def train(
     loop = RunLoop(config, plan.run_dir, model, reference_model, tokenizer, optimizer, scheduler, scaler,
                    entropy_control, functions, dataset, eval_rows, generate, device,
                    MetricsLogger(plan.run_dir, config, start_step=plan.step), position,
-                   saved=plan.step if plan.checkpoint is not None else None)
+                   saved=plan.step if plan.checkpoint is not None else None, agent=agent)
     try:
         with InterruptGuard() as interrupts, UpdateCounter(optimizer) as updates:
             for step in range(plan.step + 1, config.max_steps + 1):
