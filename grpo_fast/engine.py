@@ -95,8 +95,9 @@ from .kernels.decode_attention import decode_attention as fused_decode_attention
 from .kernels.sampling import MAX_EOS, STREAM_ROWS, sample_fused
 from .logits import LogitTransform, logit_transform
 from .memory import ModelShape, cache_length
-from .rollout import (SamplingParams, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
+from .rollout import (SamplingParams, TurnHandler, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
                       stop_strings_tokenizer)
+from .turns import TurnState
 
 try:  # the fused NF4 decode matmul (CUDA); absent or inapplicable means the bitsandbytes path
     from .nf4 import NF4DecodeCache, fused_nf4_decode
@@ -124,6 +125,8 @@ class EngineOutput:
     completion_ids: list[list[int]]  # [B] as a Generate returns them (EOS kept, cut at stop strings)
     logprobs: list[list[float]]  # [B] per completion token: log_softmax(logits / temperature)[token]
     slots_per_step: list[int] = field(default_factory=list)  # cache rows computed at each decode step
+    # [B] per completion token with a TurnHandler: 1 sampled by the model, 0 appended by the handler; else None
+    tool_mask: list[list[int]] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -629,8 +632,13 @@ class RolloutEngine:
 
     @torch.no_grad()
     def generate(self, model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
-                 seed: int | None = None, tokenizer=None) -> EngineOutput:
-        """``params.num_generations`` completions per prompt (a group's rows contiguous) and their log-probs."""
+                 seed: int | None = None, tokenizer=None, turns: TurnHandler | None = None) -> EngineOutput:
+        """``params.num_generations`` completions per prompt (a group's rows contiguous) and their log-probs.
+
+        ``turns``: multi-turn rollouts (``grpo_fast.turns``): a row that ends a turn with EOS is offered
+        to ``turns.turn_ended``; the tokens of the future it returns are appended (log-prob 0.0,
+        ``tool_mask`` 0, counted against ``max_completion_length``) and the row decodes on, while the
+        other rows keep decoding. A completion is cut at its own end, not at its first EOS."""
         check_sampling_params(params)
         tokenizer = stop_strings_tokenizer(params, tokenizer if tokenizer is not None else self.tokenizer)
         for index, prompt in enumerate(prompt_ids):
@@ -646,8 +654,9 @@ class RolloutEngine:
         generator = self._generator_for(device, seed)
         try:
             with _mask_friendly_attention(model) as implementation, self._nf4_decode(decoder, device):
-                tokens, logprobs, slots = self._decode(decoder, head, transform, prompt_ids, params, implementation,
-                                                       device, generator, tokenizer, slots=prompts_per_wave)
+                tokens, logprobs, slots, state = self._decode(decoder, head, transform, prompt_ids, params,
+                                                              implementation, device, generator, tokenizer,
+                                                              slots=prompts_per_wave, turns=turns)
         finally:
             model.train(was_training)
             if not self._uses_cuda_graphs(device):
@@ -655,13 +664,17 @@ class RolloutEngine:
                 # training pass. With graphs they stay (a replay reads and writes them in place).
                 self._cache = None
         completions, completion_logprobs = [], []
-        for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
-            ids = cut_at_eos(row, params.eos_token_ids, params.max_completion_length)
-            if params.stop_strings:
-                ids = cut_at_stop_strings(ids, params.stop_strings, tokenizer)
+        for index, (row, row_logprobs) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
+            if state is not None:  # its own end (appended tool turns hold EOS ids; stop strings applied per turn)
+                ids = row[: state.ends[index]]
+            else:
+                ids = cut_at_eos(row, params.eos_token_ids, params.max_completion_length)
+                if params.stop_strings:
+                    ids = cut_at_stop_strings(ids, params.stop_strings, tokenizer)
             completions.append(ids)
             completion_logprobs.append(row_logprobs[: len(ids)])
-        return EngineOutput(completions, completion_logprobs, slots)
+        tool_mask = state.tool_masks([len(ids) for ids in completions]) if state is not None else None
+        return EngineOutput(completions, completion_logprobs, slots, tool_mask)
 
     def prompts_per_wave(self, config, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
                          dtype: torch.dtype) -> int:
@@ -686,12 +699,16 @@ class RolloutEngine:
 
     def _decode(self, decoder, head, transform: LogitTransform, prompt_ids, params: SamplingParams,
                 implementation: str, device: torch.device, generator: torch.Generator,
-                tokenizer, slots: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                tokenizer, slots: int, turns: TurnHandler | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[int], TurnState | None]:
         """All of ``prompt_ids`` through a cache of ``slots`` prompt slots (and their groups' rows): the
         first prompts are prefilled into every slot; at a sync point, a slot whose rows are all done takes
         the next waiting prompt (prefilled into it, its rows restarted at step 0) while the other rows go
         on. Rows stay slot-major (row ``s * group + j`` of slot s) while prompts wait: compaction only
-        once none does. -> (tokens, log-probs [prompts x group, max_new] on the CPU, rows per decode step)."""
+        once none does. With ``turns``, rows pause and resume (``TurnState``): a paused row is done on
+        the device but not finished (its slot is kept, it is not compacted out), and when every live
+        row is paused the host waits for a tool instead of decoding.
+        -> (tokens, log-probs [prompts x group, max_new] on the CPU, rows per decode step, the turns' state)."""
         group, max_new = params.num_generations, params.max_completion_length
         total = len(prompt_ids)
         slots = min(slots, total)
@@ -715,6 +732,8 @@ class RolloutEngine:
         # Outputs per output row (prompt p's rows p * group ...); column max_new takes finished rows' draws.
         out_tokens = torch.full((total * group, max_new + 1), params.pad_token_id, dtype=torch.long, device=device)
         out_logprobs = torch.zeros(total * group, max_new + 1, dtype=torch.float32, device=device)
+        if turns is not None:
+            turns = TurnState(turns, out_tokens, out_logprobs, params, eos_ids, tokenizer)
         # Per cache row, on the device: its output row, tokens sampled so far, done, prompt length, last token.
         row_ids = torch.zeros(rows, dtype=torch.long, device=device)
         steps = torch.zeros(rows, dtype=torch.long, device=device)
@@ -771,21 +790,32 @@ class RolloutEngine:
         while True:
             if (iteration + 1) % self.sync_every == 0 or iteration >= min(deadline.values(), default=0):
                 # the only host syncs of the loop
-                if params.stop_strings:
+                if turns is not None:  # turns ended since the last sync, stop strings, tools done
+                    done, tokens = turns.sync(row_ids, done, steps, tokens, iteration, deadline)
+                elif params.stop_strings:
                     done = self._stop_at_strings(out_tokens, row_ids, done, steps, params.stop_strings, tokenizer)
                 for slot in [slot for slot, last in deadline.items() if last <= iteration]:
-                    del deadline[slot]  # certainly done
-                while waiting < total:  # slots whose rows are all done take the next prompts (rows slot-major)
-                    free = torch.nonzero(done.view(-1, group).all(dim=1))[:, 0].tolist()
-                    if not free:
+                    del deadline[slot]  # certainly done (or paused: a resumed row gets a deadline of its own)
+                while True:
+                    finished = done if turns is None else turns.finished(done, row_ids)
+                    while waiting < total:  # slots whose rows are all finished take the next prompts (slot-major)
+                        free = torch.nonzero(finished.view(-1, group).all(dim=1))[:, 0].tolist()
+                        if not free:
+                            break
+                        start(free, iteration)
+                        if turns is not None:  # a first token may end a turn already
+                            done, tokens = turns.sync(row_ids, done, steps, tokens, iteration, deadline)
+                        finished = done if turns is None else turns.finished(done, row_ids)
+                    live = int((~finished).sum())
+                    if turns is None or not turns.pending or not bool(done.all()):
                         break
-                    start(free, iteration)
-                live = int((~done).sum())
+                    turns.wait()  # every live row is paused: nothing to decode until a tool is done
+                    done, tokens = turns.sync(row_ids, done, steps, tokens, iteration, deadline)
                 if live == 0:
                     break
                 size = max(MIN_COMPACT_ROWS, 1 << (live - 1).bit_length())  # a power of two: few shapes
                 if self.compact and waiting == total and size <= cache.batch // 2:
-                    order = torch.argsort(done.to(torch.int8), stable=True)[:size]  # live rows first
+                    order = torch.argsort(finished.to(torch.int8), stable=True)[:size]  # live rows first
                     cache.compact(order)
                     row_ids, steps, lengths, done, tokens = (
                         tensor[order] for tensor in (row_ids, steps, lengths, done, tokens))
@@ -799,12 +829,15 @@ class RolloutEngine:
             iteration += 1
             tokens, logprobs = sample(logits, steps=steps, rows=row_ids)
             column = torch.where(done, max_new, steps)  # finished rows' draws go to the discarded column
+            if turns is not None:  # forced (appended) ids in place of draws; done rows' steps stay their lengths
+                tokens, done, steps = turns.step(tokens, logprobs, row_ids, column, done, steps)
+                continue
             out_tokens[row_ids, column] = tokens
             out_logprobs[row_ids, column] = logprobs
             done = done | torch.isin(tokens, eos_ids) | (steps + 1 >= max_new)
             steps = steps + 1
         cache.batch = cache.capacity
-        return out_tokens[:, :max_new].cpu(), out_logprobs[:, :max_new].cpu(), slots_per_step
+        return out_tokens[:, :max_new].cpu(), out_logprobs[:, :max_new].cpu(), slots_per_step, turns
 
     @staticmethod
     def _stop_at_strings(out_tokens, row_ids, done, steps, stop_strings, tokenizer) -> torch.Tensor:

@@ -14,6 +14,7 @@ column ``P`` and position ``P - 1`` predicts its first token.
 
 from __future__ import annotations
 
+import concurrent.futures  # noqa: F401 - named in TurnHandler's annotation
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -56,6 +57,18 @@ def check_sampling_params(params: SamplingParams) -> None:
 
 class Generate(Protocol):
     def __call__(self, model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]: ...
+
+
+class TurnHandler(Protocol):
+    """Multi-turn rollouts (``RolloutEngine.generate(..., turns=...)``): what happens when a row ends a turn."""
+
+    def turn_ended(self, row: int, completion_ids: list[int]) -> "concurrent.futures.Future[list[int]] | None":
+        """Called on the host (at a sync point) when output row ``row`` (prompt row // group, in the
+        engine's output order) has sampled an EOS token that ends a turn. ``completion_ids``: the row's
+        whole completion so far (model and appended tokens), ending with that EOS. None: the row is
+        finished. Else a future whose result is the token ids to append (tool turn(s) + next assistant
+        header) before the row samples again; the engine does not block on it while other rows decode."""
+        ...
 
 
 @dataclass
