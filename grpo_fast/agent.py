@@ -483,6 +483,11 @@ class AgentRollouts:
         tool_mask = output.tool_mask if output.tool_mask is not None else [[1] * len(ids) for ids in completions]
         rollout.tool_mask = pad(tool_mask, 1, left=False, min_length=rollout.completion_ids.shape[1])[0][
             :, : rollout.completion_ids.shape[1]]
+        # a row cut inside a tool turn may end on the turn's EOS: truncated all the same (the model's turn is open)
+        rollout.truncated |= torch.tensor([bool(ids) and len(ids) >= params.max_completion_length and not mask[-1]
+                                           for ids, mask in zip(completions, tool_mask)], dtype=torch.bool)
+        if mask_truncated:
+            rollout.completion_mask[rollout.truncated] = 0
         rollout.completion_mask = rollout.completion_mask * rollout.tool_mask
         if environments is not None:
             rollout.columns["environments"] = environments

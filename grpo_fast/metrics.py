@@ -192,7 +192,8 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Mean reward and mean completion length against step, one PNG (matplotlib, Agg)."""
+    """Mean reward, mean completion length (and with tools the tool calls per completion) against step, one
+    PNG (matplotlib, Agg)."""
     if not history:
         return None
     import matplotlib
@@ -201,11 +202,16 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
     from matplotlib import pyplot as plt
 
     steps = [record["step"] for record in history]
-    figure, (reward_axis, length_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    tools = "tools/call_frequency" in history[-1]  # runs with tools: the calls per completion too
+    figure, axes = plt.subplots(1, 3 if tools else 2, figsize=(15 if tools else 10, 3.5))
+    reward_axis, length_axis = axes[:2]
     reward_axis.plot(steps, [record["reward/mean"] for record in history])
     reward_axis.set(xlabel="step", ylabel="mean reward", title="reward")
     length_axis.plot(steps, [record["completions/mean_length"] for record in history], color="tab:orange")
     length_axis.set(xlabel="step", ylabel="tokens", title="completion length")
+    if tools:
+        axes[2].plot(steps, [record.get("tools/call_frequency", math.nan) for record in history], color="tab:green")
+        axes[2].set(xlabel="step", ylabel="calls per completion", title="tool calls")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

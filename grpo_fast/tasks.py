@@ -64,11 +64,13 @@ def letters_reward(
 # --------------------------------------------------------------------------------------------
 # The built-in agent task: the letters are in a vault, and only its tool opens it
 # --------------------------------------------------------------------------------------------
-# A prompt says nothing but "open the vault" (the user turn ":"); each row's ``letters`` stay inside the row's
-# ``Vault`` environment, whose one tool, ``open_vault()``, returns them. The reward is ``letters_score`` of the
-# final answer (the last assistant turn): a model that does not call the tool can at best write letters of the
-# alphabet at random (about ``LETTERS_PER_PROMPT / len(ALPHABET)``); one that calls it and copies the tool's
-# answer scores 1. ``examples/agent_tiny.yaml`` trains the tiny model on it.
+# A prompt says nothing but "open the vault" (the user turn ":"); each row's letter stays inside the row's
+# ``Vault`` environment, whose one tool, ``open_vault()``, returns it. The reward is ``vault_score`` of the final
+# answer (the last assistant turn): the share of its first ``ANSWER_LENGTH`` characters that are the vault's
+# letter, and nothing for an answer given without opening the vault (a guess: 1 in len(ALPHABET) otherwise,
+# which a randomly initialised model would learn first and stay with). Opening it and guessing scores about
+# 1 / len(ALPHABET); copying the tool's answer scores 1. ``examples/agent_tiny.yaml`` trains the tiny model.
+ANSWER_LENGTH = 4
 
 
 class Vault:
@@ -90,9 +92,10 @@ class Vault:
 
 
 def vault_dataset(num_prompts: int = 512, seed: int = 4321) -> list[dict[str, Any]]:
-    """Rows ``{"prompt": [{"role": "user", "content": ":"}], "letters": "bfg"}``: every prompt the same."""
-    return [{"prompt": [{"role": "user", "content": SEPARATOR}], "letters": row["letters"]}
-            for row in letters_dataset(num_prompts, seed)]
+    """Rows ``{"prompt": [{"role": "user", "content": ":"}], "letters": "f"}``: every prompt the same."""
+    generator = random.Random(seed)
+    return [{"prompt": [{"role": "user", "content": SEPARATOR}], "letters": generator.choice(ALPHABET)}
+            for _ in range(num_prompts)]
 
 
 def final_answer(completion: Any) -> str:
@@ -103,7 +106,16 @@ def final_answer(completion: Any) -> str:
     return answers[-1] if answers else ""
 
 
+def vault_score(answer: str, letters: str) -> float:
+    """The share of the first ``ANSWER_LENGTH`` characters of ``answer`` that are among ``letters``."""
+    return sum(character in letters for character in answer[:ANSWER_LENGTH]) / ANSWER_LENGTH
+
+
 def vault_reward(prompts: Sequence[Any], completions: Sequence[Any], completion_ids=None, letters=None,
                  **columns: Any) -> list[float]:
-    """``letters_score`` of each completion's final answer against its row's vault letters."""
-    return [letters_score(final_answer(completion), allowed) for completion, allowed in zip(completions, letters)]
+    """``vault_score`` of each completion's final answer against its row's vault letter; 0 for a completion
+    (TRL's list of messages) that holds no tool result."""
+    return [vault_score(final_answer(completion), allowed)
+            if not isinstance(completion, str) and any(message.get("role") == "tool" for message in completion)
+            else 0.0
+            for completion, allowed in zip(completions, letters)]
