@@ -233,11 +233,11 @@ def conversation_reward(prompts, completions, environments, **columns):
 
 
 def _tool_results_match(completions, environments):
-    """Every tool message holds its tool's answer, and each rollout's Tally counted that rollout's calls."""
+    """Every tool message holds its tool's answer, from its rollout's own Tally."""
     for messages, environment in zip(completions, environments):
         tallies = [m["content"] for m in messages if m["role"] == "tool" and m["name"] == "tally"]
         assert tallies == ["a" * (count + 1) for count in range(len(tallies))]
-        assert environment.calls == len(tallies)
+        assert environment.calls >= len(tallies)  # a tool turn cut at the length limit ran but is not shown
         assert all(m["content"] == "b" for m in messages if m["role"] == "tool" and m["name"] == "ping")
         assert all(m["role"] in ("assistant", "tool") for m in messages) and messages[0]["role"] == "assistant"
     return sum(m["role"] == "tool" for messages in completions for m in messages)
