@@ -410,6 +410,12 @@ class AgentRollouts:
             tools.update({method.__name__: method for method in environment_tools(instances[0])})
         return tools
 
+    def longest_prompt(self, rows: Sequence[dict], tokenizer, prompt_column: str) -> int:
+        """Tokens of the longest chat prompt rendered with every tool's schema (before a reset adds to it)."""
+        tools = list(self.tools_by_name().values()) or None
+        return max((len(_render(tokenizer, row[prompt_column], tools=tools, add_generation_prompt=True))
+                    for row in rows if not isinstance(row[prompt_column], str)), default=1)
+
     def environments_for(self, rows: Sequence[dict]) -> list[Any] | None:
         """One instance per rollout row (``environment`` column picks the class with a mapping)."""
         if self.factories is None:

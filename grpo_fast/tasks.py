@@ -92,9 +92,10 @@ class Vault:
 
 
 def vault_dataset(num_prompts: int = 512, seed: int = 4321) -> list[dict[str, Any]]:
-    """Rows ``{"prompt": [{"role": "user", "content": ":"}], "letters": "f"}``: every prompt the same."""
+    """Rows ``{"prompt": [{"role": "user", "content": ":"}], "letters": "ffff"}``: every prompt the same, the vault
+    holding one letter ``ANSWER_LENGTH`` times (the answer to copy)."""
     generator = random.Random(seed)
-    return [{"prompt": [{"role": "user", "content": SEPARATOR}], "letters": generator.choice(ALPHABET)}
+    return [{"prompt": [{"role": "user", "content": SEPARATOR}], "letters": generator.choice(ALPHABET) * ANSWER_LENGTH}
             for _ in range(num_prompts)]
 
 

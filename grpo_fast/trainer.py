@@ -369,8 +369,8 @@ def saved_activations(config: GRPOConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def fit_to_memory(config: GRPOConfig, model, tokenizer, dataset,
-                  device: torch.device) -> tuple[GRPOConfig, float | None]:
+def fit_to_memory(config: GRPOConfig, model, tokenizer, dataset, device: torch.device,
+                  agent: AgentRollouts | None = None) -> tuple[GRPOConfig, float | None]:
     """Within the memory budget (``max_memory_gb``, or the CUDA memory this process may use): ``config``
     with micro-batches packed by tokens when the estimated step would not fit as configured, and the
     engine's KV budget in bytes (its rollout decodes in waves of the groups that fit; None: no budget).
@@ -381,8 +381,11 @@ def fit_to_memory(config: GRPOConfig, model, tokenizer, dataset,
     if budget is None:
         return config, None
     sample = take_rows(dataset, range(min(len(dataset), 4096)))  # the longest prompt sizes the budget
-    texts = render_prompts([row[config.prompt_column] for row in sample], tokenizer)
-    prompt_length = max(len(ids) for ids in tokenize_prompts(texts, tokenizer))
+    if agent is not None:  # the prompts carry the tools' schemas
+        prompt_length = agent.longest_prompt(sample, tokenizer, config.prompt_column)
+    else:
+        texts = render_prompts([row[config.prompt_column] for row in sample], tokenizer)
+        prompt_length = max(len(ids) for ids in tokenize_prompts(texts, tokenizer))
     try:
         shape = ModelShape.from_config(model.config.get_text_config() if hasattr(model.config, "get_text_config")
                                        else model.config)
@@ -784,7 +787,7 @@ def train(
     # the loss's log-probs are the model's: its logit transform known (else refused) and checked once
     check_model_logits(model, logit_transform(model))
     device = next(model.parameters()).device
-    config, kv_bytes = fit_to_memory(config, model, tokenizer, dataset, device)  # before anything is sized
+    config, kv_bytes = fit_to_memory(config, model, tokenizer, dataset, device, agent)  # before anything is sized
     if generate is None:
         generate = rollout_sampler(config, device, tokenizer, max_kv_bytes=kv_bytes)
     reference_model = None
