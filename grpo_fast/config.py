@@ -301,6 +301,15 @@ def validate(config: GRPOConfig) -> None:
 
 
 def _check_tool_keys(config: GRPOConfig) -> None:
+    paths = [(f"tools[{index}]", path) for index, path in enumerate(config.tools or [])]
+    if isinstance(config.environment, str):
+        paths.append(("environment", config.environment))
+    elif isinstance(config.environment, dict):
+        paths += [(f"environment[{name!r}]", path) for name, path in config.environment.items()]
+    for key, path in paths:
+        module_name, separator, attribute = path.partition(":")
+        if not (separator and attribute.isidentifier() and all(part.isidentifier() for part in module_name.split("."))):
+            raise ValueError(f"{key}: expected an import path 'module:name', received {path!r}")
     if isinstance(config.environment, dict):
         if not config.environment or not all(isinstance(name, str) and name for name in config.environment):
             raise ValueError(f"environment: expected a 'module:Class' path or a non-empty mapping of names to them, "

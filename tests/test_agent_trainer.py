@@ -281,3 +281,13 @@ def test_one_environment_class_trains_in_trl_and_in_grpo_fast(tmp_path):
     assert all(type(environment) is Tally for environment in environments) and len(set(map(id, environments))) == 8
     # get_reward is the rollout's environment's own
     assert record["reward/Tally/mean"] == pytest.approx(sum(e.calls > 0 for e in environments) / 8)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(tools=["calculator"]), "tools\\[0\\]: expected an import path 'module:name', received 'calculator'"),
+    (dict(environment="my_env.Counter"), "environment: expected an import path 'module:name'"),
+    (dict(environment={"a": "my_env"}), "environment\\['a'\\]: expected an import path 'module:name'"),
+])
+def test_paths_are_checked_before_anything_loads(options, message):
+    with pytest.raises(ValueError, match=message):
+        GRPOConfig(**{**VAULT, **options})
