@@ -68,6 +68,17 @@ NF4 bitsandbytes weights stay packed; no weight copy):
    (the graphs read it at fixed addresses; ``keep_nf4_repack``), else it is freed after each call.
    Both are off on CPU.
 
+8. **Multi-turn rollouts** (``generate(..., turns=handler)``, a ``rollout.TurnHandler``; the
+   bookkeeping is ``grpo_fast.turns``): a row that ends a turn with EOS is offered to the handler at
+   the next host check; the future it returns pauses the row (it decodes no more, but keeps its slot
+   and its place in the cache) while the other rows decode on; once the future is done, its tokens
+   (a tool turn) are fed to the row one per decode step through the same step (no new shapes), then
+   the row samples again. Appended tokens count against ``max_completion_length`` and carry
+   ``tool_mask`` 0 and log-prob 0.0. When every live row waits on a tool, the host waits for the
+   first one instead of decoding. Sampled draws are keyed by output row and step (as the one-pass
+   kernel's are), so a rollout does not depend on when its tools finish. Without a handler the loop
+   is the single-turn one above.
+
 Attention runs through ``decode_attention`` (on CUDA, for models on transformers' attention
 interface, the decode attention kernel ``kernels/decode_attention.py``: a row's shared prompt slot
 and its own completion, read in place; else transformers' sdpa, with grouped-query decode on the KV
@@ -97,7 +108,7 @@ from .logits import LogitTransform, logit_transform
 from .memory import ModelShape, cache_length
 from .rollout import (SamplingParams, TurnHandler, check_sampling_params, cut_at_eos, cut_at_stop_strings, pad,
                       stop_strings_tokenizer)
-from .turns import TurnState
+from .turns import TurnState, keyed_exponentials
 
 try:  # the fused NF4 decode matmul (CUDA); absent or inapplicable means the bitsandbytes path
     from .nf4 import NF4DecodeCache, fused_nf4_decode
@@ -161,9 +172,12 @@ def race_argmax(probs: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int | torch.Tensor, eos_ids: torch.Tensor,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None, keyed: tuple[int, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B], log-probs [B]) for one decode step from float32 ``logits`` [B, V], on their device.
-    ``step``: the tokens sampled so far, one for all rows or per row ([B]: EOS suppressed per row)."""
+    ``step``: the tokens sampled so far, one for all rows or per row ([B]: EOS suppressed per row).
+    ``keyed``: (seed, output rows [B]): draws keyed by seed, row, ``step`` and token
+    (``turns.keyed_exponentials``) instead of taken from ``generator`` in batch order."""
     scaled = logits / params.temperature
     # The log-prob is the loss's: the full, unfiltered distribution at this temperature.
     log_normaliser = torch.logsumexp(scaled, dim=-1)
@@ -177,7 +191,9 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int | torc
         tokens = scaled.argmax(dim=-1)
     else:
         probs = filter_logits(scaled, params.top_k, params.top_p, params.min_p).softmax(dim=-1)
-        tokens = race_argmax(probs, torch.empty_like(probs).exponential_(generator=generator))
+        race = (torch.empty_like(probs).exponential_(generator=generator) if keyed is None
+                else keyed_exponentials(keyed[0], keyed[1], step, probs.shape[-1]))
+        tokens = race_argmax(probs, race)
     # EOS suppression only touched EOS entries, never sampled then: `scaled` holds the sampled token's value.
     logprobs = scaled.gather(-1, tokens[:, None])[:, 0] - log_normaliser
     return tokens, logprobs
@@ -740,8 +756,14 @@ class RolloutEngine:
         done = torch.ones(rows, dtype=torch.bool, device=device)
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         tokens = torch.full((rows,), params.pad_token_id, dtype=torch.long, device=device)
-        def sample(logits, steps, rows):  # the draws come from the generator, in batch order
-            return sample_tokens(logits, params, steps, eos_ids, generator)
+        if turns is not None and params.top_k != 1:  # a row's draws must not depend on when its tools finished
+            keyed_seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device))
+
+            def sample(logits, steps, rows):  # draws keyed by seed, output row, step and token
+                return sample_tokens(logits, params, steps, eos_ids, generator, keyed=(keyed_seed, rows))
+        else:
+            def sample(logits, steps, rows):  # the draws come from the generator, in batch order
+                return sample_tokens(logits, params, steps, eos_ids, generator)
 
         if self._fused_sampling(params, device) and total * group <= STREAM_ROWS:  # rows key the kernel's draws
             greedy = params.top_k == 1
@@ -829,13 +851,13 @@ class RolloutEngine:
             iteration += 1
             tokens, logprobs = sample(logits, steps=steps, rows=row_ids)
             column = torch.where(done, max_new, steps)  # finished rows' draws go to the discarded column
-            if turns is not None:  # forced (appended) ids in place of draws; done rows' steps stay their lengths
+            if turns is None:
+                out_tokens[row_ids, column] = tokens
+                out_logprobs[row_ids, column] = logprobs
+                done = done | torch.isin(tokens, eos_ids) | (steps + 1 >= max_new)
+                steps = steps + 1
+            else:  # forced (appended) ids in place of draws; done rows' steps stay their lengths
                 tokens, done, steps = turns.step(tokens, logprobs, row_ids, column, done, steps)
-                continue
-            out_tokens[row_ids, column] = tokens
-            out_logprobs[row_ids, column] = logprobs
-            done = done | torch.isin(tokens, eos_ids) | (steps + 1 >= max_new)
-            steps = steps + 1
         cache.batch = cache.capacity
         return out_tokens[:, :max_new].cpu(), out_logprobs[:, :max_new].cpu(), slots_per_step, turns
 

@@ -16,6 +16,9 @@ Forced ids never end a row by being EOS (tool turns hold EOS ids); they count ag
 ids written straight into the output, as it would sample nothing after them). A row's steps stop
 counting while it is done, so at a sync its ``steps`` is its length. Stop strings are matched on
 the text of each model turn (the tokens since the last appended ones), never on appended text.
+Sampled draws (other than the one-pass kernel's, already keyed so) are keyed by output row, step and
+token (``keyed_exponentials``): when a row decodes depends on when its tools finish, and its tokens
+must not.
 """
 
 from __future__ import annotations
@@ -26,6 +29,26 @@ from typing import Sequence
 import torch
 
 from .rollout import SamplingParams, TurnHandler, cut_at_stop_strings
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (xor-shift-multiply, products below 2**59: no int64 overflow) of ``x`` in [0, 2**32)."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def keyed_exponentials(seed: int, rows: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, vocab] float32 Exp(1) draws that depend only on (seed, output row, step, token): with tools
+    a row decodes a step at an iteration that depends on when its tool finished, so batch-order draws
+    (the generator's) would make a sampled rollout depend on tool timing; these do not."""
+    key = _hash32((_hash32(torch.full_like(rows, seed & _M32) ^ (rows & _M32)) + steps) & _M32)[:, None]
+    tokens = torch.arange(vocab, device=rows.device)[None, :]
+    bits = _hash32((_hash32(key ^ tokens) + key) & _M32)
+    return -torch.log(((bits >> 8).float() + 0.5) * 2.0 ** -24)  # 24 bits: uniforms in (0, 1)
 
 
 class TurnState:
@@ -66,7 +89,7 @@ class TurnState:
         """Rows that ended a turn since the last sync go to the handler (paused or finished); live rows
         that met a stop string in their turn finish; paused rows whose future is done resume.
         -> (done, tokens) with those changes."""
-        finished = []  # (row, end) of rows live on the device that must stop
+        stopped = []  # live rows whose turn met a stop string
         ids_host, done_host, steps_host = torch.stack([row_ids, done.long(), steps]).tolist()
         ended = [(row, n) for row, is_done, n in zip(ids_host, done_host, steps_host)
                  if is_done and row not in self.ends and row not in self.pending]
@@ -79,13 +102,13 @@ class TurnState:
             if index >= len(ended):  # a live row
                 if stop is not None:
                     self.ends[row] = stop
-                    finished.append(row)
+                    stopped.append(row)
             elif stop is not None or n >= self.max_new or ids[-1] not in self.eos:
                 self.ends[row] = stop if stop is not None else n
             else:
                 self._offer(row, ids)
-        if finished:
-            done = done | torch.isin(row_ids, torch.tensor(finished, device=done.device))
+        if stopped:
+            done = done | torch.isin(row_ids, torch.tensor(stopped, device=done.device))
         return self._resume_ready(row_ids, done, steps, tokens, iteration, deadline)
 
     def wait(self) -> None:
@@ -149,6 +172,7 @@ class TurnState:
         for row, length in enumerate(lengths):
             mask = [1] * length
             for start, end in self.spans[row]:
-                mask[start:min(end, length)] = [0] * max(0, min(end, length) - start)
+                end = min(end, length)
+                mask[start:end] = [0] * max(0, end - start)
             masks.append(mask)
         return masks

@@ -108,3 +108,20 @@ def test_logprob_accuracy_tiny_run(tmp_path):
                 row = rows[(max_logit, f"grpo_fast/{backend}/{kind}")]
                 assert row["train_vs_no_grad"] == 0.0 and row["max_abs_error"] < eager / 100
     assert list(tmp_path.glob("logprob-accuracy-*.md"))
+
+
+def test_tool_overlap_benchmark_writes_both_rates(tmp_path):
+    """benchmarks.tool_overlap at a tiny size: a row per repetition and a median row, with both rates."""
+    from benchmarks import tool_overlap
+
+    threads = torch.get_num_threads()
+    try:  # the benchmark sets torch's CPU threads for its process
+        payload = tool_overlap.main(["--model", "tiny", "--max-new", "24", "--rows", "8", "--reps", "1",
+                                     "--tool-ms", "5", "--out-dir", str(tmp_path), "--name", "smoke"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["rep"] for row in payload["rows"]] == [1, "median"]
+    for row in payload["rows"]:
+        assert row["steps_per_s_without_tools"] > 0 and row["steps_per_s_with_tools"] > 0
+        assert row["tool_turns_per_row"] > 0  # the tool ran
+    assert (tmp_path / "smoke.md").exists()

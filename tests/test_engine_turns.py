@@ -26,19 +26,37 @@ MAX_TURNS = 2
 
 class ScriptedTurns:
     """After each of a row's first ``max_turns`` turns, ``appended`` from a thread after ``delay(row)``
-    seconds; rows in ``finish`` end at their first EOS (the handler returns None)."""
+    seconds; rows in ``finish`` end at their first EOS (the handler returns None). ``hold``: that
+    row's first tool result is given only once 3 turns of other rows have ended meanwhile (so the
+    engine must decode the others while it waits), or by a timer after 20 s if they never do."""
 
-    def __init__(self, appended, *, max_turns=MAX_TURNS, delay=lambda row: 0.0, finish=()):
+    def __init__(self, appended, *, max_turns=MAX_TURNS, delay=lambda row: 0.0, finish=(), hold=None):
         self.appended, self.max_turns, self.delay, self.finish = list(appended), max_turns, delay, set(finish)
         self.pool = concurrent.futures.ThreadPoolExecutor(4)
         self.calls: dict[int, list[list[int]]] = {}
         self.threads = set()
+        self.hold, self.held, self.others_since, self.released_by = hold, None, 0, None
+
+    def _release(self, by):
+        if self.released_by is None:
+            self.released_by = by
+            self.held.set_result(self.appended)
 
     def turn_ended(self, row, completion_ids):
         calls = self.calls.setdefault(row, [])
         calls.append(list(completion_ids))
+        if self.held is not None and row != self.hold:
+            self.others_since += 1
+            if self.others_since == 3:
+                self._release("other rows' turns")
         if row in self.finish or len(calls) > self.max_turns:
             return None
+        if row == self.hold and len(calls) == 1:
+            self.held = concurrent.futures.Future()
+            timer = threading.Timer(20.0, self._release, ("timer",))
+            timer.daemon = True
+            timer.start()
+            return self.held
 
         def tool():
             self.threads.add(threading.get_ident())
@@ -71,14 +89,15 @@ def setting(tokenizer, model):
     return prompts, params, appended
 
 
-def alone(model, prompt, params, appended, finishes: bool):
+def alone(model, prompt, params, appended, finishes: bool, engine=None):
     """One conversation decoded on its own with plain one-row engine calls: each turn continues the
     prompt + the completion so far; -> (completion, tool mask, the completions the handler was given)."""
+    engine = engine or RolloutEngine()
     completion, mask, calls = [], [], []
     eos, max_new = set(params.eos_token_ids), params.max_completion_length
     while True:
         left = dataclasses.replace(params, num_generations=1, max_completion_length=max_new - len(completion))
-        part = RolloutEngine()(model, [prompt + completion], left)[0]
+        part = engine(model, [prompt + completion], left)[0]
         completion, mask = completion + part, mask + [1] * len(part)
         if len(completion) >= max_new or part[-1] not in eos:
             return completion, mask, calls
@@ -91,12 +110,12 @@ def alone(model, prompt, params, appended, finishes: bool):
             return completion, mask, calls
 
 
-def expected_rows(model, prompts, params, appended, finish):
+def expected_rows(model, prompts, params, appended, finish, engine=None):
     conversations = {}  # a group's rows are the same conversation unless the handler finishes one
     for row in range(len(prompts) * params.num_generations):
         key = (row // params.num_generations, row in finish)
         if key not in conversations:
-            conversations[key] = alone(model, prompts[key[0]], params, appended, key[1])
+            conversations[key] = alone(model, prompts[key[0]], params, appended, key[1], engine)
         yield conversations[key]
 
 
@@ -106,9 +125,10 @@ def assert_logprobs_are_the_models(model, prompts, params, output, pad_id):
     prompt_ids, prompt_mask = pad([p for p in prompts for _ in range(group)], pad_id, left=True)
     completion_ids, present = pad(output.completion_ids, pad_id, left=False)
     mask = torch.cat([prompt_mask, present], dim=1)
+    device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=mask,
-                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float()
+        logits = model(input_ids=torch.cat([prompt_ids, completion_ids], 1).to(device), attention_mask=mask.to(device),
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device)).logits.float().cpu()
     width = prompt_ids.shape[1]
     expected = torch.log_softmax(logits[:, width - 1:-1], -1).gather(-1, completion_ids[..., None])[..., 0]
     actual, sampled = torch.zeros_like(expected), torch.zeros_like(present, dtype=torch.bool)
@@ -149,8 +169,11 @@ def test_turns_equal_each_conversation_decoded_alone(model, tokenizer, setting, 
               "sync-every-3": lambda: RolloutEngine(sync_every=3, compact=False),
               "slot-refill": lambda: RolloutEngine(sync_every=2, max_kv_bytes=2 * _group_kv_bytes(
                   model, prompts, params) + 1)}[case]()
-    handler = ScriptedTurns(appended, delay=lambda row: 0.01 * (row % 4), finish=FINISH)
+    hold = 2 if case == "one-batch-compacted" else None
+    handler = ScriptedTurns(appended, delay=lambda row: 0.01 * (row % 4), finish=FINISH, hold=hold)
     output = engine.generate(model, prompts, params, turns=handler)
+    if hold is not None:  # the other rows decoded on (and ended turns) while row 2 waited on its tool
+        assert handler.released_by == "other rows' turns"
     assert output.completion_ids == [ids for ids, _, _ in reference]
     assert output.tool_mask == [mask for _, mask, _ in reference]
     assert handler.calls == {row: calls for row, (_, _, calls) in enumerate(reference) if calls}
@@ -161,6 +184,60 @@ def test_turns_equal_each_conversation_decoded_alone(model, tokenizer, setting, 
         assert output.slots_per_step[0] == rows and min(output.slots_per_step) < rows, output.slots_per_step
     if case == "slot-refill":
         assert max(output.slots_per_step) == 2 * GROUP, output.slots_per_step
+
+
+def test_sampled_turns_are_reproducible_and_their_logprobs_the_models(model, tokenizer, setting):
+    """Temperature sampling with 30 EOS ids (turns end often): a seed reproduces the completions, every
+    tool turn holds the appended tokens, the sampled tokens' log-probs are a full forward pass's (at
+    the temperature), the appended ones' 0.0."""
+    prompts, params, appended = setting
+    prompts = prompts[:4]
+    params = dataclasses.replace(params, top_k=0, temperature=0.9, eos_token_ids=tuple(range(30, 60)))
+    outputs = [RolloutEngine(sync_every=2).generate(model, prompts, params, seed=5, turns=ScriptedTurns(appended))
+               for _ in range(2)]
+    assert outputs[0].completion_ids == outputs[1].completion_ids and outputs[0].logprobs == outputs[1].logprobs
+    output = outputs[0]
+    assert sum(mask.count(0) for mask in output.tool_mask) >= 2 * len(appended)  # several tool turns
+    for ids, mask in zip(output.completion_ids, output.tool_mask):
+        starts = [i for i in range(len(mask)) if mask[i] == 0 and (i == 0 or mask[i - 1] == 1)]
+        for start in starts:  # each tool turn follows an EOS and is the appended tokens (the last one maybe cut)
+            assert ids[start - 1] in params.eos_token_ids
+            assert ids[start: start + len(appended)] == appended[: len(ids) - start]
+    scaled = dataclasses.replace(params, temperature=1.0)
+    logits_model = _TemperatureModel(model, params.temperature)
+    assert_logprobs_are_the_models(logits_model, prompts, scaled, output, tokenizer.pad_token_id)
+
+
+def test_keyed_draws_follow_the_distribution_and_depend_on_row_step_and_seed():
+    """40,000 keyed exponential races over a fixed 6-token distribution (one per row): frequencies
+    within 0.01 of softmax; the same key gives the same draws, another row, step or seed others."""
+    from grpo_fast.engine import race_argmax
+    from grpo_fast.turns import keyed_exponentials
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    rows, steps = torch.arange(40_000), torch.full((40_000,), 7)
+    draws = race_argmax(logits.softmax(-1).repeat(40_000, 1), keyed_exponentials(3, rows, steps, 6))
+    frequencies = torch.bincount(draws, minlength=6).float() / 40_000
+    torch.testing.assert_close(frequencies, logits.softmax(-1), atol=0.01, rtol=0)
+    one = keyed_exponentials(3, torch.tensor([5]), torch.tensor([2]), 300)
+    assert torch.equal(one, keyed_exponentials(3, torch.tensor([5]), torch.tensor([2]), 300))
+    for other in (keyed_exponentials(3, torch.tensor([6]), torch.tensor([2]), 300),
+                  keyed_exponentials(3, torch.tensor([5]), torch.tensor([3]), 300),
+                  keyed_exponentials(4, torch.tensor([5]), torch.tensor([2]), 300)):
+        assert not torch.isclose(one, other).any()
+
+
+class _TemperatureModel(torch.nn.Module):
+    """``model`` with its logits divided by ``temperature`` (the engine's log-probs are at the temperature)."""
+
+    def __init__(self, model, temperature):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, **kwargs):
+        output = self.model(**kwargs)
+        output.logits = output.logits / self.temperature
+        return output
 
 
 def test_every_row_paused_waits_for_its_tool_instead_of_decoding(model, setting):
@@ -250,7 +327,8 @@ def test_turns_under_cuda_graphs_equal_each_conversation_decoded_alone(tokenizer
 
     prompts, params, appended = setting
     model = tiny_model(tokenizer, hidden_size=64, seed=1).eval().cuda()
-    reference = list(expected_rows(model, prompts, params, appended, FINISH))
+    # each conversation alone, decoded eagerly (one engine: no compile per call)
+    reference = list(expected_rows(model, prompts, params, appended, FINISH, RolloutEngine(cuda_graphs=False)))
     for engine in (RolloutEngine(sync_every=2), RolloutEngine(sync_every=4, max_kv_bytes=2 * _group_kv_bytes(
             model, prompts, params) + 1)):
         handler = ScriptedTurns(appended, delay=lambda row: 0.01 * (row % 4), finish=FINISH)
@@ -261,5 +339,4 @@ def test_turns_under_cuda_graphs_equal_each_conversation_decoded_alone(tokenizer
         assert engine.cuda_graphs and engine._compiled_step is not None
         assert output.completion_ids == [ids for ids, _, _ in reference]
         assert output.tool_mask == [mask for _, mask, _ in reference]
-        assert_logprobs_are_the_models(model.cpu(), prompts, params, output, tokenizer.pad_token_id)
-        model.cuda()
+        assert_logprobs_are_the_models(model, prompts, params, output, tokenizer.pad_token_id)
