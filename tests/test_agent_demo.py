@@ -12,7 +12,7 @@ from grpo_fast.config import load_config  # noqa: E402
 from grpo_fast.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, WINDOW = 60, 8
+STEPS, WINDOW = 70, 10
 
 
 def _mean(records, key):
@@ -20,11 +20,14 @@ def _mean(records, key):
 
 
 def test_the_agent_demo_learns_to_call_the_tool(tmp_path):
+    """The recipe at its peak learning rate for 70 steps (a shorter cosine schedule would end decayed): the tool
+    calls go from ~0.3 to ~1 per completion, the reward from ~0 to ~0.6, well above the 1 in 8 that calling and
+    guessing scores, so the answers copy the tool's."""
     config = load_config(ROOT / "examples" / "agent_tiny.yaml",
-                         {"max_steps": STEPS, "output_dir": str(tmp_path), "progress_bar": False, "plot": False,
-                          "sample_every": 0, "save_every": 0})
+                         {"max_steps": STEPS, "lr_scheduler": "constant", "output_dir": str(tmp_path),
+                          "progress_bar": False, "plot": False, "sample_every": 0, "save_every": 0})
     history = train(config).history
     first, last = history[:WINDOW], history[-WINDOW:]
-    assert _mean(last, "tools/call_frequency") > _mean(first, "tools/call_frequency") + 0.4  # ~0.4 -> ~1.0
-    assert _mean(last, "reward/mean") > _mean(first, "reward/mean") + 0.15  # ~0.0 -> ~0.3 (~0.9 by step 150)
+    assert _mean(last, "tools/call_frequency") > _mean(first, "tools/call_frequency") + 0.4
+    assert _mean(first, "reward/mean") < 0.05 and _mean(last, "reward/mean") > 0.3
     assert _mean(last, "reward/vault_reward/mean") == pytest.approx(_mean(last, "reward/mean"))
