@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import inspect
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -201,15 +202,9 @@ def response_template(tokenizer) -> dict:
         "fields": {
             "tool_calls": {"open": TOOL_CALL_OPEN, "close_pattern": rf"{TOOL_CALL_CLOSE}\s*", "repeats": True,
                            "content": "json", "transform": {"type": "function", "function": "{content}"}},
-            "content": {"close_pattern": rf"{_escape(tokenizer.eos_token)}\s*", "content": "text"},
+            "content": {"close_pattern": rf"{re.escape(tokenizer.eos_token)}\s*", "content": "text"},
         },
     }
-
-
-def _escape(text: str) -> str:
-    import re
-
-    return re.escape(text)
 
 
 def parse_turn(tokenizer, template: dict, ids: Sequence[int], prefix: Sequence[int], tools: Sequence[Callable]) -> dict:

@@ -191,3 +191,26 @@ def test_rows_keep_their_own_tools():
     turns = ToolTurns(tokenizer, [prompt_ids, prompt_ids], [[multiply], [add]])
     assert "12" in tokenizer.decode(_end_turn(tokenizer, turns, [], call("multiply", a=3, b=4) + "<eos>", row=0))
     assert "not found" in tokenizer.decode(_end_turn(tokenizer, turns, [], call("multiply", a=3, b=4) + "<eos>", row=1))
+
+
+def test_qwen2_5s_own_chat_template_with_the_builtin_response_template():
+    """Qwen2.5's chat template (the copy TRL ships): calls parse, the tool turn is Qwen's <tool_response> user turn."""
+    trl = pytest.importorskip("trl")
+    from pathlib import Path
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    assert response_template(tokenizer)["start_anchor"] == "<|im_start|>assistant\n"
+    prompt_ids = tokenizer.apply_chat_template(PROMPT, tools=[multiply], add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+    turns = ToolTurns(tokenizer, [prompt_ids], [[multiply]])
+    completion = []
+    appended = _end_turn(tokenizer, turns, completion,
+                         '<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>')
+    assert tokenizer.decode(appended) == ("\n<|im_start|>user\n<tool_response>\n12\n</tool_response><|im_end|>\n"
+                                          "<|im_start|>assistant\n")
+    assert _end_turn(tokenizer, turns, completion, "Twelve.<|im_end|>") is None
+    rendered = tokenizer.apply_chat_template(PROMPT + turns.messages(0, completion), tools=[multiply], tokenize=True,
+                                             return_dict=False)
+    assert rendered[: len(prompt_ids) + len(completion)] == prompt_ids + completion  # then the template's "\n"

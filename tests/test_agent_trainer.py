@@ -18,7 +18,7 @@ from grpo_fast.config import GRPOConfig  # noqa: E402
 from grpo_fast.engine import RolloutEngine  # noqa: E402
 from grpo_fast.loss import GRPOLossConfig, grpo_loss  # noqa: E402
 from grpo_fast.model import build_tiny_model, completion_hidden_states, output_weight, tiny_tokenizer  # noqa: E402
-from grpo_fast.tasks import ALPHABET, SEPARATOR, Vault, vault_dataset  # noqa: E402
+from grpo_fast.tasks import ALPHABET, SEPARATOR, vault_dataset  # noqa: E402
 from grpo_fast.trainer import batch_logprobs, generate_rollout, sampler_inputs  # noqa: E402
 
 ENGINE_TAKES_TURNS = "turns" in inspect.signature(RolloutEngine.generate).parameters
