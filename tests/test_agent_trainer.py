@@ -291,3 +291,28 @@ def test_one_environment_class_trains_in_trl_and_in_grpo_fast(tmp_path):
 def test_paths_are_checked_before_anything_loads(options, message):
     with pytest.raises(ValueError, match=message):
         GRPOConfig(**{**VAULT, **options})
+
+
+class AsyncJudge:
+    """An environment whose reward is async (e.g. a judge behind an API)."""
+
+    def reset(self, **row):
+        self.score = len(row["prompt"][-1]["content"])
+
+    async def get_reward(self) -> float:
+        return float(self.score)
+
+
+def test_environment_rewards_are_named_after_their_class_and_score_only_their_rollouts():
+    config = GRPOConfig(**{**VAULT, "reward_functions": [],
+                           "environment": {"judge": f"{__name__}:AsyncJudge", "vault": "grpo_fast.tasks:Vault",
+                                           "tally": f"{__name__}:Tally"}})
+    agent = AgentRollouts.from_config(config)
+    rewards = agent.reward_functions()
+    assert [reward.__name__ for reward in rewards] == ["AsyncJudge", "Tally"]  # Vault has no get_reward
+    rows = [{"prompt": [{"role": "user", "content": "abc"}], "letters": "a", "environment": name}
+            for name in ("judge", "tally", "vault")]
+    _, _, environments = agent.start(rows, "prompt")
+    environments[1].tally()
+    assert rewards[0](environments=environments) == [3.0, None, None]  # awaited on the tools' event loop
+    assert rewards[1](environments=environments) == [None, 1.0, None]
