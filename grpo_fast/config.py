@@ -14,6 +14,7 @@ value (a YAML syntax error names the file, line and column).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -87,6 +88,12 @@ class GRPOConfig:
     # ---- rewards ------------------------------------------------------------------------------
     reward_functions: list[str] = field(default_factory=lambda: list(DEMO_REWARD_FUNCTIONS))  # "module:function" paths; the default scores only the demo dataset
     reward_weights: list[float] | None = None  # one weight per reward function; None: all 1.0
+
+    # ---- tools and environments ------------------------------------------------------------------
+    tools: list[str] | None = None  # "module:function" tools the model may call (TRL's tools: name, type hints and docstring are the schema); multi-turn rollouts through the engine, tool results masked out of the loss
+    environment: str | dict[str, str] | None = None  # "module:Class" built once per rollout (TRL's environment_factory): reset(**row) starts it (a returned string is appended to the last message), its public methods are tools, get_reward() a reward named after the class; or a mapping name -> "module:Class" picked by each row's environment column
+    max_tool_calling_iterations: int | None = None  # tool-calling turns per completion at most (TRL's meaning); null: no limit
+    tool_timeout: float | None = 60.0  # seconds a tool call may run before the model receives a timeout error (the call's thread is abandoned); null: no limit
 
     # ---- loss ---------------------------------------------------------------------------------
     loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo | luspo | cispo | sapo | vespo (TRL's meanings)
@@ -250,8 +257,10 @@ def validate(config: GRPOConfig) -> None:
         raise ValueError(f"warmup_ratio: expected a value in [0, 1), received {config.warmup_ratio}")
     if config.beta < 0:
         raise ValueError(f"beta: expected >= 0, received {config.beta}")
-    if not config.reward_functions:
-        raise ValueError("reward_functions: expected at least one 'module:function' path, received []")
+    if not config.reward_functions and config.environment is None:
+        raise ValueError("reward_functions: expected at least one 'module:function' path (or an environment with "
+                         "get_reward), received []")
+    _check_tool_keys(config)
     if config.reward_weights is not None and len(config.reward_weights) != len(config.reward_functions):
         raise ValueError(
             f"reward_weights: expected one weight per reward function ({len(config.reward_functions)}), "
@@ -290,6 +299,35 @@ def validate(config: GRPOConfig) -> None:
                          "scaling cannot unscale the fp16 gradients of fp16 weights); with float16 train LoRA "
                          "adapters (use_lora: true or load_in_4bit: true; peft keeps them in fp32), or use dtype "
                          "bfloat16 / float32")
+
+
+def _check_tool_keys(config: GRPOConfig) -> None:
+    paths = [(f"tools[{index}]", path) for index, path in enumerate(config.tools or [])]
+    if isinstance(config.environment, str):
+        paths.append(("environment", config.environment))
+    elif isinstance(config.environment, dict):
+        paths += [(f"environment[{name!r}]", path) for name, path in config.environment.items()]
+    for key, path in paths:
+        module_name, separator, attribute = path.partition(":")
+        if not (separator and attribute.isidentifier() and all(part.isidentifier() for part in module_name.split("."))):
+            raise ValueError(f"{key}: expected an import path 'module:name', received {path!r}")
+    if isinstance(config.environment, dict):
+        if not config.environment or not all(isinstance(name, str) and name for name in config.environment):
+            raise ValueError(f"environment: expected a 'module:Class' path or a non-empty mapping of names to them, "
+                             f"received {config.environment!r}")
+    if config.max_tool_calling_iterations is not None and config.max_tool_calling_iterations < 0:
+        raise ValueError(f"max_tool_calling_iterations: expected an integer >= 0 or null, received "
+                         f"{config.max_tool_calling_iterations}")
+    if config.tool_timeout is not None and config.tool_timeout <= 0:
+        raise ValueError(f"tool_timeout: expected a positive number of seconds or null, received {config.tool_timeout}")
+    if not config.tools and config.environment is None:
+        return
+    if config.rollout_engine == "hf":
+        raise ValueError("rollout_engine: expected auto or engine with tools or an environment (tool calls run between "
+                         "the engine's turns), received 'hf'")
+    if config.eval_every > 0:
+        raise ValueError(f"eval_every: expected 0 with tools or an environment (held-out evaluation decodes single "
+                         f"turns), received {config.eval_every}")
 
 
 def _check_loss_options(config: GRPOConfig) -> None:
@@ -332,6 +370,12 @@ def _split_optional(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+def _union_members(annotation: Any) -> list[Any]:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return [member for member in typing.get_args(annotation) if member is not type(None)]
+    return [annotation]
+
+
 def _type_name(annotation: Any) -> str:
     base, optional = _split_optional(annotation)
     name = getattr(base, "__name__", str(base)) if typing.get_origin(base) is None else str(base)
@@ -346,6 +390,21 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
         if optional:
             return
         raise ValueError(f"{key}: expected {_type_name(annotation)}, received None")
+    members = _union_members(annotation)
+    if len(members) > 1:  # e.g. a path or a mapping of names to paths
+        for member in members:
+            with contextlib.suppress(ValueError):
+                return _check_type(key, value, member)
+        raise ValueError(f"{key}: expected {' or '.join(_type_name(member) for member in members)}, received "
+                         f"{value!r} ({type(value).__name__})")
+    if typing.get_origin(base) is dict:
+        key_type, value_type = typing.get_args(base)
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, received {value!r}")
+        for name, item in value.items():
+            _check_type(key, name, key_type)
+            _check_type(key, item, value_type)
+        return
     if typing.get_origin(base) is list:
         (item_type,) = typing.get_args(base)
         if not isinstance(value, list) or not all(_is_instance(item, item_type) for item in value):
@@ -389,6 +448,8 @@ def parse_value(key: str, text: str, annotation: Any) -> Any:
             return int(text)
         if base is float:
             return float(text)
+        if len(_union_members(annotation)) > 1:  # a path, or a YAML mapping: --environment '{a: m:A}'
+            return yaml.safe_load(text) if text.startswith("{") else text
         if typing.get_origin(base) is list:
             (item_type,) = typing.get_args(base)
             items = yaml.safe_load(text) if text.startswith("[") else [part.strip() for part in text.split(",") if part.strip()]

@@ -37,6 +37,7 @@ import torch
 
 from .config import GRPOConfig, config_to_dict
 from .fsio import append_lines, write_text_atomic
+from .agent import model_token_lengths
 from .rollout import Rollout
 from .scoring import Scores
 
@@ -60,11 +61,12 @@ def step_figures(rollout: Rollout, scores: Scores, loss_figures: dict[str, float
         record[f"reward/{name}/mean"], record[f"reward/{name}/std"] = _mean_std(values)
     grouped = scores.total.view(-1, rollout.group_size)
     record["frac_reward_zero_std"] = float((grouped.std(dim=1) < 1e-6).float().mean())
-    lengths = rollout.completion_lengths.float()
+    lengths = model_token_lengths(rollout).float()  # with tools: the model's tokens only (TRL's)
     record["completions/mean_length"] = float(lengths.mean())
     record["completions/min_length"] = int(lengths.min())
     record["completions/max_length"] = int(lengths.max())
     record["completions/clipped_ratio"] = float(rollout.truncated.float().mean())
+    record.update(rollout.tool_figures)
     record.update(loss_figures)
     record["lr"] = lr
     step_time = sum(timings.values())
@@ -190,7 +192,8 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Mean reward and mean completion length against step, one PNG (matplotlib, Agg)."""
+    """Mean reward, mean completion length (and with tools the tool calls per completion) against step, one
+    PNG (matplotlib, Agg)."""
     if not history:
         return None
     import matplotlib
@@ -199,11 +202,16 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
     from matplotlib import pyplot as plt
 
     steps = [record["step"] for record in history]
-    figure, (reward_axis, length_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    tools = "tools/call_frequency" in history[-1]  # runs with tools: the calls per completion too
+    figure, axes = plt.subplots(1, 3 if tools else 2, figsize=(15 if tools else 10, 3.5))
+    reward_axis, length_axis = axes[:2]
     reward_axis.plot(steps, [record["reward/mean"] for record in history])
     reward_axis.set(xlabel="step", ylabel="mean reward", title="reward")
     length_axis.plot(steps, [record["completions/mean_length"] for record in history], color="tab:orange")
     length_axis.set(xlabel="step", ylabel="tokens", title="completion length")
+    if tools:
+        axes[2].plot(steps, [record.get("tools/call_frequency", math.nan) for record in history], color="tab:green")
+        axes[2].set(xlabel="step", ylabel="calls per completion", title="tool calls")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -30,6 +30,18 @@ TINY_MODEL = "tiny"
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 )
+# With tools: role markers, Hermes-style calls, a tool turn per result, each model turn ending at <eos>
+# (prefix-preserving, as multi-turn rollouts need). The tools' schemas are not written: a character model
+# would only read them as a long prompt.
+TINY_TOOL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message.role == 'tool' %}<|tool|>{{ message.content }}<eos>"
+    "{% else %}<|{{ message.role }}|>{{ message.content }}"
+    "{% for call in message.tool_calls or [] %}<tool_call>"
+    "{{ {'name': call.function.name, 'arguments': call.function.arguments} | tojson }}</tool_call>{% endfor %}"
+    "{% if message.role == 'assistant' %}<eos>{% endif %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -37,8 +49,17 @@ TINY_CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------------------------
 
 
-def tiny_tokenizer(characters: str):
-    """A character-level tokenizer over ``characters`` plus <pad>, <eos> and <unk> (ids 0, 1, 2)."""
+def tiny_call_text(name: str) -> str:
+    """An argument-free call to tool ``name`` as ``TINY_TOOL_CHAT_TEMPLATE`` writes it."""
+    return f'<tool_call>{{"name": "{name}", "arguments": {{}}}}</tool_call>'
+
+
+def tiny_tokenizer(characters: str, *, tool_names: tuple[str, ...] | list[str] = ()):
+    """A character-level tokenizer over ``characters`` plus <pad>, <eos> and <unk> (ids 0, 1, 2).
+
+    With ``tool_names``: the tool-calling chat template, its role markers as tokens, and each named tool's
+    argument-free call (``tiny_call_text``) as one token, so that a randomly initialised model samples calls
+    (a call spelt out in characters it would never write by chance). Other calls are characters."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -51,6 +72,12 @@ def tiny_tokenizer(characters: str):
         tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    if tool_names:
+        from tokenizers import AddedToken
+
+        words = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"] + [tiny_call_text(name) for name in tool_names]
+        tokenizer.add_tokens([AddedToken(word, normalized=False, special=False) for word in words])
+        tokenizer.chat_template = TINY_TOOL_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -189,6 +216,19 @@ def check_model_source(config, key: str = "model") -> None:
                          f"({type(error).__name__}: {one_line(error)})") from error
 
 
+def _tiny_tool_names(config: GRPOConfig) -> list[str]:
+    """The tools of ``config`` that the tiny model calls with one token: those without arguments."""
+    if not config.tools and config.environment is None:
+        return []
+    from transformers.utils import get_json_schema
+
+    from .agent import AgentRollouts
+
+    agent = AgentRollouts.from_config(config)
+    return [name for name, tool in agent.tools_by_name().items()
+            if not get_json_schema(tool)["function"].get("parameters", {}).get("properties")]
+
+
 def load_model(config: GRPOConfig, device: torch.device | None = None):
     """(policy, tokenizer) for ``config``: LoRA-wrapped when ``lora_enabled(config)``."""
     from transformers import AutoTokenizer
@@ -197,7 +237,7 @@ def load_model(config: GRPOConfig, device: torch.device | None = None):
 
     device = device or default_device()
     if config.model == TINY_MODEL:
-        tokenizer = tiny_tokenizer(ALPHABET + SEPARATOR)
+        tokenizer = tiny_tokenizer(ALPHABET + SEPARATOR, tool_names=_tiny_tool_names(config))
         model = build_tiny_model(tokenizer, seed=config.seed)
         if config.load_in_4bit:  # quantisation goes through from_pretrained: round-trip through a folder
             with tempfile.TemporaryDirectory() as folder:

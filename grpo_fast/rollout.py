@@ -15,7 +15,7 @@ column ``P`` and position ``P - 1`` predicts its first token.
 from __future__ import annotations
 
 import concurrent.futures  # noqa: F401 - named in TurnHandler's annotation
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -89,8 +89,10 @@ class Rollout:
     columns: dict[str, list]  # the dataset's other columns, repeated per completion
     group_size: int
     sampling_logps: torch.Tensor | None = None  # [B, C] the sampler's log-probs of its tokens (the engine's), 0 padding
-    # [B, C] with truncated sampling replayed (replay_truncation): each token's least kept temperature-scaled
-    # logit (the loss's logit_threshold), -inf padding; None: log-probs over the full vocabulary
+    tool_mask: torch.Tensor | None = None  # [B, C] with tools: 1 on tokens the model sampled, 0 on appended tool results (completion_mask already holds it)
+    tool_figures: dict[str, float] = field(default_factory=dict)  # with tools: tools/call_frequency, tools/failure_frequency
+    # [B, C] with truncated sampling replayed (replay_truncation): each token's truncation threshold on the
+    # temperature-scaled logits (the loss's logit_threshold), -inf padding; None: log-probs over the full vocabulary
     logit_thresholds: torch.Tensor | None = None
 
     def __len__(self) -> int:

@@ -59,3 +59,64 @@ def letters_reward(
     if letters is None:
         letters = [prompt.rsplit(SEPARATOR, 1)[0] for prompt in prompts]
     return [letters_score(completion, allowed) for completion, allowed in zip(completions, letters)]
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in agent task: the letters are in a vault, and only its tool opens it
+# --------------------------------------------------------------------------------------------
+# A prompt says nothing but "open the vault" (the user turn ":"); each row's letter stays inside the row's
+# ``Vault`` environment, whose one tool, ``open_vault()``, returns it. The reward is ``vault_score`` of the final
+# answer (the last assistant turn): the share of its first ``ANSWER_LENGTH`` characters that are the vault's
+# letter, and nothing for an answer given without opening the vault (a guess: 1 in len(ALPHABET) otherwise,
+# which a randomly initialised model would learn first and stay with). Opening it and guessing scores about
+# 1 / len(ALPHABET); copying the tool's answer scores 1. ``examples/agent_tiny.yaml`` trains the tiny model.
+ANSWER_LENGTH = 4
+
+
+class Vault:
+    """An environment (TRL's ``environment_factory``): one per rollout, reset with the row's columns."""
+
+    def __init__(self):
+        self.letters = ""
+        self.opened = 0
+
+    def reset(self, letters: str = "", **row: Any) -> None:
+        self.letters, self.opened = letters, 0
+
+    def open_vault(self) -> str:
+        """
+        Opens the vault and returns the letters inside it.
+        """
+        self.opened += 1
+        return self.letters
+
+
+def vault_dataset(num_prompts: int = 512, seed: int = 4321) -> list[dict[str, Any]]:
+    """Rows ``{"prompt": [{"role": "user", "content": ":"}], "letters": "ffff"}``: every prompt the same, the vault
+    holding one letter ``ANSWER_LENGTH`` times (the answer to copy)."""
+    generator = random.Random(seed)
+    return [{"prompt": [{"role": "user", "content": SEPARATOR}], "letters": generator.choice(ALPHABET) * ANSWER_LENGTH}
+            for _ in range(num_prompts)]
+
+
+def final_answer(completion: Any) -> str:
+    """The text of a completion's last assistant turn (a completion is text or TRL's list of messages)."""
+    if isinstance(completion, str):
+        return completion
+    answers = [message.get("content") or "" for message in completion if message.get("role") == "assistant"]
+    return answers[-1] if answers else ""
+
+
+def vault_score(answer: str, letters: str) -> float:
+    """The share of the first ``ANSWER_LENGTH`` characters of ``answer`` that are among ``letters``."""
+    return sum(character in letters for character in answer[:ANSWER_LENGTH]) / ANSWER_LENGTH
+
+
+def vault_reward(prompts: Sequence[Any], completions: Sequence[Any], completion_ids=None, letters=None,
+                 **columns: Any) -> list[float]:
+    """``vault_score`` of each completion's final answer against its row's vault letter; 0 for a completion
+    (TRL's list of messages) that holds no tool result."""
+    return [vault_score(final_answer(completion), allowed)
+            if not isinstance(completion, str) and any(message.get("role") == "tool" for message in completion)
+            else 0.0
+            for completion, allowed in zip(completions, letters)]

@@ -52,6 +52,7 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint
 from .config import DEMO_DATASET, DEMO_REWARD_FUNCTIONS, LOSS_OPTIONS, GRPOConfig
 from .data import (check_prompt_column, load_prompts, load_rows, prompt_indices, render_prompts, take_rows,
                    tokenize_prompts)
+from .agent import AgentRollouts
 from .errors import NonFiniteError, TrainingInterrupted
 from .evaluation import generate_greedy
 from .interrupts import InterruptGuard, StepAbandoned, UpdateCounter
@@ -167,8 +168,10 @@ class EntropyControl:
 
 
 def samples_with_engine(config: GRPOConfig, device: torch.device) -> bool:
-    """``rollout_engine: engine``, or ``auto`` on CUDA (where it pays); else Hugging Face generate."""
-    return config.rollout_engine == "engine" or (config.rollout_engine == "auto" and device.type == "cuda")
+    """``rollout_engine: engine``, or ``auto`` on CUDA (where it pays) or with tools (only the engine runs
+    them between turns); else Hugging Face generate."""
+    uses_tools = bool(config.tools) or config.environment is not None
+    return config.rollout_engine == "engine" or (config.rollout_engine == "auto" and (device.type == "cuda" or uses_tools))
 
 
 def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None,
@@ -176,7 +179,8 @@ def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None,
     """``rollout_engine``: the engine (auto: on CUDA, where it pays) or Hugging Face ``generate``;
     ``tokenizer`` matches stop strings; ``max_kv_bytes``: the engine's KV budget (it decodes in waves). The engine samples from global-RNG-drawn seeds, so resumed
     runs sample as uninterrupted ones."""
-    if config.importance_sampling_correction != "none" and config.rollout_engine == "auto" and device.type != "cuda":
+    if (config.importance_sampling_correction != "none" and config.rollout_engine == "auto"
+            and not samples_with_engine(config, device)):
         raise ValueError("importance_sampling_correction: expected none when rollout_engine auto samples with "
                          f"Hugging Face generate (on {device.type}), received {config.importance_sampling_correction!r};"
                          " the correction uses the engine's sampled-token log-probs: set rollout_engine: engine")
@@ -214,28 +218,38 @@ def wants_sampler_logprobs(config: GRPOConfig) -> bool:
     return config.importance_sampling_correction != "none" or config.off_policy_mask_threshold is not None
 
 
-def generate_rollout(model, tokenizer, rows: list[dict], config: GRPOConfig, generate: Generate) -> Rollout:
+def generate_rollout(model, tokenizer, rows: list[dict], config: GRPOConfig, generate: Generate,
+                     agent: AgentRollouts | None = None) -> Rollout:
     """The completions, with the sampler's log-probs of its tokens when the loss uses them and the
-    sampler gives them (the engine's ``generate``)."""
+    sampler gives them (the engine's ``generate``); with ``agent``, multi-turn with tool calls."""
     params = sampling_params(config, tokenizer)
-    texts = render_prompts([row[config.prompt_column] for row in rows], tokenizer)
-    prompt_ids = tokenize_prompts(texts, tokenizer)
-    sampled_logprobs = thresholds = None
+    if agent is not None:
+        rollout, output = agent.rollout(model, tokenizer, rows, params, generate, prompt_column=config.prompt_column,
+                                        mask_truncated=config.mask_truncated_completions)
+        return with_sampler_records(rollout, output, config)
+    prompt_ids = tokenize_prompts(render_prompts([row[config.prompt_column] for row in rows], tokenizer), tokenizer)
     if hasattr(generate, "generate"):  # the engine: its log-probs (and truncation thresholds) come free
         output = generate.generate(model, prompt_ids, params)
         completions = output.completion_ids
-        if output.logit_thresholds is None:  # untruncated sampling: the full distribution is the sampler's
-            sampled_logprobs = output.logprobs if wants_sampler_logprobs(config) else None
-        else:  # the draws came from the truncated distribution: that is the sampler's log-prob
-            sampled_logprobs = output.kept_logprobs if wants_sampler_logprobs(config) else None
-            thresholds = output.logit_thresholds if config.replay_truncation else None
     elif config.importance_sampling_correction != "none":
         raise ValueError("importance_sampling_correction: expected a sampler that returns its log-probs (the "
                          f"rollout engine), received {type(generate).__name__}")
     else:
-        completions = generate(model, prompt_ids, params)
+        output, completions = None, generate(model, prompt_ids, params)
     rollout = build_rollout(rows, config.prompt_column, prompt_ids, completions, tokenizer, params,
                             mask_truncated=config.mask_truncated_completions)
+    return with_sampler_records(rollout, output, config)
+
+
+def with_sampler_records(rollout: Rollout, output, config: GRPOConfig) -> Rollout:
+    """``rollout`` with the sampler's log-probs of its tokens when the loss uses them (under top-k / top-p /
+    min-p, the truncated distribution's: what the tokens were drawn from) and, with ``replay_truncation``,
+    each token's truncation threshold; ``output``: the engine's ``EngineOutput`` (None: a sampler without)."""
+    if output is None:
+        return rollout
+    truncated = output.logit_thresholds is not None
+    sampled_logprobs = (output.kept_logprobs if truncated else output.logprobs) if wants_sampler_logprobs(config) else None
+    thresholds = output.logit_thresholds if truncated and config.replay_truncation else None
     width = rollout.completion_ids.shape[1]
     if sampled_logprobs is not None:
         rollout.sampling_logps = torch.tensor([row + [0.0] * (width - len(row)) for row in sampled_logprobs],
@@ -254,8 +268,11 @@ def _thresholds(rollout: Rollout, rows: torch.Tensor, width: int, device: torch.
 
 
 def score_rollout(functions: Sequence[RewardFunction], config: GRPOConfig, rollout: Rollout) -> Scores:
-    return score(functions, config.reward_weights, rollout.prompts, rollout.completions,
-                 rollout.completion_token_ids, rollout.columns)
+    weights = config.reward_weights
+    if weights is not None and len(functions) > len(weights):  # environments' get_reward follow, weight 1 (TRL)
+        weights = list(weights) + [1.0] * (len(functions) - len(weights))
+    return score(functions, weights, rollout.prompts, rollout.completions, rollout.completion_token_ids,
+                 rollout.columns)
 
 
 def micro_batch_rows(rollout: Rollout, config: GRPOConfig) -> list[torch.Tensor]:
@@ -369,8 +386,8 @@ def saved_activations(config: GRPOConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def fit_to_memory(config: GRPOConfig, model, tokenizer, dataset,
-                  device: torch.device) -> tuple[GRPOConfig, float | None]:
+def fit_to_memory(config: GRPOConfig, model, tokenizer, dataset, device: torch.device,
+                  agent: AgentRollouts | None = None) -> tuple[GRPOConfig, float | None]:
     """Within the memory budget (``max_memory_gb``, or the CUDA memory this process may use): ``config``
     with micro-batches packed by tokens when the estimated step would not fit as configured, and the
     engine's KV budget in bytes (its rollout decodes in waves of the groups that fit; None: no budget).
@@ -381,8 +398,11 @@ def fit_to_memory(config: GRPOConfig, model, tokenizer, dataset,
     if budget is None:
         return config, None
     sample = take_rows(dataset, range(min(len(dataset), 4096)))  # the longest prompt sizes the budget
-    texts = render_prompts([row[config.prompt_column] for row in sample], tokenizer)
-    prompt_length = max(len(ids) for ids in tokenize_prompts(texts, tokenizer))
+    if agent is not None:  # the prompts carry the tools' schemas
+        prompt_length = agent.longest_prompt(sample, tokenizer, config.prompt_column)
+    else:
+        texts = render_prompts([row[config.prompt_column] for row in sample], tokenizer)
+        prompt_length = max(len(ids) for ids in tokenize_prompts(texts, tokenizer))
     try:
         shape = ModelShape.from_config(model.config.get_text_config() if hasattr(model.config, "get_text_config")
                                        else model.config)
@@ -532,12 +552,13 @@ def _keep_extreme(extremes: dict[str, float], name: str, value: float) -> None:
 
 def train_step(model, reference_model, tokenizer, optimizer, scheduler, scaler, functions, rows: list[dict],
                config: GRPOConfig, generate: Generate, device: torch.device,
-               entropy_control: EntropyControl | None = None) -> tuple[dict[str, Any], Rollout, Scores]:
+               entropy_control: EntropyControl | None = None,
+               agent: AgentRollouts | None = None) -> tuple[dict[str, Any], Rollout, Scores]:
     """One generation batch: rollout -> rewards -> advantages -> old/ref log-probs -> optimise."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    rollout = generate_rollout(model, tokenizer, rows, config, generate)
+    rollout = generate_rollout(model, tokenizer, rows, config, generate, agent)
     generated = time.perf_counter()
     scores = score_rollout(functions, config, rollout)
     scored = time.perf_counter()
@@ -655,6 +676,7 @@ class RunLoop:
     device: torch.device
     logger: MetricsLogger
     position: int = 0  # prompts consumed
+    agent: AgentRollouts | None = None  # tools / environments
     saved: int | None = None  # the last step with a checkpoint
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -664,7 +686,7 @@ class RunLoop:
         record, rollout, scores = train_step(self.model, self.reference_model, self.tokenizer, self.optimizer,
                                              self.scheduler, self.scaler, self.functions,
                                              take_rows(self.dataset, indices), config, self.generate, self.device,
-                                             self.entropy_control)
+                                             self.entropy_control, self.agent)
         self.position += config.prompts_per_step
         record = {"step": step, "data_position": self.position, **record}
         if self.eval_rows and config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
@@ -767,6 +789,12 @@ def train(
     functions = load_reward_functions(reward_functions if reward_functions is not None else config.reward_functions)
     if reward_functions is not None and config.reward_weights is not None and len(config.reward_weights) != len(functions):
         raise ValueError(f"reward_weights: expected {len(functions)} weights, received {len(config.reward_weights)}")
+    agent = AgentRollouts.from_config(config)
+    if agent is not None:
+        functions += agent.reward_functions()
+        if not functions:
+            raise ValueError("reward_functions: expected reward functions or an environment with get_reward(), "
+                             "received neither")
     eval_rows = None
     if eval_dataset is not None or config.eval_every > 0:
         eval_rows = load_eval_rows(config, eval_dataset)
@@ -777,7 +805,7 @@ def train(
     # the loss's log-probs are the model's: its logit transform known (else refused) and checked once
     check_model_logits(model, logit_transform(model))
     device = next(model.parameters()).device
-    config, kv_bytes = fit_to_memory(config, model, tokenizer, dataset, device)  # before anything is sized
+    config, kv_bytes = fit_to_memory(config, model, tokenizer, dataset, device, agent)  # before anything is sized
     if generate is None:
         generate = rollout_sampler(config, device, tokenizer, max_kv_bytes=kv_bytes)
     reference_model = None
@@ -801,7 +829,7 @@ def train(
     loop = RunLoop(config, plan.run_dir, model, reference_model, tokenizer, optimizer, scheduler, scaler,
                    entropy_control, functions, dataset, eval_rows, generate, device,
                    MetricsLogger(plan.run_dir, config, start_step=plan.step), position,
-                   saved=plan.step if plan.checkpoint is not None else None)
+                   saved=plan.step if plan.checkpoint is not None else None, agent=agent)
     try:
         with InterruptGuard() as interrupts, UpdateCounter(optimizer) as updates:
             for step in range(plan.step + 1, config.max_steps + 1):
