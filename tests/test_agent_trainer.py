@@ -316,3 +316,22 @@ def test_environment_rewards_are_named_after_their_class_and_score_only_their_ro
     environments[1].tally()
     assert rewards[0](environments=environments) == [3.0, None, None]  # awaited on the tools' event loop
     assert rewards[1](environments=environments) == [None, 1.0, None]
+
+
+def test_truncated_sampling_is_replayed_through_tool_turns():
+    """top-p with tools: the sampler's log-probs are the truncated distribution's and the old-policy pass
+    replays each model token's threshold, so the first sampler ratio is 1 on every model token."""
+    if not ENGINE_TAKES_TURNS:
+        pytest.skip("RolloutEngine.generate takes no turns yet")
+    config, tokenizer, model, rollout = _rollout_with_tool_turns(
+        RolloutEngine(cuda_graphs=False), top_p=0.8, rollout_engine="engine",
+        importance_sampling_correction="token_truncate", importance_sampling_clip_max=10.0)
+    assert rollout.logit_thresholds is not None and rollout.sampling_logps is not None
+    old = batch_logprobs(model, rollout, config, torch.device("cpu"))
+    mask = rollout.completion_mask.bool()  # model tokens only (tool results are out of it)
+    ratio = (old - rollout.sampling_logps)[mask].exp()
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-4)
+    full = GRPOConfig(**{**VAULT, "replay_truncation": False})
+    unreplayed = (batch_logprobs(model, dataclasses.replace(rollout, logit_thresholds=None), full,
+                                 torch.device("cpu")) - rollout.sampling_logps)[mask].exp()
+    assert unreplayed.min() < 0.95  # over the full vocabulary: the kept mass
