@@ -164,6 +164,21 @@ class Doctor:
         return [Check("loss forward", forward, self.tolerance, uses, speed),
                 Check("loss backward", backward, self.tolerance, uses, speed)]
 
+    def check_truncated(self) -> list[Check]:
+        """The loss over a truncating sampler's kept tokens (``logit_threshold``: top-p 0.8 here), the
+        kernels' separately compiled variant that the trainer runs under top-k / top-p / min-p."""
+        from .truncation import truncation_threshold
+
+        uses = self.fused_name(self.cuda, "grpo_loss", "torch")
+        hidden, weight, ids, mask, kwargs = self.loss_inputs(2, 12, 64, 300)
+        logits = hidden.float() @ weight.float().T
+        kwargs = dict(kwargs, logit_threshold=truncation_threshold(logits, 0, 0.8, 0.0))
+        fused, d_hidden, d_weight = self.loss_pass("triton", hidden, weight, ids, mask, kwargs)
+        eager, e_hidden, e_weight = self.loss_pass("reference", hidden.float(), weight.float(), ids, mask, kwargs)
+        error = max(_error(fused.loss.detach(), eager.loss.detach()), _error(fused.logps, eager.logps),
+                    _error(d_hidden, e_hidden), _error(d_weight, e_weight))
+        return [Check("loss, truncated sampling", error, self.tolerance, uses)]
+
     def check_logprobs(self) -> list[Check]:
         from .loss import token_logprobs
         from .reference import reference_logprobs
@@ -281,8 +296,9 @@ class Doctor:
                      / _timed(lambda: draw(False, 7, big)))
         return [Check("sampling", max(errors), 1e-5, self.fused_name(self.cuda, "sampling", "torch"), speed)]
 
-    CHECKS = ("check_loss", "check_logprobs", "check_nf4", "check_attention", "check_sampling")
-    PATHS = {"check_loss": ("loss forward", "loss backward"), "check_logprobs": ("log-probs",),
+    CHECKS = ("check_loss", "check_truncated", "check_logprobs", "check_nf4", "check_attention", "check_sampling")
+    PATHS = {"check_loss": ("loss forward", "loss backward"), "check_truncated": ("loss, truncated sampling",),
+             "check_logprobs": ("log-probs",),
              "check_nf4": ("NF4 decode matmul",), "check_attention": ("decode attention",), "check_sampling": ("sampling",)}
 
     def run(self) -> list[Check]:

@@ -14,7 +14,7 @@ import torch
 from grpo_fast import doctor, fallback
 
 ROOT = Path(__file__).resolve().parent.parent
-PATHS = ("loss forward", "loss backward", "log-probs", "NF4 decode matmul", "decode attention", "sampling")
+PATHS = ("loss forward", "loss backward", "loss, truncated sampling", "log-probs", "NF4 decode matmul", "decode attention", "sampling")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run: the interpreter, in a child process")
