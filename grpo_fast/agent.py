@@ -265,7 +265,8 @@ class ToolTurns:
     completion as TRL passes it to rewards; ``tool_call_count`` / ``tool_failure_count`` count the calls run."""
 
     def __init__(self, tokenizer, prompt_ids: Sequence[Sequence[int]], tools: Sequence[Sequence[Callable]], *,
-                 max_iterations: int | None = None, timeout: float | None = 60.0, max_workers: int = 16):
+                 max_iterations: int | None = None, timeout: float | None = 60.0, max_workers: int = 16,
+                 max_completion_length: int | None = None):
         if len(tools) != len(prompt_ids):
             raise ValueError(f"tools: expected one tool list per row ({len(prompt_ids)}), received {len(tools)}")
         self.tokenizer = tokenizer
@@ -274,6 +275,7 @@ class ToolTurns:
         self.tools = [list(row) for row in tools]
         self.max_iterations = max_iterations
         self.timeout = timeout
+        self.max_completion_length = max_completion_length  # a tool turn that would pass it is dropped (TRL)
         self.turns: list[list[_Turn]] = [[] for _ in prompt_ids]
         self.tool_call_count = 0
         self.tool_failure_count = 0
@@ -327,6 +329,11 @@ class ToolTurns:
             self.tool_call_count += len(calls)
             self.tool_failure_count += failures
         suffix = tool_suffix_ids(self.tokenizer, turn.tool_messages)
+        if self.max_completion_length is not None and turn.end + len(suffix) > self.max_completion_length:
+            # TRL's rule: a result that would not fit is dropped (the calls ran and count) and the completion
+            # ends on the model's turn; the engine finishes the row on an empty result
+            turn.tool_messages.clear()
+            return []
         turn.appended = len(suffix)
         return suffix
 
@@ -473,7 +480,8 @@ class AgentRollouts:
         shared = all(prompt_ids[index] == prompt_ids[index - index % group] for index in range(len(prompt_ids)))
         engine_prompts = prompt_ids[::group] if shared else prompt_ids
         engine_params = params if shared else dataclasses.replace(params, num_generations=1)
-        with ToolTurns(tokenizer, prompt_ids, tools, max_iterations=self.max_iterations, timeout=self.timeout) as turns:
+        with ToolTurns(tokenizer, prompt_ids, tools, max_iterations=self.max_iterations, timeout=self.timeout,
+                       max_completion_length=params.max_completion_length) as turns:
             output = generate.generate(model, engine_prompts, engine_params, turns=turns)
         completions = output.completion_ids
         for row, prompt in zip(expanded, prompts):

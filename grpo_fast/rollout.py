@@ -68,7 +68,7 @@ class TurnHandler(Protocol):
         whole completion so far (model and appended tokens), ending with that EOS. None: the row is
         finished. Else a future whose result is the token ids to append (tool turn(s) + next assistant
         header) before the row samples again; the engine does not block on it while other rows decode.
-        Not called for an EOS that is the row's ``max_completion_length``-th token (no room is left for
+        An empty result finishes the row where it is (TRL drops a tool result that does not fit). Not called for an EOS that is the row's ``max_completion_length``-th token (no room is left for
         a tool turn: the row is finished) nor for a turn whose text met a stop string."""
         ...
 

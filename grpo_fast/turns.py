@@ -142,6 +142,9 @@ class TurnState:
         for row in ready:
             future, n = self.pending.pop(row)
             appended = list(future.result())[: self.max_new - n]  # an exception here is the handler's bug
+            if not appended:  # nothing to append: the row ends at its turn's EOS
+                self.ends[row] = n
+                continue
             columns = range(n, n + len(appended))
             forced_at += [(row, column) for column in columns]
             forced_ids += appended

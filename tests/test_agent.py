@@ -185,6 +185,23 @@ def test_a_cut_tool_turn_is_left_out_of_the_messages():
     assert [m["role"] for m in messages] == ["assistant"] and messages[0]["tool_calls"]
 
 
+def test_a_tool_result_that_does_not_fit_is_dropped():
+    """TRL's rule: a tool turn that would pass max_completion_length is dropped (its calls ran and count),
+    the handler's result is empty (the engine ends the row on the model's EOS) and no tool message shows."""
+    turn_text = call("multiply", a=3, b=4) + "<eos>"
+    tokenizer, fits, _ = _turns([multiply])
+    appended = _end_turn(tokenizer, fits, [], turn_text)
+    room = len(_ids(tokenizer, turn_text)) + len(appended)  # exactly enough for the turn and its tool result
+    tokenizer, exact, _ = _turns([multiply], max_completion_length=room)
+    assert _end_turn(tokenizer, exact, [], turn_text) == appended  # fits: kept
+    tokenizer, short, _ = _turns([multiply], max_completion_length=room - 1)
+    completion = []
+    assert _end_turn(tokenizer, short, completion, turn_text) == []
+    assert short.tool_call_count == 1 and short.tool_failure_count == 0
+    messages = short.messages(0, completion)
+    assert [m["role"] for m in messages] == ["assistant"] and messages[0]["tool_calls"]
+
+
 def test_rows_keep_their_own_tools():
     tokenizer = hermes_tokenizer()
     prompt_ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)

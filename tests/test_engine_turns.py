@@ -364,3 +364,15 @@ def test_truncated_sampling_records_each_model_token_with_turns(tokenizer, model
         torch.testing.assert_close(recorded_thresholds[sampled], threshold[sampled], atol=1e-4, rtol=0)
         torch.testing.assert_close(recorded_kept[sampled], expected[sampled], atol=1e-4, rtol=0)
         assert torch.all(recorded_kept[~sampled] == 0.0) and torch.all(recorded_thresholds[~sampled] == 0.0)
+
+
+def test_an_empty_tool_result_finishes_the_row_at_its_eos(tokenizer, model, setting):
+    """A handler's empty result (a tool turn that would not fit, dropped as TRL does) ends the row where it is:
+    the same completion as a handler that finishes it, nothing appended."""
+    prompts, params, _ = setting
+    empty = RolloutEngine().generate(model, prompts, params, turns=ScriptedTurns([], max_turns=5))
+    finished = RolloutEngine().generate(model, prompts, params, turns=ScriptedTurns([], finish=range(64)))
+    assert empty.completion_ids == finished.completion_ids
+    assert all(set(mask) == {1} for mask in empty.tool_mask)
+    assert any(len(ids) < params.max_completion_length and ids[-1] in params.eos_token_ids
+               for ids in empty.completion_ids)  # some rows did end a turn and were offered
