@@ -159,11 +159,7 @@ def _kill_cgroup(group: Path) -> None:
             return
         if not pids:
             break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(pids)
         time.sleep(0.005)
     for _ in range(200):  # killed tasks leave the group when the kernel has torn them down
         try:
@@ -364,12 +360,17 @@ def _end_session(session: int) -> None:
         members = [pid for pid in _session_members(session) if pid != session]
         if not members:
             return
-        for pid in members:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(members)
         time.sleep(0.005)
+
+
+def _kill(pids) -> None:
+    """SIGKILL each of ``pids`` (one that has already gone is fine)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _kill_cgroup_members(group: Path) -> None:
