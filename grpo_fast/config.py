@@ -79,7 +79,7 @@ class GRPOConfig:
     top_p: float = 1.0  # nucleus sampling mass; 1.0 disables
     top_k: int = 0  # sample among the k most likely tokens; 0 disables
     min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability; 0 disables
-    replay_truncation: bool = True  # with top_k / top_p / min_p and the engine: every log-prob of the loss (policy, old, reference, sampler) is over the tokens the sampler kept (the engine's per-token threshold), so the sampler ratio is 1 where the weights did not move; false: over the full vocabulary, against the sampler's truncated log-probs
+    replay_truncation: bool = True  # with top_k / top_p / min_p and the engine: the policy's, old and sampler log-probs of the loss are over the tokens the sampler kept (the engine's per-token threshold), so the sampler ratio is 1 where the weights did not move (the reference's stay full: the KL is the truncated policy's to the reference); false: over the full vocabulary, against the sampler's truncated log-probs
     stop_strings: list[str] | None = None  # a completion ends after the first of these in its text (kept, like EOS)
     mask_truncated_completions: bool = False  # leave completions that hit max_completion_length out of the loss
     rollout_engine: str = "auto"  # sampler: auto (grpo_fast.engine on CUDA, Hugging Face generate elsewhere) | engine | hf

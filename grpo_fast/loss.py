@@ -388,8 +388,11 @@ def grpo_loss(
             smallest temperature-scaled logit it kept at each token (-inf: it kept every token).
             The log-probs are then over the kept set {v : z_v / temperature >= threshold} plus the
             sampled token, and so are everything computed from them (ratio, KL, off-policy mask);
-            the entropies (metric and bonus) stay those of the full distribution. old_logps,
-            ref_logps and sampling_logps must be computed over the same kept sets to compare.
+            the entropies (metric and bonus) stay those of the full distribution. old_logps and
+            sampling_logps must be computed over the same kept sets to compare; ref_logps over the
+            full vocabulary (the k3 KL is then that of the truncated policy, the one the tokens were
+            drawn from, to the reference model: a threshold on the reference's own logits would
+            select another set).
 
     Returns a GRPOLossOutput; `logps` is 0 where the mask is 0 (padding is never computed).
     """

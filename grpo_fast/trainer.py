@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import math
 import random
@@ -346,6 +347,10 @@ def batch_logprobs(model, rollout: Rollout, config: GRPOConfig, device: torch.de
 
 
 def reference_logprobs(model, reference_model, rollout: Rollout, config: GRPOConfig, device: torch.device) -> torch.Tensor:
+    """The reference policy's log-probs, over the full vocabulary even when truncated sampling is replayed (the
+    KL is the truncated policy's, which drew the tokens, to the reference; the policy's thresholds say nothing
+    about the reference's logits)."""
+    rollout = dataclasses.replace(rollout, logit_thresholds=None)
     if reference_model is None:  # LoRA: the same weights with the adapter off
         with reference_policy(model):
             return batch_logprobs(model, rollout, config, device)

@@ -58,15 +58,19 @@ def replayed_thresholds(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
                         max_chunk_bytes: int = 1 << 28) -> torch.Tensor | None:
     """[B, T] ``truncation_threshold`` of the policy's own temperature-scaled logits at every position of
     ``hidden`` [B, T, H] (the lm_head ``weight`` [V, H], ``bias``, the model's logit ``transform``), a
-    chunk of positions' fp32 logits at a time (at most ``max_chunk_bytes``); None when nothing truncates."""
+    chunk of positions' fp32 logits at a time (at most ``max_chunk_bytes``): the loss's own product
+    (``kernels.matmul.Head``: an fp32-result GEMM of the stored dtype, no fp32 copy of the head where
+    cuBLAS has one), so the thresholds sit on the logits the loss compares them with; None when nothing
+    truncates."""
+    from .kernels.matmul import Head
+
     if not truncates(top_k, top_p, min_p, weight.shape[0]):
         return None
-    flat = hidden.reshape(-1, hidden.shape[-1])
+    head = Head(weight, bias)
+    flat = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
     rows = max(1, max_chunk_bytes // (4 * weight.shape[0]))
     thresholds = []
     for start in range(0, flat.shape[0], rows):
-        logits = torch.nn.functional.linear(flat[start:start + rows].float(), weight.float(),
-                                            None if bias is None else bias.float())
-        scaled = transform.apply(logits) / temperature
+        scaled = transform.apply(head.logits(flat[start:start + rows])) / temperature
         thresholds.append(truncation_threshold(scaled, top_k, top_p, min_p))
     return torch.cat(thresholds).reshape(hidden.shape[:-1])

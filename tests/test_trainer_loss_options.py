@@ -1,6 +1,7 @@
 """The trainer's keys for TRL's other loss types and options: validated before any model loads,
 trained end to end on the tiny model, and the sampler correction built from the engine's log-probs."""
 
+import dataclasses
 import math
 
 import pytest
@@ -102,3 +103,26 @@ def test_bad_options_name_the_key_before_the_model_loads(options, message):
 def test_correction_refused_when_auto_samples_with_generate_on_cpu(tmp_path):
     with pytest.raises(ValueError, match="importance_sampling_correction: expected none when rollout_engine auto"):
         train(GRPOConfig(output_dir=str(tmp_path), importance_sampling_correction="token_truncate", **FAST))
+
+
+def test_replayed_rollouts_score_the_reference_over_the_full_vocabulary():
+    """The policy's thresholds say nothing about the reference's logits: its log-probs stay full (the KL is the
+    truncated policy's to the reference), while the policy's old log-probs take the thresholds."""
+    from grpo_fast.engine import RolloutEngine
+    from grpo_fast.model import build_tiny_model, tiny_tokenizer
+    from grpo_fast.tasks import ALPHABET, SEPARATOR, letters_dataset
+    from grpo_fast.trainer import batch_logprobs, generate_rollout, reference_logprobs
+
+    config = GRPOConfig(top_p=0.7, rollout_engine="engine", num_generations=4, max_completion_length=8)
+    tokenizer = tiny_tokenizer(ALPHABET + SEPARATOR)
+    model, reference = build_tiny_model(tokenizer, seed=1), build_tiny_model(tokenizer, seed=2)
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, tokenizer, letters_dataset(4), config, RolloutEngine())
+    assert rollout.logit_thresholds is not None
+    cpu = torch.device("cpu")
+    full = dataclasses.replace(rollout, logit_thresholds=None)
+    torch.testing.assert_close(reference_logprobs(model, reference, rollout, config, cpu),
+                               batch_logprobs(reference, full, config, cpu), rtol=0, atol=0)
+    mask = rollout.completion_mask.bool()
+    replayed, untruncated = batch_logprobs(model, rollout, config, cpu), batch_logprobs(model, full, config, cpu)
+    assert (replayed[mask] >= untruncated[mask] - 1e-6).all() and (replayed[mask] > untruncated[mask] + 1e-3).any()

@@ -38,6 +38,9 @@ def test_replay_is_on_only_where_the_sampler_truncates(tmp_path):
     trainer, _ = _trainer(tmp_path, top_p=0.8)
     trainer.use_vllm = False  # Hugging Face generate: TRL uses no sampler log-probs
     assert not trainer._replays_truncation()
+    trainer, _ = _trainer(tmp_path, top_p=0.8, off_policy_mask_threshold=0.5)
+    trainer.vllm_importance_sampling_correction = False  # the mask alone: TRL may skip the old-policy pass
+    assert not trainer._replays_truncation()
 
 
 @pytest.mark.parametrize("replay", [True, False])
@@ -56,7 +59,12 @@ def test_the_first_ratio_is_one_when_replayed(tmp_path, replay):
             trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
             completion_ids.shape[1])
     ratio = (old - kept).exp()[completion_mask.bool()]
-    if replay:
+    if replay:  # a reference pass after it stays over the full vocabulary
+        with torch.no_grad():
+            reference, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, torch.cat([prompt_ids, completion_ids], 1),
+                torch.cat([prompt_mask, completion_mask], 1), completion_ids.shape[1])
+        assert ((reference - kept).exp()[completion_mask.bool()].min() < 0.95)
         assert trainer._replayed.shape == completion_ids.shape
         torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-4)
     else:  # full-vocabulary log-probs: the ratio is the kept mass

@@ -31,8 +31,8 @@ it by the importance ratio), ``entropy_coef`` and ``use_adaptive_entropy`` (the 
 its gradient inside the fused pass; TRL's controller), ``top_entropy_quantile`` (the quantile over
 every process's tokens, as TRL takes it), ``off_policy_mask_threshold`` and vLLM's
 importance-sampling correction (TRL's sampler log-probs and ratios, every mode; under top-k / top-p /
-min-p every log-prob of the loss is over the tokens the truncation kept, replayed on the policy's own
-logits, so the ratio is not the kept mass: ``replay_truncation``), MoE router
+min-p the policy's and old log-probs are over the tokens the truncation kept, replayed on the policy's
+own logits, so the ratio is not the kept mass: ``replay_truncation``), MoE router
 auxiliary losses, ``temperature``, ``cast_lm_head_to_fp32``, ``num_iterations`` > 1, gradient
 accumulation, PEFT / quantised models, an lm_head bias, and the logit transforms of
 ``grpo_fast.logits`` (Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
@@ -110,9 +110,9 @@ class FusedGRPOTrainer(GRPOTrainer):
     Takes exactly ``GRPOTrainer``'s arguments, plus ``loss_backend`` ("auto": Triton on CUDA,
     chunked PyTorch elsewhere; "torch"; "triton"; "reference"), ``loss_chunk_size`` (tokens
     per chunk of logits; None: the backend's memory budget) and ``replay_truncation`` (default True:
-    when vLLM samples with top-k / top-p / min-p and its log-probs correct the loss, every log-prob of
-    the loss is taken over the tokens the truncation kept, replayed on the policy's own logits:
-    ``grpo_fast.truncation.replayed_thresholds``).
+    when vLLM samples with top-k / top-p / min-p and its importance-sampling correction is on, the
+    policy's and old log-probs are taken over the tokens the truncation kept, replayed on the policy's
+    own logits: ``grpo_fast.truncation.replayed_thresholds``; the reference's stay full).
 
     >>> trainer = FusedGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...))  # doctest: +SKIP
     >>> trainer.train()  # doctest: +SKIP
@@ -318,8 +318,10 @@ class FusedGRPOTrainer(GRPOTrainer):
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal_inputs,
             )
         batch_size = batch_size or input_ids.size(0)
-        # The generation batch's first no-grad pass is the policy's (old log-probs): with truncation
-        # replayed, its logits give the thresholds, which the reference pass and the loss then reuse.
+        # With vLLM's correction on, TRL's first no-grad pass of a generation batch is the policy's (old
+        # log-probs): with truncation replayed, its logits give the thresholds, which the loss reuses. The
+        # reference pass that may follow stays over the full vocabulary (the KL is the truncated policy's
+        # to the reference; the policy's thresholds say nothing about the reference's logits).
         replay_now = self._replaying and self._replayed is None
         all_logps, all_entropies, all_thresholds = [], [], []
         for start in range(0, input_ids.size(0), batch_size):
@@ -332,8 +334,7 @@ class FusedGRPOTrainer(GRPOTrainer):
                     all_thresholds.append(replayed_thresholds(
                         hidden, weight, bias, self.logit_transform, self.temperature, self.top_k or 0,
                         1.0 if self.top_p is None else self.top_p, self.min_p or 0.0))
-                threshold = (all_thresholds[-1] if replay_now else
-                             None if not self._replaying else self._replayed[start : start + batch_size])
+                threshold = all_thresholds[-1] if replay_now else None
                 logps, entropy = token_logprobs(
                     hidden, weight, ids[:, -logits_to_keep:], bias=bias, temperature=self.temperature,
                     backend=self.loss_backend, completion_mask=mask[:, -logits_to_keep:], return_entropy=True,
@@ -348,10 +349,10 @@ class FusedGRPOTrainer(GRPOTrainer):
 
     def _replays_truncation(self) -> bool:
         """Whether this batch's log-probs replay the sampler's truncation: vLLM sampled with top-k /
-        top-p / min-p and its log-probs correct the loss (where TRL's ratio is otherwise the kept mass)."""
-        sampler_used = self.use_vllm and (self.vllm_importance_sampling_correction
-                                          or self.args.off_policy_mask_threshold is not None)
-        return (self.replay_truncation and sampler_used
+        top-p / min-p and its importance-sampling correction is on (where TRL's ratio is otherwise the
+        kept mass; TRL then always runs the policy's old-log-prob pass first, which the thresholds come
+        from). The off-policy mask alone is not replayed: TRL may skip that pass then."""
+        return (self.replay_truncation and self.use_vllm and self.vllm_importance_sampling_correction
                 and truncates(self.top_k or 0, 1.0 if self.top_p is None else self.top_p, self.min_p or 0.0))
 
     def _generate_and_score_completions(self, inputs):
