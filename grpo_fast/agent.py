@@ -279,22 +279,29 @@ class ToolTurns:
         self.turns: list[list[_Turn]] = [[] for _ in prompt_ids]
         self.tool_call_count = 0
         self.tool_failure_count = 0
+        self.timed_out: set[int] = set()  # rows with a call abandoned on its timeout (it may still be running)
         self._lock = threading.Lock()
+        # A fast tokenizer is not safe to use from several threads at once ("Already borrowed"): the
+        # handler parses on the engine's thread and renders tool turns on the pool's.
+        self._tokenizer_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(prompt_ids))),
                                                            thread_name_prefix="tool-turn")
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def close(self, cancel: bool = False) -> None:
+        """Wait for the calls in flight; ``cancel``: drop the queued ones first (the rollout failed or was
+        interrupted: nothing will read their results)."""
+        self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
 
     def __enter__(self) -> "ToolTurns":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, error_type, *exc) -> None:
+        self.close(cancel=error_type is not None)
 
     def _parse(self, row: int, completion_ids: Sequence[int], start: int, end: int) -> dict:
         prefix = self.prompt_ids[row] + list(completion_ids[:start])
-        return parse_turn(self.tokenizer, self.template, completion_ids[start:end], prefix, self.tools[row])
+        with self._tokenizer_lock:
+            return parse_turn(self.tokenizer, self.template, completion_ids[start:end], prefix, self.tools[row])
 
     def turn_ended(self, row: int, completion_ids: Sequence[int]):
         turns = self.turns[row]
@@ -321,6 +328,9 @@ class ToolTurns:
                     raise ValueError(f"Tool {name} not found.")
                 result = call_with_timeout(by_name[name], dict(function.get("arguments") or {}), self.timeout)
             except Exception as error:  # the model reads what went wrong; the run goes on
+                if isinstance(error, TimeoutError):
+                    with self._lock:
+                        self.timed_out.add(row)
                 failures += 1
                 result = {"error": str(error) or type(error).__name__}
             turn.tool_messages.append({"role": "tool", "name": name,
@@ -328,7 +338,8 @@ class ToolTurns:
         with self._lock:
             self.tool_call_count += len(calls)
             self.tool_failure_count += failures
-        suffix = tool_suffix_ids(self.tokenizer, turn.tool_messages)
+        with self._tokenizer_lock:
+            suffix = tool_suffix_ids(self.tokenizer, turn.tool_messages)
         if self.max_completion_length is not None and turn.end + len(suffix) > self.max_completion_length:
             # TRL's rule: a result that would not fit is dropped (the calls ran and count) and the completion
             # ends on the model's turn; the engine finishes the row on an empty result
@@ -437,6 +448,14 @@ class AgentRollouts:
             instances.append(pool[count])
         return instances
 
+    def retire(self, instances: Sequence[Any]) -> None:
+        """Replace these pooled instances with new ones: a call of theirs timed out and may still be running
+        (a thread cannot be stopped), so a later rollout must not reset and reuse them."""
+        for name, pool in self._pool.items():
+            for index, instance in enumerate(pool):
+                if any(instance is retired for retired in instances):
+                    pool[index] = self.factories[name]()
+
     def start(self, rows: Sequence[dict], prompt_column: str) -> tuple[list[Any], list[list[Callable]], list[Any] | None]:
         """Per rollout row: its prompt (after its environment's reset), its tools, its environment."""
         environments = self.environments_for(rows)
@@ -483,6 +502,8 @@ class AgentRollouts:
         with ToolTurns(tokenizer, prompt_ids, tools, max_iterations=self.max_iterations, timeout=self.timeout,
                        max_completion_length=params.max_completion_length) as turns:
             output = generate.generate(model, engine_prompts, engine_params, turns=turns)
+        if environments is not None and turns.timed_out:
+            self.retire([environments[row] for row in turns.timed_out])
         completions = output.completion_ids
         for row, prompt in zip(expanded, prompts):
             row[prompt_column] = prompt

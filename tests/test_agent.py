@@ -133,9 +133,36 @@ def test_a_call_past_the_timeout_is_a_failure_and_does_not_hold_the_row():
     try:
         appended = _end_turn(tokenizer, turns, [], call("wait") + "<eos>")
         assert "timed out after 0.2 s" in tokenizer.decode(appended) and not released.is_set()
-        assert turns.tool_failure_count == 1
+        assert turns.tool_failure_count == 1 and turns.timed_out == {0}  # its environment gets retired
     finally:
         released.set()
+
+
+def test_an_interrupted_rollout_drops_the_queued_calls():
+    """A rollout that fails (an exception through the handler's context) does not run the calls still
+    queued: only those already running finish."""
+    ran, started, gate = [], threading.Event(), threading.Event()
+
+    def slow() -> str:
+        """
+        Takes a while.
+        """
+        ran.append(1)
+        started.set()
+        gate.wait(10)
+        return "done"
+
+    tokenizer = hermes_tokenizer()
+    prompt_ids = tokenizer.apply_chat_template(PROMPT, tools=[slow], add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+    completion = _ids(tokenizer, call("slow") + "<eos>")
+    with pytest.raises(KeyboardInterrupt):
+        with ToolTurns(tokenizer, [prompt_ids] * 4, [[slow]] * 4, max_workers=1) as turns:
+            futures = [turns.turn_ended(row, list(completion)) for row in range(4)]
+            assert started.wait(10)  # the first call runs; the other three wait in the queue
+            threading.Timer(0.3, gate.set).start()
+            raise KeyboardInterrupt
+    assert len(ran) == 1 and sum(future.cancelled() for future in futures) == 3
 
 
 async def add(a: int, b: int) -> int:

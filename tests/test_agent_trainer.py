@@ -335,3 +335,14 @@ def test_truncated_sampling_is_replayed_through_tool_turns():
     unreplayed = (batch_logprobs(model, dataclasses.replace(rollout, logit_thresholds=None), full,
                                  torch.device("cpu")) - rollout.sampling_logps)[mask].exp()
     assert unreplayed.min() < 0.95  # over the full vocabulary: the kept mass
+
+
+def test_an_environment_whose_call_timed_out_is_not_reused():
+    """A timed-out call may still be running on its instance (threads cannot be stopped): the pool hands
+    out a new instance from then on, and keeps the others."""
+    config, tokenizer, model, agent = _setup()
+    first = agent.environments_for([{}] * 3)
+    agent.retire([first[1]])
+    again = agent.environments_for([{}] * 3)
+    assert again[0] is first[0] and again[2] is first[2]
+    assert again[1] is not first[1] and type(again[1]) is type(first[1])
