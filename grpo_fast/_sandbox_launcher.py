@@ -96,12 +96,25 @@ def _tasks_of(uid: int) -> int:
     return count
 
 
+def _counts_per_user_namespace() -> bool:
+    """Linux 5.14 on counts RLIMIT_NPROC per user namespace (ucounts); before, a namespace's processes
+    were counted with every other process of the uid it maps to, so a limit set inside one would count
+    the trainer's own processes and threads too."""
+    try:
+        major, minor = (int(part) for part in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 14)
+
+
 def _process_limit(cfg: dict, active: dict) -> None:
     # Set after unshare: a new user namespace takes the creator's RLIMIT_NPROC as its ceiling in the parent.
     allowed = cfg["max_processes"] + (1 if active.get("pid_namespace") else 0)  # + this launcher, the relay
     if os.getuid() == 0:
         return  # the kernel never applies RLIMIT_NPROC to root
     if active.get("user_namespace"):
+        if not _counts_per_user_namespace():
+            return  # no exact count to set here: the pids cgroup, where active, is the bound
         active["process_limit"] = "user-namespace"  # the count is this namespace's own
     else:
         allowed += _tasks_of(os.getuid())

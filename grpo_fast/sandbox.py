@@ -222,6 +222,11 @@ def run_python(code: str, *, stdin: str | None = None, timeout_s: float = 10.0, 
                 [sys.executable, "-I", "-S", str(_LAUNCHER), json.dumps(config)], stdin=stdin_file,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=directory, env=env, pass_fds=(status_write,),
                 start_new_session=True)
+        except BaseException:  # it never started (EAGAIN, EMFILE, ENOMEM...): leave nothing behind
+            os.close(status_read)
+            if group is not None:
+                _kill_cgroup(group)
+            raise
         finally:
             os.close(status_write)
         child = _Child(process.pid)
@@ -320,6 +325,8 @@ def _collect(process: subprocess.Popen, child: _Child, deadline: float, cap: int
                 _kill_group(process.pid)  # what it left behind in its group holds the pipes open
                 if group is not None:
                     _kill_cgroup_members(group)
+                if sys.platform == "linux":  # and in other groups of its session (no pid namespace)
+                    _end_session(process.pid)
                 swept = True
         while limit is None and not child.ended():
             if time.monotonic() >= deadline:  # it closed its output but runs on

@@ -319,3 +319,22 @@ def test_the_unprivileged_paths(as_nobody):
             assert report["started"] == 7  # max_processes 8, the program included
         elif protections["process_limit"] is not None:
             assert report["started"] <= 7
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the launcher's Linux process limit")
+def test_no_process_limit_inside_a_user_namespace_before_linux_5_14(monkeypatch):
+    """Before 5.14 a user namespace's processes count with all of the uid's, so a limit set inside would
+    strike the trainer's own threads: none is set (a pids cgroup, where active, bounds the run)."""
+    import resource
+
+    from grpo_fast import _sandbox_launcher as launcher
+
+    limits = []
+    monkeypatch.setattr(resource, "setrlimit", lambda *args: limits.append(args))
+    monkeypatch.setattr(launcher.os, "getuid", lambda: 1000)
+    for release, counted in (("5.10.0-28-amd64", False), ("5.14.0", True), ("6.18.44-fc", True)):
+        monkeypatch.setattr(launcher.os, "uname", lambda: os.uname_result(("Linux", "h", release, "", "x86_64")))
+        active = {"user_namespace": True}
+        launcher._process_limit({"max_processes": 4}, active)
+        assert (active.get("process_limit") == "user-namespace") is counted
+    assert len(limits) == 2
