@@ -179,7 +179,9 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int | torc
     (``turns.keyed_exponentials``) instead of taken from ``generator`` in batch order.
     ``truncation``: also return (thresholds [B], kept log-probs [B]): the threshold of top-k / top-p /
     min-p (``truncation_threshold``; -inf where nothing was dropped) and the sampled token's log-prob
-    under the truncated distribution it was drawn from."""
+    under the truncated distribution it was drawn from. Both are of the logits after EOS suppression
+    (``min_completion_length``, a benchmark setting the trainer never uses): a replay of the threshold on
+    unsuppressed logits would count EOS in the kept set where it was held back."""
     scaled = logits / params.temperature
     # The log-prob is the loss's: the full, unfiltered distribution at this temperature.
     log_normaliser = torch.logsumexp(scaled, dim=-1)

@@ -41,14 +41,23 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def keyed_exponentials(seed: int, rows: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+def keyed_exponentials(seed: int, rows: torch.Tensor, steps: torch.Tensor, vocab: int,
+                       chunk_bytes: int = 1 << 26) -> torch.Tensor:
     """[B, vocab] float32 Exp(1) draws that depend only on (seed, output row, step, token): with tools
     a row decodes a step at an iteration that depends on when its tool finished, so batch-order draws
-    (the generator's) would make a sampled rollout depend on tool timing; these do not."""
-    key = _hash32((_hash32(torch.full_like(rows, seed & _M32) ^ (rows & _M32)) + steps) & _M32)[:, None]
+    (the generator's) would make a sampled rollout depend on tool timing; these do not. The int64 hash's
+    temporaries are made a few rows at a time (``chunk_bytes`` each), so the peak is the fp32 result's,
+    as the generator's draws."""
+    steps = steps.expand_as(rows) if isinstance(steps, torch.Tensor) else torch.full_like(rows, steps)
+    keys = _hash32((_hash32(torch.full_like(rows, seed & _M32) ^ (rows & _M32)) + steps) & _M32)[:, None]
     tokens = torch.arange(vocab, device=rows.device)[None, :]
-    bits = _hash32((_hash32(key ^ tokens) + key) & _M32)
-    return -torch.log(((bits >> 8).float() + 0.5) * 2.0 ** -24)  # 24 bits: uniforms in (0, 1)
+    out = torch.empty(rows.shape[0], vocab, dtype=torch.float32, device=rows.device)
+    per = max(1, chunk_bytes // (8 * vocab))
+    for start in range(0, rows.shape[0], per):
+        key = keys[start:start + per]
+        bits = _hash32((_hash32(key ^ tokens) + key) & _M32)
+        out[start:start + per] = -torch.log(((bits >> 8).float() + 0.5) * 2.0 ** -24)  # 24 bits: (0, 1)
+    return out
 
 
 class TurnState:

@@ -225,6 +225,10 @@ def test_keyed_draws_follow_the_distribution_and_depend_on_row_step_and_seed():
                   keyed_exponentials(3, torch.tensor([5]), torch.tensor([3]), 300),
                   keyed_exponentials(4, torch.tensor([5]), torch.tensor([2]), 300)):
         assert not torch.isclose(one, other).any()
+    # made a few rows at a time (bounded int64 temporaries): the same draws as all rows at once
+    rows, steps = torch.arange(37) * 5, torch.arange(37) % 4
+    torch.testing.assert_close(keyed_exponentials(3, rows, steps, 300, chunk_bytes=8 * 300 * 4),
+                               keyed_exponentials(3, rows, steps, 300), rtol=0, atol=0)
 
 
 class _TemperatureModel(torch.nn.Module):
