@@ -487,16 +487,10 @@ def test_race_draws_of_zero_never_pick_a_filtered_token():
 
 @pytest.mark.parametrize("option", [dict(top_k=3), dict(top_p=0.5), dict(min_p=0.2), dict(top_k=4, top_p=0.8, min_p=0.05)])
 def test_filters_equal_hugging_face_warpers(option):
-    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from test_engine_truncation import hugging_face_warpers
 
     scores = torch.randn(16, 37) * 3
-    expected = scores.clone()
-    if option.get("top_k"):
-        expected = TopKLogitsWarper(option["top_k"])(None, expected)
-    if option.get("top_p"):
-        expected = TopPLogitsWarper(option["top_p"])(None, expected)
-    if option.get("min_p"):
-        expected = MinPLogitsWarper(option["min_p"])(None, expected)
+    expected = hugging_face_warpers(scores, option)
     filtered = filter_logits(scores, option.get("top_k", 0), option.get("top_p", 1.0), option.get("min_p", 0.0))
     assert torch.equal(torch.isinf(filtered), torch.isinf(expected))
     assert torch.isinf(filtered).any(dim=-1).all()  # each option removes something here

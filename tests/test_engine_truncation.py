@@ -16,7 +16,7 @@ from tiny_lm import tiny_model, tiny_tokenizer
 OPTIONS = [dict(top_k=3), dict(top_p=0.5), dict(min_p=0.2), dict(top_k=4, top_p=0.8, min_p=0.05), dict(top_p=0.8)]
 
 
-def _hugging_face(scores: torch.Tensor, option: dict) -> torch.Tensor:
+def hugging_face_warpers(scores: torch.Tensor, option: dict) -> torch.Tensor:
     from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     scores = scores.clone()
@@ -36,7 +36,7 @@ def _arguments(option: dict) -> tuple[int, float, float]:
 @pytest.mark.parametrize("option", OPTIONS)
 def test_the_threshold_is_the_least_score_the_warpers_keep(option):
     scores = torch.randn(64, 151) * 3  # no ties: the kept set is Hugging Face's exactly
-    kept = _hugging_face(scores, option)
+    kept = hugging_face_warpers(scores, option)
     threshold = truncation_threshold(scores, *_arguments(option))
     least_kept = kept.masked_fill(torch.isinf(kept), math.inf).amin(dim=-1)
     greatest_dropped = scores.masked_fill(torch.isfinite(kept), -math.inf).amax(dim=-1)
@@ -64,7 +64,7 @@ def test_a_draws_kept_log_prob_is_the_truncated_distributions(option):
     generator = torch.Generator().manual_seed(0)
     tokens, logprobs, threshold, kept_logprobs = sample_tokens(logits, params, 1, torch.tensor([0]), generator,
                                                                truncation=True)
-    reference = _hugging_face(logits / 0.7, option).log_softmax(dim=-1)
+    reference = hugging_face_warpers(logits / 0.7, option).log_softmax(dim=-1)
     assert torch.isfinite(reference.gather(-1, tokens[:, None])).all()  # drawn from the kept set only
     torch.testing.assert_close(kept_logprobs, reference.gather(-1, tokens[:, None])[:, 0], rtol=0, atol=1e-5)
     torch.testing.assert_close(logprobs, (logits / 0.7).log_softmax(-1).gather(-1, tokens[:, None])[:, 0],
