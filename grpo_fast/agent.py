@@ -63,18 +63,16 @@ def check_tool(tool: Callable, key: str) -> None:
                          f"{one_line(error)}") from None
 
 
-def _resolve(path: str, key: str):
-    from .data import import_object  # data imports the config: resolve late
+def _import_callable(source, key: str, expected: str) -> Callable:
+    from .data import import_callable  # data imports the config: resolve late
 
-    return import_object(path, key)
+    return import_callable(source, key, expected)
 
 
 def load_tools(paths: Sequence[str | Callable]) -> list[Callable]:
     tools = []
     for index, path in enumerate(paths):
-        tool = path if callable(path) else _resolve(path, f"tools[{index}]")
-        if not callable(tool):
-            raise ValueError(f"tools[{index}]: expected a function, received {type(tool).__name__} from {path!r}")
+        tool = _import_callable(path, f"tools[{index}]", "a function")
         check_tool(tool, f"tools[{index}]")
         tools.append(tool)
     return tools
@@ -88,11 +86,7 @@ def load_environments(spec: str | type | dict | None) -> dict[str | None, Callab
     factories = {}
     for name, path in named.items():
         key = "environment" if name is None else f"environment[{name!r}]"
-        factory = path if callable(path) else _resolve(path, key)
-        if not callable(factory):
-            raise ValueError(f"{key}: expected a class (or a function returning an environment), received "
-                             f"{type(factory).__name__} from {path!r}")
-        factories[name] = factory
+        factories[name] = _import_callable(path, key, "a class (or a function returning an environment)")
     return factories
 
 
@@ -387,7 +381,9 @@ class AgentRollouts:
 
     @classmethod
     def from_config(cls, config) -> "AgentRollouts | None":
-        if not config.tools and config.environment is None:
+        from .config import uses_tools
+
+        if not uses_tools(config):
             return None
         agent = cls(load_tools(config.tools or []), load_environments(config.environment),
                     config.max_tool_calling_iterations, config.tool_timeout)

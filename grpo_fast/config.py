@@ -308,8 +308,7 @@ def _check_tool_keys(config: GRPOConfig) -> None:
     elif isinstance(config.environment, dict):
         paths += [(f"environment[{name!r}]", path) for name, path in config.environment.items()]
     for key, path in paths:
-        module_name, separator, attribute = path.partition(":")
-        if not (separator and attribute.isidentifier() and all(part.isidentifier() for part in module_name.split("."))):
+        if not is_import_path(path):
             raise ValueError(f"{key}: expected an import path 'module:name', received {path!r}")
     if isinstance(config.environment, dict):
         if not config.environment or not all(isinstance(name, str) and name for name in config.environment):
@@ -320,7 +319,7 @@ def _check_tool_keys(config: GRPOConfig) -> None:
                          f"{config.max_tool_calling_iterations}")
     if config.tool_timeout is not None and config.tool_timeout <= 0:
         raise ValueError(f"tool_timeout: expected a positive number of seconds or null, received {config.tool_timeout}")
-    if not config.tools and config.environment is None:
+    if not uses_tools(config):
         return
     if config.rollout_engine == "hf":
         raise ValueError("rollout_engine: expected auto or engine with tools or an environment (tool calls run between "
@@ -342,6 +341,17 @@ LOSS_OPTIONS = ("loss_type", "beta", "epsilon_low", "epsilon_high", "delta", "kl
                 "importance_sampling_level", "scale_rewards", "sapo_temperature_pos", "sapo_temperature_neg",
                 "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef",
                 "top_entropy_quantile", "off_policy_mask_threshold")
+
+
+def is_import_path(source: str) -> bool:
+    """``source`` has the shape of ``"package.module:name"`` (identifiers only)."""
+    module_name, separator, attribute = source.partition(":")
+    return bool(separator) and attribute.isidentifier() and all(part.isidentifier() for part in module_name.split("."))
+
+
+def uses_tools(config: GRPOConfig) -> bool:
+    """The model calls tools: ``tools`` or an ``environment`` is configured (multi-turn rollouts)."""
+    return bool(config.tools) or config.environment is not None
 
 
 def lora_enabled(config: GRPOConfig) -> bool:

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .config import GRPOConfig
+from .config import GRPOConfig, is_import_path
 from .errors import one_line
 from .evaluation import prompt_text
 
@@ -56,9 +56,13 @@ def import_object(path: str, key: str):
         raise ValueError(f"{key}: module {module_name!r} has no attribute {attribute!r} (from {path!r})") from None
 
 
-def _is_import_path(source: str) -> bool:
-    module_name, separator, attribute = source.partition(":")
-    return bool(separator) and attribute.isidentifier() and all(part.isidentifier() for part in module_name.split("."))
+def import_callable(source, key: str, expected: str = "a callable"):
+    """A callable given as itself or as an import path ``"module:name"``; errors name ``key`` and say
+    ``expected`` when the object found is not callable."""
+    found = source if callable(source) else import_object(source, key)
+    if not callable(found):
+        raise ValueError(f"{key}: expected {expected}, received {type(found).__name__} from {source!r}")
+    return found
 
 
 @contextlib.contextmanager
@@ -141,7 +145,7 @@ def load_rows(source: str, *, config_name: str | None = None, split: str = "trai
     """The rows of ``source`` (see the module docstring) as a ``datasets.Dataset`` or a list of dicts;
     errors name ``key``."""
     path = Path(source)
-    if _is_import_path(source) and not path.exists():
+    if is_import_path(source) and not path.exists():
         rows = _call_rows_function(source, key)
     elif path.is_file():
         rows = _load_local(path, split, key)

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import GRPOConfig, lora_enabled, nf4_single_copy
+from .config import GRPOConfig, lora_enabled, nf4_single_copy, uses_tools
 from .errors import one_line
 from .logits import LogitTransform, check_logits
 
@@ -218,7 +218,7 @@ def check_model_source(config, key: str = "model") -> None:
 
 def _tiny_tool_names(config: GRPOConfig) -> list[str]:
     """The tools of ``config`` that the tiny model calls with one token: those without arguments."""
-    if not config.tools and config.environment is None:
+    if not uses_tools(config):
         return []
     from transformers.utils import get_json_schema
 

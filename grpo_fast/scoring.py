@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .data import import_object
+from .data import import_callable
 from .errors import RewardFunctionError, one_line
 
 RewardFunction = Callable[..., Sequence[Any]]
@@ -45,13 +45,7 @@ def reward_name(function: RewardFunction) -> str:
 
 def load_reward_functions(paths: Sequence[str | RewardFunction]) -> list[RewardFunction]:
     """Callables from ``"module:function"`` paths (callables pass through)."""
-    functions = []
-    for index, path in enumerate(paths):
-        function = path if callable(path) else import_object(path, f"reward_functions[{index}]")
-        if not callable(function):
-            raise ValueError(f"reward_functions[{index}]: expected a callable, received {type(function).__name__} from {path!r}")
-        functions.append(function)
-    return functions
+    return [import_callable(path, f"reward_functions[{index}]") for index, path in enumerate(paths)]
 
 
 def call_reward(function: RewardFunction, prompts, completions, completion_ids, columns: dict[str, list]) -> torch.Tensor:

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint
-from .config import DEMO_DATASET, DEMO_REWARD_FUNCTIONS, LOSS_OPTIONS, GRPOConfig
+from .config import DEMO_DATASET, DEMO_REWARD_FUNCTIONS, LOSS_OPTIONS, GRPOConfig, uses_tools
 from .data import (check_prompt_column, load_prompts, load_rows, prompt_indices, render_prompts, take_rows,
                    tokenize_prompts)
 from .agent import AgentRollouts
@@ -171,8 +171,8 @@ class EntropyControl:
 def samples_with_engine(config: GRPOConfig, device: torch.device) -> bool:
     """``rollout_engine: engine``, or ``auto`` on CUDA (where it pays) or with tools (only the engine runs
     them between turns); else Hugging Face generate."""
-    uses_tools = bool(config.tools) or config.environment is not None
-    return config.rollout_engine == "engine" or (config.rollout_engine == "auto" and (device.type == "cuda" or uses_tools))
+    return config.rollout_engine == "engine" or (config.rollout_engine == "auto"
+                                                 and (device.type == "cuda" or uses_tools(config)))
 
 
 def rollout_sampler(config: GRPOConfig, device: torch.device, tokenizer=None,
