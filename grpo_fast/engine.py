@@ -191,9 +191,11 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, step: int | torc
             scaled[:, eos_ids] = scaled[:, eos_ids].masked_fill(early, -math.inf)
     elif step < params.min_completion_length:
         scaled = scaled.index_fill(-1, eos_ids, -math.inf)
-    threshold = truncation_threshold(scaled, params.top_k, params.top_p, params.min_p)
+    greedy = params.top_k == 1  # its argmax needs no threshold unless one is recorded
+    threshold = (None if greedy and not truncation
+                 else truncation_threshold(scaled, params.top_k, params.top_p, params.min_p))
     kept = scaled if threshold is None else scaled.masked_fill(scaled < threshold[:, None], -math.inf)
-    if params.top_k == 1:
+    if greedy:
         tokens = scaled.argmax(dim=-1)
     else:
         probs = kept.softmax(dim=-1)
@@ -779,11 +781,12 @@ class RolloutEngine:
         tokens = torch.full((rows,), params.pad_token_id, dtype=torch.long, device=device)
         # with turns a row's draws must not depend on when its tools finished: keyed by seed, output row,
         # step and token; else from the generator, in batch order
+        keyed_seed = None
         if turns is not None and params.top_k != 1:
             keyed_seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device))
 
         def sample(logits, steps, rows):
-            keys = (keyed_seed, rows) if turns is not None and params.top_k != 1 else None
+            keys = None if keyed_seed is None else (keyed_seed, rows)
             if not record:
                 return sample_tokens(logits, params, steps, eos_ids, generator, keys)
             tokens, *figures = sample_tokens(logits, params, steps, eos_ids, generator, keys, truncation=True)
