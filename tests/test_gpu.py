@@ -61,15 +61,16 @@ def _head_case(dtype, tokens=256, rows=4, max_logit=24.0, seed=0):
     return hidden, weight, ids, mask, advantages, old, ref
 
 
-def _run(backend, hidden, weight, ids, mask, advantages, old, ref, config):
+def _run(backend, hidden, weight, ids, mask, advantages, old, ref, config, threshold=None):
     as64 = backend == "float64"
     h = (hidden.double() if as64 else hidden).detach().requires_grad_(True)
     w = (weight.double() if as64 else weight).detach().requires_grad_(True)
     if as64:
-        out = reference_grpo_loss(h, w, ids, mask.bool(), advantages.double(), old.double(), ref.double(), None, config)
+        out = reference_grpo_loss(h, w, ids, mask.bool(), advantages.double(), old.double(), ref.double(), None, config,
+                                  logit_threshold=threshold)
     else:
         out = grpo_loss(h, w, ids, mask, advantages=advantages, old_logps=old, ref_logps=ref, config=config,
-                        backend=backend)
+                        backend=backend, logit_threshold=threshold)
     out.loss.backward()
     result = {"loss": out.loss.detach().double(), "logps": out.logps.double() * mask,
               "d_hidden": h.grad.double(), "d_weight": w.grad.double()}
@@ -90,6 +91,25 @@ def test_compiled_loss_matches_float64_at_a_7b_head(dtype):
     case = _head_case(dtype)
     config = GRPOLossConfig(loss_type="grpo", beta=0.04, epsilon_high=0.28, chunk_size=96)
     _assert_oracle_rule(case, config, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_compiled_truncated_loss_matches_float64_at_a_7b_head(dtype):
+    """The kernels' threshold variant (top-p 0.9 replayed, ``logit_threshold``) compiled at a 7B head: within
+    the eager reference's error against float64, and its training log-probs the no-grad pass's."""
+    from grpo_fast.truncation import truncation_threshold
+
+    case = _head_case(dtype)
+    hidden, weight, ids, mask = case[:4]
+    with torch.no_grad():
+        threshold = truncation_threshold((hidden.double() @ weight.double().T).float(), 0, 0.9, 0.0)
+    config = GRPOLossConfig(loss_type="grpo", beta=0.04, epsilon_high=0.28, chunk_size=96)
+    exact, eager, fused = (_run(backend, *case, config, threshold=threshold)
+                           for backend in ("float64", "reference", "triton"))
+    assert_close_to_oracle(fused, eager, exact, dtype, "compiled triton, truncated")
+    no_grad = token_logprobs(hidden, weight, ids, completion_mask=mask, chunk_size=96, backend="triton",
+                             logit_threshold=threshold)
+    assert torch.equal(no_grad.double() * mask, fused["logps"])
 
 
 @pytest.mark.parametrize("options", [
